@@ -1,0 +1,386 @@
+"""The embedding model: one module used by serving, indexing and training.
+
+A model directory is the Hugging Face ``save_pretrained`` layout (``config.json`` +
+``model.safetensors``) plus ``vsearch_model.json``, the metadata: name, version, family,
+embedding dimension, input size, normalisation, pooling and, once evaluated, its offline
+evaluation. Supported families: ResNet, ViT, DINOv2 and CLIP vision (with projection); any
+directory of those saved with ``save_pretrained`` loads, with the metadata derived from its
+config and ``preprocessor_config.json`` when ``vsearch_model.json`` is absent.
+
+    >>> emb = Embedder("models/default")
+    >>> vectors = emb.embed_bytes([open("cat.jpg", "rb").read()])   # float32 [1, D], L2-normalised
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from predictor.preprocess import (Box, InvalidImage, Limits, PreprocessConfig, bytes_to_array,
+                                  image_to_array, stack)
+
+METADATA_FILE = "vsearch_model.json"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelDirError(ValueError):
+    """The model directory is missing, incomplete or of an unsupported family."""
+
+
+@dataclass
+class ModelMeta:
+    name: str
+    version: str
+    family: str                      # resnet | vit | dinov2 | clip_vision_model
+    embedding_dim: int
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pooling: str                     # pooler | cls | mean | image_embeds
+    resample: str = "bilinear"
+    arch: str | None = None
+    evaluation: dict | None = None
+    training: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(self.image_size, self.resize_size, tuple(self.mean),
+                                tuple(self.std), self.resample)
+
+    @property
+    def model_id(self) -> str:
+        """``name-version`` sanitised; names Milvus collections and consumer groups."""
+        return sanitise_name(f"{self.name}__{self.version}")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelMeta":
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in d.items() if k not in known}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["mean"], kwargs["std"] = tuple(kwargs["mean"]), tuple(kwargs["std"])
+        kwargs.setdefault("extra", {}).update(extra)
+        return cls(**kwargs)
+
+
+def sanitise_name(text: str) -> str:
+    """Lower-case letters, digits and underscores; starts with a letter (Milvus naming rules)."""
+    s = re.sub(r"[^0-9a-zA-Z_]", "_", text).lower()
+    return s if s[:1].isalpha() else "m_" + s
+
+
+# --------------------------------------------------------------------------- families
+
+def _families():
+    from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config,
+                              Dinov2Model, ResNetConfig, ResNetModel, ViTConfig, ViTModel)
+    return {
+        "resnet": (ResNetConfig, ResNetModel, {}, "pooler"),
+        "vit": (ViTConfig, ViTModel, {"add_pooling_layer": False}, "cls"),
+        "dinov2": (Dinov2Config, Dinov2Model, {}, "pooler"),
+        "clip_vision_model": (CLIPVisionConfig, CLIPVisionModelWithProjection, {}, "image_embeds"),
+    }
+
+
+def family_of(config) -> str:
+    model_type = getattr(config, "model_type", "")
+    if model_type == "clip":
+        return "clip_vision_model"
+    if model_type in _families():
+        return model_type
+    raise ModelDirError(
+        f"unsupported model type {model_type!r}: expected one of resnet, vit, dinov2, clip / clip_vision_model")
+
+
+def embedding_dim_of(config, family: str) -> int:
+    if family == "resnet":
+        return int(config.hidden_sizes[-1])
+    if family == "clip_vision_model":
+        return int(config.projection_dim)
+    return int(config.hidden_size)
+
+
+def pool(outputs, pooling: str) -> torch.Tensor:
+    """Model outputs -> [N, D] features (not yet normalised)."""
+    if pooling == "image_embeds":
+        return outputs.image_embeds
+    if pooling == "pooler":
+        return outputs.pooler_output.flatten(1)
+    hidden = outputs.last_hidden_state
+    if hidden.dim() == 4:                       # conv feature map [N, C, H, W]
+        return hidden.mean(dim=(2, 3))
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        return hidden[:, 1:].mean(dim=1)
+    raise ModelDirError(f"unknown pooling {pooling!r}: expected pooler, cls, mean or image_embeds")
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone + pooling. ``forward`` gives un-normalised features and stays differentiable so
+    the trainer uses exactly the serving network; ``embed`` adds the L2 normalisation."""
+
+    def __init__(self, backbone: nn.Module, pooling: str):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pool(self.backbone(pixel_values=pixel_values), self.pooling)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.forward(pixel_values).float(), dim=-1)
+
+
+# --------------------------------------------------------------------------- architectures
+
+def _arch_configs():
+    from transformers import CLIPVisionConfig, Dinov2Config, ResNetConfig, ViTConfig
+    return {
+        "resnet18": (lambda **o: ResNetConfig(**{
+            "embedding_size": 64, "hidden_sizes": [64, 128, 256, 512], "depths": [2, 2, 2, 2],
+            "layer_type": "basic", **o}), dict(image_size=224, resize_size=256, mean=IMAGENET_MEAN,
+                                              std=IMAGENET_STD, pooling="pooler")),
+        "resnet-tiny": (lambda **o: ResNetConfig(**{
+            "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256], "depths": [1, 1, 1, 1],
+            "layer_type": "basic", **o}), dict(image_size=128, resize_size=146, mean=IMAGENET_MEAN,
+                                              std=IMAGENET_STD, pooling="pooler")),
+        "vit-small": (lambda **o: ViTConfig(**{
+            "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+            "intermediate_size": 1536, "image_size": 224, "patch_size": 16, **o}),
+            dict(image_size=224, resize_size=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 pooling="cls")),
+        "dinov2-small": (lambda **o: Dinov2Config(**{
+            "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+            "mlp_ratio": 4, "image_size": 224, "patch_size": 14, **o}),
+            dict(image_size=224, resize_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 pooling="pooler", resample="bicubic")),
+        "clip-vit-b32": (lambda **o: CLIPVisionConfig(**{
+            "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
+            "projection_dim": 512, **o}),
+            dict(image_size=224, resize_size=224, mean=CLIP_MEAN, std=CLIP_STD,
+                 pooling="image_embeds", resample="bicubic")),
+    }
+
+
+ARCHS = ("resnet18", "resnet-tiny", "vit-small", "dinov2-small", "clip-vit-b32")
+
+
+def build_model(arch: str, *, name: str | None = None, version: str = "0",
+                config_overrides: dict | None = None, seed: int = 0,
+                image_size: int | None = None) -> tuple[EmbeddingNet, ModelMeta]:
+    """A random-initialised network of a known architecture and its metadata.
+
+    ``config_overrides`` change the Hugging Face config (tests build tiny models this way);
+    ``image_size`` changes the input size (and the resize size in proportion)."""
+    archs = _arch_configs()
+    if arch not in archs:
+        raise ModelDirError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
+    make_config, pre = archs[arch]
+    pre = dict(pre)
+    overrides = dict(config_overrides or {})
+    if image_size:
+        pre["resize_size"] = round(image_size * pre["resize_size"] / pre["image_size"])
+        pre["image_size"] = image_size
+    config = make_config(**overrides)
+    if hasattr(config, "image_size") and not isinstance(config.image_size, (list, tuple)):
+        config.image_size = pre["image_size"]
+    family = family_of(config)
+    _, model_cls, kwargs, _ = _families()[family]
+    torch.manual_seed(seed)
+    backbone = model_cls(config, **kwargs)
+    meta = ModelMeta(name=name or arch, version=version, family=family,
+                     embedding_dim=embedding_dim_of(config, family), arch=arch, **pre)
+    return EmbeddingNet(backbone, meta.pooling), meta
+
+
+def save_model_dir(net: EmbeddingNet, meta: ModelMeta, out: str | os.PathLike) -> Path:
+    """Write a model directory: ``save_pretrained`` layout + ``vsearch_model.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    net.backbone.save_pretrained(out, safe_serialization=True)
+    write_meta(out, meta)
+    return out
+
+
+def write_meta(model_dir: str | os.PathLike, meta: ModelMeta) -> None:
+    path = Path(model_dir) / METADATA_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def init_model_dir(arch: str, out: str | os.PathLike, **kwargs) -> ModelMeta:
+    net, meta = build_model(arch, **kwargs)
+    save_model_dir(net, meta, out)
+    return meta
+
+
+def read_meta(model_dir: str | os.PathLike, config=None) -> ModelMeta:
+    """The directory's metadata, derived from its config when the file is absent."""
+    model_dir = Path(model_dir)
+    path = model_dir / METADATA_FILE
+    if path.exists():
+        try:
+            return ModelMeta.from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelDirError(f"{path} is not valid model metadata: {exc}") from exc
+    if config is None:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(model_dir)
+    family = family_of(config)
+    if config.model_type == "clip":
+        config = config.vision_config
+    pooling = _families()[family][3]
+    image_size = getattr(config, "image_size", 224)
+    image_size = image_size if isinstance(image_size, int) else image_size[0]
+    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip_vision_model" else (IMAGENET_MEAN, IMAGENET_STD)
+    resize, resample = round(image_size * 256 / 224), "bilinear"
+    proc = model_dir / "preprocessor_config.json"
+    if proc.exists():
+        p = json.loads(proc.read_text())
+        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+        crop = p.get("crop_size")
+        if isinstance(crop, dict):
+            image_size = int(crop.get("height", image_size))
+        size = p.get("size")
+        if isinstance(size, dict) and "shortest_edge" in size:
+            resize = int(size["shortest_edge"])
+        resample = {2: "bilinear", 3: "bicubic"}.get(p.get("resample"), resample)
+    return ModelMeta(name=model_dir.name, version="0", family=family,
+                     embedding_dim=embedding_dim_of(config, family), image_size=image_size,
+                     resize_size=max(resize, image_size), mean=tuple(mean), std=tuple(std),
+                     pooling=pooling, resample=resample)
+
+
+def load_model_dir(model_dir: str | os.PathLike) -> tuple[EmbeddingNet, ModelMeta]:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise ModelDirError(f"{model_dir} is not a model directory (no config.json); "
+                            f"make one with `vsearch model init --arch resnet18 --out {model_dir}`")
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model_dir)
+    family = family_of(config)
+    meta = read_meta(model_dir, config)
+    _, model_cls, kwargs, _ = _families()[family]
+    backbone = model_cls.from_pretrained(model_dir, **kwargs)
+    return EmbeddingNet(backbone, meta.pooling), meta
+
+
+# --------------------------------------------------------------------------- the embedder
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Embedder:
+    """Images -> float32, L2-normalised embeddings, one row per image.
+
+    Decoding and resizing run on a small thread pool (PIL releases the GIL), the forward pass
+    under ``torch.inference_mode`` in batches of at most ``batch_size``."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, device: str | None = None,
+                 threads: int | None = None, batch_size: int = 32, limits: Limits = Limits(),
+                 decode_workers: int | None = None):
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(device)
+        self.net, self.meta = load_model_dir(self.model_dir)
+        self.net.eval().to(self.device)
+        self.cfg = self.meta.preprocess
+        self.dim = self.meta.embedding_dim
+        self.batch_size = max(1, int(batch_size))
+        self.limits = limits
+        workers = decode_workers or min(4, (os.cpu_count() or 2))
+        self._pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._prefetch = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+
+    # -- forward
+    def embed_arrays(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Preprocessed float32 [N, 3, H, W] -> [N, D] normalised float32."""
+        n = len(x)
+        if n == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, n, self.batch_size):
+                chunk = torch.as_tensor(x[i:i + self.batch_size]).to(self.device, non_blocking=True)
+                out.append(self.net.embed(chunk).cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    # -- preprocessing on the pool
+    def preprocess_bytes(self, blobs: Sequence[bytes], crops: Sequence[Box | None] | None = None
+                         ) -> np.ndarray:
+        """Decode and preprocess in parallel. An :class:`InvalidImage` names the bad item."""
+        crops = list(crops) if crops is not None else [None] * len(blobs)
+        if len(crops) != len(blobs):
+            raise InvalidImage(f"got {len(blobs)} images but {len(crops)} crop boxes")
+
+        def one(i):
+            try:
+                return bytes_to_array(blobs[i], self.cfg, crops[i], self.limits)
+            except InvalidImage as exc:
+                raise InvalidImage(f"image {i}: {exc}" if len(blobs) > 1 else str(exc)) from exc
+
+        return stack(list(self._pool.map(one, range(len(blobs)))))
+
+    def embed_bytes(self, blobs: Sequence[bytes], crops: Sequence[Box | None] | None = None
+                    ) -> np.ndarray:
+        return self.embed_arrays(self.preprocess_bytes(blobs, crops))
+
+    def embed_images(self, images: Sequence, crops: Sequence[Box | None] | None = None) -> np.ndarray:
+        crops = list(crops) if crops is not None else [None] * len(images)
+        arrays = list(self._pool.map(lambda ic: image_to_array(ic[0], self.cfg, ic[1]),
+                                     zip(images, crops)))
+        return self.embed_arrays(stack(arrays))
+
+    def embed_stream(self, items: Iterable[bytes]) -> Iterator[np.ndarray]:
+        """Embed an iterable of image bytes in batches, preprocessing the next batch while the
+        current one runs through the network. Yields one [b, D] array per batch."""
+        def batches():
+            batch = []
+            for item in items:
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        pending = None
+        for batch in batches():
+            nxt = self._prefetch.submit(self.preprocess_bytes, batch)
+            if pending is not None:
+                yield self.embed_arrays(pending.result())
+            pending = nxt
+        if pending is not None:
+            yield self.embed_arrays(pending.result())
+
+    def close(self):
+        self._pool.shutdown(wait=False)
+        self._prefetch.shutdown(wait=False)
+

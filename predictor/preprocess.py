@@ -1,0 +1,203 @@
+"""Image preprocessing shared by serving, indexing and training (one module, so what is
+trained is exactly what is served).
+
+decode (size limits, EXIF orientation, any PIL mode -> RGB) -> optional crop given as a
+normalised box (x0, y0, x1, y1) on the *original* image -> resize the shorter side ->
+centre-crop to the model's input size -> scale to [0, 1] -> normalise with the model's
+mean/std -> float32 CHW.
+
+Every client mistake raises :class:`InvalidImage` (a ``ValueError``) whose message says what
+to change; the servers turn it into a 400.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# We do our own pixel-limit check with a clear message; PIL's global guard stays as a second
+# line of defence for anything that bypasses decode_image.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class InvalidImage(ValueError):
+    """The client sent something we cannot turn into a model input."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a model wants its input; stored in the model directory's metadata."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resample: str = "bilinear"
+
+    @property
+    def pil_resample(self) -> int:
+        return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}[self.resample]
+
+
+Box = tuple[float, float, float, float]
+
+
+def parse_crop(crop) -> Box | None:
+    """Validate a normalised crop box; ``None`` or an empty list means the whole image."""
+    if crop is None:
+        return None
+    try:
+        values = [float(v) for v in np.asarray(crop, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError) as exc:
+        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {crop!r}") from exc
+    if len(values) == 0:
+        return None
+    if len(values) != 4:
+        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {len(values)} numbers")
+    x0, y0, x1, y1 = values
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidImage("crop values must be finite numbers")
+    if min(values) < 0.0 or max(values) > 1.0:
+        raise InvalidImage(f"crop values must lie in [0,1] (normalised x0,y0,x1,y1), got {values}")
+    if not (x0 < x1 and y0 < y1):
+        raise InvalidImage(f"crop box is empty: need x0 < x1 and y0 < y1, got {values}")
+    return (x0, y0, x1, y1)
+
+
+def parse_crop_text(text: str | None) -> Box | None:
+    """``"0.1,0.2,0.5,0.9"`` (form fields, query strings, CLI) -> a validated box."""
+    if text is None or not str(text).strip():
+        return None
+    parts = [p for p in str(text).replace(" ", ",").split(",") if p]
+    try:
+        return parse_crop([float(p) for p in parts])
+    except ValueError as exc:
+        if isinstance(exc, InvalidImage):
+            raise
+        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {text!r}") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparent pixels are composed on white; 16/32-bit
+    greyscale is scaled down instead of clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            scale = 255.0
+        elif mode.startswith("I;16") or (arr.size and np.nanmax(arr) > 255):
+            scale = 255.0 / 65535.0
+        else:
+            scale = 1.0
+        arr = np.clip(np.nan_to_num(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in ("HSV", "LAB"):
+        arr = np.asarray(img)
+        if mode == "HSV":
+            return Image.fromarray(arr, "HSV").convert("RGB")
+        return Image.fromarray(arr[..., 0], "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
+    """Bytes of an image file -> upright RGB PIL image, or :class:`InvalidImage`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidImage(f"image must be the bytes of an image file, got {type(data).__name__}")
+    if len(data) == 0:
+        raise InvalidImage("image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise InvalidImage(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{limits.max_pixels} pixels")
+            if width == 0 or height == 0:
+                raise InvalidImage(f"image has no pixels ({width}x{height})")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except InvalidImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(f"image rejected as a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImage("not an image: the bytes are not in any image format we can read") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImage(f"image could not be decoded (truncated or corrupt file?): {exc}") from exc
+    return _to_rgb(img)
+
+
+def apply_crop(img: Image.Image, crop: Box | None) -> Image.Image:
+    """Crop a normalised box out of the original image (before any resizing)."""
+    if crop is None:
+        return img
+    w, h = img.size
+    x0, y0, x1, y1 = crop
+    left, top = int(math.floor(x0 * w)), int(math.floor(y0 * h))
+    right, bottom = max(left + 1, int(math.ceil(x1 * w))), max(top + 1, int(math.ceil(y1 * h)))
+    return img.crop((left, top, min(right, w), min(bottom, h)))
+
+
+def resize_center_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Resize so the shorter side is ``resize_size``, then take the centred
+    ``image_size`` square."""
+    w, h = img.size
+    short = min(w, h)
+    scale = cfg.resize_size / short
+    nw, nh = max(cfg.image_size, round(w * scale)), max(cfg.image_size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), cfg.pil_resample, reducing_gap=3.0)
+    left, top = (nw - cfg.image_size) // 2, (nh - cfg.image_size) // 2
+    return img.crop((left, top, left + cfg.image_size, top + cfg.image_size))
+
+
+def normalise(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """RGB image of the input size -> float32 CHW, scaled and normalised."""
+    arr = np.asarray(img, dtype=np.float32)
+    mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(cfg.std, dtype=np.float32) * 255.0)
+    arr = (arr - mean) * inv_std
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def image_to_array(img: Image.Image, cfg: PreprocessConfig, crop: Box | None = None) -> np.ndarray:
+    """A decoded RGB image (+ optional crop) -> the model's float32 CHW input."""
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    return normalise(resize_center_crop(apply_crop(img, crop), cfg), cfg)
+
+
+def bytes_to_array(data: bytes, cfg: PreprocessConfig, crop: Box | None = None,
+                   limits: Limits = Limits()) -> np.ndarray:
+    """Bytes of an image file (+ optional crop) -> the model's float32 CHW input."""
+    return image_to_array(decode_image(data, limits), cfg, crop)
+
+
+def stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.stack(arrays, axis=0) if arrays else np.zeros((0, 3, 0, 0), np.float32)

@@ -1,0 +1,5 @@
+import sys
+
+from vsearch.cli import main
+
+sys.exit(main())
