@@ -1,0 +1,5 @@
+"""Shared fixtures. Each component's fixtures live in ``tests/fixtures/<name>.py``."""
+
+pytest_plugins = [
+    "tests.fixtures.models",
+]

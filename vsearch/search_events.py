@@ -1,0 +1,44 @@
+"""Search events on the Kafka topic ``search.events`` (JSON values, key = query_id): the
+search service writes them, ``vsearch ctr`` reports click-through rate from them and the
+trainer turns them into (query image, clicked image) pairs.
+
+impression: {"schema": 1, "type": "impression", "query_id": str, "query_hash": sha256 hex of
+             the query image bytes (after crop: hash of bytes + crop), "query_uri": str | null
+             (where the query image was stored, file:// or catalog:<id>), "crop": [4] | null,
+             "model_version": str, "results": [{"id": str, "rank": int (1-based),
+             "score": float}], "ts": epoch-ms}
+click:      {"schema": 1, "type": "click", "query_id": str, "query_hash": str,
+             "query_uri": str | null, "crop": [4] | null, "item_id": str, "item_uri": str | null,
+             "rank": int, "model_version": str, "ts": epoch-ms}
+"""
+
+from __future__ import annotations
+
+import json
+
+TOPIC = "search.events"
+SCHEMA = 1
+TYPES = ("impression", "click")
+
+
+class BadSearchEvent(ValueError):
+    pass
+
+
+def encode(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode(value: bytes) -> dict:
+    try:
+        rec = json.loads(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadSearchEvent(f"not JSON: {exc}") from exc
+    if not isinstance(rec, dict) or rec.get("schema") != SCHEMA or rec.get("type") not in TYPES:
+        raise BadSearchEvent(f"not a search event of schema {SCHEMA}: {str(rec)[:200]}")
+    for key in ("query_id", "model_version", "ts"):
+        if key not in rec:
+            raise BadSearchEvent(f"search event without {key!r}")
+    if rec["type"] == "click" and "item_id" not in rec:
+        raise BadSearchEvent("click event without 'item_id'")
+    return rec
