@@ -31,6 +31,8 @@ from predictor.preprocess import (Box, InvalidImage, Limits, PreprocessConfig, b
                                   image_to_array, stack)
 
 METADATA_FILE = "vsearch_model.json"
+# The model the platform serves by default: trained by trainer/ and committed to the repository.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,6 +94,8 @@ def sanitise_name(text: str) -> str:
 # --------------------------------------------------------------------------- families
 
 def _families():
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config,
                               Dinov2Model, ResNetConfig, ResNetModel, ViTConfig, ViTModel)
     return {
@@ -347,6 +351,20 @@ class Embedder:
                 raise InvalidImage(f"image {i}: {exc}" if len(blobs) > 1 else str(exc)) from exc
 
         return stack(list(self._pool.map(one, range(len(blobs)))))
+
+    def try_preprocess(self, blobs: Sequence[bytes], crops: Sequence[Box | None] | None = None
+                       ) -> list[np.ndarray | InvalidImage]:
+        """Like :meth:`preprocess_bytes` but one bad image does not fail the others: each item
+        is its array or the :class:`InvalidImage` that says what is wrong with it."""
+        crops = list(crops) if crops is not None else [None] * len(blobs)
+
+        def one(i):
+            try:
+                return bytes_to_array(blobs[i], self.cfg, crops[i], self.limits)
+            except InvalidImage as exc:
+                return exc
+
+        return list(self._pool.map(one, range(len(blobs))))
 
     def embed_bytes(self, blobs: Sequence[bytes], crops: Sequence[Box | None] | None = None
                     ) -> np.ndarray:

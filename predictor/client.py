@@ -1,0 +1,79 @@
+"""Client of the embedder's V2 endpoint with the same interface as
+:class:`predictor.model.Embedder` (``dim``, ``embed_bytes``), so the consumer and the search
+service embed in process or over HTTP with the same code."""
+
+from __future__ import annotations
+
+import base64
+from typing import Sequence
+
+import numpy as np
+import requests
+
+from predictor.preprocess import Box, InvalidImage
+
+
+class EmbedderUnavailable(ConnectionError):
+    """The embedder cannot be reached or failed on its side (5xx): retry later."""
+
+
+class EmbedderClient:
+    def __init__(self, url: str, model_name: str = "embedder", timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.model_name = model_name
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._dim: int | None = None
+        self._version: str | None = None
+
+    @property
+    def infer_url(self) -> str:
+        return f"{self.url}/v2/models/{self.model_name}/infer"
+
+    def _call(self, method: str, url: str, **kwargs) -> requests.Response:
+        try:
+            resp = self._session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise EmbedderUnavailable(f"embedder at {self.url} unreachable: {exc}") from exc
+        if resp.status_code == 400:
+            raise InvalidImage(resp.json().get("error", resp.text) if resp.content else "bad request")
+        if resp.status_code >= 300:
+            raise EmbedderUnavailable(f"embedder at {url} answered {resp.status_code}: {resp.text[:300]}")
+        return resp
+
+    def ready(self) -> bool:
+        try:
+            return self._session.get(f"{self.url}/v2/models/{self.model_name}/ready",
+                                     timeout=self.timeout).status_code == 200
+        except requests.RequestException:
+            return False
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            meta = self._call("GET", f"{self.url}/v2/models/{self.model_name}").json()
+            shape = meta["outputs"][0]["shape"]
+            self._dim = int(shape[-1])
+        return self._dim
+
+    @property
+    def version(self) -> str | None:
+        return self._version
+
+    def embed_bytes(self, blobs: Sequence[bytes], crops: Sequence[Box | None] | None = None
+                    ) -> np.ndarray:
+        if len(blobs) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        inputs = [{"name": "image", "datatype": "BYTES", "shape": [len(blobs)],
+                   "data": [base64.b64encode(b).decode("ascii") for b in blobs]}]
+        if crops is not None and any(c is not None for c in crops):
+            boxes = [list(c) if c is not None else [0.0, 0.0, 1.0, 1.0] for c in crops]
+            inputs.append({"name": "crop", "datatype": "FP32", "shape": [len(blobs), 4],
+                           "data": [v for box in boxes for v in box]})
+        body = self._call("POST", self.infer_url, json={"inputs": inputs}).json()
+        out = next(o for o in body["outputs"] if o["name"] == "embedding")
+        params = body.get("parameters") or {}
+        self._version = params.get("model_version", self._version)
+        vectors = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+        self._dim = vectors.shape[1]
+        return vectors

@@ -1,0 +1,290 @@
+"""Training and evaluation data: labelled image folders, pair CSVs, click pairs from Kafka,
+the held-out split, and the torch datasets that turn them into augmented views.
+
+Sources of data (``--data``):
+
+* a folder of images, class per sub-folder (``cats/1.jpg``) or with a ``labels.csv``
+  (``path,label``, paths relative to the folder: the Caltech-101 subset's layout). Labels are
+  used only by evaluation; SimCLR ignores them.
+* a CSV of pairs: a query image and the image clicked for it, columns ``query`` (or
+  ``query_uri``/``query_path``) and ``clicked`` (or ``clicked_uri``/``clicked_path``/``item_uri``);
+  paths relative to the CSV, ``file://`` or ``http(s)://`` URIs.
+* ``kafka://HOST:PORT[/TOPIC]``: click events on ``search.events`` (see
+  :mod:`vsearch.search_events`); every click with both ``query_uri`` and ``item_uri`` is a pair.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import csv
+import logging
+import random
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from predictor.preprocess import InvalidImage, PreprocessConfig
+from trainer.augment import training_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+QUERY_COLS = ("query", "query_uri", "query_path")
+CLICKED_COLS = ("clicked", "clicked_uri", "clicked_path", "item_uri", "item_path")
+
+
+class DataError(ValueError):
+    """The data given to the trainer or evaluator cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    source: str               # a path or URI
+    label: str | None = None
+
+
+# --------------------------------------------------------------------------- reading sources
+
+def read_source(source: str) -> bytes:
+    """Bytes of a path, ``file://`` or ``http(s)://`` URI."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        with urllib.request.urlopen(source, timeout=30) as r:
+            return r.read()
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path)).read_bytes()
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise DataError(f"cannot read {source!r}: scheme {parsed.scheme!r} is not a path, "
+                        f"file:// or http(s):// URI")
+    return Path(source).read_bytes()
+
+
+def _resolve(value: str, base: Path) -> str:
+    value = value.strip()
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def list_images(folder: str | Path) -> list[ImageRecord]:
+    """Images of a folder with their labels: ``labels.csv`` when present, else the name of the
+    first-level sub-folder (images directly in the folder have no label)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder of images")
+    labels_csv = folder / "labels.csv"
+    if labels_csv.exists():
+        with open(labels_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"path", "label"} <= set(rows[0]):
+            raise DataError(f"{labels_csv} needs the columns path,label")
+        return [ImageRecord(_resolve(r["path"], folder), r["label"]) for r in rows]
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+            rel = p.relative_to(folder)
+            out.append(ImageRecord(str(p), rel.parts[0] if len(rel.parts) > 1 else None))
+    if not out:
+        raise DataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    return out
+
+
+def split_holdout(records: Sequence[ImageRecord], fraction: float, seed: int = 0
+                  ) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(train, held_out): whole images held out, the same fraction of every label, chosen by a
+    seeded draw per label so the split does not depend on the listing order."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"held-out fraction must be in [0, 1), got {fraction}")
+    by_label: dict[str | None, list[ImageRecord]] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    held = set()
+    for label, group in by_label.items():
+        group = sorted(group, key=lambda r: r.source)
+        k = int(round(len(group) * fraction))
+        held.update(r.source for r in random.Random(f"{seed}-{label}").sample(group, k))
+    train = [r for r in records if r.source not in held]
+    return train, [r for r in records if r.source in held]
+
+
+def select_split(records: list[ImageRecord], split: str, fraction: float, seed: int
+                 ) -> list[ImageRecord]:
+    if split == "all":
+        return list(records)
+    train, held = split_holdout(records, fraction, seed)
+    if split == "train":
+        return train
+    if split in ("held-out", "heldout", "test"):
+        return held
+    raise DataError(f"unknown split {split!r}: expected all, train or held-out")
+
+
+def read_csv_header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return [c.strip() for c in next(csv.reader(f), [])]
+
+
+def _pick(row: dict, names: Sequence[str]) -> str | None:
+    for n in names:
+        if row.get(n):
+            return row[n]
+    return None
+
+
+def read_pairs_csv(path: str | Path) -> list[tuple[str, str]]:
+    """(query, clicked) sources from a CSV; relative paths are relative to the CSV."""
+    path = Path(path)
+    header = read_csv_header(path)
+    if not any(c in header for c in QUERY_COLS) or not any(c in header for c in CLICKED_COLS):
+        raise DataError(f"{path}: a pairs CSV needs a query column ({'/'.join(QUERY_COLS)}) and "
+                        f"a clicked column ({'/'.join(CLICKED_COLS)}); got {header}")
+    pairs = []
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.DictReader(f), start=2):
+            q, c = _pick(row, QUERY_COLS), _pick(row, CLICKED_COLS)
+            if not q or not c:
+                raise DataError(f"{path} line {i}: empty query or clicked value")
+            pairs.append((_resolve(q, path.parent), _resolve(c, path.parent)))
+    if not pairs:
+        raise DataError(f"{path} holds no pairs")
+    return pairs
+
+
+def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_s: float = 30.0,
+                           group_id: str | None = None) -> tuple[list[tuple[str, str]], dict]:
+    """Every click on ``search.events`` with a ``query_uri`` and an ``item_uri`` -> a pair.
+
+    Reads the topic from the beginning to the end offsets seen at the start. Returns the
+    pairs and counts of what was skipped (and why), so nothing is dropped unseen."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from vsearch import search_events
+
+    topic = topic or search_events.TOPIC
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             consumer_timeout_ms=int(timeout_s * 1000))
+    stats = {"events": 0, "clicks": 0, "pairs": 0, "bad_events": 0, "clicks_without_uris": 0}
+    pairs: list[tuple[str, str]] = []
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise DataError(f"topic {topic!r} does not exist on {bootstrap}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if end[tp] > consumer.position(tp)}
+        import time
+        deadline = time.monotonic() + timeout_s
+        while remaining and time.monotonic() < deadline:
+            for tp, msgs in consumer.poll(timeout_ms=500).items():
+                for m in msgs:
+                    if m.offset >= end[tp]:
+                        continue
+                    stats["events"] += 1
+                    try:
+                        rec = search_events.decode(m.value)
+                    except search_events.BadSearchEvent:
+                        stats["bad_events"] += 1
+                        continue
+                    if rec["type"] != "click":
+                        continue
+                    stats["clicks"] += 1
+                    if not rec.get("query_uri") or not rec.get("item_uri"):
+                        stats["clicks_without_uris"] += 1
+                        continue
+                    pairs.append((rec["query_uri"], rec["item_uri"]))
+            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+        if remaining:
+            raise DataError(f"timed out after {timeout_s:.0f}s reading {topic!r} from {bootstrap}")
+    finally:
+        consumer.close()
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+# --------------------------------------------------------------------------- image cache
+
+class ImageCache:
+    """Decoded, downsized training images kept in memory (decoded once, on a thread pool).
+    Images that cannot be read are listed in ``.failed`` with the reason, not silently lost."""
+
+    def __init__(self, sources: Sequence[str], cfg: PreprocessConfig, workers: int = 2,
+                 reader: Callable[[str], bytes] = read_source):
+        self.cfg = cfg
+        unique = list(dict.fromkeys(sources))
+        self.images: dict[str, Image.Image] = {}
+        self.failed: dict[str, str] = {}
+
+        def load(src):
+            try:
+                return src, training_image(reader(src), cfg), None
+            except (InvalidImage, OSError, DataError) as exc:
+                return src, None, f"{type(exc).__name__}: {exc}"
+
+        with futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for src, img, err in pool.map(load, unique):
+                if img is None:
+                    self.failed[src] = err
+                    log.warning("skipping %s: %s", src, err)
+                else:
+                    self.images[src] = img
+
+    def __contains__(self, src: str) -> bool:
+        return src in self.images
+
+    def __getitem__(self, src: str) -> Image.Image:
+        return self.images[src]
+
+
+# --------------------------------------------------------------------------- datasets
+
+def item_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """A generator that depends only on (seed, epoch, index): the same views after a resume
+    and whatever the number of loader workers."""
+    return random.Random((seed * 1_000_003 + epoch) * 10_000_019 + index)
+
+
+class SimCLRDataset(torch.utils.data.Dataset):
+    """Item i -> two independent augmented views of image i."""
+
+    def __init__(self, cache: ImageCache, sources: Sequence[str], augment, seed: int = 0):
+        self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
+        self.sources = [s for s in sources if s in cache]
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, i):
+        rng = item_rng(self.seed, self.epoch, i)
+        img = self.cache[self.sources[i]]
+        return torch.from_numpy(self.augment(img, rng)), torch.from_numpy(self.augment(img, rng))
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i -> (query view, clicked view) of pair i."""
+
+    def __init__(self, cache: ImageCache, pairs: Sequence[tuple[str, str]], augment, seed: int = 0):
+        self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
+        self.pairs = [(q, c) for q, c in pairs if q in cache and c in cache]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        rng = item_rng(self.seed, self.epoch, i)
+        q, c = self.pairs[i]
+        return (torch.from_numpy(self.augment(self.cache[q], rng)),
+                torch.from_numpy(self.augment(self.cache[c], rng)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of an epoch; a function of (seed, epoch) so resume replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
