@@ -194,11 +194,25 @@ class EmbedderModel(kserve.Model):
                                  "embedding_dim": self.embedder.dim})
 
 
+def install_request_error_handler() -> None:
+    """Malformed request bodies (bad JSON, wrong structure) are a 400 with the reason, like
+    every other client mistake, instead of FastAPI's 422."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    async def handler(_request, exc):
+        REJECTED.labels("request").inc()
+        return JSONResponse(status_code=400, content={"error": f"malformed request body: {str(exc.errors())[:500]}"})
+
+    kserve.model_server.app.add_exception_handler(RequestValidationError, handler)
+
+
 def serve(model_dir: str, *, name: str = "embedder", http_port: int = 8080, max_batch: int = 64,
           threads: int | None = None, device: str | None = None, batch_size: int = 32,
           limits: Limits = Limits(), workers: int = 1) -> None:
     model = EmbedderModel(name, model_dir, max_batch=max_batch, threads=threads, device=device,
                           batch_size=batch_size, limits=limits)
     model.load()
+    install_request_error_handler()
     kserve.ModelServer(http_port=http_port, enable_grpc=False, enable_docs_url=True,
                        workers=workers).start([model])

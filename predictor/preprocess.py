@@ -112,12 +112,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         else:
             scale = 1.0
         arr = np.clip(np.nan_to_num(arr * scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if mode in ("HSV", "LAB"):
-        arr = np.asarray(img)
-        if mode == "HSV":
-            return Image.fromarray(arr, "HSV").convert("RGB")
-        return Image.fromarray(arr[..., 0], "L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
+    if mode == "LAB":                                   # keep the lightness channel
+        return img.getchannel(0).convert("RGB")
     return img.convert("RGB")
 
 

@@ -237,12 +237,27 @@ def start_milvus_standalone(data_dir: str | os.PathLike, port: int | None = None
     at ``http://127.0.0.1:P`` (``.uri``). Its other internal ports (etcd, coordinators) are
     picked by the package from its defaults upwards. Needs pymilvus 2.6; cannot build DiskANN."""
     port = port or free_port()
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
     uri = f"http://127.0.0.1:{port}"
+    # The embedded etcd's peer port (2380) is fixed unless it gets a config file of its own:
+    # give it free ports so that several servers (and other tools) can run side by side.
+    etcd_client, etcd_peer = free_port(), free_port()
+    etcd_conf = data_dir / "embed-etcd.yaml"
+    etcd_conf.write_text(
+        f"listen-client-urls: http://127.0.0.1:{etcd_client}\n"
+        f"advertise-client-urls: http://127.0.0.1:{etcd_client}\n"
+        f"listen-peer-urls: http://127.0.0.1:{etcd_peer}\n"
+        f"initial-advertise-peer-urls: http://127.0.0.1:{etcd_peer}\n"
+        f"initial-cluster: default=http://127.0.0.1:{etcd_peer}\n"
+        "quota-backend-bytes: 4294967296\nauto-compaction-mode: revision\n"
+        "auto-compaction-retention: '1000'\n")
     code = "import sys, milvus; milvus.main()"
-    svc = ProcessGroupService("milvus-standalone", [sys.executable, "-c", code, "--data", str(data_dir),
-                                        "--proxy-port", str(port)],
-                  port=port, ready=lambda: port_open(port) and milvus_ready(uri), log_path=log_path,
-                  cwd=str(data_dir))
+    svc = ProcessGroupService(
+        "milvus-standalone",
+        [sys.executable, "-c", code, "--data", str(data_dir), "--proxy-port", str(port),
+         "--etcd-port", str(etcd_client)],
+        port=port, ready=lambda: port_open(port) and milvus_ready(uri), log_path=log_path,
+        cwd=str(data_dir), env={"ETCD_CONFIG_PATH": str(etcd_conf), "ETCD_USE_EMBED": "true"})
     svc.uri = uri
     return svc.wait_ready(timeout)

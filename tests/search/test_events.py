@@ -1,0 +1,79 @@
+"""Search events: the producer never fails a search, keeps records while Kafka is down (bounded,
+counted) and delivers them once it is back; ``vsearch ctr`` reads them per model version."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from predictor.search import EventLog
+from predictor.search_cli import ctr_table, read_events
+from vsearch import search_events
+from vsearch.services import free_port, start_broker
+
+
+def impression(qid, mv="m__1", n=3):
+    return {"schema": 1, "type": "impression", "query_id": qid, "query_hash": "h", "query_uri": None,
+            "crop": None, "model_version": mv, "ts": 1,
+            "results": [{"id": f"i{r}", "rank": r + 1, "score": 0.5} for r in range(n)]}
+
+
+def click(qid, item, mv="m__1"):
+    return {"schema": 1, "type": "click", "query_id": qid, "query_hash": "h", "query_uri": None,
+            "crop": None, "item_id": item, "item_uri": None, "rank": 1, "model_version": mv, "ts": 2}
+
+
+def test_events_wait_for_kafka_bounded_then_arrive(tmp_path):
+    port = free_port()
+    events = EventLog(f"127.0.0.1:{port}", max_buffer=3, send_timeout=2.0)   # nothing listens yet
+    try:
+        t0 = time.monotonic()
+        for i in range(4):
+            events.emit(impression(f"q{i}"))
+        assert time.monotonic() - t0 < 0.5          # emitting never blocks a search
+        time.sleep(3.0)                             # longer than one bootstrap attempt
+        assert events.dropped == 1                  # bounded: the oldest went, and it was counted
+        assert events.pending() == 3 and events.sent == 0 and events.failures >= 1
+        assert "NoBrokersAvailable" in events.last_error or "Kafka" in events.last_error
+        with start_broker(port=port, log_path=tmp_path / "broker.log") as broker:
+            assert events.flush(timeout=60), f"not delivered: {events.last_error}"
+            assert events.sent == 3
+            got = [r for r in read_events(broker.bootstrap, idle_timeout=2.0)]
+            assert sorted(r["query_id"] for r in got) == ["q1", "q2", "q3"]
+    finally:
+        events.close(timeout=2)
+
+
+def test_ctr_per_model_version_counts_each_event_once():
+    records = [impression("a", "old"), impression("b", "old"), impression("c", "new"),
+               impression("d", "new"), click("a", "i0", "old"), click("a", "i0", "old"),   # duplicate
+               click("c", "i0", "new"), click("c", "i1", "new"), click("d", "i2", "new"),
+               impression("a", "old"), {"_bad": "not JSON"}]
+    stats = ctr_table(records)
+    assert stats["old"] == {"impressions": 2, "clicks": 1, "ctr": 0.5, "searches_with_click": 0.5}
+    assert stats["new"] == {"impressions": 2, "clicks": 3, "ctr": 1.5, "searches_with_click": 1.0}
+    assert stats["_undecodable_records"] == {"count": 1}
+
+
+def test_vsearch_ctr_reads_the_topic(tmp_path):
+    from kafka import KafkaProducer
+    with start_broker(log_path=tmp_path / "broker.log") as broker:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        for rec in [impression("a"), impression("b"), click("a", "i1")]:
+            producer.send(search_events.TOPIC, key=rec["query_id"].encode(), value=search_events.encode(rec))
+        producer.send(search_events.TOPIC, value=b"garbage")
+        producer.flush()
+        producer.close()
+        out = subprocess.run([sys.executable, "-m", "vsearch", "ctr", "--bootstrap", broker.bootstrap,
+                              "--idle-timeout", "2", "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        stats = json.loads(out.stdout)
+        assert stats["m__1"]["impressions"] == 2 and stats["m__1"]["clicks"] == 1
+        assert stats["m__1"]["ctr"] == 0.5 and stats["_undecodable_records"]["count"] == 1
+        table = subprocess.run([sys.executable, "-m", "vsearch", "ctr", "--bootstrap", broker.bootstrap,
+                                "--idle-timeout", "2"], capture_output=True, text=True, timeout=60)
+        assert "m__1" in table.stdout and "0.500" in table.stdout

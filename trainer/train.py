@@ -1,0 +1,324 @@
+"""The training loop: SimCLR on a folder of images, or InfoNCE on (query, clicked) pairs.
+
+    # self-supervised, from scratch, on a folder (30 % of every class held out for evaluation)
+    vsearch train --data ../shared/data/caltech101 --arch resnet-tiny --out runs/tiny --holdout 0.3
+    # fine-tune an existing model on click pairs (CSV or the search.events topic)
+    vsearch train --data pairs.csv --init models/default --out runs/clicks --epochs 5
+    vsearch train --data kafka://127.0.0.1:9092 --init models/default --out runs/clicks
+    # carry on after an interruption
+    vsearch train ... --out runs/tiny --resume
+
+The network is the predictor's :class:`~predictor.model.EmbeddingNet` (the serving network);
+SimCLR adds a projection head that is dropped at export. ``--out`` becomes a model directory
+that ``vsearch serve embedder --model-dir`` loads as it is, with ``train_log.jsonl`` (one JSON
+line per logged step) and ``checkpoints/last.pt`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from predictor.model import EmbeddingNet, ModelMeta, build_model, load_model_dir, save_model_dir
+from trainer.augment import AugmentConfig, PairAugment, SimCLRAugment
+from trainer.data import (DataError, ImageCache, PairDataset, SimCLRDataset, click_pairs_from_kafka,
+                          epoch_order, list_images, read_csv_header, read_pairs_csv, split_holdout)
+from trainer.losses import info_nce, nt_xent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    init: str | None = None            # model directory to fine-tune
+    arch: str = "resnet-tiny"          # used when init is None (random init)
+    image_size: int | None = None      # input size for a new model (arch default otherwise)
+    name: str | None = None
+    version: str | None = None         # default: UTC time stamp
+    epochs: float = 10
+    max_steps: int | None = None       # optimiser steps; overrides epochs
+    batch_size: int = 128              # images per micro-batch (SimCLR: 2 views each)
+    accum_steps: int = 1               # micro-batches per optimiser step
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int | None = None    # default: 5 % of the steps
+    min_lr_ratio: float = 0.0
+    temperature: float = 0.2
+    proj_dim: int = 128
+    proj_hidden: int = 512
+    holdout: float = 0.0               # fraction of each class kept out of training
+    split_seed: int = 0
+    seed: int = 0
+    workers: int = 0                   # data-loader processes
+    threads: int | None = None         # torch CPU threads
+    device: str | None = None
+    amp: bool = True                   # mixed precision on CUDA
+    checkpoint_every: int = 200        # optimiser steps
+    resume: bool = False
+    stop_after: int | None = None      # stop (keeping the checkpoint) after this many steps
+    log_every: int = 10
+    kafka_topic: str | None = None
+    progress: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's MLP head: trained with the loss, dropped at export."""
+
+    def __init__(self, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float = 0.0):
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def data_kind(data: str) -> str:
+    """simclr (a folder) or pairs (a pairs CSV or kafka://)."""
+    if data.startswith("kafka://"):
+        return "pairs"
+    p = Path(data)
+    if p.is_dir():
+        return "simclr"
+    if p.is_file() and p.suffix.lower() == ".csv":
+        header = read_csv_header(p)
+        if {"path", "label"} <= set(header):
+            raise DataError(f"{p} is a labels CSV: pass its folder to train on its images")
+        return "pairs"
+    raise DataError(f"--data {data!r} is neither a folder of images, a pairs CSV nor kafka://HOST:PORT")
+
+
+def load_pairs(cfg: TrainConfig) -> tuple[list[tuple[str, str]], dict]:
+    if cfg.data.startswith("kafka://"):
+        rest = cfg.data[len("kafka://"):]
+        bootstrap, _, topic = rest.partition("/")
+        pairs, stats = click_pairs_from_kafka(bootstrap, topic or cfg.kafka_topic)
+        if not pairs:
+            raise DataError(f"no usable click pairs on {cfg.data}: {stats}")
+        return pairs, stats
+    pairs = read_pairs_csv(cfg.data)
+    return pairs, {"pairs": len(pairs)}
+
+
+class RunLog:
+    """Append-only JSONL run log."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, **fields) -> None:
+        rec = {"event": event, "time": time.time(), **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _model_for(cfg: TrainConfig) -> tuple[EmbeddingNet, ModelMeta]:
+    if cfg.init:
+        net, meta = load_model_dir(cfg.init)
+        if cfg.name:
+            meta.name = cfg.name
+        return net, meta
+    return build_model(cfg.arch, name=cfg.name or cfg.arch, image_size=cfg.image_size, seed=cfg.seed)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train, export to ``cfg.out`` and return it (or return early after ``stop_after`` steps,
+    leaving the checkpoint for ``resume``)."""
+    t_start = time.time()
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    runlog = RunLog(out / "train_log.jsonl")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_amp = cfg.amp and device.type == "cuda"
+    seed_everything(cfg.seed)
+
+    kind = data_kind(cfg.data)
+    net, meta = _model_for(cfg)
+    pre = meta.preprocess
+    data_info: dict = {"kind": kind, "source": cfg.data}
+    if kind == "simclr":
+        records = list_images(cfg.data)
+        train_recs, held = split_holdout(records, cfg.holdout, cfg.split_seed)
+        cache = ImageCache([r.source for r in train_recs], pre, workers=max(2, cfg.workers))
+        dataset = SimCLRDataset(cache, [r.source for r in train_recs],
+                                SimCLRAugment(pre, cfg.augment), seed=cfg.seed)
+        data_info.update(images=len(records), train_images=len(dataset), held_out_images=len(held),
+                         holdout=cfg.holdout, split_seed=cfg.split_seed)
+    else:
+        pairs, stats = load_pairs(cfg)
+        cache = ImageCache([s for p in pairs for s in p], pre, workers=max(2, cfg.workers))
+        dataset = PairDataset(cache, pairs, PairAugment(pre), seed=cfg.seed)
+        data_info.update(pairs=len(pairs), usable_pairs=len(dataset), **stats)
+    data_info["unreadable"] = len(cache.failed)
+    if cache.failed:
+        runlog.write("unreadable", items=cache.failed)
+
+    bs = min(cfg.batch_size, len(dataset))
+    if bs < 2:
+        raise DataError(f"need at least 2 usable training items for in-batch negatives, have "
+                        f"{len(dataset)} (unreadable: {len(cache.failed)})")
+    micro_per_epoch = len(dataset) // bs
+    steps_per_epoch = max(1, micro_per_epoch // cfg.accum_steps)
+    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.05 * total_steps))
+
+    head = (ProjectionHead(meta.embedding_dim, cfg.proj_hidden, cfg.proj_dim)
+            if kind == "simclr" else None)
+    modules = nn.ModuleDict({"net": net, **({"head": head} if head is not None else {})}).to(device)
+    decay = [p for n, p in modules.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in modules.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps, cfg.min_lr_ratio))
+    amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    step, micro = 0, 0                   # optimiser steps done; micro-batches done
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise DataError(f"--resume: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        modules.load_state_dict(ck["modules"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        scaler.load_state_dict(ck["scaler"])
+        step, micro = ck["step"], ck["micro"]
+        runlog.write("resume", step=step, micro=micro)
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    else:
+        runlog.write("start", config=_jsonable(cfg), data=data_info, total_steps=total_steps,
+                     model=meta.to_json(), device=str(device))
+
+    def save_checkpoint():
+        _atomic_save({"modules": modules.state_dict(), "opt": opt.state_dict(),
+                      "sched": sched.state_dict(), "scaler": scaler.state_dict(),
+                      "step": step, "micro": micro, "config": _jsonable(cfg)}, ckpt_path)
+
+    def loss_of(a, b):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            if head is not None:
+                z = head(net(torch.cat([a, b])))
+                return nt_xent(*z.chunk(2), temperature=cfg.temperature)
+            return info_nce(net(a), net(b), temperature=cfg.temperature)
+
+    modules.train()
+    bar = _progress(total_steps, step, cfg.progress)
+    seen, t_rate, last_loss, loss_sum, loss_n = 0, time.perf_counter(), float("nan"), 0.0, 0
+    images_per_item = 2
+    stop_at = min(total_steps, cfg.stop_after) if cfg.stop_after else total_steps
+    while step < stop_at:
+        epoch, start = divmod(micro, micro_per_epoch)
+        dataset.epoch = epoch
+        order = epoch_order(len(dataset), cfg.seed, epoch)[start * bs: micro_per_epoch * bs]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=order.tolist(),
+                                             drop_last=True, num_workers=cfg.workers,
+                                             pin_memory=device.type == "cuda")
+        for a, b in loader:
+            a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
+            loss = loss_of(a, b)
+            scaler.scale(loss / cfg.accum_steps).backward()
+            micro += 1
+            seen += len(a) * images_per_item
+            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+            if micro % cfg.accum_steps:
+                continue
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            last_loss, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_every == 0 or step == stop_at:
+                dt = time.perf_counter() - t_rate
+                rate = seen / dt if dt > 0 else 0.0
+                runlog.write("step", step=step, epoch=round(micro / micro_per_epoch, 3),
+                             loss=last_loss, lr=sched.get_last_lr()[0], images_per_s=rate)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
+                seen, t_rate = 0, time.perf_counter()
+            if step % cfg.checkpoint_every == 0 or step == stop_at:
+                save_checkpoint()
+            if step >= stop_at:
+                break
+    if bar is not None:
+        bar.close()
+    if step < total_steps:
+        runlog.write("stopped", step=step, checkpoint=str(ckpt_path))
+        return out
+
+    net.eval().cpu()
+    meta.version = cfg.version or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    meta.evaluation = None
+    logged = [json.loads(line) for line in open(runlog.path) if '"step"' in line]
+    steps_logged = [r for r in logged if r.get("event") == "step"]
+    rates = [r["images_per_s"] for r in steps_logged[1:] or steps_logged]
+    meta.training = {
+        "method": "simclr-nt-xent" if kind == "simclr" else "click-pairs-infonce",
+        "init": cfg.init or f"random ({cfg.arch}, seed {cfg.seed})",
+        "data": data_info, "steps": total_steps, "batch_size": bs, "accum_steps": cfg.accum_steps,
+        "epochs": round(total_steps * cfg.accum_steps / micro_per_epoch, 2),
+        "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": warmup,
+        "temperature": cfg.temperature, "seed": cfg.seed,
+        "augment": cfg.augment.to_json() if kind == "simclr" else "pair crop (0.6-1.0) + flip",
+        "final_loss": last_loss, "images_per_s": float(np.median(rates)) if rates else None,
+        "device": str(device), "wall_s": round(time.time() - t_start, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    save_model_dir(net, meta, out)
+    runlog.write("exported", out=str(out), version=meta.version, final_loss=last_loss)
+    log.info("exported %s (version %s, final loss %.4f)", out, meta.version, last_loss)
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", mininterval=2.0,
+                dynamic_ncols=True)
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    return json.loads(json.dumps(d, default=str))
