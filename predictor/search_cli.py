@@ -147,7 +147,8 @@ def read_events(bootstrap: str, topic: str = "search.events", idle_timeout: floa
     from vsearch import search_events
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             consumer_timeout_ms=int(idle_timeout * 1000), client_id="vsearch-ctr")
+                             consumer_timeout_ms=int(idle_timeout * 1000), client_id="vsearch-ctr",
+                             bootstrap_timeout_ms=10_000)
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         if not parts:
@@ -199,12 +200,15 @@ def ctr_table(records) -> dict[str, dict]:
 
 
 def _ctr(args) -> int:
-    from kafka.errors import NoBrokersAvailable
+    import logging
 
+    from kafka.errors import KafkaError
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
         stats = ctr_table(read_events(args.bootstrap, args.topic, args.idle_timeout))
-    except NoBrokersAvailable:
-        print(f"vsearch ctr: no Kafka broker at {args.bootstrap}", file=sys.stderr)
+    except KafkaError as exc:
+        print(f"vsearch ctr: cannot read {args.topic} from {args.bootstrap}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))

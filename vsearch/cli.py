@@ -12,6 +12,7 @@ import sys
 # One line per component that has commands; each module defines register(subparsers).
 COMMAND_MODULES = [
     "predictor.cli",
+    "trainer.cli",
 ]
 
 

@@ -1,0 +1,137 @@
+"""``vsearch train`` and ``vsearch evaluate``."""
+
+from __future__ import annotations
+
+import sys
+
+from vsearch.config import add_flag
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"--k must be comma-separated integers like 1,5,10,100, got {text!r}") from exc
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"--k must be positive integers, got {text!r}")
+    return ks
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train an embedding model (SimCLR on a folder, InfoNCE on click pairs)",
+                       description="Train an embedding model and export it as a model directory. "
+                                   "--data is a folder of images (self-supervised SimCLR), a CSV of "
+                                   "(query, clicked) pairs or kafka://HOST:PORT[/TOPIC] (clicks on "
+                                   "search.events).")
+    add_flag(p, "--data", default=None, help="folder of images, pairs CSV or kafka://HOST:PORT[/TOPIC]")
+    add_flag(p, "--out", default=None, help="output model directory (also holds train_log.jsonl and checkpoints/)")
+    add_flag(p, "--init", default=None, help="model directory to fine-tune (default: random init of --arch)")
+    add_flag(p, "--arch", default="resnet-tiny", help="architecture for random init")
+    add_flag(p, "--image-size", default=None, type=int, help="input size of a new model (arch default otherwise)")
+    add_flag(p, "--name", default=None, help="model name in the metadata")
+    add_flag(p, "--version", default=None, help="model version (default: UTC time stamp)")
+    add_flag(p, "--epochs", default=10.0, type=float, help="passes over the data")
+    add_flag(p, "--max-steps", default=None, type=int, help="optimiser steps (overrides --epochs)")
+    add_flag(p, "--batch-size", default=128, type=int, help="images (or pairs) per micro-batch")
+    add_flag(p, "--accum-steps", default=1, type=int, help="micro-batches per optimiser step")
+    add_flag(p, "--lr", default=1e-3, type=float, help="peak learning rate (AdamW)")
+    add_flag(p, "--weight-decay", default=1e-4, type=float, help="AdamW weight decay")
+    add_flag(p, "--warmup-steps", default=None, type=int, help="linear warm-up steps (default 5%% of steps)")
+    add_flag(p, "--temperature", default=None, type=float,
+             help="softmax temperature (default 0.2 for SimCLR, 0.07 for pairs)")
+    add_flag(p, "--holdout", default=0.0, type=float, help="fraction of each class held out of training")
+    add_flag(p, "--split-seed", default=0, type=int, help="seed of the held-out split")
+    add_flag(p, "--seed", default=0, type=int, help="seed of weights, order and augmentation")
+    add_flag(p, "--workers", default=1, type=int, help="data-loader processes (0 = in the training process)")
+    add_flag(p, "--threads", default=None, type=int, help="torch CPU threads")
+    add_flag(p, "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    add_flag(p, "--no-amp", default=False, type=bool, help="no mixed precision on CUDA")
+    add_flag(p, "--checkpoint-every", default=200, type=int, help="optimiser steps between checkpoints")
+    add_flag(p, "--resume", default=False, type=bool, help="continue from --out/checkpoints/last.pt")
+    add_flag(p, "--stop-after", default=None, type=int, help="stop after this many steps, keeping the checkpoint")
+    add_flag(p, "--no-eval", default=False, type=bool,
+             help="skip evaluating the exported model on the held-out split")
+    add_flag(p, "--no-progress", default=False, type=bool, help="no progress bar")
+    p.set_defaults(handler=_train)
+
+    e = sub.add_parser("evaluate", help="offline retrieval metrics of models and baselines",
+                       description="Compare models (and baselines) on a labelled folder or a "
+                                   "judgments CSV (query,candidate,grade 0-5): table on stdout, "
+                                   "report.json and report.png in --out.")
+    e.add_argument("--model-dir", action="append", default=[], help="model directory (repeatable)")
+    add_flag(e, "--data", default=None, help="labelled folder (class sub-folders or labels.csv) or judgments CSV")
+    add_flag(e, "--k", default="1,5,10,100", help="cut-offs for recall/precision/nDCG")
+    add_flag(e, "--baselines", default="", help="comma-separated: raw-pixels, random-init")
+    add_flag(e, "--split", default="all", help="all, train or held-out (with --holdout/--split-seed of training)")
+    add_flag(e, "--holdout", default=0.3, type=float, help="held-out fraction used at training")
+    add_flag(e, "--split-seed", default=0, type=int, help="seed of the held-out split used at training")
+    add_flag(e, "--out", default="evaluation", help="folder for report.json and report.png")
+    add_flag(e, "--threads", default=None, type=int, help="torch CPU threads")
+    add_flag(e, "--write-meta", default=False, type=bool,
+             help="store each model's result in its vsearch_model.json")
+    e.set_defaults(handler=_evaluate)
+
+
+def _train(args) -> int:
+    from trainer.data import DataError
+    from trainer.train import TrainConfig, data_kind, train
+    if not args.data or not args.out:
+        print("vsearch train: --data and --out are required", file=sys.stderr)
+        return 2
+    if args.init and args.image_size:
+        print("vsearch train: --image-size applies to a new model, not to --init", file=sys.stderr)
+        return 2
+    try:
+        kind = data_kind(args.data)
+        temperature = args.temperature or (0.2 if kind == "simclr" else 0.07)
+        cfg = TrainConfig(
+            data=args.data, out=args.out, init=args.init, arch=args.arch, image_size=args.image_size,
+            name=args.name, version=args.version, epochs=args.epochs, max_steps=args.max_steps,
+            batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr,
+            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, temperature=temperature,
+            holdout=args.holdout, split_seed=args.split_seed, seed=args.seed, workers=args.workers,
+            threads=args.threads, device=args.device, amp=not args.no_amp,
+            checkpoint_every=args.checkpoint_every, resume=args.resume, stop_after=args.stop_after,
+            progress=not args.no_progress)
+        out = train(cfg)
+        if args.stop_after and not (out / "config.json").exists():
+            print(f"stopped after {args.stop_after} steps; continue with --resume")
+            return 0
+        print(f"exported {out}")
+        if kind == "simclr" and args.holdout > 0 and not args.no_eval:
+            from trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
+            report = evaluate_models([str(out)], args.data, split="held-out", holdout=args.holdout,
+                                     split_seed=args.split_seed, baselines=["raw-pixels", "random-init"])
+            store_in_meta(str(out), report)
+            write_outputs(report, out / "evaluation")
+            print(format_table(report))
+    except (DataError, ValueError, OSError) as exc:
+        print(f"vsearch train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _evaluate(args) -> int:
+    from trainer.data import DataError
+    from trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
+    if not args.data:
+        print("vsearch evaluate: --data is required", file=sys.stderr)
+        return 2
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if not args.model_dir and not baselines:
+        print("vsearch evaluate: give at least one --model-dir or --baselines", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_models(args.model_dir, args.data, ks=_ks(args.k), baselines=baselines,
+                                 split=args.split, holdout=args.holdout, split_seed=args.split_seed,
+                                 threads=args.threads)
+        js, png = write_outputs(report, args.out)
+        if args.write_meta:
+            for d in args.model_dir:
+                store_in_meta(d, report)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"vsearch evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"report: {js}\nplot:   {png}")
+    return 0

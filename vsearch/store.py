@@ -1,0 +1,654 @@
+"""The one Milvus access layer: collections, schema, index parameters, aliases, reads and writes.
+
+Used by the ingest consumer, the search service, the trainer's evaluation and the operator. A
+flat facade over pymilvus ``MilvusClient`` (2.6.x) with an explicit timeout on every call and
+guard clauses that check inputs before anything is sent. It works against
+
+- Milvus Lite, a file path ending in ``.db`` (embedded, in this process; one process per file),
+- a ``milvus-lite server`` or any Milvus server/cluster, ``http://host:port``
+  (tested against ``milvus-lite server`` and the Milvus 2.3.5 standalone server).
+
+Layout: one collection per model version, ``images__<model>__<version>`` (sanitised), with the
+fields ``id`` (VARCHAR primary key), ``embedding`` (FLOAT_VECTOR(dim), L2-normalised),
+``uri``, ``metadata`` (JSON), ``visibility`` (``public``/``private``) and ``updated_at``
+(epoch-ms of the catalog event that wrote the row). One alias (default ``images``) names the
+collection that serves. Deleted ids are remembered with their delete time in a side
+collection ``<collection>__tombstones`` so that an out-of-order older upsert cannot bring a
+deleted item back (see :meth:`MilvusStore.versions` and :meth:`MilvusStore.delete`).
+
+Errors: bad input raises ``ValueError`` before any call; a server that cannot be reached (or
+times out) raises :class:`StoreUnavailable` (a ``ConnectionError``: retry with backoff); any
+other server refusal raises :class:`StoreError` with the server's reason.
+
+Example::
+
+    store = MilvusStore("/tmp/vs.db")                       # or "http://127.0.0.1:19530"
+    name = collection_name("resnet18", "3")                 # images__resnet18__3
+    store.ensure_collection(name, dim=512)
+    store.ensure_alias("images", name)                      # first version serves by default
+    store.upsert(name, [{"id": "a", "embedding": vec, "uri": "file:///a.jpg",
+                         "metadata": {"label": "cat"}, "visibility": "public",
+                         "updated_at": 1700000000000}])
+    hits = store.search("images", [vec], k=10, filter='visibility == "public"')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+# pymilvus logs every failed RPC at ERROR with a full traceback; this layer reports failures
+# itself (as exceptions), so keep its logger for real emergencies only.
+logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+
+DEFAULT_ALIAS = "images"
+COLLECTION_PREFIX = "images"
+TOMBSTONE_SUFFIX = "__tombstones"
+VISIBILITIES = ("public", "private")
+MAX_ID_LENGTH = 512
+MAX_URI_LENGTH = 4096
+MAX_METADATA_BYTES = 65_536          # Milvus JSON field limit
+FIELDS = ("id", "embedding", "uri", "metadata", "visibility", "updated_at")
+DEFAULT_OUTPUT_FIELDS = ("uri", "metadata", "visibility")
+UPSERT_CHUNK = 1000                  # rows per upsert call (keeps gRPC messages small)
+METRICS = ("IP", "COSINE")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+
+# Index build and search parameters by type; configuration overrides them.
+INDEX_DEFAULTS: dict[str, tuple[dict, dict]] = {
+    "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 64}),
+    "DISKANN": ({}, {"search_list": 100}),
+    "IVF_FLAT": ({"nlist": 128}, {"nprobe": 16}),
+    "FLAT": ({}, {}),
+    "AUTOINDEX": ({}, {}),
+}
+# Search parameter that must be at least k for the index type.
+_K_BOUND = {"HNSW": "ef", "DISKANN": "search_list"}
+
+
+class StoreError(RuntimeError):
+    """Milvus refused a call; the message carries its reason."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """Milvus could not be reached or did not answer in time: retry with backoff."""
+
+
+def sanitise(text: str) -> str:
+    """Letters, digits and underscores, starting with a letter (Milvus naming rules)."""
+    s = re.sub(r"[^0-9a-zA-Z_]", "_", str(text)).lower()
+    return s if s[:1].isalpha() else "m_" + s
+
+
+def collection_name(model_name: str, version: str | int, prefix: str = COLLECTION_PREFIX) -> str:
+    """``images__<model>__<version>``, sanitised: ``("ResNet-18", "1.2")`` -> ``images__resnet_18__1_2``."""
+    if not str(model_name).strip() or not str(version).strip():
+        raise ValueError("collection_name needs a non-empty model name and version")
+    name = f"{prefix}__{sanitise(model_name)}__{re.sub(r'[^0-9a-zA-Z_]', '_', str(version)).lower()}"
+    if len(name) > 255 - len(TOMBSTONE_SUFFIX):
+        raise ValueError(f"collection name too long ({len(name)} chars): {name[:80]}...")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """Vector index type, its build parameters, default search parameters and the metric.
+
+    ``HNSW`` for Milvus Lite and the standalone server, ``DISKANN`` on a Milvus cluster (Lite
+    cannot build it), ``IVF_FLAT`` or ``FLAT`` otherwise. The metric is ``COSINE`` or ``IP``
+    (vectors are L2-normalised, so both rank the same); scores are similarities (higher is
+    closer). Environment: ``VSEARCH_INDEX_TYPE``, ``VSEARCH_INDEX_PARAMS`` (JSON),
+    ``VSEARCH_SEARCH_PARAMS`` (JSON), ``VSEARCH_METRIC``."""
+
+    index_type: str = "HNSW"
+    metric: str = "COSINE"
+    params: dict = dataclasses.field(default_factory=dict)
+    search_params: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        t, m = self.index_type.upper(), self.metric.upper()
+        if t not in INDEX_DEFAULTS:
+            raise ValueError(f"index type {self.index_type!r} is not one of {sorted(INDEX_DEFAULTS)}")
+        if m not in METRICS:
+            raise ValueError(f"metric {self.metric!r} is not one of {METRICS} (vectors are normalised)")
+        build, search = INDEX_DEFAULTS[t]
+        object.__setattr__(self, "index_type", t)
+        object.__setattr__(self, "metric", m)
+        object.__setattr__(self, "params", {**build, **(self.params or {})})
+        object.__setattr__(self, "search_params", {**search, **(self.search_params or {})})
+
+    @classmethod
+    def from_values(cls, index_type: str = "HNSW", metric: str = "COSINE",
+                    params: str | dict | None = None, search_params: str | dict | None = None):
+        """Build from flag/env values; ``params``/``search_params`` may be JSON text."""
+        return cls(index_type or "HNSW", metric or "COSINE", _json_dict(params, "index params"),
+                   _json_dict(search_params, "search params"))
+
+    @classmethod
+    def from_env(cls) -> "IndexConfig":
+        from vsearch.config import env
+        return cls.from_values(env("index-type", "HNSW"), env("metric", "COSINE"),
+                               env("index-params"), env("search-params"))
+
+    @classmethod
+    def from_args(cls, args) -> "IndexConfig":
+        return cls.from_values(args.index_type, args.metric, args.index_params, args.search_params)
+
+    def search_params_for(self, k: int, override: dict | None = None) -> dict:
+        params = {**self.search_params, **(override or {})}
+        bound = _K_BOUND.get(self.index_type)
+        if bound and bound in params:
+            params[bound] = max(int(params[bound]), k)
+        return params
+
+
+def _json_dict(value, what: str) -> dict:
+    if value in (None, ""):
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        out = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"{what} must be a JSON object, got {value!r}: {exc}") from exc
+    if not isinstance(out, dict):
+        raise ValueError(f"{what} must be a JSON object, got {value!r}")
+    return out
+
+
+def add_milvus_flags(parser) -> None:
+    """The Milvus flags every command that talks to Milvus shares (defaults from ``VSEARCH_*``)."""
+    from vsearch.config import add_flag
+    add_flag(parser, "--milvus-uri", default="./vsearch.db",
+             help="Milvus: a file path ending in .db (Milvus Lite) or http://host:port")
+    add_flag(parser, "--milvus-token", default="", help="Milvus token (user:password), if any")
+    add_flag(parser, "--milvus-timeout", default=10.0, type=float, help="seconds per Milvus call")
+    add_flag(parser, "--index-type", default="HNSW",
+             help="HNSW (Milvus Lite/standalone), DISKANN (cluster), IVF_FLAT or FLAT")
+    add_flag(parser, "--index-params", default="", help='index build parameters, JSON, e.g. {"M": 16}')
+    add_flag(parser, "--search-params", default="", help='search parameters, JSON, e.g. {"ef": 64}')
+    add_flag(parser, "--metric", default="COSINE", help="COSINE or IP")
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    try:
+        import grpc
+        if isinstance(exc, grpc.RpcError) and exc.code() in (
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return True
+    except Exception:  # noqa: BLE001  (grpc missing or an odd RpcError)
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    from pymilvus.exceptions import ConnectError, MilvusUnavailableException
+    if isinstance(exc, (ConnectError, MilvusUnavailableException)):
+        return True
+    if getattr(exc, "code", None) == 2:          # pymilvus CONNECT_FAILED
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("unavailable", "deadline", "timed out", "timeout", "fail connecting",
+                                   "connection refused", "not ready", "not healthy", "abnormal",
+                                   "socket closed", "connection reset"))
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "does not exist" in text or "not found" in text or "not exist" in text
+
+
+class MilvusStore:
+    """Flat facade over one Milvus (Lite file or server).
+
+    Args:
+        uri: ``path/to/file.db`` (Milvus Lite) or ``http(s)://host:port``.
+        token: ``user:password`` or an API token for secured servers.
+        timeout: seconds for every call (each method also takes ``timeout=``).
+        index: the :class:`IndexConfig` for collections this store creates and its searches.
+        consistency: the default consistency level of the collections it creates
+            (``Bounded``; reads that must see their own writes pass ``Strong``).
+
+    The connection opens lazily on the first call and re-opens after an outage.
+    """
+
+    def __init__(self, uri: str, token: str = "", timeout: float = 10.0,
+                 index: IndexConfig | None = None, consistency: str = "Bounded"):
+        uri = str(uri)
+        if not uri:
+            raise ValueError("Milvus URI is empty: give a file path ending in .db or http://host:port")
+        if not (uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:")) or uri.endswith(".db")):
+            raise ValueError(f"Milvus URI {uri!r} is neither a Milvus Lite file (ending in .db) "
+                             "nor a server address (http://host:port)")
+        if timeout is None or timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        self.uri, self.token, self.timeout = uri, token, float(timeout)
+        self.index = index or IndexConfig()
+        self.consistency = consistency
+        self._client = None
+
+    @classmethod
+    def from_args(cls, args) -> "MilvusStore":
+        """From the flags of :func:`add_milvus_flags`."""
+        return cls(args.milvus_uri, token=args.milvus_token, timeout=args.milvus_timeout,
+                   index=IndexConfig.from_args(args))
+
+    @property
+    def is_lite_file(self) -> bool:
+        return self.uri.endswith(".db") and not self.uri.startswith(("http://", "https://"))
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    @property
+    def client(self):
+        if self._client is None:
+            from pymilvus import MilvusClient
+            try:
+                self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout)
+            except Exception as exc:  # noqa: BLE001
+                raise self._wrap("connect", exc) from exc
+        return self._client
+
+    def _wrap(self, op: str, exc: BaseException) -> StoreError:
+        if _is_unavailable(exc):
+            return StoreUnavailable(f"Milvus at {self.uri} unavailable during {op}: {exc}")
+        return StoreError(f"Milvus {op} failed: {exc}")
+
+    def _call(self, op: str, method: str, *args, timeout: float | None = None, **kwargs):
+        client = self.client
+        try:
+            return getattr(client, method)(*args, timeout=timeout or self.timeout, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"Milvus {op} rejected the request: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001  (pymilvus and grpc raise many kinds)
+            raise self._wrap(op, exc) from exc
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._client = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def ping(self, timeout: float | None = None) -> bool:
+        """True when Milvus answers a cheap call now."""
+        try:
+            self.list_collections(timeout=timeout)
+            return True
+        except StoreError:
+            return False
+
+    # --- collections ---------------------------------------------------------------------
+
+    def list_collections(self, *, include_tombstones: bool = False, timeout: float | None = None) -> list[str]:
+        names = self._call("list_collections", "list_collections", timeout=timeout)
+        return sorted(n for n in names if include_tombstones or not n.endswith(TOMBSTONE_SUFFIX))
+
+    def has_collection(self, name: str, *, timeout: float | None = None) -> bool:
+        _check_name(name)
+        return bool(self._call("has_collection", "has_collection", name, timeout=timeout))
+
+    def dim(self, name_or_alias: str, *, timeout: float | None = None) -> int:
+        """The embedding dimension of a collection (or of the collection an alias names)."""
+        desc = self._call("describe_collection", "describe_collection", name_or_alias, timeout=timeout)
+        for f in desc["fields"]:
+            if f["name"] == "embedding":
+                return int(f["params"]["dim"])
+        raise StoreError(f"collection {name_or_alias!r} has no 'embedding' field: not made by this store")
+
+    def ensure_collection(self, name: str, dim: int, *, timeout: float | None = None) -> bool:
+        """Create ``name`` (schema above, index from the config, loaded) unless it exists; returns
+        True when it was created. An existing collection must have the same dimension. Also
+        ensures its tombstone collection."""
+        _check_name(name)
+        if not isinstance(dim, (int, np.integer)) or not 1 <= int(dim) <= 32768:
+            raise ValueError(f"embedding dimension must be an integer in 1..32768, got {dim!r}")
+        dim = int(dim)
+        created = False
+        if self.has_collection(name, timeout=timeout):
+            have = self.dim(name, timeout=timeout)
+            if have != dim:
+                raise ValueError(f"collection {name!r} exists with dimension {have}, not {dim}: "
+                                 "a model with another embedding size needs a new version/collection")
+        else:
+            created = self._create(name, self._schema(dim), "embedding", self.index, timeout)
+        self._ensure_loaded(name, timeout)
+        tomb = name + TOMBSTONE_SUFFIX
+        if not self.has_collection(tomb, timeout=timeout):
+            self._create(tomb, self._tombstone_schema(), "dummy", IndexConfig("FLAT", "IP"), timeout)
+        self._ensure_loaded(tomb, timeout)
+        return created
+
+    def _schema(self, dim: int):
+        from pymilvus import DataType, MilvusClient
+        s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
+        s.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+        s.add_field("uri", DataType.VARCHAR, max_length=MAX_URI_LENGTH)
+        s.add_field("metadata", DataType.JSON)
+        s.add_field("visibility", DataType.VARCHAR, max_length=16)
+        s.add_field("updated_at", DataType.INT64)
+        return s
+
+    def _tombstone_schema(self):
+        from pymilvus import DataType, MilvusClient
+        s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
+        s.add_field("updated_at", DataType.INT64)
+        s.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)   # Milvus 2.3 needs a vector field
+        return s
+
+    def _create(self, name, schema, vector_field, index: IndexConfig, timeout) -> bool:
+        ip = self.client.prepare_index_params()
+        ip.add_index(field_name=vector_field, index_type=index.index_type, metric_type=index.metric,
+                     params=index.params)
+        try:
+            self._call("create_collection", "create_collection", name, schema=schema, index_params=ip,
+                       consistency_level=self.consistency, timeout=timeout)
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            if "already exist" in str(exc).lower():     # another process won the race
+                return False
+            raise
+        log.info("created Milvus collection %s (%s %s %s)", name, index.index_type, index.metric, index.params)
+        return True
+
+    def _ensure_loaded(self, name: str, timeout) -> None:
+        state = self._call("get_load_state", "get_load_state", name, timeout=timeout)
+        if "NotLoad" in str(state.get("state")):
+            self._call("load_collection", "load_collection", name, timeout=timeout)
+
+    def drop_collection(self, name: str, *, timeout: float | None = None) -> None:
+        """Drop a collection and its tombstones. Refuses while an alias names it."""
+        _check_name(name)
+        if self.has_collection(name, timeout=timeout):
+            aliases = self.list_aliases(name, timeout=timeout)
+            if aliases:
+                raise ValueError(f"collection {name!r} is still served by alias(es) {aliases}: "
+                                 "switch or drop them first")
+            self._call("drop_collection", "drop_collection", name, timeout=timeout)
+        if self.has_collection(name + TOMBSTONE_SUFFIX, timeout=timeout):
+            self._call("drop_collection", "drop_collection", name + TOMBSTONE_SUFFIX, timeout=timeout)
+
+    # --- aliases -------------------------------------------------------------------------
+
+    def describe_alias(self, alias: str = DEFAULT_ALIAS, *, timeout: float | None = None) -> str | None:
+        """The collection ``alias`` names, or None when the alias does not exist."""
+        _check_name(alias)
+        try:
+            return self._call("describe_alias", "describe_alias", alias, timeout=timeout)["collection_name"]
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+
+    def list_aliases(self, collection: str, *, timeout: float | None = None) -> list[str]:
+        _check_name(collection)
+        return list(self._call("list_aliases", "list_aliases", collection, timeout=timeout).get("aliases", []))
+
+    def ensure_alias(self, alias: str, collection: str, *, timeout: float | None = None) -> bool:
+        """Create ``alias`` -> ``collection`` unless the alias exists (pointing anywhere).
+        Returns True when this call created it (the first model version serves by default)."""
+        _check_name(alias)
+        _check_name(collection)
+        if self.describe_alias(alias, timeout=timeout) is not None:
+            return False
+        try:
+            self._call("create_alias", "create_alias", collection, alias, timeout=timeout)
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            if "already exist" in str(exc).lower():
+                return False
+            raise
+        return self.describe_alias(alias, timeout=timeout) == collection
+
+    def switch_alias(self, alias: str, collection: str, *, timeout: float | None = None) -> str | None:
+        """Point ``alias`` at ``collection`` in one call (``alter_alias``; created when absent).
+        Returns the collection it named before (None if it did not exist)."""
+        _check_name(alias)
+        _check_name(collection)
+        if not self.has_collection(collection, timeout=timeout):
+            raise ValueError(f"cannot point alias {alias!r} at {collection!r}: no such collection")
+        before = self.describe_alias(alias, timeout=timeout)
+        if before is None:
+            self._call("create_alias", "create_alias", collection, alias, timeout=timeout)
+        elif before != collection:
+            self._call("alter_alias", "alter_alias", collection, alias, timeout=timeout)
+        return before
+
+    def drop_alias(self, alias: str, *, timeout: float | None = None) -> None:
+        _check_name(alias)
+        if self.describe_alias(alias, timeout=timeout) is not None:
+            self._call("drop_alias", "drop_alias", alias, timeout=timeout)
+
+    # --- writes --------------------------------------------------------------------------
+
+    def upsert(self, collection: str, rows: Sequence[dict], *, timeout: float | None = None) -> int:
+        """Insert or replace rows (all fields of the schema). Rows with the same id inside one
+        call are reduced to one (Milvus rejects duplicate keys in one upsert): the one with the
+        highest ``updated_at`` wins, and among equal ones the later in ``rows``. Returns the
+        number of rows written."""
+        _check_name(collection)
+        if not rows:
+            return 0
+        latest: dict[str, dict] = {}
+        for i, row in enumerate(rows):
+            clean = _check_row(row, i)
+            prev = latest.get(clean["id"])
+            if prev is None or clean["updated_at"] >= prev["updated_at"]:
+                latest[clean["id"]] = clean
+        out = list(latest.values())
+        dims = {len(r["embedding"]) for r in out}
+        if len(dims) != 1:
+            raise ValueError(f"rows have embeddings of different sizes {sorted(dims)}")
+        for start in range(0, len(out), UPSERT_CHUNK):
+            self._call("upsert", "upsert", collection, out[start:start + UPSERT_CHUNK], timeout=timeout)
+        return len(out)
+
+    def delete(self, collection: str, ids: Iterable[str] | dict[str, int], *,
+               timeout: float | None = None) -> int:
+        """Delete rows by id (absent ids are fine). Given ``{id: deleted_at_ms}``, also records
+        the ids as tombstones so that :meth:`versions` keeps reporting the delete time.
+        Returns the number of distinct ids asked for."""
+        _check_name(collection)
+        when = dict(ids) if isinstance(ids, dict) else None
+        id_list = list(dict.fromkeys(when or ids))
+        for i in id_list:
+            _check_id(i)
+        if not id_list:
+            return 0
+        for start in range(0, len(id_list), UPSERT_CHUNK):
+            chunk = id_list[start:start + UPSERT_CHUNK]
+            self._call("delete", "delete", collection, ids=chunk, timeout=timeout)
+        if when:
+            stones = [{"id": i, "updated_at": int(when[i]), "dummy": [0.0, 0.0]} for i in id_list]
+            for start in range(0, len(stones), UPSERT_CHUNK):
+                self._call("upsert tombstones", "upsert", collection + TOMBSTONE_SUFFIX,
+                           stones[start:start + UPSERT_CHUNK], timeout=timeout)
+        return len(id_list)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, collection: str, ids: Sequence[str], output_fields: Sequence[str] = (
+            "uri", "metadata", "visibility", "updated_at"), *, consistency: str = "Strong",
+            timeout: float | None = None) -> dict[str, dict]:
+        """Rows by id as ``{id: {field: value}}`` (absent ids are missing), Strong by default."""
+        _check_name(collection)
+        ids = list(dict.fromkeys(ids))
+        for i in ids:
+            _check_id(i)
+        fields = _check_fields(output_fields)
+        out: dict[str, dict] = {}
+        for start in range(0, len(ids), UPSERT_CHUNK):
+            chunk = ids[start:start + UPSERT_CHUNK]
+            rows = self._call("query", "query", collection, ids=chunk, output_fields=["id", *fields],
+                              consistency_level=consistency, timeout=timeout)
+            for r in rows:
+                out[r["id"]] = _plain_row(r, fields)
+        return out
+
+    def versions(self, collection: str, ids: Sequence[str], *, timeout: float | None = None) -> dict[str, int]:
+        """``{id: updated_at}`` of the latest write known for each id: a stored row, or the
+        delete time of a tombstone, whichever is newer (Strong). Absent ids are missing."""
+        _check_name(collection)
+        ids = list(dict.fromkeys(ids))
+        out = {i: int(r["updated_at"]) for i, r in self.get(collection, ids, ("updated_at",),
+                                                             timeout=timeout).items()}
+        tomb = collection + TOMBSTONE_SUFFIX
+        if self.has_collection(tomb, timeout=timeout):
+            for i, r in self.get(tomb, ids, ("updated_at",), timeout=timeout).items():
+                out[i] = max(out.get(i, r["updated_at"]), int(r["updated_at"]))
+        return out
+
+    def count(self, collection: str, *, filter: str = "", timeout: float | None = None) -> int:
+        """Exact number of rows (Strong), optionally matching ``filter``."""
+        _check_name(collection)
+        rows = self._call("count", "query", collection, filter=filter, output_fields=["count(*)"],
+                          consistency_level="Strong", timeout=timeout)
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def scan(self, collection: str, output_fields: Sequence[str] = ("uri", "metadata", "visibility",
+                                                                     "updated_at"), *,
+             filter: str = "", batch_size: int = 1000, timeout: float | None = None) -> Iterator[dict]:
+        """Every row (``{"id": ..., field: value}``), in pages; for evaluation and rollout checks."""
+        _check_name(collection)
+        fields = _check_fields(output_fields)
+        if not 1 <= batch_size <= 16384:
+            raise ValueError("batch_size must be in 1..16384")
+        try:
+            it = self.client.query_iterator(collection, batch_size=batch_size, filter=filter,
+                                            output_fields=["id", *fields], timeout=timeout or self.timeout,
+                                            consistency_level="Strong")
+        except Exception as exc:  # noqa: BLE001
+            raise self._wrap("query_iterator", exc) from exc
+        try:
+            while True:
+                try:
+                    page = it.next()
+                except Exception as exc:  # noqa: BLE001
+                    raise self._wrap("query_iterator", exc) from exc
+                if not page:
+                    break
+                for r in page:
+                    yield {"id": r["id"], **_plain_row(r, fields)}
+        finally:
+            it.close()
+
+    def search(self, name_or_alias: str, vectors, k: int = 10, *, filter: str | None = None,
+               output_fields: Sequence[str] = DEFAULT_OUTPUT_FIELDS, search_params: dict | None = None,
+               consistency: str | None = None, timeout: float | None = None) -> list[list[dict]]:
+        """Top-``k`` nearest rows for each query vector: one list per query, best first, of
+        ``{"id", "score", <output_fields>}`` (``score`` is the similarity, higher is closer;
+        ask for ``"embedding"`` in ``output_fields`` to get the stored vector as float32).
+        ``filter`` is a Milvus boolean expression, e.g. ``'visibility == "public"'``;
+        ``consistency`` ``"Strong"`` sees every finished write (default: the collection's)."""
+        _check_name(name_or_alias)
+        q = np.asarray(vectors, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[0] == 0 or q.shape[1] == 0:
+            raise ValueError(f"query vectors must be a non-empty [N, D] array, got shape {q.shape}")
+        if not np.all(np.isfinite(q)):
+            raise ValueError("query vectors contain NaN or infinity")
+        if not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= 16384:
+            raise ValueError(f"k must be an integer in 1..16384, got {k!r}")
+        fields = _check_fields(output_fields)
+        params = {"params": self.index.search_params_for(int(k), search_params)}
+        kwargs = {"consistency_level": consistency} if consistency else {}
+        res = self._call("search", "search", name_or_alias, data=q.tolist(), limit=int(k),
+                         filter=filter or "", output_fields=list(fields), search_params=params,
+                         anns_field="embedding", timeout=timeout, **kwargs)
+        out = []
+        for hits in res:
+            row = []
+            for h in hits:
+                ent = h.get("entity", {}) if isinstance(h, dict) else h.entity
+                hit = {"id": h["id"], "score": float(h["distance"])}
+                hit.update(_plain_row(ent, fields))
+                row.append(hit)
+            out.append(row)
+        return out
+
+
+# --- guards ------------------------------------------------------------------------------
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"{name!r} is not a valid Milvus collection/alias name "
+                         "(letters, digits, underscores; starts with a letter or underscore)")
+
+
+def _check_id(i) -> None:
+    if not isinstance(i, str) or not i:
+        raise ValueError(f"ids are non-empty strings, got {i!r}")
+    if len(i.encode()) > MAX_ID_LENGTH:
+        raise ValueError(f"id longer than {MAX_ID_LENGTH} bytes: {i[:60]}...")
+    if "'" in i or "\\" in i:
+        # pymilvus quotes string keys with single quotes and no escaping
+        raise ValueError(f"id {i!r} contains a quote or backslash, which Milvus key lookups cannot carry")
+
+
+def _check_fields(fields: Sequence[str]) -> list[str]:
+    fields = [f for f in fields if f != "id"]
+    bad = [f for f in fields if f not in FIELDS]
+    if bad:
+        raise ValueError(f"unknown output field(s) {bad}; fields are {FIELDS}")
+    return fields
+
+
+def _check_row(row: dict, i: int) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"row {i} is not a dict")
+    missing = [f for f in FIELDS if f not in row]
+    if missing:
+        raise ValueError(f"row {i} ({row.get('id')!r}) lacks field(s) {missing}")
+    _check_id(row["id"])
+    emb = np.asarray(row["embedding"], dtype=np.float32)
+    if emb.ndim != 1 or emb.size == 0 or not np.all(np.isfinite(emb)):
+        raise ValueError(f"row {row['id']!r}: embedding must be a finite 1-D vector")
+    uri = row["uri"] or ""
+    if not isinstance(uri, str) or len(uri.encode()) > MAX_URI_LENGTH:
+        raise ValueError(f"row {row['id']!r}: uri must be a string of at most {MAX_URI_LENGTH} bytes")
+    meta = row["metadata"] if row["metadata"] is not None else {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"row {row['id']!r}: metadata must be a JSON object")
+    size = len(json.dumps(meta, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"row {row['id']!r}: metadata is {size} bytes, the limit is {MAX_METADATA_BYTES}")
+    if row["visibility"] not in VISIBILITIES:
+        raise ValueError(f"row {row['id']!r}: visibility must be one of {VISIBILITIES}")
+    ts = row["updated_at"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, np.integer)) or not 0 <= int(ts) < 2**63:
+        raise ValueError(f"row {row['id']!r}: updated_at must be a non-negative integer (epoch-ms)")
+    return {"id": row["id"], "embedding": emb.tolist(), "uri": uri, "metadata": meta,
+            "visibility": row["visibility"], "updated_at": int(ts)}
+
+
+def _plain_row(r: dict, fields: Sequence[str]) -> dict:
+    out = {}
+    for f in fields:
+        v = r.get(f)
+        if f == "embedding" and v is not None:
+            v = np.asarray(v, dtype=np.float32)
+        elif f == "updated_at" and v is not None:
+            v = int(v)
+        elif f == "metadata" and isinstance(v, (str, bytes)):
+            v = json.loads(v)
+        out[f] = v
+    return out
