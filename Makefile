@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+demo: $(STAMP)
+	$(PY) -m vsearch demo $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 

@@ -12,6 +12,7 @@ to change; the servers turn it into a 400.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -174,13 +175,23 @@ def resize_center_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return img.crop((left, top, left + cfg.image_size, top + cfg.image_size))
 
 
+@functools.lru_cache(maxsize=16)
+def _lookup_table(mean: tuple, std: tuple) -> np.ndarray:
+    """[3, 256] float32: the normalised value of every 8-bit level, per channel."""
+    levels = np.arange(256, dtype=np.float32)[None, :] / 255.0
+    return ((levels - np.asarray(mean, np.float32)[:, None]) /
+            np.asarray(std, np.float32)[:, None]).astype(np.float32)
+
+
 def normalise(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """RGB image of the input size -> float32 CHW, scaled and normalised."""
-    arr = np.asarray(img, dtype=np.float32)
-    mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
-    inv_std = 1.0 / (np.asarray(cfg.std, dtype=np.float32) * 255.0)
-    arr = (arr - mean) * inv_std
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    """RGB image of the input size -> float32 CHW, scaled to [0, 1] and normalised with the
+    model's mean/std (a per-channel lookup table: 8-bit input has only 256 levels)."""
+    lut = _lookup_table(tuple(cfg.mean), tuple(cfg.std))
+    chw = np.asarray(img).transpose(2, 0, 1)
+    out = np.empty(chw.shape, np.float32)
+    for c in range(3):
+        np.take(lut[c], chw[c], out=out[c])
+    return out
 
 
 def image_to_array(img: Image.Image, cfg: PreprocessConfig, crop: Box | None = None) -> np.ndarray:

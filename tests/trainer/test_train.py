@@ -1,0 +1,118 @@
+"""The training loop on real photos: the loss goes down, the export serves, resume resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from predictor.client import EmbedderClient
+from predictor.model import Embedder, load_model_dir, read_meta
+from trainer.train import TrainConfig, lr_lambda, train
+from vsearch.services import start_embedder, vsearch_argv
+
+
+def steps_of(out):
+    return [json.loads(line) for line in open(out / "train_log.jsonl")
+            if json.loads(line)["event"] == "step"]
+
+
+def config(data, out, tiny_model_dir, **kw):
+    base = dict(data=str(data), out=str(out), init=str(tiny_model_dir), batch_size=16, lr=3e-3,
+                warmup_steps=2, workers=0, threads=2, log_every=1, progress=False, version="t1")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_simclr_loss_goes_down_and_the_export_is_a_model_directory(photo_folder, tiny_model_dir, tmp_path):
+    # every step sees all 32 photos (two views each), so the loss trend is not batch noise
+    out = train(config(photo_folder, tmp_path / "m", tiny_model_dir, max_steps=30, batch_size=32))
+    losses = [s["loss"] for s in steps_of(out)]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.15, losses
+    assert all(s["images_per_s"] > 0 for s in steps_of(out))
+
+    net, meta = load_model_dir(out)                     # the serving loader, projection head gone
+    assert not any("head" in k for k in net.state_dict())
+    assert meta.version == "t1" and meta.training["method"] == "simclr-nt-xent"
+    assert meta.training["steps"] == 30 and meta.training["data"]["train_images"] == 32
+    before, _ = load_model_dir(tiny_model_dir)
+    changed = [not torch.equal(a, b) for a, b in zip(net.state_dict().values(), before.state_dict().values())]
+    assert any(changed)
+
+
+def test_resume_continues_from_the_checkpoint_to_the_same_weights(photo_folder, tiny_model_dir, tmp_path):
+    kw = dict(max_steps=8, checkpoint_every=3, seed=5)
+    whole = train(config(photo_folder, tmp_path / "whole", tiny_model_dir, **kw))
+
+    part = tmp_path / "part"
+    out = train(config(photo_folder, part, tiny_model_dir, stop_after=5, **kw))
+    assert not (out / "config.json").exists()           # stopped: nothing exported yet
+    assert (part / "checkpoints" / "last.pt").exists()
+    train(config(photo_folder, part, tiny_model_dir, resume=True, **kw))
+
+    events = [json.loads(line)["event"] for line in open(part / "train_log.jsonl")]
+    assert events.count("resume") == 1 and events[-1] == "exported"
+    assert [s["step"] for s in steps_of(part)] == list(range(1, 9))
+    a, _ = load_model_dir(whole)
+    b, _ = load_model_dir(part)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5), name
+    losses_whole = [s["loss"] for s in steps_of(whole)]
+    losses_part = [s["loss"] for s in steps_of(part)]
+    assert np.allclose(losses_whole, losses_part, atol=1e-4)
+
+
+def test_resume_without_a_checkpoint_says_so(photo_folder, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(config(photo_folder, tmp_path / "x", tiny_model_dir, max_steps=2, resume=True))
+
+
+def test_cli_trains_from_scratch_evaluates_the_held_out_split_and_the_export_serves_over_http(
+        photo_folder, tmp_path, photo_bytes):
+    out = tmp_path / "cli-model"
+    proc = subprocess.run(
+        vsearch_argv("train", "--data", str(photo_folder), "--out", str(out), "--arch", "resnet-tiny",
+                     "--image-size", "32", "--max-steps", "3", "--batch-size", "8", "--holdout", "0.25",
+                     "--workers", "0", "--threads", "2", "--version", "7", "--no-progress"),
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "map@r" in proc.stdout and "raw-pixels" in proc.stdout and "random-init" in proc.stdout
+
+    meta = read_meta(out)
+    assert (meta.arch, meta.image_size, meta.version) == ("resnet-tiny", 32, "7")
+    assert meta.training["data"]["held_out_images"] == 8        # 2 of each class's 8
+    assert meta.evaluation["data"]["split"] == "held-out"
+    assert meta.evaluation["queries_evaluated"] == 8
+    assert set(meta.evaluation["baselines"]) == {"raw-pixels", "random-init"}
+    assert (out / "evaluation" / "report.json").exists() and (out / "evaluation" / "report.png").exists()
+
+    local = Embedder(out, threads=1)
+    expected = local.embed_bytes(photo_bytes[:3])
+    svc = start_embedder(out, extra=("--threads", "1"))
+    try:
+        got = EmbedderClient(svc.url).embed_bytes(photo_bytes[:3])
+    finally:
+        svc.stop()
+    assert got.shape == (3, meta.embedding_dim)
+    assert np.allclose(got, expected, atol=1e-4)
+
+
+def test_cli_rejects_unusable_data_with_a_reason(tmp_path):
+    bad = tmp_path / "labels.csv"
+    bad.write_text("path,label\na.jpg,x\n")
+    proc = subprocess.run(vsearch_argv("train", "--data", str(bad), "--out", str(tmp_path / "o")),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "labels CSV" in proc.stderr
+
+
+def test_warmup_then_cosine_schedule():
+    f = lr_lambda(warmup=4, total=14)
+    assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.5)
+    assert f(14) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(4, 14))
