@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import concurrent.futures as futures
 import logging
 import sys
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter, Histogram
 
+from predictor.batching import MicroBatcher
 from predictor.model import Embedder
 from predictor.preprocess import InvalidImage, Limits, parse_crop
 
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 IMAGES = Counter("vsearch_embedder_images_total", "Images embedded", ["model"])
 REJECTED = Counter("vsearch_embedder_rejected_total", "Requests rejected with a 400", ["model"])
+FORWARD_PASSES = Counter("vsearch_embedder_forward_passes_total",
+                         "Forward passes (concurrent requests share one)", ["model"])
+BATCH_ROWS = Histogram("vsearch_embedder_batch_rows", "Images per forward pass", ["model"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 EMBED_SECONDS = Histogram("vsearch_embedder_embed_seconds", "Decode + forward time per request",
                           ["model"])
 
@@ -82,18 +86,25 @@ class EmbedderModel(kserve.Model):
         self.max_batch = max_batch
         self.threads, self.device, self.batch_size, self.limits = threads, device, batch_size, limits
         self.embedder: Embedder | None = None
-        # One forward pass at a time: torch already uses every core for a batch.
-        self._forward = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.batcher: MicroBatcher | None = None
 
     def load(self) -> bool:
         self.embedder = Embedder(self.model_dir, device=self.device, threads=self.threads,
                                  batch_size=self.batch_size, limits=self.limits)
+        # Concurrent requests share forward passes of up to max(batch_size, max_batch) rows.
+        self.batcher = MicroBatcher(self.embedder.embed_arrays,
+                                    max_rows=max(self.batch_size, self.max_batch),
+                                    on_pass=self._count_pass)
         meta = self.embedder.meta
         log.info("loaded %s version %s (%s, dim %d, input %d) from %s on %s", meta.name,
                  meta.version, meta.family, meta.embedding_dim, meta.image_size, self.model_dir,
                  self.embedder.device)
         self.ready = True
         return self.ready
+
+    def _count_pass(self, calls: int, rows: int) -> None:
+        FORWARD_PASSES.labels(self.name).inc()
+        BATCH_ROWS.labels(self.name).observe(rows)
 
     def get_input_types(self) -> list[dict]:
         return [{"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -179,7 +190,7 @@ class EmbedderModel(kserve.Model):
             loop = asyncio.get_running_loop()
             with EMBED_SECONDS.labels(self.name).time():
                 arrays = await loop.run_in_executor(None, self.embedder.preprocess_bytes, blobs, crops)
-                vectors = await loop.run_in_executor(self._forward, self.embedder.embed_arrays, arrays)
+                vectors = await self.batcher(arrays)
         except (InvalidInput, InvalidImage) as exc:
             REJECTED.labels(self.name).inc()
             raise InvalidInput(str(exc)) from exc

@@ -680,54 +680,63 @@ class SearchService:
 # --------------------------------------------------------------------------- the Milvus side
 
 class CatalogIndex:
-    """The search side of the catalog collection behind the serving alias (through
-    :mod:`vsearch.store`, the one Milvus access layer)."""
+    """The search side of the catalog collection behind the serving alias, through
+    :class:`vsearch.store.MilvusStore` (the one Milvus access layer). Store outages become
+    :class:`Unavailable` (503); the store reconnects by itself on the next call."""
 
-    def __init__(self, uri: str, alias: str = "images", *, timeout: float = 10.0, ef: int | None = None):
-        from vsearch import store
-        self._store_mod = store
-        self.uri, self.alias, self.timeout, self.ef = uri, alias, timeout, ef
-        self._store = None
-        self._lock = threading.Lock()
+    OUTPUT_FIELDS = ("uri", "metadata", "visibility", "embedding")
 
-    def _client(self):
-        with self._lock:
-            if self._store is None:
-                try:
-                    self._store = self._store_mod.Store(self.uri, timeout=self.timeout)
-                except Exception as exc:
-                    raise Unavailable(f"Milvus at {self.uri} is unreachable: {exc}") from exc
-            return self._store
+    def __init__(self, uri: str, alias: str = "images", *, timeout: float = 10.0, ef: int | None = None,
+                 store=None):
+        from vsearch.store import MilvusStore
+        self.alias, self.ef = alias, ef
+        self.store = store or MilvusStore(uri, timeout=timeout)
 
     def _call(self, fn: Callable, what: str):
+        from vsearch.store import StoreError, StoreUnavailable
         try:
-            return fn(self._client())
-        except SearchError:
-            raise
-        except Exception as exc:
-            with self._lock:
-                self._store = None          # reconnect on the next call
-            raise Unavailable(f"Milvus at {self.uri} could not {what}: {type(exc).__name__}: "
-                              f"{str(exc)[:300]}") from exc
+            return fn()
+        except StoreUnavailable as exc:
+            raise Unavailable(f"Milvus is unreachable ({what}): {str(exc)[:300]}") from exc
+        except StoreError as exc:
+            text = str(exc).lower()
+            if "not exist" in text or "not found" in text:
+                raise Unavailable(f"nothing to search yet: alias/collection {self.alias!r} does not "
+                                  f"exist in Milvus ({what})") from exc
+            raise SearchError(f"Milvus refused to {what}: {str(exc)[:300]}") from exc
 
     def search(self, vector: np.ndarray, limit: int, expr: str = "") -> list[Candidate]:
-        hits = self._call(lambda s: s.search_items(self.alias, vector, limit=limit, filter=expr,
-                                                   ef=self.ef, with_vectors=True),
+        visible = 'visibility != "private"'
+        flt = f"({expr}) and {visible}" if expr else visible
+        params = {"ef": max(self.ef, limit)} if self.ef else None
+        hits = self._call(lambda: self.store.search(self.alias, vector, k=limit, filter=flt,
+                                                    output_fields=self.OUTPUT_FIELDS,
+                                                    search_params=params)[0],
                           f"search alias {self.alias!r}")
         return [self._candidate(h) for h in hits]
 
     def get(self, item_id: str) -> Candidate | None:
-        items = self._call(lambda s: s.get_items(self.alias, [item_id]), f"read item {item_id!r}")
-        return self._candidate(items[0]) if items else None
+        try:
+            rows = self._call(lambda: self.store.get(self.alias, [item_id], ("uri", "metadata", "visibility"),
+                                                     consistency="Bounded"),
+                              f"read item {item_id!r}")
+        except ValueError as exc:            # an id the store refuses (quotes, too long)
+            raise NotFound(f"no catalog image with id {item_id!r}: {exc}") from exc
+        row = rows.get(item_id)
+        return self._candidate({"id": item_id, **row}) if row else None
+
+    def collection(self) -> str | None:
+        return self._call(lambda: self.store.describe_alias(self.alias), "describe the alias")
 
     @staticmethod
     def _candidate(hit: dict) -> Candidate:
         metadata = hit.get("metadata") or {}
+        metadata = metadata if isinstance(metadata, dict) else {}
+        vec = hit.get("embedding")
         return Candidate(id=str(hit["id"]), score=float(hit.get("score", 0.0)), uri=hit.get("uri") or None,
-                         metadata=metadata if isinstance(metadata, dict) else {},
-                         visibility=hit.get("visibility") or "public",
-                         content_hash=hit.get("content_hash") or None,
-                         vector=np.asarray(hit["vector"], np.float32) if hit.get("vector") is not None else None)
+                         metadata=metadata, visibility=hit.get("visibility") or "public",
+                         content_hash=metadata.get("content_hash") or metadata.get("sha256") or None,
+                         vector=np.asarray(vec, np.float32) if vec is not None else None)
 
 
 # --------------------------------------------------------------------------- KServe model + HTTP routes

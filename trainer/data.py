@@ -156,20 +156,23 @@ def read_pairs_csv(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_s: float = 30.0,
-                           group_id: str | None = None) -> tuple[list[tuple[str, str]], dict]:
+def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_s: float = 60.0,
+                           idle_s: float = 3.0) -> tuple[list[tuple[str, str]], dict]:
     """Every click on ``search.events`` with a ``query_uri`` and an ``item_uri`` -> a pair.
 
-    Reads the topic from the beginning to the end offsets seen at the start. Returns the
-    pairs and counts of what was skipped (and why), so nothing is dropped unseen."""
+    Reads every partition from the beginning until no record has arrived for ``idle_s``
+    (end offsets are not trusted: some Kafka-protocol brokers report them wrongly), within
+    ``timeout_s``. Nothing is committed. Returns the pairs and counts of what was skipped and
+    why, so nothing is dropped unseen."""
+    import time
+
     from kafka import KafkaConsumer, TopicPartition
 
     from vsearch import search_events
 
     topic = topic or search_events.TOPIC
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
-                             enable_auto_commit=False, auto_offset_reset="earliest",
-                             consumer_timeout_ms=int(timeout_s * 1000))
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", request_timeout_ms=30000)
     stats = {"events": 0, "clicks": 0, "pairs": 0, "bad_events": 0, "clicks_without_uris": 0}
     pairs: list[tuple[str, str]] = []
     try:
@@ -179,20 +182,22 @@ def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if end[tp] > consumer.position(tp)}
-        import time
-        deadline = time.monotonic() + timeout_s
-        while remaining and time.monotonic() < deadline:
-            for tp, msgs in consumer.poll(timeout_ms=500).items():
+        start = last = time.monotonic()
+        while time.monotonic() - last < idle_s:
+            if time.monotonic() - start > timeout_s:
+                raise DataError(f"{topic!r} on {bootstrap} still delivering after {timeout_s:.0f}s; "
+                                "raise the timeout")
+            batch = consumer.poll(timeout_ms=300)
+            if batch:
+                last = time.monotonic()
+            for msgs in batch.values():
                 for m in msgs:
-                    if m.offset >= end[tp]:
-                        continue
                     stats["events"] += 1
                     try:
                         rec = search_events.decode(m.value)
-                    except search_events.BadSearchEvent:
+                    except search_events.BadSearchEvent as exc:
                         stats["bad_events"] += 1
+                        log.warning("skipping bad search event at %s:%d: %s", m.partition, m.offset, exc)
                         continue
                     if rec["type"] != "click":
                         continue
@@ -201,9 +206,6 @@ def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_
                         stats["clicks_without_uris"] += 1
                         continue
                     pairs.append((rec["query_uri"], rec["item_uri"]))
-            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
-        if remaining:
-            raise DataError(f"timed out after {timeout_s:.0f}s reading {topic!r} from {bootstrap}")
     finally:
         consumer.close()
     stats["pairs"] = len(pairs)

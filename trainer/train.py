@@ -187,7 +187,7 @@ def train(cfg: TrainConfig) -> Path:
         pairs, stats = load_pairs(cfg)
         cache = ImageCache([s for p in pairs for s in p], pre, workers=max(2, cfg.workers))
         dataset = PairDataset(cache, pairs, PairAugment(pre), seed=cfg.seed)
-        data_info.update(pairs=len(pairs), usable_pairs=len(dataset), **stats)
+        data_info.update({**stats, "pairs": len(pairs), "usable_pairs": len(dataset)})
     data_info["unreadable"] = len(cache.failed)
     if cache.failed:
         runlog.write("unreadable", items=cache.failed)

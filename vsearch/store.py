@@ -37,9 +37,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import re
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -531,6 +530,7 @@ class MilvusStore:
         fields = _check_fields(output_fields)
         if not 1 <= batch_size <= 16384:
             raise ValueError("batch_size must be in 1..16384")
+        seen = 0
         try:
             it = self.client.query_iterator(collection, batch_size=batch_size, filter=filter,
                                             output_fields=["id", *fields], timeout=timeout or self.timeout,
@@ -546,9 +546,26 @@ class MilvusStore:
                 if not page:
                     break
                 for r in page:
+                    seen += 1
                     yield {"id": r["id"], **_plain_row(r, fields)}
         finally:
             it.close()
+        if seen:
+            return
+        # pymilvus 2.6's iterator returns nothing from a Milvus 2.3 server: page by offset there
+        # (the server caps offset + limit at 16384 rows).
+        total = self.count(collection, filter=filter, timeout=timeout)
+        if total == 0:
+            return
+        if total > 16384:
+            raise StoreError(f"cannot scan {total} rows of {collection!r}: this Milvus server's query "
+                             "iterator does not work with this client and offset paging stops at 16384")
+        for offset in range(0, total, batch_size):
+            rows = self._call("query", "query", collection, filter=filter, output_fields=["id", *fields],
+                              offset=offset, limit=min(batch_size, total - offset),
+                              consistency_level="Strong", timeout=timeout)
+            for r in rows:
+                yield {"id": r["id"], **_plain_row(r, fields)}
 
     def search(self, name_or_alias: str, vectors, k: int = 10, *, filter: str | None = None,
                output_fields: Sequence[str] = DEFAULT_OUTPUT_FIELDS, search_params: dict | None = None,

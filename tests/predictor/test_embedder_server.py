@@ -135,13 +135,33 @@ def test_malformed_json_is_a_400(embedder_url):
     assert r.status_code == 400
 
 
+def metric(url, name):
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + '{model="embedder"}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
 def test_metrics_count_images_and_rejections(embedder_url, photo_bytes):
-    def counter(name):
-        text = requests.get(f"{embedder_url}/metrics", timeout=5).text
-        line = next(ln for ln in text.splitlines() if ln.startswith(name + "{"))
-        return float(line.rsplit(" ", 1)[1])
+    counter = lambda name: metric(embedder_url, name)  # noqa: E731
     before_ok, before_bad = counter("vsearch_embedder_images_total"), counter("vsearch_embedder_rejected_total")
     v1(embedder_url, [{"image": {"b64": B64(b)}} for b in photo_bytes[:3]])
     v1(embedder_url, [{"image": {"b64": B64(b"junk")}}])
     assert counter("vsearch_embedder_images_total") == before_ok + 3
     assert counter("vsearch_embedder_rejected_total") == before_bad + 1
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(embedder_url, local, photo_bytes):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        data = photo_bytes[i % len(photo_bytes)]
+        r = v2(embedder_url, [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [B64(data)]}])
+        return i, np.asarray(r.json()["outputs"][0]["data"], np.float32)
+
+    passes_before = metric(embedder_url, "vsearch_embedder_forward_passes_total")
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(24)))
+    assert metric(embedder_url, "vsearch_embedder_forward_passes_total") - passes_before < 24
+    expected = local.embed_bytes(photo_bytes)
+    for i, vec in results:
+        np.testing.assert_allclose(vec, expected[i % len(photo_bytes)], atol=1e-5)

@@ -1,0 +1,68 @@
+"""Micro-batching: requests that arrive while the model is busy are run together in the next
+forward pass, so concurrent single-image requests get batch throughput with no added wait."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as futures
+from typing import Callable
+
+import numpy as np
+
+
+class MicroBatcher:
+    """``await batcher(arrays)`` -> ``fn(arrays)``, with concurrent calls coalesced.
+
+    ``fn`` maps [N, ...] to [N, D] and blocks; it runs on one worker thread (torch already uses
+    every core for one batch). While it runs, new calls queue up; the next pass takes queued
+    calls in arrival order up to ``max_rows`` rows (a single larger call still runs whole)."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_rows: int = 64,
+                 max_wait_s: float = 0.0, on_pass: Callable[[int, int], None] | None = None):
+        self.fn, self.max_rows, self.max_wait_s = fn, max_rows, max_wait_s
+        self.on_pass = on_pass            # called with (calls, rows) after each pass
+        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self._runner: asyncio.Task | None = None
+        self._executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.passes = 0
+
+    async def __call__(self, arrays: np.ndarray) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((arrays, fut))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        return await fut
+
+    def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+        batch, rows = [], 0
+        while self._pending and (not batch or rows + len(self._pending[0][0]) <= self.max_rows):
+            item = self._pending.pop(0)
+            batch.append(item)
+            rows += len(item[0])
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            if self.max_wait_s:
+                await asyncio.sleep(self.max_wait_s)
+            batch = self._take()
+            try:
+                out = await loop.run_in_executor(
+                    self._executor, self.fn, np.concatenate([a for a, _ in batch]))
+            except Exception as exc:  # every caller of this pass gets the error
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.passes += 1
+            if self.on_pass:
+                self.on_pass(len(batch), len(out))
+            start = 0
+            for arrays, fut in batch:
+                if not fut.done():
+                    fut.set_result(out[start:start + len(arrays)])
+                start += len(arrays)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
