@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from fastapi import Request
 from prometheus_client import Counter, Gauge, Histogram
 
 from predictor.preprocess import Box, InvalidImage, parse_crop, parse_crop_text
@@ -706,13 +707,25 @@ class CatalogIndex:
             raise SearchError(f"Milvus refused to {what}: {str(exc)[:300]}") from exc
 
     def search(self, vector: np.ndarray, limit: int, expr: str = "") -> list[Candidate]:
+        from vsearch.store import StoreError
         visible = 'visibility != "private"'
         flt = f"({expr}) and {visible}" if expr else visible
         params = {"ef": max(self.ef, limit)} if self.ef else None
-        hits = self._call(lambda: self.store.search(self.alias, vector, k=limit, filter=flt,
-                                                    output_fields=self.OUTPUT_FIELDS,
-                                                    search_params=params)[0],
-                          f"search alias {self.alias!r}")
+
+        def run():
+            try:
+                return self.store.search(self.alias, vector, k=limit, filter=flt,
+                                         output_fields=self.OUTPUT_FIELDS, search_params=params)[0]
+            except StoreError as exc:
+                if "released" not in str(exc) and "load()" not in str(exc):
+                    raise
+                # After a Milvus restart collections come back released: load and retry once.
+                log.warning("collection behind %r is not loaded; loading it", self.alias)
+                self.store.ensure_loaded(self.alias)
+                return self.store.search(self.alias, vector, k=limit, filter=flt,
+                                         output_fields=self.OUTPUT_FIELDS, search_params=params)[0]
+
+        hits = self._call(run, f"search alias {self.alias!r}")
         return [self._candidate(h) for h in hits]
 
     def get(self, item_id: str) -> Candidate | None:
@@ -742,9 +755,11 @@ class CatalogIndex:
 # --------------------------------------------------------------------------- KServe model + HTTP routes
 
 def import_kserve():
-    """Import kserve without letting ``kserve.model_server`` parse our command line."""
+    """Import kserve without letting ``kserve.model_server`` parse our command line (it reads
+    ``sys.argv`` at import time and builds its FastAPI app then: ``/docs`` is on only when
+    ``--enable_docs_url`` is in argv at that moment)."""
     saved = sys.argv
-    sys.argv = saved[:1]
+    sys.argv = [*saved[:1], "--enable_docs_url", "true"]
     try:
         import kserve  # noqa: F401
         import kserve.model_server  # noqa: F401
@@ -892,7 +907,6 @@ def add_routes(app, get_service: Callable[[], SearchService | None], settings: S
     FastAPI app before its own routes so that ``/`` is the web page."""
     import hmac
 
-    from fastapi import Request
     from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.middleware.cors import CORSMiddleware

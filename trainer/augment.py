@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from predictor.preprocess import Limits, PreprocessConfig, decode_image, image_to_array, normalise
+from predictor.preprocess import (Box, Limits, PreprocessConfig, apply_crop, decode_image, image_to_array,
+                                  normalise)
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,13 @@ class AugmentConfig:
 
 # --------------------------------------------------------------------------- helpers
 
-def training_image(data: bytes, cfg: PreprocessConfig, limits: Limits = Limits()) -> Image.Image:
-    """Decode with the serving decoder, then shrink so the shorter side is ``cfg.resize_size``
-    (the size serving resizes to before its centre crop). Small enough to keep a whole
-    catalog in memory; random crops are then taken from the whole picture."""
-    img = decode_image(data, limits)
+def training_image(data: bytes, cfg: PreprocessConfig, limits: Limits = Limits(),
+                   crop: Box | None = None) -> Image.Image:
+    """Decode with the serving decoder (and cut the query's crop box out of the original, as
+    serving does), then shrink so the shorter side is ``cfg.resize_size`` (the size serving
+    resizes to before its centre crop). Small enough to keep a whole catalog in memory;
+    random crops are then taken from the whole picture."""
+    img = apply_crop(decode_image(data, limits), crop)
     w, h = img.size
     scale = cfg.resize_size / min(w, h)
     if scale < 1.0:

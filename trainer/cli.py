@@ -49,6 +49,10 @@ def register(sub) -> None:
     add_flag(p, "--checkpoint-every", default=200, type=int, help="optimiser steps between checkpoints")
     add_flag(p, "--resume", default=False, type=bool, help="continue from --out/checkpoints/last.pt")
     add_flag(p, "--stop-after", default=None, type=int, help="stop after this many steps, keeping the checkpoint")
+    add_flag(p, "--hard-negatives-from", default=None,
+             help="pairs only: Milvus URI of the current index to mine hard negatives from (needs --init)")
+    add_flag(p, "--hard-negatives-collection", default="images", help="collection or alias to search")
+    add_flag(p, "--hard-negatives-k", default=10, type=int, help="neighbours searched per query")
     add_flag(p, "--no-eval", default=False, type=bool,
              help="skip evaluating the exported model on the held-out split")
     add_flag(p, "--no-progress", default=False, type=bool, help="no progress bar")
@@ -92,7 +96,9 @@ def _train(args) -> int:
             holdout=args.holdout, split_seed=args.split_seed, seed=args.seed, workers=args.workers,
             threads=args.threads, device=args.device, amp=not args.no_amp,
             checkpoint_every=args.checkpoint_every, resume=args.resume, stop_after=args.stop_after,
-            progress=not args.no_progress)
+            progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
+            hard_negatives_collection=args.hard_negatives_collection,
+            hard_negatives_k=args.hard_negatives_k)
         out = train(cfg)
         if args.stop_after and not (out / "config.json").exists():
             print(f"stopped after {args.stop_after} steps; continue with --resume")

@@ -7,10 +7,13 @@ Sources of data (``--data``):
   (``path,label``, paths relative to the folder: the Caltech-101 subset's layout). Labels are
   used only by evaluation; SimCLR ignores them.
 * a CSV of pairs: a query image and the image clicked for it, columns ``query`` (or
-  ``query_uri``/``query_path``) and ``clicked`` (or ``clicked_uri``/``clicked_path``/``item_uri``);
+  ``query_uri``/``query_path``) and ``clicked`` (or ``clicked_uri``/``clicked_path``/``item_uri``),
+  optional ``crop`` (``x0,y0,x1,y1`` normalised, the part of the query that was searched);
   paths relative to the CSV, ``file://`` or ``http(s)://`` URIs.
 * ``kafka://HOST:PORT[/TOPIC]``: click events on ``search.events`` (see
-  :mod:`vsearch.search_events`); every click with both ``query_uri`` and ``item_uri`` is a pair.
+  :mod:`vsearch.search_events`); every click with both ``query_uri`` and ``item_uri`` is a pair
+  (with the click's ``crop`` applied to the query). ``catalog:<id>`` URIs cannot be read by the
+  trainer yet: such pairs are counted as unreadable in the run log.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from predictor.preprocess import InvalidImage, PreprocessConfig
+from predictor.preprocess import InvalidImage, PreprocessConfig, parse_crop, parse_crop_text
 from trainer.augment import training_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 QUERY_COLS = ("query", "query_uri", "query_path")
+CROP_MARK = "#crop="
 CLICKED_COLS = ("clicked", "clicked_uri", "clicked_path", "item_uri", "item_path")
 
 
@@ -63,6 +67,18 @@ def read_source(source: str) -> bytes:
         raise DataError(f"cannot read {source!r}: scheme {parsed.scheme!r} is not a path, "
                         f"file:// or http(s):// URI")
     return Path(source).read_bytes()
+
+
+def with_crop(source: str, crop) -> str:
+    """A source key naming a crop of an image: ``<source>#crop=x0,y0,x1,y1``."""
+    box = parse_crop(crop)
+    return source if box is None else f"{source}{CROP_MARK}{','.join(f'{v:g}' for v in box)}"
+
+
+def split_crop(key: str):
+    """Inverse of :func:`with_crop`: (source, box or None)."""
+    source, mark, box = key.partition(CROP_MARK)
+    return (source, parse_crop_text(box)) if mark else (key, None)
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -150,7 +166,11 @@ def read_pairs_csv(path: str | Path) -> list[tuple[str, str]]:
             q, c = _pick(row, QUERY_COLS), _pick(row, CLICKED_COLS)
             if not q or not c:
                 raise DataError(f"{path} line {i}: empty query or clicked value")
-            pairs.append((_resolve(q, path.parent), _resolve(c, path.parent)))
+            try:
+                query = with_crop(_resolve(q, path.parent), parse_crop_text(row.get("crop")))
+            except InvalidImage as exc:
+                raise DataError(f"{path} line {i}: {exc}") from exc
+            pairs.append((query, _resolve(c, path.parent)))
     if not pairs:
         raise DataError(f"{path} holds no pairs")
     return pairs
@@ -205,7 +225,12 @@ def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_
                     if not rec.get("query_uri") or not rec.get("item_uri"):
                         stats["clicks_without_uris"] += 1
                         continue
-                    pairs.append((rec["query_uri"], rec["item_uri"]))
+                    try:
+                        query = with_crop(rec["query_uri"], rec.get("crop"))
+                    except InvalidImage:
+                        stats["bad_events"] += 1
+                        continue
+                    pairs.append((query, rec["item_uri"]))
     finally:
         consumer.close()
     stats["pairs"] = len(pairs)
@@ -225,11 +250,12 @@ class ImageCache:
         self.images: dict[str, Image.Image] = {}
         self.failed: dict[str, str] = {}
 
-        def load(src):
+        def load(key):
+            src, crop = split_crop(key)
             try:
-                return src, training_image(reader(src), cfg), None
+                return key, training_image(reader(src), cfg, crop=crop), None
             except (InvalidImage, OSError, DataError) as exc:
-                return src, None, f"{type(exc).__name__}: {exc}"
+                return key, None, f"{type(exc).__name__}: {exc}"
 
         with futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for src, img, err in pool.map(load, unique):
@@ -271,11 +297,15 @@ class SimCLRDataset(torch.utils.data.Dataset):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item i -> (query view, clicked view) of pair i."""
+    """Item i -> (query view, clicked view) of pair i; with ``negatives`` ({query: [sources]})
+    also a view of one of the query's hard negatives and a flag saying whether it has one."""
 
-    def __init__(self, cache: ImageCache, pairs: Sequence[tuple[str, str]], augment, seed: int = 0):
+    def __init__(self, cache: ImageCache, pairs: Sequence[tuple[str, str]], augment, seed: int = 0,
+                 negatives: dict[str, list[str]] | None = None):
         self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
         self.pairs = [(q, c) for q, c in pairs if q in cache and c in cache]
+        self.negatives = None if negatives is None else {
+            q: [n for n in negs if n in cache] for q, negs in negatives.items()}
 
     def __len__(self):
         return len(self.pairs)
@@ -283,8 +313,15 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rng = item_rng(self.seed, self.epoch, i)
         q, c = self.pairs[i]
-        return (torch.from_numpy(self.augment(self.cache[q], rng)),
-                torch.from_numpy(self.augment(self.cache[c], rng)))
+        qv = torch.from_numpy(self.augment(self.cache[q], rng))
+        cv = torch.from_numpy(self.augment(self.cache[c], rng))
+        if self.negatives is None:
+            return qv, cv
+        negs = self.negatives.get(q) or []
+        if not negs:
+            return qv, cv, torch.zeros_like(qv), torch.tensor(False)
+        nv = torch.from_numpy(self.augment(self.cache[rng.choice(negs)], rng))
+        return qv, cv, nv, torch.tensor(True)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 BASELINES = ("raw-pixels", "random-init")
 RAW_PIXELS = PreprocessConfig(image_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-TABLE_METRICS = ("map@r", "map", "mrr", "recall@1", "recall@10", "precision@10", "ndcg@10")
 
 
 @dataclass
@@ -198,15 +197,19 @@ def evaluate_models(model_dirs: Sequence[str], data: str, *, ks: Sequence[int] =
             "wall_s": round(time.time() - t0, 1), "results": results}
 
 
-def format_table(report: dict, columns: Sequence[str] = TABLE_METRICS) -> str:
-    ks = report.get("ks", [])
-    cols = [c for c in columns if not c.startswith(("recall@", "precision@", "ndcg@"))
-            or int(c.split("@")[1]) in ks]
+def table_columns(ks: Sequence[int]) -> list[str]:
+    ks = sorted(ks)
+    ndcg_k = 10 if 10 in ks else ks[-1]
+    return ["map@r", "map", "mrr"] + [f"recall@{k}" for k in ks] + [f"ndcg@{ndcg_k}"]
+
+
+def format_table(report: dict) -> str:
+    cols = table_columns(report["ks"])
     name_w = max([len("model")] + [len(r["name"]) for r in report["results"]])
-    lines = ["  ".join([f"{'model':<{name_w}}"] + [f"{c:>12}" for c in cols])]
+    lines = ["  ".join([f"{'model':<{name_w}}"] + [f"{c:>10}" for c in cols])]
     for r in report["results"]:
         m = r["metrics"]
-        lines.append("  ".join([f"{r['name']:<{name_w}}"] + [f"{m.get(c, float('nan')):>12.4f}" for c in cols]))
+        lines.append("  ".join([f"{r['name']:<{name_w}}"] + [f"{m.get(c, float('nan')):>10.4f}" for c in cols]))
     first = report["results"][0] if report["results"] else {}
     lines.append(f"queries: {first.get('queries_evaluated', 0)} evaluated, "
                  f"{first.get('queries_without_relevant', 0)} without a relevant item (left out)")

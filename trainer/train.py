@@ -70,6 +70,9 @@ class TrainConfig:
     stop_after: int | None = None      # stop (keeping the checkpoint) after this many steps
     log_every: int = 10
     kafka_topic: str | None = None
+    hard_negatives_from: str | None = None   # Milvus URI of the current index (pairs only)
+    hard_negatives_collection: str = "images"
+    hard_negatives_k: int = 10               # neighbours searched per query
     progress: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -185,8 +188,13 @@ def train(cfg: TrainConfig) -> Path:
                          holdout=cfg.holdout, split_seed=cfg.split_seed)
     else:
         pairs, stats = load_pairs(cfg)
-        cache = ImageCache([s for p in pairs for s in p], pre, workers=max(2, cfg.workers))
-        dataset = PairDataset(cache, pairs, PairAugment(pre), seed=cfg.seed)
+        negatives = None
+        if cfg.hard_negatives_from:
+            negatives, neg_stats = _mine(cfg, pairs)
+            stats = {**stats, "hard_negatives": neg_stats}
+        sources = [s for p in pairs for s in p] + [n for v in (negatives or {}).values() for n in v]
+        cache = ImageCache(sources, pre, workers=max(2, cfg.workers))
+        dataset = PairDataset(cache, pairs, PairAugment(pre), seed=cfg.seed, negatives=negatives)
         data_info.update({**stats, "pairs": len(pairs), "usable_pairs": len(dataset)})
     data_info["unreadable"] = len(cache.failed)
     if cache.failed:
@@ -233,11 +241,15 @@ def train(cfg: TrainConfig) -> Path:
                       "sched": sched.state_dict(), "scaler": scaler.state_dict(),
                       "step": step, "micro": micro, "config": _jsonable(cfg)}, ckpt_path)
 
-    def loss_of(a, b):
+    def loss_of(a, b, negs=None, has_neg=None):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             if head is not None:
                 z = head(net(torch.cat([a, b])))
                 return nt_xent(*z.chunk(2), temperature=cfg.temperature)
+            if negs is not None and bool(has_neg.any()):
+                z = net(torch.cat([a, b, negs[has_neg]]))
+                return info_nce(z[:len(a)], z[len(a):2 * len(a)], temperature=cfg.temperature,
+                                hard_negatives=z[2 * len(a):])
             return info_nce(net(a), net(b), temperature=cfg.temperature)
 
     modules.train()
@@ -252,9 +264,9 @@ def train(cfg: TrainConfig) -> Path:
         loader = torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=order.tolist(),
                                              drop_last=True, num_workers=cfg.workers,
                                              pin_memory=device.type == "cuda")
-        for a, b in loader:
-            a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
-            loss = loss_of(a, b)
+        for batch in loader:
+            a, b, *negs = [t.to(device, non_blocking=True) for t in batch]
+            loss = loss_of(a, b, *negs)
             scaler.scale(loss / cfg.accum_steps).backward()
             micro += 1
             seen += len(a) * images_per_item
@@ -290,9 +302,11 @@ def train(cfg: TrainConfig) -> Path:
     net.eval().cpu()
     meta.version = cfg.version or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     meta.evaluation = None
-    logged = [json.loads(line) for line in open(runlog.path) if '"step"' in line]
+    logged = [json.loads(line) for line in open(runlog.path)]
     steps_logged = [r for r in logged if r.get("event") == "step"]
     rates = [r["images_per_s"] for r in steps_logged[1:] or steps_logged]
+    starts = [r["time"] for r in logged if r.get("event") == "start"]
+    resumes = [r["step"] for r in logged if r.get("event") == "resume"]
     meta.training = {
         "method": "simclr-nt-xent" if kind == "simclr" else "click-pairs-infonce",
         "init": cfg.init or f"random ({cfg.arch}, seed {cfg.seed})",
@@ -302,13 +316,33 @@ def train(cfg: TrainConfig) -> Path:
         "temperature": cfg.temperature, "seed": cfg.seed,
         "augment": cfg.augment.to_json() if kind == "simclr" else "pair crop (0.6-1.0) + flip",
         "final_loss": last_loss, "images_per_s": float(np.median(rates)) if rates else None,
-        "device": str(device), "wall_s": round(time.time() - t_start, 1),
+        "device": str(device), "threads": torch.get_num_threads(),
+        "wall_s": round(time.time() - (starts[-1] if starts else t_start), 1),
+        "resumed_at_steps": resumes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     save_model_dir(net, meta, out)
     runlog.write("exported", out=str(out), version=meta.version, final_loss=last_loss)
     log.info("exported %s (version %s, final loss %.4f)", out, meta.version, last_loss)
     return out
+
+
+def _mine(cfg: TrainConfig, pairs):
+    """Hard negatives from the current index, found with the model being fine-tuned."""
+    if not cfg.init:
+        raise DataError("hard negatives need --init: the model that built the index")
+    from predictor.model import Embedder
+    from trainer.negatives import mine_hard_negatives
+    from vsearch.store import MilvusStore
+    embedder = Embedder(cfg.init, device="cpu", threads=cfg.threads)
+    try:
+        with MilvusStore(cfg.hard_negatives_from) as store:
+            negatives, stats = mine_hard_negatives(pairs, embedder, store, cfg.hard_negatives_collection,
+                                                   k=cfg.hard_negatives_k)
+    finally:
+        embedder.close()
+    log.info("hard negatives: %s", stats)
+    return negatives, stats
 
 
 def _progress(total: int, initial: int, enabled: bool):

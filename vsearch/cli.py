@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = [
     "predictor.cli",
     "trainer.cli",
+    "ingest.cli",
 ]
 
 

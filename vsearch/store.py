@@ -365,6 +365,12 @@ class MilvusStore:
         log.info("created Milvus collection %s (%s %s %s)", name, index.index_type, index.metric, index.params)
         return True
 
+    def ensure_loaded(self, name_or_alias: str, *, timeout: float | None = None) -> None:
+        """Load a collection (or the one an alias names) unless it is loaded: after a Milvus
+        restart collections come back released and searches fail until someone loads them."""
+        _check_name(name_or_alias)
+        self._ensure_loaded(self.describe_alias(name_or_alias, timeout=timeout) or name_or_alias, timeout)
+
     def _ensure_loaded(self, name: str, timeout) -> None:
         state = self._call("get_load_state", "get_load_state", name, timeout=timeout)
         if "NotLoad" in str(state.get("state")):

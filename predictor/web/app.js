@@ -137,7 +137,9 @@ async function search() {
   const k = parseInt($("k").value, 10);
   const form = new FormData();
   form.append("image", state.blob, state.name);
-  if (state.crop) form.append("crop", state.crop.map((v) => v.toFixed(6)).join(","));
+  const cropText = state.crop ? state.crop.map((v) => v.toFixed(6)).join(",") : "";
+  if (cropText) form.append("crop", cropText);
+  $("crop-text").dataset.sent = cropText;
   if (!Number.isNaN(k)) form.append("k", String(k));
   setStatus("Searching…");
   $("go").disabled = true;

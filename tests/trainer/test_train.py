@@ -12,6 +12,7 @@ import torch
 from predictor.client import EmbedderClient
 from predictor.model import Embedder, load_model_dir, read_meta
 from trainer.train import TrainConfig, lr_lambda, train
+from vsearch.cli import main
 from vsearch.services import start_embedder, vsearch_argv
 
 
@@ -100,13 +101,13 @@ def test_cli_trains_from_scratch_evaluates_the_held_out_split_and_the_export_ser
     assert np.allclose(got, expected, atol=1e-4)
 
 
-def test_cli_rejects_unusable_data_with_a_reason(tmp_path):
+def test_cli_rejects_unusable_data_with_a_reason(tmp_path, capsys):
     bad = tmp_path / "labels.csv"
     bad.write_text("path,label\na.jpg,x\n")
-    proc = subprocess.run(vsearch_argv("train", "--data", str(bad), "--out", str(tmp_path / "o")),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "labels CSV" in proc.stderr
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "labels CSV" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "neither a folder" in capsys.readouterr().err
 
 
 def test_warmup_then_cosine_schedule():

@@ -1,0 +1,113 @@
+"""``vsearch ingest`` (the catalog consumer) and ``vsearch publish`` (catalog owners' tool)."""
+
+from __future__ import annotations
+
+import logging
+
+from vsearch.config import add_flag
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ingest", help="consume the catalog topic into Milvus (one model version)",
+                       description="Keep one Milvus collection equal to the catalog topic: validate, "
+                                   "fetch, embed, upsert/delete, dead-letter, commit after the write.")
+    add_flag(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers HOST:PORT")
+    add_flag(p, "--topic", default="catalog.images", help="catalog topic")
+    add_flag(p, "--group", default=None, help="consumer group (default ingest-<collection>; one per model version)")
+    add_flag(p, "--dlq-topic", default=None, help="dead-letter topic (default <topic>.dlq)")
+    src = p.add_mutually_exclusive_group()
+    add_flag(src, "--model-dir", default=None, help="embed in process with this model directory")
+    add_flag(src, "--embedder-url", default=None, help="embed through this embedder's V2 endpoint")
+    add_flag(p, "--embedder-model-name", default="embedder", help="model name at --embedder-url")
+    add_flag(p, "--embedder-timeout", default=60.0, type=float, help="seconds per embedder request")
+    add_flag(p, "--collection", default=None,
+             help="Milvus collection (default images__<model>__<version> from --model-dir; "
+                  "required with --embedder-url)")
+    add_flag(p, "--alias", default="images", help="alias created for this collection when absent ('' = none)")
+    from vsearch.store import add_milvus_flags
+    add_milvus_flags(p)
+    add_flag(p, "--batch-size", default=256, type=int, help="most records per batch")
+    add_flag(p, "--batch-ms", default=500, type=int, help="longest wait for a batch to fill, ms")
+    add_flag(p, "--embed-batch-size", default=32, type=int, help="forward-pass batch size (in process)")
+    add_flag(p, "--threads", default=None, type=int, help="torch CPU threads (in process)")
+    add_flag(p, "--device", default=None, help="torch device (in process)")
+    add_flag(p, "--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
+    add_flag(p, "--max-image-bytes", default=20 * 1024 * 1024, type=int, help="largest image file, bytes")
+    add_flag(p, "--fetch-connect-timeout", default=3.0, type=float, help="image fetch connect timeout, s")
+    add_flag(p, "--fetch-read-timeout", default=10.0, type=float, help="image fetch read timeout, s")
+    add_flag(p, "--fetch-retries", default=3, type=int, help="retries of a transient fetch error")
+    add_flag(p, "--fetch-workers", default=8, type=int, help="parallel image fetches")
+    add_flag(p, "--retry-max-s", default=10.0, type=float, help="longest backoff during an outage, s")
+    add_flag(p, "--stop-grace-s", default=30.0, type=float,
+             help="after SIGTERM, how long an outage may delay the last batch before exiting uncommitted")
+    add_flag(p, "--exit-when-idle", default=None, type=float,
+             help="exit after this many seconds without records (backfill jobs)")
+    add_flag(p, "--partitions", default=3, type=int, help="partitions when this creates the topic")
+    add_flag(p, "--metrics-port", default=None, type=int, help="serve Prometheus /metrics on this port")
+    p.set_defaults(handler=_ingest)
+
+    p = sub.add_parser("publish", help="publish catalog events (a folder or CSV of images, or deletes)")
+    add_flag(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers HOST:PORT")
+    add_flag(p, "--topic", default="catalog.images", help="catalog topic")
+    p.add_argument("path", nargs="?", help="folder of images, or CSV with id,uri[,metadata][,visibility]")
+    p.add_argument("--delete", nargs="+", metavar="ID", help="publish delete events for these ids")
+    p.add_argument("--inline", action="store_true", help="send image bytes inline (image_b64), not file:// URIs")
+    add_flag(p, "--visibility", default="public", help="public or private")
+    add_flag(p, "--partitions", default=3, type=int, help="partitions when this creates the topic")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_publish)
+
+
+def _quiet_kafka() -> None:
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _publish(args) -> int:
+    _quiet_kafka()
+    from ingest.publish import run
+    return run(args)
+
+
+def _ingest(args) -> int:
+    _quiet_kafka()
+    from ingest.consumer import IngestConsumer, IngestSettings
+    from ingest.fetch import Fetcher, FetchConfig
+    from vsearch.store import MilvusStore, collection_name
+
+    if not args.model_dir and not args.embedder_url:
+        raise SystemExit("give --model-dir (embed in process) or --embedder-url (embed over HTTP)")
+    if args.embedder_url:
+        from predictor.client import EmbedderClient
+        if not args.collection:
+            raise SystemExit("with --embedder-url, name the collection: --collection "
+                             "images__<model>__<version>")
+        embedder = EmbedderClient(args.embedder_url, model_name=args.embedder_model_name,
+                                  timeout=args.embedder_timeout)
+        collection = args.collection
+    else:
+        from predictor.model import Embedder
+        from predictor.preprocess import Limits
+        embedder = Embedder(args.model_dir, device=args.device, threads=args.threads,
+                            batch_size=args.embed_batch_size,
+                            limits=Limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels))
+        collection = args.collection or collection_name(embedder.meta.name, embedder.meta.version)
+    store = MilvusStore.from_args(args)
+    settings = IngestSettings(
+        bootstrap=args.bootstrap, topic=args.topic, group=args.group or f"ingest-{collection}",
+        collection=collection, alias=args.alias or None, dlq=args.dlq_topic,
+        batch_size=args.batch_size, batch_ms=args.batch_ms, retry_max_s=args.retry_max_s,
+        stop_grace_s=args.stop_grace_s, exit_when_idle_s=args.exit_when_idle, partitions=args.partitions)
+    fetcher = Fetcher(FetchConfig(connect_timeout=args.fetch_connect_timeout,
+                                  read_timeout=args.fetch_read_timeout, max_bytes=args.max_image_bytes,
+                                  retries=args.fetch_retries, workers=args.fetch_workers))
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+        start_http_server(args.metrics_port)
+        log.info("metrics on :%d/metrics", args.metrics_port)
+    consumer = IngestConsumer(settings, embedder, store, fetcher)
+    consumer.install_signal_handlers()
+    log.info("ingest %s -> %s (group %s, alias %s)", args.topic, collection, settings.group, settings.alias)
+    return consumer.run()

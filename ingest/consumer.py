@@ -1,0 +1,429 @@
+"""The catalog consumer: keeps one Milvus collection (one model version) equal to the catalog
+topic, with nothing lost and nothing duplicated.
+
+Loop: poll a batch (up to ``batch_size`` records or ``batch_ms`` after the first one) ->
+validate each event -> read the stored version (``updated_at`` or delete time) of the batch's
+ids (Strong) and drop events older than it -> fetch images (parallel, timeouts, retries) ->
+embed (in process, or the embedder's V2 endpoint) -> for each id keep the newest valid event
+(ties: the later in the log) -> upsert / delete in Milvus -> dead-letter the bad records to
+``<topic>.dlq`` (original key, value and headers; the reason in headers) -> commit the
+batch's offsets. Only then the next batch.
+
+Guarantees:
+- Offsets are committed only after the Milvus writes and the dead-letter sends succeeded, so a
+  crash at any point replays the batch; writes are idempotent upserts/deletes by id, so a
+  replay leaves no duplicate (dead-letter records may repeat after a crash: at-least-once).
+- Milvus, embedder and broker outages are retried with exponential backoff (no commit, no
+  crash); the process stays up and catches up when they are back.
+- SIGTERM/SIGINT: the batch in hand is finished and committed, then the process exits 0. If an
+  outage keeps the batch from finishing within ``stop_grace_s`` it exits 75 without committing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import signal
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from ingest.events import BadEvent, CatalogEvent, decode, dlq_topic
+from ingest.fetch import Fetcher, FetchError
+from ingest.topics import GROUP_SETTINGS, ensure_topics
+
+log = logging.getLogger(__name__)
+
+EVENTS = Counter("vsearch_ingest_events_processed_total",
+                 "catalog events handled and committed, by op and outcome "
+                 "(written, stale: older than the stored version, superseded: a newer event for the "
+                 "same id in the batch)", ["op", "outcome"])
+FAILED = Counter("vsearch_ingest_events_failed_total",
+                 "catalog events that could not be applied, by stage (validate, fetch, decode)", ["stage"])
+DEAD = Counter("vsearch_ingest_events_dead_lettered_total", "records sent to the dead-letter topic")
+RETRIES = Counter("vsearch_ingest_retries_total", "retries after an outage, by stage", ["stage"])
+BATCH_SECONDS = Histogram("vsearch_ingest_batch_seconds", "one batch: poll end to commit")
+FETCH_SECONDS = Histogram("vsearch_ingest_fetch_seconds", "image fetch time per batch")
+EMBED_SECONDS = Histogram("vsearch_ingest_embed_seconds", "embedding time per batch")
+WRITE_SECONDS = Histogram("vsearch_ingest_write_seconds", "Milvus write time per batch")
+LAST_COMMIT = Gauge("vsearch_ingest_last_commit_timestamp_seconds", "when offsets were last committed")
+
+
+class ShutdownDuringOutage(RuntimeError):
+    """Asked to stop while an outage kept the batch from finishing; nothing was committed."""
+
+
+@dataclasses.dataclass
+class IngestSettings:
+    bootstrap: str
+    topic: str
+    group: str
+    collection: str
+    alias: str | None = "images"          # created for this collection when absent
+    dlq: str | None = None                # default <topic>.dlq
+    batch_size: int = 256
+    batch_ms: int = 500
+    max_poll_interval_ms: int = 600_000
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+    stop_grace_s: float = 30.0
+    exit_when_idle_s: float | None = None  # exit after this long without records (backfills, tests)
+    create_topics: bool = True
+    partitions: int = 3                   # when this consumer creates the topic
+    client_id: str = "vsearch-ingest"
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.dlq or dlq_topic(self.topic)
+
+
+@dataclasses.dataclass
+class BatchResult:
+    offsets: dict                          # TopicPartition -> next offset to read
+    written: int = 0
+    deleted: int = 0
+    stale: int = 0
+    superseded: int = 0
+    dead: int = 0
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    from kafka.errors import KafkaError
+    from vsearch.store import StoreError
+    # StoreError covers StoreUnavailable; other refusals are retried too (logged), since this
+    # layer validated the rows: a refusal is a server-side condition that may pass.
+    return (ConnectionError, TimeoutError, StoreError, KafkaError)
+
+
+class IngestConsumer:
+    """One consumer process. ``embedder`` has ``dim`` and either ``try_preprocess`` +
+    ``embed_arrays`` (:class:`predictor.model.Embedder`) or ``embed_bytes``
+    (:class:`predictor.client.EmbedderClient`); ``store`` is a :class:`vsearch.store.MilvusStore`."""
+
+    def __init__(self, settings: IngestSettings, embedder, store, fetcher: Fetcher | None = None):
+        self.s = settings
+        self.embedder = embedder
+        self.store = store
+        self.fetcher = fetcher or Fetcher()
+        self._stop = threading.Event()
+        self._stop_deadline: float | None = None
+        self._consumer = None
+        self._producer = None
+        self._retryable = _retryable()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def request_stop(self, *_args) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: finishing the batch in hand, then committing and exiting")
+            self._stop_deadline = time.monotonic() + self.s.stop_grace_s
+            self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def prepare(self) -> None:
+        """Collection, alias and topics; retried while Milvus or the broker are down."""
+        created = self._retry("ensure collection",
+                              lambda: self.store.ensure_collection(self.s.collection, int(self.embedder.dim)))
+        log.info("collection %s %s (dim %d)", self.s.collection, "created" if created else "exists",
+                 self.embedder.dim)
+        if self.s.alias:
+            if self._retry("ensure alias", lambda: self.store.ensure_alias(self.s.alias, self.s.collection)):
+                log.info("alias %s created for %s (the first model version serves)", self.s.alias,
+                         self.s.collection)
+        if self.s.create_topics:
+            self._retry("create topics", lambda: ensure_topics(
+                self.s.bootstrap, {self.s.topic: self.s.partitions, self.s.dlq_topic: 1},
+                compact={self.s.topic}))
+
+    def _connect(self):
+        from kafka import KafkaConsumer, KafkaProducer
+        if self._consumer is None:
+            self._consumer = self._retry("connect consumer", lambda: KafkaConsumer(
+                self.s.topic, bootstrap_servers=self.s.bootstrap, group_id=self.s.group,
+                client_id=self.s.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
+                max_poll_records=self.s.batch_size, max_poll_interval_ms=self.s.max_poll_interval_ms,
+                **GROUP_SETTINGS))
+        if self._producer is None:
+            self._producer = self._retry("connect producer", lambda: KafkaProducer(
+                bootstrap_servers=self.s.bootstrap, client_id=self.s.client_id + "-dlq", acks="all",
+                linger_ms=5, retries=5))
+
+    def run(self) -> int:
+        """Consume until stopped (or idle for ``exit_when_idle_s``); returns the exit code."""
+        try:
+            self.prepare()
+            self._connect()
+        except ShutdownDuringOutage:
+            return 75
+        idle_since = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                batch = self._poll_batch()
+                if not batch:
+                    if not self._consumer.assignment():
+                        idle_since = time.monotonic()      # not idle: still joining the group
+                    elif (self.s.exit_when_idle_s is not None
+                            and time.monotonic() - idle_since >= self.s.exit_when_idle_s):
+                        log.info("no records for %.1fs: exiting", self.s.exit_when_idle_s)
+                        break
+                    continue
+                started = time.monotonic()
+                try:
+                    result = self.process(batch)
+                    self._commit(result.offsets)
+                except ShutdownDuringOutage as exc:
+                    log.error("%s", exc)
+                    return 75
+                BATCH_SECONDS.observe(time.monotonic() - started)
+                log.info("batch of %d: %d written, %d deleted, %d stale, %d superseded, %d dead-lettered "
+                         "in %.2fs", len(batch), result.written, result.deleted, result.stale,
+                         result.superseded, result.dead, time.monotonic() - started)
+                idle_since = time.monotonic()
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("closing the consumer: %s", exc)
+            self._consumer = None
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("closing the producer: %s", exc)
+            self._producer = None
+        self.fetcher.close()
+
+    # --- Kafka ---------------------------------------------------------------------------
+
+    def _poll_batch(self) -> list:
+        """Up to ``batch_size`` records, waiting at most ``batch_ms`` after the first one."""
+        records: list = []
+        first = None
+        while len(records) < self.s.batch_size and not self._stop.is_set():
+            wait = self.s.batch_ms if first is None else self.s.batch_ms - (time.monotonic() - first) * 1000
+            if wait <= 0:
+                break
+            polled = self._consumer.poll(timeout_ms=int(wait), max_records=self.s.batch_size - len(records))
+            got = [r for recs in polled.values() for r in recs]
+            if got:
+                records += got
+                first = first or time.monotonic()
+            elif first is None:
+                break                      # nothing within batch_ms: let the caller check stop/idle
+        return records
+
+    def _commit(self, offsets: dict) -> None:
+        from kafka.errors import CommitFailedError
+        from kafka.structs import OffsetAndMetadata
+        if not offsets:
+            return
+        commit = {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+        try:
+            self._retry("commit", lambda: self._consumer.commit(commit))
+        except CommitFailedError as exc:
+            # The group rebalanced while this batch was in hand: the new owner replays it (the
+            # writes are idempotent), so nothing is lost.
+            log.warning("commit refused after a rebalance; the batch will be replayed: %s", exc)
+            return
+        LAST_COMMIT.set_to_current_time()
+
+    def _dead_letter(self, dead: list[tuple[object, str, str]]) -> None:
+        """Send the bad records to the dead-letter topic (original key, value and headers, plus
+        ``dlq.reason``, ``dlq.stage``, ``dlq.topic``, ``dlq.partition``, ``dlq.offset``) and
+        wait for the broker's acknowledgement of each."""
+        from kafka.errors import KafkaError
+        pending = list(dead)
+
+        def attempt():
+            nonlocal pending
+            sent = []
+            for rec, stage, reason in pending:
+                headers = list(rec.headers or []) + [
+                    ("dlq.reason", reason.encode()[:4000]), ("dlq.stage", stage.encode()),
+                    ("dlq.topic", rec.topic.encode()), ("dlq.partition", str(rec.partition).encode()),
+                    ("dlq.offset", str(rec.offset).encode()),
+                    ("dlq.timestamp", str(int(time.time() * 1000)).encode())]
+                sent.append(((rec, stage, reason), self._producer.send(
+                    self.s.dlq_topic, key=rec.key, value=rec.value, headers=headers)))
+            self._producer.flush(timeout=10)
+            failed, last = [], None
+            for item, fut in sent:
+                try:
+                    fut.get(timeout=10)
+                except KafkaError as exc:
+                    failed.append(item)
+                    last = exc
+            pending = failed
+            if last is not None:
+                raise last
+
+        if pending:
+            self._retry("dead-letter", attempt)
+            DEAD.inc(len(dead))
+
+    # --- one batch -----------------------------------------------------------------------
+
+    def process(self, records: Sequence) -> BatchResult:
+        """Apply a batch to Milvus and dead-letter its bad records; returns the offsets to commit."""
+        from kafka.structs import TopicPartition
+        offsets: dict = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        result = BatchResult(offsets=offsets)
+        dead: list[tuple[object, str, str]] = []
+
+        events: list[tuple[int, object, CatalogEvent]] = []       # (position, record, event)
+        for pos, rec in enumerate(records):
+            try:
+                events.append((pos, rec, decode(rec.key, rec.value, rec.timestamp)))
+            except BadEvent as exc:
+                dead.append((rec, "validate", str(exc)))
+                FAILED.labels("validate").inc()
+
+        ids = list(dict.fromkeys(ev.id for _, _, ev in events))
+        stored = self._retry("read versions", lambda: self.store.versions(self.s.collection, ids)) if ids else {}
+        live = []
+        for pos, rec, ev in events:
+            if ev.ts < stored.get(ev.id, -1):
+                result.stale += 1
+                EVENTS.labels(ev.op, "stale").inc()
+            else:
+                live.append((pos, rec, ev))
+
+        vectors = self._images_and_vectors(live, dead)
+
+        # newest valid event per id (ties: later in the log)
+        winners: dict[str, tuple[tuple[int, int], CatalogEvent]] = {}
+        for pos, rec, ev in live:
+            if ev.op == "upsert" and pos not in vectors:
+                continue                          # dead-lettered
+            key = (ev.ts, pos)
+            prev = winners.get(ev.id)
+            if prev is not None:
+                result.superseded += 1
+                EVENTS.labels(ev.op, "superseded").inc()
+            if prev is None or key > prev[0]:
+                winners[ev.id] = (key, ev)
+
+        rows, deletes = [], {}
+        for (_, pos), ev in winners.values():
+            if ev.op == "delete":
+                deletes[ev.id] = ev.ts
+            else:
+                rows.append({"id": ev.id, "embedding": vectors[pos], "uri": ev.stored_uri,
+                             "metadata": ev.metadata, "visibility": ev.visibility, "updated_at": ev.ts})
+        started = time.monotonic()
+        if rows:
+            self._retry("upsert", lambda: self.store.upsert(self.s.collection, rows))
+        if deletes:
+            self._retry("delete", lambda: self.store.delete(self.s.collection, deletes))
+        WRITE_SECONDS.observe(time.monotonic() - started)
+        result.written, result.deleted = len(rows), len(deletes)
+        EVENTS.labels("upsert", "written").inc(len(rows))
+        EVENTS.labels("delete", "written").inc(len(deletes))
+
+        self._dead_letter(dead)
+        result.dead = len(dead)
+        return result
+
+    def _images_and_vectors(self, live, dead) -> dict[int, np.ndarray]:
+        """Fetch and embed the upserts in ``live``: ``{position: vector}``; failures go to ``dead``."""
+        ups = [(pos, rec, ev) for pos, rec, ev in live if ev.op == "upsert"]
+        if not ups:
+            return {}
+        started = time.monotonic()
+        to_fetch = [(pos, rec, ev) for pos, rec, ev in ups if ev.image is None]
+        fetched = self.fetcher.fetch_many([ev.uri for _, _, ev in to_fetch])
+        blobs: dict[int, bytes] = {pos: ev.image for pos, _, ev in ups if ev.image is not None}
+        for (pos, rec, ev), got in zip(to_fetch, fetched):
+            if isinstance(got, FetchError):
+                dead.append((rec, "fetch", f"image fetch failed: {got}"))
+                FAILED.labels("fetch").inc()
+            else:
+                blobs[pos] = got
+        FETCH_SECONDS.observe(time.monotonic() - started)
+
+        # identical bytes (re-uploads) are embedded once
+        by_hash: dict[str, list[int]] = {}
+        for pos, blob in blobs.items():
+            by_hash.setdefault(hashlib.sha1(blob).hexdigest(), []).append(pos)
+        unique = [(h, blobs[p[0]]) for h, p in by_hash.items()]
+        started = time.monotonic()
+        outcome = self._retry("embed", lambda: self._embed([b for _, b in unique]))
+        EMBED_SECONDS.observe(time.monotonic() - started)
+        record_of = {pos: rec for pos, rec, _ in ups}
+        vectors: dict[int, np.ndarray] = {}
+        for (h, _), got in zip(unique, outcome):
+            for pos in by_hash[h]:
+                if isinstance(got, Exception):
+                    dead.append((record_of[pos], "decode", f"image cannot be used: {got}"))
+                    FAILED.labels("decode").inc()
+                else:
+                    vectors[pos] = got
+        return vectors
+
+    def _embed(self, blobs: list[bytes]) -> list:
+        """One item per blob: its vector, or the InvalidImage saying why it cannot be embedded."""
+        from predictor.preprocess import InvalidImage
+        if not blobs:
+            return []
+        if hasattr(self.embedder, "try_preprocess"):
+            arrays = self.embedder.try_preprocess(blobs)
+            ok = [i for i, a in enumerate(arrays) if not isinstance(a, Exception)]
+            out: list = list(arrays)
+            if ok:
+                vecs = self.embedder.embed_arrays(np.stack([arrays[i] for i in ok]))
+                for j, i in enumerate(ok):
+                    out[i] = vecs[j]
+            return out
+        try:
+            return list(self.embedder.embed_bytes(blobs))
+        except InvalidImage:
+            if len(blobs) == 1:
+                raise
+        out = []
+        for b in blobs:                            # find the bad ones
+            try:
+                out.append(self.embedder.embed_bytes([b])[0])
+            except InvalidImage as exc:
+                out.append(exc)
+        return out
+
+    # --- retries -------------------------------------------------------------------------
+
+    def _retry(self, stage: str, fn: Callable):
+        """Call ``fn`` until it succeeds, backing off on outages. Gives up (raising
+        :class:`ShutdownDuringOutage`) only when a stop was requested and the grace period is over."""
+        from kafka.errors import CommitFailedError
+        from predictor.preprocess import InvalidImage
+        delay = self.s.retry_initial_s
+        while True:
+            try:
+                return fn()
+            except (CommitFailedError, InvalidImage):
+                raise
+            except self._retryable as exc:
+                RETRIES.labels(stage).inc()
+                if self._stop.is_set() and time.monotonic() >= (self._stop_deadline or 0):
+                    raise ShutdownDuringOutage(f"stopping during an outage at {stage}: {exc}; "
+                                               "nothing committed, the batch will be replayed") from exc
+                log.warning("%s failed (%s: %s); retrying in %.1fs", stage, type(exc).__name__,
+                            str(exc)[:300], delay)
+                if self._stop.is_set():
+                    time.sleep(min(delay, 1.0))
+                else:
+                    self._stop.wait(delay)
+                delay = min(delay * 2, self.s.retry_max_s)

@@ -1,0 +1,119 @@
+"""Operations: embedding through the embedder service, Milvus outages (503 with a reason, then
+recovery without a restart), the API key and CORS."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import requests
+
+from tests.fixtures.search import start_search_server
+from vsearch.services import free_port, start_milvus_lite_server
+
+KEY = "s3cret-key"
+
+
+def index_catalog(uri: str, alias: str, catalog, dim_source) -> None:
+    from predictor.model import Embedder, read_meta
+    from vsearch.store import MilvusStore, collection_name
+
+    emb = Embedder(dim_source)
+    ids = [i for i in catalog.photos if i.startswith("photo-0")][:6]
+    vectors = emb.embed_bytes([catalog.photos[i] for i in ids])
+    store = MilvusStore(uri, timeout=30)
+    name = collection_name("opstest", read_meta(dim_source).version)
+    store.ensure_collection(name, dim=emb.dim)
+    store.upsert(name, [{"id": i, "embedding": v, "uri": catalog.files[i].resolve().as_uri(),
+                         "metadata": {"label": catalog.labels[i],
+                                      "content_hash": hashlib.sha256(catalog.photos[i]).hexdigest()},
+                         "visibility": "public", "updated_at": 1} for i, v in zip(ids, vectors)])
+    store.switch_alias(alias, name)
+    store.close()
+
+
+def test_milvus_outage_gives_503_and_the_server_recovers(search_catalog, embedder_url, tiny_model_dir,
+                                                         tmp_path):
+    port = free_port()
+    milvus_uri = f"http://127.0.0.1:{port}"                  # nothing listens there yet
+    svc = start_search_server(milvus_uri=milvus_uri, alias="images", embedder_url=embedder_url,
+                              log_path=tmp_path / "search.log",
+                              extra=("--milvus-timeout", "3", "--api-key", KEY,
+                                     "--cors-origins", "http://shop.example"))
+    headers = {"X-API-Key": KEY}
+    photo = search_catalog.photos["photo-03"]
+
+    def search():
+        return requests.post(f"{svc.url}/search", files={"image": ("q.jpg", photo, "image/jpeg")},
+                             data={"k": "3"}, headers=headers, timeout=60)
+    try:
+        down = search()
+        assert down.status_code == 503 and "Milvus" in down.json()["error"], down.text
+        assert requests.get(f"{svc.url}/v2/models/visual-search/ready", timeout=5).status_code == 200
+
+        milvus = start_milvus_lite_server(tmp_path / "milvus", port=port, log_path=tmp_path / "milvus.log")
+        try:
+            empty = search()
+            assert empty.status_code == 503 and "nothing to search yet" in empty.json()["error"], empty.text
+            index_catalog(milvus.uri, "images", search_catalog, tiny_model_dir)
+            up = search()
+            assert up.status_code == 200, up.text
+            assert up.json()["results"][0]["id"] == "photo-03"    # embedded by the embedder service
+            # not a client mistake either when the embedder is fine but the query is bad
+            bad = requests.post(f"{svc.url}/search", headers=headers, timeout=30,
+                                files={"image": ("q.jpg", b"garbage", "image/jpeg")})
+            assert bad.status_code == 400 and "not an image" in bad.json()["error"]
+        finally:
+            milvus.stop()
+        again_down = search()
+        assert again_down.status_code == 503, again_down.text
+        milvus = start_milvus_lite_server(tmp_path / "milvus", port=port, log_path=tmp_path / "milvus.log")
+        try:
+            deadline = time.monotonic() + 30
+            while (r := search()).status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert r.status_code == 200 and r.json()["results"][0]["id"] == "photo-03", r.text
+        finally:
+            milvus.stop()
+    finally:
+        svc.stop()
+
+
+def test_api_key_and_cors(search_server, search_catalog, tiny_model_dir, milvus_server_uri, tmp_path):
+    svc = start_search_server(milvus_uri=milvus_server_uri, alias=search_catalog.alias,
+                              model_dir=tiny_model_dir, log_path=tmp_path / "search.log",
+                              extra=("--api-key", KEY, "--cors-origins", "http://shop.example"))
+    try:
+        photo = search_catalog.photos["photo-04"]
+        files = {"image": ("q.jpg", photo, "image/jpeg")}
+        no_key = requests.post(f"{svc.url}/search", files=files, timeout=30)
+        assert no_key.status_code == 401 and "API key" in no_key.json()["error"]
+        wrong = requests.post(f"{svc.url}/search", files=files, headers={"X-API-Key": "nope"}, timeout=30)
+        assert wrong.status_code == 401
+        ok = requests.post(f"{svc.url}/search", files=files, headers={"X-API-Key": KEY}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["results"][0]["id"] == "photo-04"
+        bearer = requests.post(f"{svc.url}/search", files=files, timeout=30,
+                               headers={"Authorization": f"Bearer {KEY}"})
+        assert bearer.status_code == 200
+        for path in ("/images/photo-04", "/api/config", "/metrics", "/v2/models/visual-search"):
+            assert requests.get(f"{svc.url}{path}", timeout=10).status_code == 401, path
+        assert requests.post(f"{svc.url}/v1/models/visual-search:predict", json={"instances": []},
+                             timeout=10).status_code == 401
+        # health and the static page stay open
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/visual-search/ready", "/",
+                     "/web/app.js"):
+            assert requests.get(f"{svc.url}{path}", timeout=10).status_code == 200, path
+        # CORS: the configured origin may call, preflight included; others get no grant
+        pre = requests.options(f"{svc.url}/search", timeout=10, headers={
+            "Origin": "http://shop.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "http://shop.example"
+        cross = requests.post(f"{svc.url}/search", files=files, timeout=30,
+                              headers={"X-API-Key": KEY, "Origin": "http://shop.example"})
+        assert cross.headers.get("access-control-allow-origin") == "http://shop.example"
+        other = requests.post(f"{svc.url}/search", files=files, timeout=30,
+                              headers={"X-API-Key": KEY, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        svc.stop()

@@ -1,0 +1,142 @@
+"""The web page in a real headless Chromium (Debian's ``chromium`` driven by Playwright): upload
+a real photo, see ranked results, drag a crop, click a result to search with it (and log the
+click), and read clear error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                       "(apt-get install -y chromium chromium-driver)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, search_server):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    errors = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto(search_server.url + "/")
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def rendered(pg) -> list[tuple[str, str]]:
+    cards = pg.locator("[data-testid=result]")
+    return [(cards.nth(i).get_attribute("data-id"), cards.nth(i).locator(".score").inner_text())
+            for i in range(cards.count())]
+
+
+def test_upload_crop_and_click_in_a_real_browser(page, search_server, tmp_path):
+    pg, cat = page, search_server.catalog
+    photo = cat.files["photo-03"]
+
+    # 1. upload a real photo: the results appear, the photo itself first with score 1.000
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as first:
+        pg.set_input_files("[data-testid=file]", str(photo))
+    whole = first.value.json()
+    pg.wait_for_selector("[data-testid=result]")
+    assert rendered(pg) == [(r["id"], f"{r['score']:.3f}") for r in whole["results"]]
+    assert rendered(pg)[0] == ("photo-03", "1.000")
+    assert "secret" not in [i for i, _ in rendered(pg)]
+    assert "result" in pg.inner_text("[data-testid=status]")
+    # thumbnails load from /images/<id>
+    pg.wait_for_function("() => { const i = document.querySelector('[data-testid=result] img');"
+                         " return i && i.complete && i.naturalWidth > 0; }")
+
+    # 2. drag a box on the image: a crop query, with different results
+    box = pg.locator("[data-testid=query-image]").bounding_box()
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as second:
+        pg.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.15)
+        pg.mouse.down()
+        pg.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4, steps=5)
+        pg.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.7, steps=5)
+        pg.mouse.up()
+    crop_sent = pg.get_attribute("[data-testid=crop-text]", "data-sent")
+    x0, y0, x1, y1 = map(float, crop_sent.split(","))
+    assert (x0, y0, x1, y1) == pytest.approx((0.1, 0.15, 0.6, 0.7), abs=0.02)
+    cropped = second.value.json()
+    pg.wait_for_function(
+        "(first) => { const c = document.querySelector('[data-testid=result]');"
+        " return c && c.querySelector('.score').textContent === first; }",
+        arg=f"{cropped['results'][0]['score']:.3f}")
+    assert rendered(pg) == [(r["id"], f"{r['score']:.3f}") for r in cropped["results"]]
+    # the same crop through the API gives the same ranking: the page sent the box it drew
+    api = search_server.search(photo.read_bytes(), crop=crop_sent, log_impression="false").json()
+    assert [(r["id"], r["score"]) for r in api["results"]] == [(r["id"], r["score"]) for r in cropped["results"]]
+    assert [(r["id"], r["score"]) for r in cropped["results"]] != [(r["id"], r["score"]) for r in whole["results"]]
+    assert pg.inner_text("[data-testid=crop-text]").startswith("Crop 0.1")
+    assert pg.locator("[data-testid=crop-box]").is_visible()
+    pg.screenshot(path=str(tmp_path / "results.png"), full_page=True)
+    shot_dir = os.environ.get("VSEARCH_SCREENSHOT_DIR")
+    if shot_dir:
+        pg.screenshot(path=str(Path(shot_dir) / "search-page.png"), full_page=True)
+
+    # 3. click the second result: the click is logged, then the page searches with that image
+    target = rendered(pg)[1][0]
+    with pg.expect_response(lambda r: r.url.endswith("/events")) as ev, \
+            pg.expect_response(lambda r: r.url.endswith("/search")) as third:
+        pg.locator("[data-testid=result]").nth(1).click()
+    event = ev.value
+    assert event.status == 200 and event.json()["events"][0]["accepted"] is True
+    posted = json.loads(event.request.post_data)
+    assert posted == {"type": "click", "query_id": cropped["query_id"], "item_id": target, "rank": 2}
+    assert third.value.json()["results"][0]["id"] in (target, )
+    pg.wait_for_function("(id) => { const c = document.querySelector('[data-testid=result]');"
+                         " return c && c.dataset.id === id; }", arg=target)
+    assert pg.inner_text("[data-testid=crop-text]") == "Whole image"
+
+
+def test_errors_are_shown_clearly(page, search_server, tmp_path):
+    pg = page
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    pg.set_input_files("[data-testid=file]", str(text))
+    status = pg.locator("[data-testid=status]")
+    assert "not an image" in status.inner_text() and status.get_attribute("data-state") == "error"
+
+    # a file that claims to be an image but is not: the server's reason is shown
+    fake = tmp_path / "fake.jpg"
+    fake.write_bytes(b"\xff\xd8 definitely not a JPEG")
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as resp:
+        pg.set_input_files("[data-testid=file]", str(fake))
+    assert resp.value.status == 400
+    pg.wait_for_function("() => document.querySelector('[data-testid=status]').dataset.state === 'error'")
+    assert "refused" in status.inner_text() and "image" in status.inner_text()
+
+    # k out of range: the server's 400 reason is shown; a valid k works again
+    pg.set_input_files("[data-testid=file]", str(search_server.catalog.files["photo-05"]))
+    pg.wait_for_selector("[data-testid=result]")
+    pg.fill("[data-testid=k]", "0")
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as bad:
+        pg.click("[data-testid=search]")
+    assert bad.value.status == 400
+    pg.wait_for_function("() => document.querySelector('[data-testid=status]').dataset.state === 'error'")
+    assert "k must" in status.inner_text()
+    pg.fill("[data-testid=k]", "3")
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as good:
+        pg.click("[data-testid=search]")
+    assert good.value.status == 200
+    pg.wait_for_function("() => document.querySelectorAll('[data-testid=result]').length === 3")
+    assert status.get_attribute("data-state") == "ok"

@@ -1,0 +1,79 @@
+"""``vsearch evaluate`` and trainer.evaluate on real photos: several models and baselines in one
+run, a table, report.json and report.png, labelled folders and judgments CSVs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from predictor.model import read_meta
+from trainer.data import list_images, split_holdout
+from trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
+from vsearch.cli import main
+
+
+def test_compares_models_and_baselines_on_a_labelled_folder(photo_folder, model_dirs, tmp_path):
+    dirs = [str(model_dirs["resnet18"]), str(model_dirs["vit-small"])]
+    report = evaluate_models(dirs, str(photo_folder), ks=(1, 5), baselines=["raw-pixels", "random-init"])
+    assert [r["kind"] for r in report["results"]] == ["model", "model", "raw-pixels", "random-init"]
+    for r in report["results"]:
+        assert r["queries_evaluated"] == 32 and r["queries_without_relevant"] == 0
+        assert 0.0 <= r["metrics"]["map@r"] <= 1.0
+        assert set(r["per_class_map@r"]) == {p.name for p in photo_folder.iterdir()}
+    table = format_table(report)
+    assert "tiny-resnet18:1" in table and "raw-pixels" in table and "recall@5" in table
+    js, png = write_outputs(report, tmp_path / "rep")
+    assert json.loads(js.read_text())["results"][0]["name"] == "tiny-resnet18:1"
+    with Image.open(png) as im:
+        assert im.size[0] > 500
+
+    store_in_meta(dirs[0], report)
+    ev = read_meta(dirs[0]).evaluation
+    assert ev["queries_evaluated"] == 32 and "raw-pixels" in ev["baselines"]
+
+
+def test_held_out_split_is_stable_and_disjoint(photo_folder):
+    records = list_images(photo_folder)
+    train1, held1 = split_holdout(records, 0.25, seed=3)
+    train2, held2 = split_holdout(list(reversed(records)), 0.25, seed=3)
+    assert {r.source for r in held1} == {r.source for r in held2}
+    assert not {r.source for r in held1} & {r.source for r in train1}
+    assert len(held1) == 8 and {r.label for r in held1} == {r.label for r in records}
+
+
+def test_cli_with_a_judgments_csv(photo_folder, tiny_model_dir, tmp_path, capsys):
+    files = sorted(p for p in photo_folder.rglob("*.jpg"))
+    q, same, other = files[0], files[1], files[-1]
+    csv = tmp_path / "judgments.csv"
+    csv.write_text(f"query,candidate,grade\n{q},{same},5\n{q},{other},0\n{files[8]},{files[9]},3\n")
+    out = tmp_path / "rep"
+    rc = main(["evaluate", "--model-dir", str(tiny_model_dir), "--data", str(csv), "--k", "1,2",
+               "--baselines", "raw-pixels", "--out", str(out), "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "ndcg@2" in printed and "recall@1" in printed and "raw-pixels" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == {"kind": "judgments", "source": str(csv), "queries": 2,
+                              "candidates": 5, "judgments": 3}
+    assert all(r["queries_evaluated"] == 2 for r in report["results"])
+    assert (out / "report.png").stat().st_size > 1000
+
+
+def test_cli_errors_are_clear(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "j.csv"
+    bad.write_text("query,candidate,grade\na.jpg,b.jpg,9\n")
+    assert main(["evaluate", "--model-dir", str(tiny_model_dir), "--data", str(bad)]) == 2
+    assert "outside 0..5" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(tmp_path), "--baselines", "nonsense"]) == 2
+    assert "unknown baseline" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(tmp_path)]) == 2
+    assert "at least one --model-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split,expected", [("all", 32), ("held-out", 8), ("train", 24)])
+def test_splits(photo_folder, tiny_model_dir, split, expected):
+    report = evaluate_models([str(tiny_model_dir)], str(photo_folder), ks=(1,), split=split,
+                             holdout=0.25, split_seed=0)
+    assert report["results"][0]["queries"] == expected
