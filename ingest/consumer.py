@@ -346,7 +346,9 @@ class IngestConsumer:
             return {}
         started = time.monotonic()
         to_fetch = [(pos, rec, ev) for pos, rec, ev in ups if ev.image is None]
-        fetched = self.fetcher.fetch_many([ev.uri for _, _, ev in to_fetch])
+        distinct = list(dict.fromkeys(ev.uri for _, _, ev in to_fetch))   # same URI: fetched once
+        by_uri = dict(zip(distinct, self.fetcher.fetch_many(distinct)))
+        fetched = [by_uri[ev.uri] for _, _, ev in to_fetch]
         blobs: dict[int, bytes] = {pos: ev.image for pos, _, ev in ups if ev.image is not None}
         for (pos, rec, ev), got in zip(to_fetch, fetched):
             if isinstance(got, FetchError):

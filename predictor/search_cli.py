@@ -140,8 +140,8 @@ def _demo(args) -> int:
 
 def read_events(bootstrap: str, topic: str = "search.events", idle_timeout: float = 3.0):
     """Every record on the topic, from the beginning, until none arrives for ``idle_timeout``
-    seconds (the local broker's end offsets cannot be trusted). Yields decoded records;
-    undecodable ones are counted in the returned generator's ``bad`` list via StopIteration."""
+    seconds (the local broker's end offsets cannot be trusted, so no lag or end-offset check).
+    Yields decoded records, and ``{"_bad": reason}`` for each undecodable one."""
     from kafka import KafkaConsumer, TopicPartition
 
     from vsearch import search_events

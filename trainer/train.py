@@ -167,6 +167,8 @@ def train(cfg: TrainConfig) -> Path:
     t_start = time.time()
     out = Path(cfg.out)
     ckpt_path = out / "checkpoints" / "last.pt"
+    if not cfg.resume and ((out / "train_log.jsonl").exists() or (out / "config.json").exists()):
+        raise DataError(f"{out} already holds a model or a run: pick a new --out, or --resume it")
     runlog = RunLog(out / "train_log.jsonl")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

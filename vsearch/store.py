@@ -38,14 +38,21 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 log = logging.getLogger(__name__)
-# pymilvus logs every failed RPC at ERROR with a full traceback; this layer reports failures
-# itself (as exceptions), so keep its logger for real emergencies only.
-logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+
+
+def _quiet_pymilvus() -> None:
+    """pymilvus logs every failed RPC at ERROR with a full traceback (and resets its logger
+    when imported); this layer reports failures itself, as exceptions, so keep its loggers for
+    real emergencies only."""
+    import pymilvus  # noqa: F401  (configures its loggers on import)
+    for name in ("pymilvus", "pymilvus.decorators", "pymilvus.milvus_client"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 DEFAULT_ALIAS = "images"
 COLLECTION_PREFIX = "images"
@@ -68,6 +75,11 @@ INDEX_DEFAULTS: dict[str, tuple[dict, dict]] = {
     "FLAT": ({}, {}),
     "AUTOINDEX": ({}, {}),
 }
+# pymilvus pings every 10 s even on idle connections; gRPC servers with default settings
+# (``milvus-lite server`` among them) answer that with GOAWAY "too_many_pings" and the next call
+# fails. Ping only while calls are in flight, and rarely.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 120_000, "grpc.keepalive_timeout_ms": 20_000,
+                "grpc.keepalive_permit_without_calls": 0}
 # Search parameter that must be at least k for the index type.
 _K_BOUND = {"HNSW": "ef", "DISKANN": "search_list"}
 
@@ -197,6 +209,11 @@ def _is_unavailable(exc: BaseException) -> bool:
                                    "socket closed", "connection reset"))
 
 
+def _needs_load(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "released" in text or "not loaded" in text or "call load" in text or "load()" in text
+
+
 def _is_not_found(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "does not exist" in text or "not found" in text or "not exist" in text
@@ -230,6 +247,7 @@ class MilvusStore:
         self.index = index or IndexConfig()
         self.consistency = consistency
         self._client = None
+        self._tombstones: set[str] = set()      # tombstone collections known to exist
 
     @classmethod
     def from_args(cls, args) -> "MilvusStore":
@@ -246,9 +264,13 @@ class MilvusStore:
     @property
     def client(self):
         if self._client is None:
+            _quiet_pymilvus()
+            if self.is_lite_file:   # the embedded server logs pymilvus' probes of calls it lacks
+                logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
             from pymilvus import MilvusClient
             try:
-                self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout)
+                self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout,
+                                            grpc_options=GRPC_OPTIONS)
             except Exception as exc:  # noqa: BLE001
                 raise self._wrap("connect", exc) from exc
         return self._client
@@ -260,12 +282,25 @@ class MilvusStore:
 
     def _call(self, op: str, method: str, *args, timeout: float | None = None, **kwargs):
         client = self.client
-        try:
-            return getattr(client, method)(*args, timeout=timeout or self.timeout, **kwargs)
-        except (ValueError, TypeError) as exc:
-            raise StoreError(f"Milvus {op} rejected the request: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001  (pymilvus and grpc raise many kinds)
-            raise self._wrap(op, exc) from exc
+        for attempt in (0, 1):
+            try:
+                return getattr(client, method)(*args, timeout=timeout or self.timeout, **kwargs)
+            except (ValueError, TypeError) as exc:
+                raise StoreError(f"Milvus {op} rejected the request: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001  (pymilvus and grpc raise many kinds)
+                # A restarted server (Milvus Lite among them) comes back with its collections
+                # released: load the collection once and try again.
+                if attempt == 0 and _is_unavailable(exc) and not isinstance(exc, TimeoutError):
+                    time.sleep(0.2)            # a dropped channel reconnects: one quick retry
+                    continue
+                if attempt == 0 and args and isinstance(args[0], str) and _needs_load(exc):
+                    log.info("Milvus collection %s is not loaded (server restarted?): loading it", args[0])
+                    try:
+                        client.load_collection(args[0], timeout=timeout or self.timeout)
+                        continue
+                    except Exception as load_exc:  # noqa: BLE001
+                        raise self._wrap(f"load {args[0]}", load_exc) from load_exc
+                raise self._wrap(op, exc) from exc
 
     def close(self) -> None:
         if self._client is not None:
@@ -365,6 +400,11 @@ class MilvusStore:
         log.info("created Milvus collection %s (%s %s %s)", name, index.index_type, index.metric, index.params)
         return True
 
+    def flush(self, name: str, *, timeout: float | None = None) -> None:
+        """Seal the collection's growing segments so that they get indexed (bulk loads, benchmarks)."""
+        _check_name(name)
+        self._call("flush", "flush", name, timeout=timeout)
+
     def ensure_loaded(self, name_or_alias: str, *, timeout: float | None = None) -> None:
         """Load a collection (or the one an alias names) unless it is loaded: after a Milvus
         restart collections come back released and searches fail until someone loads them."""
@@ -387,6 +427,7 @@ class MilvusStore:
             self._call("drop_collection", "drop_collection", name, timeout=timeout)
         if self.has_collection(name + TOMBSTONE_SUFFIX, timeout=timeout):
             self._call("drop_collection", "drop_collection", name + TOMBSTONE_SUFFIX, timeout=timeout)
+        self._tombstones.discard(name + TOMBSTONE_SUFFIX)
 
     # --- aliases -------------------------------------------------------------------------
 
@@ -516,7 +557,8 @@ class MilvusStore:
         out = {i: int(r["updated_at"]) for i, r in self.get(collection, ids, ("updated_at",),
                                                              timeout=timeout).items()}
         tomb = collection + TOMBSTONE_SUFFIX
-        if self.has_collection(tomb, timeout=timeout):
+        if tomb in self._tombstones or self.has_collection(tomb, timeout=timeout):
+            self._tombstones.add(tomb)
             for i, r in self.get(tomb, ids, ("updated_at",), timeout=timeout).items():
                 out[i] = max(out.get(i, r["updated_at"]), int(r["updated_at"]))
         return out

@@ -161,6 +161,7 @@ def milvus_state_local(store: MilvusStore, coll: str) -> dict:
     (["publish", "--bootstrap", "127.0.0.1:1"], "--delete"),
 ])
 def test_cli_explains_missing_arguments(argv, message):
-    import subprocess
-    r = subprocess.run(services.vsearch_argv(*argv), capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and message in (r.stderr + r.stdout)
+    from vsearch.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert message in str(exc.value.code)

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
 
 from tests.fixtures.models import caltech_photos, generated_photos
 
 
-def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
+def small_catalog(tmp_path) -> Path:
     catalog = tmp_path / "catalog"
     photos = caltech_photos(n_classes=3, per_class=3)
     if photos:
@@ -23,6 +29,24 @@ def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
         catalog.mkdir()
         for i, data in enumerate(generated_photos(9)):
             (catalog / f"g{i}.jpg").write_bytes(data)
+    return catalog
+
+
+def leftover_processes(marker: str) -> list[str]:
+    """Command lines of processes that still mention ``marker`` (the demo's data folder)."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and "pytest" not in cmdline:
+            left.append(cmdline)
+    return left
+
+
+def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
+    catalog = small_catalog(tmp_path)
     data_dir = tmp_path / "demo"
     out = subprocess.run([sys.executable, "-m", "vsearch", "demo", "--check", "--port", "0",
                           "--model-dir", str(tiny_model_dir), "--catalog", str(catalog),
@@ -35,7 +59,45 @@ def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
     assert "stopped: search, consumer, embedder, milvus-lite, tansu" in out.stdout
     # the query images the events point at were kept
     assert any((data_dir / "queries").rglob("*.jpg"))
-    # nothing left running: every port the demo used is closed again (processes were stopped)
     logs = data_dir / "logs"
     assert {p.name for p in logs.iterdir()} >= {"broker.log", "milvus.log", "embedder.log",
                                                  "consumer.log", "search.log"}
+    # nothing left running: no process still has the demo's data folder on its command line
+    assert not leftover_processes(str(data_dir))
+
+
+def test_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, tiny_model_dir):
+    catalog = small_catalog(tmp_path)
+    data_dir = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "vsearch", "demo", "--port", "0",
+                             "--model-dir", str(tiny_model_dir), "--catalog", str(catalog),
+                             "--data-dir", str(data_dir), "--timeout", "180"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "VSEARCH_THREADS": "1"})
+    lines = []
+    try:
+        url = None
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:
+            lines.append(line)
+            if "Visual search is up:" in line:
+                url = line.split("up:", 1)[1].strip().rstrip("/")
+            if "Press Ctrl-C" in line or time.monotonic() > deadline:
+                break
+        assert url, "".join(lines)
+        photo = next(catalog.rglob("*.jpg"))
+        resp = requests.post(f"{url}/search", files={"image": ("q.jpg", photo.read_bytes())},
+                             data={"k": "3"}, timeout=60)
+        assert resp.status_code == 200 and resp.json()["results"][0]["score"] > 0.999
+        assert requests.get(f"{url}/", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping" in out and "stopped: search, consumer, embedder, milvus-lite, tansu" in out
+    assert not leftover_processes(str(data_dir))
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/", timeout=5)

@@ -71,6 +71,11 @@ def test_resume_without_a_checkpoint_says_so(photo_folder, tiny_model_dir, tmp_p
         train(config(photo_folder, tmp_path / "x", tiny_model_dir, max_steps=2, resume=True))
 
 
+def test_a_finished_model_is_never_overwritten_by_a_new_run(photo_folder, tiny_model_dir):
+    with pytest.raises(ValueError, match="already holds a model"):
+        train(config(photo_folder, tiny_model_dir, tiny_model_dir, max_steps=1))
+
+
 def test_cli_trains_from_scratch_evaluates_the_held_out_split_and_the_export_serves_over_http(
         photo_folder, tmp_path, photo_bytes):
     out = tmp_path / "cli-model"

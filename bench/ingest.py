@@ -1,0 +1,272 @@
+"""Catalog ingest throughput and freshness, through the real Tansu broker and Milvus Lite:
+
+- precomputed: ``vsearch ingest``'s pipeline (poll, validate, version check, file fetch,
+  upsert, commit) with embeddings looked up from a table computed beforehand, so the figure is
+  the pipeline's own overhead. Baselines in the same run: a bare kafka-python consume+commit
+  loop over the same records, and bare ``MilvusStore.upsert`` of the same rows.
+- in-process embedding: the same pipeline embedding every image with a ResNet-18 (random
+  init, 224 px) in process, against that Embedder's own throughput on the same photos
+  (``try_preprocess`` + ``embed_arrays``, batch 32).
+- freshness: 200 single upserts one after the other, each timed from the publish call to the
+  moment a Strong search finds it (tiny model, default batching: --batch-ms 500).
+
+    python -m bench.ingest [--events 20000] [--embed-events 192] [--fresh 200] [--quick]
+
+Prints a table with the ratios. Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ingest.consumer import IngestConsumer, IngestSettings
+from ingest.events import encode, encode_key, upsert_event
+from ingest.topics import GROUP_SETTINGS, ensure_topics
+from vsearch import services
+from vsearch.store import MilvusStore, collection_name
+
+
+class PrecomputedEmbedder:
+    """Embeddings looked up by the image bytes' hash: the pipeline without the model."""
+
+    def __init__(self, table: dict[str, np.ndarray], dim: int):
+        self.table, self.dim = table, dim
+
+    def embed_bytes(self, blobs, crops=None) -> np.ndarray:
+        return np.stack([self.table[hashlib.sha1(b).hexdigest()] for b in blobs])
+
+
+def load_photos(n: int) -> list[bytes]:
+    from bench.embedder import load_photos as photos
+    return photos(n)
+
+
+def produce(bootstrap: str, topic: str, events: list[dict]) -> dict:
+    from kafka import KafkaProducer, TopicPartition
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, batch_size=256 * 1024)
+    futs = [p.send(topic, key=encode_key(e["id"]), value=encode(e)) for e in events]
+    p.flush(60)
+    ends: dict = {}
+    for f in futs:
+        md = f.get(60)
+        tp = TopicPartition(md.topic, md.partition)
+        ends[tp] = max(ends.get(tp, 0), md.offset + 1)
+    p.close()
+    return ends
+
+
+def wait_committed(bootstrap: str, group: str, ends: dict, timeout: float = 600) -> float:
+    from kafka.admin import KafkaAdminClient
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            got = {tp: om.offset for tp, om in admin.list_group_offsets(group).get(group, {}).items()}
+            if all(got.get(tp, -1) >= off for tp, off in ends.items()):
+                return time.perf_counter()
+            time.sleep(0.05)
+    finally:
+        admin.close()
+    raise TimeoutError(f"group {group} did not commit {ends} in {timeout}s")
+
+
+def run_consumer(consumer: IngestConsumer) -> threading.Thread:
+    t = threading.Thread(target=consumer.run, daemon=True)
+    t.start()
+    return t
+
+
+def ingest_rate(bootstrap: str, store: MilvusStore, embedder, events: list[dict], tag: str,
+                batch_size: int = 256) -> float:
+    """events/s from the first publish to the last commit, with the consumer already joined."""
+    topic, group = f"bench-{tag}", f"bench-{tag}"
+    coll = collection_name("bench", tag)
+    ensure_topics(bootstrap, {topic: 3, topic + ".dlq": 1}, compact={topic})
+    consumer = IngestConsumer(IngestSettings(bootstrap=bootstrap, topic=topic, group=group, collection=coll,
+                                             alias=None, batch_size=batch_size, batch_ms=200),
+                              embedder, store)
+    thread = run_consumer(consumer)
+    warm = produce(bootstrap, topic, events[:1])
+    wait_committed(bootstrap, group, warm)                 # joined and warm
+    t0 = time.perf_counter()
+    ends = produce(bootstrap, topic, events[1:])
+    t1 = wait_committed(bootstrap, group, ends)
+    consumer.request_stop()
+    thread.join(30)
+    assert store.count(coll) == len({e["id"] for e in events}), "not every event landed"
+    store.drop_collection(coll)
+    return (len(events) - 1) / (t1 - t0)
+
+
+def raw_consume_rate(bootstrap: str, events: list[dict]) -> float:
+    """Baseline: kafka-python poll + commit of the same records, nothing else."""
+    from kafka import KafkaConsumer
+    topic = "bench-raw"
+    ensure_topics(bootstrap, {topic: 3})
+    produce(bootstrap, topic, events)
+    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id="bench-raw", enable_auto_commit=False,
+                      auto_offset_reset="earliest", max_poll_records=256, **GROUP_SETTINGS)
+    n, t0 = 0, None
+    deadline = time.monotonic() + 120
+    while n < len(events) and time.monotonic() < deadline:
+        recs = [r for rs in c.poll(timeout_ms=200).values() for r in rs]
+        if recs:
+            t0 = t0 or time.perf_counter()
+            n += len(recs)
+            c.commit()
+    t1 = time.perf_counter()
+    c.close()
+    return n / (t1 - t0)
+
+
+def raw_upsert_rate(store: MilvusStore, rows: list[dict], batch: int = 256) -> float:
+    coll = collection_name("bench", "raw-upsert")
+    store.ensure_collection(coll, len(rows[0]["embedding"]))
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        store.upsert(coll, rows[i:i + batch])
+    dt = time.perf_counter() - t0
+    store.drop_collection(coll)
+    return len(rows) / dt
+
+
+def freshness(bootstrap: str, store: MilvusStore, model_dir: Path, photos: list[bytes], n: int,
+              folder: Path) -> list[float]:
+    from predictor.model import Embedder
+    emb = Embedder(model_dir, threads=1)
+    topic, group = "bench-fresh", "bench-fresh"
+    coll = collection_name("bench", "fresh")
+    ensure_topics(bootstrap, {topic: 3, topic + ".dlq": 1}, compact={topic})
+    consumer = IngestConsumer(IngestSettings(bootstrap=bootstrap, topic=topic, group=group,
+                                             collection=coll, alias=None), emb, store)
+    thread = run_consumer(consumer)
+    from kafka import KafkaProducer
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    uris = []
+    for i, b in enumerate(photos):
+        p = folder / f"fresh-{i}.jpg"
+        p.write_bytes(b)
+        uris.append(p.as_uri())
+    query = np.zeros((1, emb.dim), np.float32)
+    query[0, 0] = 1.0
+    lat = []
+    warm = produce(bootstrap, topic, [upsert_event("warm", uri=uris[0])])
+    wait_committed(bootstrap, group, warm)
+    for i in range(n):
+        ev = upsert_event(f"fresh-{i}", uri=uris[i % len(uris)])
+        t0 = time.perf_counter()
+        producer.send(topic, key=encode_key(ev["id"]), value=encode(ev))
+        producer.flush()
+        flt = f'id == "fresh-{i}"'
+        while not store.search(coll, query, k=1, filter=flt, output_fields=(), consistency="Strong")[0]:
+            if time.perf_counter() - t0 > 30:
+                raise TimeoutError(f"event {i} not visible after 30s")
+            time.sleep(0.005)
+        lat.append(time.perf_counter() - t0)
+    producer.close()
+    consumer.request_stop()
+    thread.join(30)
+    store.drop_collection(coll)
+    return lat
+
+
+def main(argv=None) -> int:
+    import logging
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=20000, help="events for the precomputed run")
+    ap.add_argument("--embed-events", type=int, default=192, help="events for the in-process embedding run")
+    ap.add_argument("--fresh", type=int, default=200, help="single events for freshness")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.events, args.embed_events, args.fresh = 2000, 64, 20
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+
+    import torch
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from predictor.model import Embedder, init_model_dir
+    from tests.fixtures.models import TINY
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    photos = load_photos(64)
+    folder = tmp / "photos"
+    folder.mkdir()
+    uris = []
+    for i, b in enumerate(photos):
+        (folder / f"{i}.jpg").write_bytes(b)
+        uris.append((folder / f"{i}.jpg").as_uri())
+
+    broker = services.start_broker(log_path=tmp / "broker.log")
+    store = MilvusStore(str(tmp / "milvus.db"), timeout=60)
+    rows_out = []
+    try:
+        # 1. pipeline overhead with precomputed embeddings
+        dim = 512
+        rng = np.random.default_rng(0)
+        table = {}
+        for b in photos:
+            v = rng.normal(size=dim).astype(np.float32)
+            table[hashlib.sha1(b).hexdigest()] = v / np.linalg.norm(v)
+        events = [upsert_event(f"p-{i}", uri=uris[i % len(uris)], metadata={"i": i}, ts=1 + i)
+                  for i in range(args.events)]
+        pre = ingest_rate(broker.bootstrap, store, PrecomputedEmbedder(table, dim), events, "pre")
+        raw = raw_consume_rate(broker.bootstrap, events)
+        vecs = list(table.values())
+        up = raw_upsert_rate(store, [{"id": f"r-{i}", "embedding": vecs[i % len(vecs)], "uri": uris[0],
+                                      "metadata": {"i": i}, "visibility": "public", "updated_at": 1}
+                                     for i in range(args.events)])
+        rows_out += [("ingest, precomputed embeddings", f"{pre:,.0f} events/s",
+                      f"bare consume+commit {raw:,.0f} msg/s", pre / raw),
+                     ("", "", f"bare Milvus upsert {up:,.0f} rows/s", pre / up)]
+
+        # 2. in-process embedding vs the embedder's own throughput
+        model_dir = tmp / "resnet18"
+        init_model_dir("resnet18", model_dir, name="bench-resnet18", version="1")
+        emb = Embedder(model_dir, batch_size=32)
+        sample = [photos[i % len(photos)] for i in range(args.embed_events)]
+        arrays = emb.try_preprocess(sample[:32])
+        emb.embed_arrays(np.stack(arrays))                               # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(sample), 32):
+            emb.embed_arrays(np.stack(emb.try_preprocess(sample[i:i + 32])))
+        own = len(sample) / (time.perf_counter() - t0)
+        # distinct bytes per event, so that no embedding is shared
+        embed_events = []
+        for i in range(args.embed_events):
+            p = folder / f"e-{i}.jpg"
+            p.write_bytes(sample[i] + f"{i}".encode())     # trailing bytes after JPEG EOI: same image
+            embed_events.append(upsert_event(f"e-{i}", uri=p.as_uri(), ts=1 + i))
+        inproc = ingest_rate(broker.bootstrap, store, emb, embed_events, "embed", batch_size=64)
+        rows_out.append(("ingest, in-process embedding (ResNet-18, 224 px)", f"{inproc:,.1f} events/s",
+                         f"Embedder alone {own:,.1f} img/s", inproc / own))
+        emb.close()
+
+        # 3. freshness
+        tiny = tmp / "tiny"
+        init_model_dir("resnet18", tiny, name="bench-tiny", version="1", **TINY["resnet18"])
+        lat = np.array(freshness(broker.bootstrap, store, tiny, photos, args.fresh, folder))
+        p50, p95 = np.percentile(lat, 50), np.percentile(lat, 95)
+        rows_out.append((f"freshness, publish -> visible in a Strong search ({args.fresh} events)",
+                         f"p50 {p50:.3f} s, p95 {p95:.3f} s", "goal p95 <= 2 s", p95 / 2.0))
+    finally:
+        store.close()
+        broker.stop()
+
+    print()
+    print(f"| measurement | result | baseline (same run) | ratio |")
+    print(f"| --- | --- | --- | --- |")
+    for name, result, base, ratio in rows_out:
+        print(f"| {name} | {result} | {base} | {ratio:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
