@@ -162,6 +162,10 @@ class IngestConsumer:
             self._connect()
         except ShutdownDuringOutage:
             return 75
+        except ValueError as exc:            # configuration that cannot work, e.g. another dim
+            log.error("cannot start: %s", exc)
+            self.close()
+            return 2
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():

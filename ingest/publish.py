@@ -89,15 +89,18 @@ def run(args) -> int:
     if not args.path and not args.delete:
         raise SystemExit("give a folder or CSV to publish, or --delete ID...")
     events: list[dict] = []
-    if args.path:
-        path = Path(args.path)
-        if path.is_dir():
-            events += list(folder_events(path, inline=args.inline, visibility=args.visibility))
-        elif path.suffix.lower() == ".csv":
-            events += list(csv_events(path, visibility=args.visibility))
-        else:
-            raise SystemExit(f"{path} is neither a folder nor a .csv file")
-    events += [delete_event(i) for i in args.delete or ()]
+    try:
+        if args.path:
+            path = Path(args.path)
+            if path.is_dir():
+                events += list(folder_events(path, inline=args.inline, visibility=args.visibility))
+            elif path.suffix.lower() == ".csv":
+                events += list(csv_events(path, visibility=args.visibility))
+            else:
+                raise SystemExit(f"{path} is neither a folder nor a .csv file")
+        events += [delete_event(i) for i in args.delete or ()]
+    except ValueError as exc:            # BadEvent included: nothing has been sent
+        raise SystemExit(f"nothing published: {exc}") from exc
     n = publish_events(args.bootstrap, args.topic, events, progress=not args.no_progress,
                        total=len(events), partitions=args.partitions)
     print(f"published {n} events to {args.topic}")

@@ -76,8 +76,10 @@ def register(sub) -> None:
     add_flag(p, "--catalog", default=None,
              help="folder of images to publish (default: scikit-image's sample photos and variants)")
     add_flag(p, "--data-dir", default=".demo", help="where the demo keeps Milvus data, logs, queries")
-    add_flag(p, "--port", default=8000, type=int, help="HTTP port of the search service and web page")
-    add_flag(p, "--timeout", default=300.0, type=float, help="seconds to wait for the catalog to be searchable")
+    add_flag(p, "--http-port", default=8000, type=int,
+             help="HTTP port of the search service and web page (0: any free port)")
+    add_flag(p, "--ready-timeout", default=300.0, type=float,
+             help="seconds to wait for the catalog to be searchable")
     p.add_argument("--check", "--smoke", dest="check", action="store_true",
                    help="run one query end to end, print the result and exit (0 = it worked)")
     p.set_defaults(handler=_demo)
@@ -133,7 +135,7 @@ def _serve_search(args) -> int:
 def _demo(args) -> int:
     from vsearch.demo import run_demo
     return run_demo(model_dir=args.model_dir, catalog=args.catalog, data_dir=args.data_dir,
-                    port=args.port, timeout=args.timeout, check=args.check)
+                    port=args.http_port, timeout=args.ready_timeout, check=args.check)
 
 
 # --------------------------------------------------------------------------- ctr

@@ -24,10 +24,12 @@ def register(sub) -> None:
                                    "(query, clicked) pairs or kafka://HOST:PORT[/TOPIC] (clicks on "
                                    "search.events).")
     add_flag(p, "--data", default=None, help="folder of images, pairs CSV or kafka://HOST:PORT[/TOPIC]")
-    add_flag(p, "--out", default=None, help="output model directory (also holds train_log.jsonl and checkpoints/)")
+    add_flag(p, "--out", default=None,
+             help="output model directory (also holds train_log.jsonl and checkpoints/)")
     add_flag(p, "--init", default=None, help="model directory to fine-tune (default: random init of --arch)")
     add_flag(p, "--arch", default="resnet-tiny", help="architecture for random init")
-    add_flag(p, "--image-size", default=None, type=int, help="input size of a new model (arch default otherwise)")
+    add_flag(p, "--image-size", default=None, type=int,
+             help="input size of a new model (arch default otherwise)")
     add_flag(p, "--name", default=None, help="model name in the metadata")
     add_flag(p, "--version", default=None, help="model version (default: UTC time stamp)")
     add_flag(p, "--epochs", default=10.0, type=float, help="passes over the data")
@@ -47,8 +49,10 @@ def register(sub) -> None:
     add_flag(p, "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     add_flag(p, "--no-amp", default=False, type=bool, help="no mixed precision on CUDA")
     add_flag(p, "--checkpoint-every", default=200, type=int, help="optimiser steps between checkpoints")
+    add_flag(p, "--log-every", default=10, type=int, help="optimiser steps between run-log lines")
     add_flag(p, "--resume", default=False, type=bool, help="continue from --out/checkpoints/last.pt")
-    add_flag(p, "--stop-after", default=None, type=int, help="stop after this many steps, keeping the checkpoint")
+    add_flag(p, "--stop-after", default=None, type=int,
+             help="stop after this many steps, keeping the checkpoint")
     add_flag(p, "--hard-negatives-from", default=None,
              help="pairs only: Milvus URI of the current index to mine hard negatives from (needs --init)")
     add_flag(p, "--hard-negatives-collection", default="images", help="collection or alias to search")
@@ -63,10 +67,12 @@ def register(sub) -> None:
                                    "judgments CSV (query,candidate,grade 0-5): table on stdout, "
                                    "report.json and report.png in --out.")
     e.add_argument("--model-dir", action="append", default=[], help="model directory (repeatable)")
-    add_flag(e, "--data", default=None, help="labelled folder (class sub-folders or labels.csv) or judgments CSV")
+    add_flag(e, "--data", default=None,
+             help="labelled folder (class sub-folders or labels.csv) or judgments CSV")
     add_flag(e, "--k", default="1,5,10,100", help="cut-offs for recall/precision/nDCG")
     add_flag(e, "--baselines", default="", help="comma-separated: raw-pixels, random-init")
-    add_flag(e, "--split", default="all", help="all, train or held-out (with --holdout/--split-seed of training)")
+    add_flag(e, "--split", default="all",
+             help="all, train or held-out (with --holdout/--split-seed of training)")
     add_flag(e, "--holdout", default=0.3, type=float, help="held-out fraction used at training")
     add_flag(e, "--split-seed", default=0, type=int, help="seed of the held-out split used at training")
     add_flag(e, "--out", default="evaluation", help="folder for report.json and report.png")
@@ -95,7 +101,8 @@ def _train(args) -> int:
             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, temperature=temperature,
             holdout=args.holdout, split_seed=args.split_seed, seed=args.seed, workers=args.workers,
             threads=args.threads, device=args.device, amp=not args.no_amp,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, stop_after=args.stop_after,
+            checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
+            stop_after=args.stop_after,
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k)

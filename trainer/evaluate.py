@@ -35,7 +35,7 @@ from predictor.model import (EmbeddingNet, ModelMeta, _families, family_of, load
                              read_meta, write_meta)
 from predictor.preprocess import InvalidImage, PreprocessConfig, decode_image, image_to_array, stack
 from trainer import metrics
-from trainer.data import DataError, ImageRecord, _resolve, list_images, read_source, select_split
+from trainer.data import DataError, _resolve, list_images, read_source, select_split
 
 log = logging.getLogger(__name__)
 

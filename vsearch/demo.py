@@ -228,7 +228,7 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         write_catalog_csv(items, csv_path)
 
         if port and port_open(port):
-            raise SystemExit(f"port {port} is in use: pass --port with a free one (or 0 for any)")
+            raise SystemExit(f"port {port} is in use: pass --http-port with a free one (or 0 for any)")
         port = port or free_port()
 
         print("starting the Kafka broker (Tansu) ...", flush=True)

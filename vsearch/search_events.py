@@ -10,6 +10,12 @@ impression: {"schema": 1, "type": "impression", "query_id": str, "query_hash": s
 click:      {"schema": 1, "type": "click", "query_id": str, "query_hash": str,
              "query_uri": str | null, "crop": [4] | null, "item_id": str, "item_uri": str | null,
              "rank": int, "model_version": str, "ts": epoch-ms}
+
+The search service also writes "image_hash" (sha256 of the uncropped query image bytes; the
+stored file at query_uri is that uncropped image, "crop" says which part was searched) in
+both, "k" and each result's "uri" in impressions, and the clicked result's "score" in clicks.
+Delivery is at least once: readers de-duplicate impressions by query_id and clicks by
+(query_id, item_id).
 """
 
 from __future__ import annotations

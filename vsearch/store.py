@@ -344,8 +344,7 @@ class MilvusStore:
 
     def ensure_collection(self, name: str, dim: int, *, timeout: float | None = None) -> bool:
         """Create ``name`` (schema above, index from the config, loaded) unless it exists; returns
-        True when it was created. An existing collection must have the same dimension. Also
-        ensures its tombstone collection."""
+        True when it was created. An existing collection must have the same dimension."""
         _check_name(name)
         if not isinstance(dim, (int, np.integer)) or not 1 <= int(dim) <= 32768:
             raise ValueError(f"embedding dimension must be an integer in 1..32768, got {dim!r}")
@@ -359,11 +358,17 @@ class MilvusStore:
         else:
             created = self._create(name, self._schema(dim), "embedding", self.index, timeout)
         self._ensure_loaded(name, timeout)
-        tomb = name + TOMBSTONE_SUFFIX
-        if not self.has_collection(tomb, timeout=timeout):
-            self._create(tomb, self._tombstone_schema(), "dummy", IndexConfig("FLAT", "IP"), timeout)
-        self._ensure_loaded(tomb, timeout)
         return created
+
+    def _ensure_tombstones(self, collection: str, timeout) -> str:
+        """The tombstone collection of ``collection``, created on the first recorded delete."""
+        tomb = collection + TOMBSTONE_SUFFIX
+        if tomb not in self._tombstones:
+            if not self.has_collection(tomb, timeout=timeout):
+                self._create(tomb, self._tombstone_schema(), "dummy", IndexConfig("FLAT", "IP"), timeout)
+            self._ensure_loaded(tomb, timeout)
+            self._tombstones.add(tomb)
+        return tomb
 
     def _schema(self, dim: int):
         from pymilvus import DataType, MilvusClient
@@ -523,9 +528,10 @@ class MilvusStore:
             chunk = id_list[start:start + UPSERT_CHUNK]
             self._call("delete", "delete", collection, ids=chunk, timeout=timeout)
         if when:
+            tomb = self._ensure_tombstones(collection, timeout)
             stones = [{"id": i, "updated_at": int(when[i]), "dummy": [0.0, 0.0]} for i in id_list]
             for start in range(0, len(stones), UPSERT_CHUNK):
-                self._call("upsert tombstones", "upsert", collection + TOMBSTONE_SUFFIX,
+                self._call("upsert tombstones", "upsert", tomb,
                            stones[start:start + UPSERT_CHUNK], timeout=timeout)
         return len(id_list)
 

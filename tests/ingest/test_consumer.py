@@ -165,3 +165,18 @@ def test_cli_explains_missing_arguments(argv, message):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert message in str(exc.value.code)
+
+
+def test_a_collection_of_another_dimension_stops_the_consumer_with_the_reason(
+        tiny_model_dir, milvus_lite_uri, caplog):
+    from ingest.consumer import IngestConsumer, IngestSettings
+    from predictor.model import Embedder
+
+    store = MilvusStore(milvus_lite_uri)
+    store.ensure_collection("c_other_dim", 8)
+    emb = Embedder(tiny_model_dir, threads=1)
+    consumer = IngestConsumer(IngestSettings(bootstrap="127.0.0.1:1", topic="t", group="g",
+                                             collection="c_other_dim"), emb, store)
+    assert consumer.run() == 2
+    assert f"dimension 8, not {emb.dim}" in caplog.text
+    store.close()

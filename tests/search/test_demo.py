@@ -48,9 +48,9 @@ def leftover_processes(marker: str) -> list[str]:
 def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
     catalog = small_catalog(tmp_path)
     data_dir = tmp_path / "demo"
-    out = subprocess.run([sys.executable, "-m", "vsearch", "demo", "--check", "--port", "0",
+    out = subprocess.run([sys.executable, "-m", "vsearch", "demo", "--check", "--http-port", "0",
                           "--model-dir", str(tiny_model_dir), "--catalog", str(catalog),
-                          "--data-dir", str(data_dir), "--timeout", "180"],
+                          "--data-dir", str(data_dir), "--ready-timeout", "180"],
                          capture_output=True, text=True, timeout=400,
                          env={**os.environ, "VSEARCH_THREADS": "1"})
     assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -69,9 +69,9 @@ def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
 def test_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, tiny_model_dir):
     catalog = small_catalog(tmp_path)
     data_dir = tmp_path / "demo"
-    proc = subprocess.Popen([sys.executable, "-m", "vsearch", "demo", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "vsearch", "demo", "--http-port", "0",
                              "--model-dir", str(tiny_model_dir), "--catalog", str(catalog),
-                             "--data-dir", str(data_dir), "--timeout", "180"],
+                             "--data-dir", str(data_dir), "--ready-timeout", "180"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "VSEARCH_THREADS": "1"})
     lines = []

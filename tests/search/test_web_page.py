@@ -140,3 +140,18 @@ def test_errors_are_shown_clearly(page, search_server, tmp_path):
     assert good.value.status == 200
     pg.wait_for_function("() => document.querySelectorAll('[data-testid=result]').length === 3")
     assert status.get_attribute("data-state") == "ok"
+
+
+def test_dropping_an_image_searches_with_it(page, search_server):
+    pg = page
+    data = list(search_server.catalog.photos["photo-07"])
+    transfer = pg.evaluate_handle(
+        "(bytes) => { const dt = new DataTransfer();"
+        " dt.items.add(new File([new Uint8Array(bytes)], 'dropped.jpg', {type: 'image/jpeg'}));"
+        " return dt; }", data)
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as resp:
+        pg.dispatch_event("[data-testid=drop]", "drop", {"dataTransfer": transfer})
+    assert resp.value.status == 200
+    pg.wait_for_function("() => { const c = document.querySelector('[data-testid=result]');"
+                         " return c && c.dataset.id === 'photo-07'; }")
+    assert pg.locator("[data-testid=query-image]").is_visible()
