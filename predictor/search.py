@@ -31,7 +31,6 @@ import binascii
 import collections
 import hashlib
 import ipaddress
-import io
 import json
 import logging
 import math
@@ -706,33 +705,32 @@ class CatalogIndex:
                                   f"exist in Milvus ({what})") from exc
             raise SearchError(f"Milvus refused to {what}: {str(exc)[:300]}") from exc
 
-    def search(self, vector: np.ndarray, limit: int, expr: str = "") -> list[Candidate]:
+    def _loaded(self, fn: Callable):
+        """Run ``fn``; after a Milvus restart collections come back released: load and retry once."""
         from vsearch.store import StoreError
+        try:
+            return fn()
+        except StoreError as exc:
+            if "released" not in str(exc) and "load()" not in str(exc):
+                raise
+            log.warning("collection behind %r is not loaded; loading it", self.alias)
+            self.store.ensure_loaded(self.alias)
+            return fn()
+
+    def search(self, vector: np.ndarray, limit: int, expr: str = "") -> list[Candidate]:
         visible = 'visibility != "private"'
         flt = f"({expr}) and {visible}" if expr else visible
         params = {"ef": max(self.ef, limit)} if self.ef else None
-
-        def run():
-            try:
-                return self.store.search(self.alias, vector, k=limit, filter=flt,
-                                         output_fields=self.OUTPUT_FIELDS, search_params=params)[0]
-            except StoreError as exc:
-                if "released" not in str(exc) and "load()" not in str(exc):
-                    raise
-                # After a Milvus restart collections come back released: load and retry once.
-                log.warning("collection behind %r is not loaded; loading it", self.alias)
-                self.store.ensure_loaded(self.alias)
-                return self.store.search(self.alias, vector, k=limit, filter=flt,
-                                         output_fields=self.OUTPUT_FIELDS, search_params=params)[0]
-
-        hits = self._call(run, f"search alias {self.alias!r}")
+        hits = self._call(lambda: self._loaded(lambda: self.store.search(
+            self.alias, vector, k=limit, filter=flt, output_fields=self.OUTPUT_FIELDS,
+            search_params=params)[0]), f"search alias {self.alias!r}")
         return [self._candidate(h) for h in hits]
 
     def get(self, item_id: str) -> Candidate | None:
         try:
-            rows = self._call(lambda: self.store.get(self.alias, [item_id], ("uri", "metadata", "visibility"),
-                                                     consistency="Bounded"),
-                              f"read item {item_id!r}")
+            rows = self._call(lambda: self._loaded(lambda: self.store.get(
+                self.alias, [item_id], ("uri", "metadata", "visibility"), consistency="Bounded")),
+                f"read item {item_id!r}")
         except ValueError as exc:            # an id the store refuses (quotes, too long)
             raise NotFound(f"no catalog image with id {item_id!r}: {exc}") from exc
         row = rows.get(item_id)

@@ -1,0 +1,14 @@
+"""The trainer: learn the embedding from the catalog's own pixels and clicks, and measure it.
+
+- ``augment.py``   SimCLR views (PIL/numpy), ending in the serving preprocessing
+- ``data.py``      labelled folders, held-out split, pair CSVs, click pairs from Kafka, datasets
+- ``losses.py``    NT-Xent and InfoNCE with in-batch (and hard) negatives
+- ``train.py``     the loop and the export (``vsearch train``)
+- ``negatives.py`` hard negatives mined from the current Milvus index
+- ``metrics.py``   MRR, recall@k, precision@k, mAP, mAP@R, nDCG@k (pure numpy)
+- ``evaluate.py``  models vs baselines on a labelled folder or judgments (``vsearch evaluate``)
+
+    vsearch train --data ../shared/data/caltech101 --arch resnet-tiny --image-size 96 --out runs/t --holdout 0.3
+    vsearch evaluate --model-dir runs/t --data ../shared/data/caltech101 --split held-out \\
+        --baselines raw-pixels,random-init
+"""

@@ -14,7 +14,6 @@ prints the URL. Ctrl-C stops everything, in reverse order.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from predictor.search import EventLog
 from predictor.search_cli import ctr_table, read_events

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from predictor.preprocess import apply_crop, decode_image
 from predictor.search_cli import read_events

@@ -66,6 +66,26 @@ def test_resume_continues_from_the_checkpoint_to_the_same_weights(photo_folder, 
     assert np.allclose(losses_whole, losses_part, atol=1e-4)
 
 
+def test_gradient_accumulation_and_loader_processes_see_the_same_views(photo_folder, tiny_model_dir, tmp_path):
+    kw = dict(max_steps=2, batch_size=8, accum_steps=2, warmup_steps=0)
+    inline = train(config(photo_folder, tmp_path / "w0", tiny_model_dir, workers=0, **kw))
+    forked = train(config(photo_folder, tmp_path / "w1", tiny_model_dir, workers=1, **kw))
+    a, b = steps_of(inline), steps_of(forked)
+    assert [s["step"] for s in a] == [1, 2]
+    assert [s["epoch"] for s in a] == [0.5, 1.0]          # 2 micro-batches of 8 per step, 32 photos
+    assert np.allclose([s["loss"] for s in a], [s["loss"] for s in b], atol=1e-4)
+    assert read_meta(inline).training["accum_steps"] == 2
+
+
+@pytest.mark.parametrize("arch", ["vit-small", "dinov2-small", "clip-vit-b32"])
+def test_every_family_fine_tunes_and_exports(photo_folder, model_dirs, tmp_path, arch):
+    out = train(config(photo_folder, tmp_path / arch, model_dirs[arch], max_steps=1, batch_size=8))
+    net, meta = load_model_dir(out)
+    before, _ = load_model_dir(model_dirs[arch])
+    assert meta.family == read_meta(model_dirs[arch]).family
+    assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(), before.state_dict().values()))
+
+
 def test_resume_without_a_checkpoint_says_so(photo_folder, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         train(config(photo_folder, tmp_path / "x", tiny_model_dir, max_steps=2, resume=True))
