@@ -7,7 +7,9 @@ ids (Strong) and drop events older than it -> fetch images (parallel, timeouts, 
 embed (in process, or the embedder's V2 endpoint) -> for each id keep the newest valid event
 (ties: the later in the log) -> upsert / delete in Milvus -> dead-letter the bad records to
 ``<topic>.dlq`` (original key, value and headers; the reason in headers) -> commit the
-batch's offsets. Only then the next batch.
+batch's offsets. Two stages overlap: the writes of batch N (a writer thread) run while batch
+N+1 is polled, validated, fetched and embedded; N is committed when its writes are done, and
+N+1's version check counts N's writes as stored.
 
 Guarantees:
 - Offsets are committed only after the Milvus writes and the dead-letter sends succeeded, so a
@@ -27,6 +29,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent import futures
 from typing import Callable, Sequence
 
 import numpy as np
@@ -43,7 +46,7 @@ EVENTS = Counter("vsearch_ingest_events_processed_total",
                  "(written, stale: older than the stored version, superseded: a newer event for the "
                  "same id in the batch)", ["op", "outcome"])
 FAILED = Counter("vsearch_ingest_events_failed_total",
-                 "catalog events that could not be applied, by stage (validate, fetch, decode)", ["stage"])
+                 "catalog events that could not be applied, by stage (validate, fetch, decode, embed)", ["stage"])
 DEAD = Counter("vsearch_ingest_events_dead_lettered_total", "records sent to the dead-letter topic")
 RETRIES = Counter("vsearch_ingest_retries_total", "retries after an outage, by stage", ["stage"])
 BATCH_SECONDS = Histogram("vsearch_ingest_batch_seconds", "one batch: poll end to commit")
@@ -89,6 +92,17 @@ class BatchResult:
     stale: int = 0
     superseded: int = 0
     dead: int = 0
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+    result: BatchResult
+    rows: list[dict]
+    deletes: dict[str, int]
+    dead: list
+    size: int
+    started: float
+    versions: dict[str, int]              # id -> ts this batch writes (for the next batch's check)
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -166,11 +180,20 @@ class IngestConsumer:
             log.error("cannot start: %s", exc)
             self.close()
             return 2
+        # Two stages: while the writer thread upserts batch N and dead-letters its bad records,
+        # this thread polls, validates, fetches and embeds batch N+1. Batch N's offsets are
+        # committed only once its writes are done; N+1's version check also counts N's
+        # in-flight writes, so an event older than one of them is still ignored.
+        writer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        pending: tuple | None = None                      # (future, prepared batch)
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
                 batch = self._poll_batch()
                 if not batch:
+                    if pending is not None:
+                        self._finish(*pending)
+                        pending = None
                     if not self._consumer.assignment():
                         idle_since = time.monotonic()      # not idle: still joining the group
                     elif (self.s.exit_when_idle_s is not None
@@ -178,21 +201,29 @@ class IngestConsumer:
                         log.info("no records for %.1fs: exiting", self.s.exit_when_idle_s)
                         break
                     continue
-                started = time.monotonic()
-                try:
-                    result = self.process(batch)
-                    self._commit(result.offsets)
-                except ShutdownDuringOutage as exc:
-                    log.error("%s", exc)
-                    return 75
-                BATCH_SECONDS.observe(time.monotonic() - started)
-                log.info("batch of %d: %d written, %d deleted, %d stale, %d superseded, %d dead-lettered "
-                         "in %.2fs", len(batch), result.written, result.deleted, result.stale,
-                         result.superseded, result.dead, time.monotonic() - started)
+                prepared = self.prepare_batch(batch, pending[1].versions if pending else None)
+                if pending is not None:
+                    self._finish(*pending)
+                pending = (writer.submit(self.write_batch, prepared), prepared)
                 idle_since = time.monotonic()
+            if pending is not None:
+                self._finish(*pending)
+        except ShutdownDuringOutage as exc:
+            log.error("%s", exc)
+            return 75
         finally:
+            writer.shutdown(wait=True)
             self.close()
         return 0
+
+    def _finish(self, future, prepared: "PreparedBatch") -> None:
+        """Wait for a batch's writes, then commit its offsets."""
+        result = future.result()
+        self._commit(result.offsets)
+        BATCH_SECONDS.observe(time.monotonic() - prepared.started)
+        log.info("batch of %d: %d written, %d deleted, %d stale, %d superseded, %d dead-lettered "
+                 "in %.2fs", prepared.size, result.written, result.deleted, result.stale,
+                 result.superseded, result.dead, time.monotonic() - prepared.started)
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -281,7 +312,13 @@ class IngestConsumer:
 
     def process(self, records: Sequence) -> BatchResult:
         """Apply a batch to Milvus and dead-letter its bad records; returns the offsets to commit."""
+        return self.write_batch(self.prepare_batch(records))
+
+    def prepare_batch(self, records: Sequence, in_flight: dict[str, int] | None = None) -> "PreparedBatch":
+        """Everything before the writes: validate, version check, fetch, embed, newest per id.
+        ``in_flight``: ``{id: ts}`` of writes not yet finished (they count as stored)."""
         from kafka.structs import TopicPartition
+        started = time.monotonic()
         offsets: dict = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
@@ -299,6 +336,8 @@ class IngestConsumer:
 
         ids = list(dict.fromkeys(ev.id for _, _, ev in events))
         stored = self._retry("read versions", lambda: self.store.versions(self.s.collection, ids)) if ids else {}
+        for i, ts in (in_flight or {}).items():
+            stored[i] = max(stored.get(i, ts), ts)
         live = []
         for pos, rec, ev in events:
             if ev.ts < stored.get(ev.id, -1):
@@ -329,18 +368,24 @@ class IngestConsumer:
             else:
                 rows.append({"id": ev.id, "embedding": vectors[pos], "uri": ev.stored_uri,
                              "metadata": ev.metadata, "visibility": ev.visibility, "updated_at": ev.ts})
-        started = time.monotonic()
-        if rows:
-            self._retry("upsert", lambda: self.store.upsert(self.s.collection, rows))
-        if deletes:
-            self._retry("delete", lambda: self.store.delete(self.s.collection, deletes))
-        WRITE_SECONDS.observe(time.monotonic() - started)
-        result.written, result.deleted = len(rows), len(deletes)
-        EVENTS.labels("upsert", "written").inc(len(rows))
-        EVENTS.labels("delete", "written").inc(len(deletes))
+        return PreparedBatch(result=result, rows=rows, deletes=deletes, dead=dead, size=len(records),
+                             started=started,
+                             versions={i: k[0] for i, (k, _) in winners.items()})
 
-        self._dead_letter(dead)
-        result.dead = len(dead)
+    def write_batch(self, p: "PreparedBatch") -> BatchResult:
+        """Upsert and delete in Milvus, then dead-letter; returns the result with the offsets."""
+        started = time.monotonic()
+        if p.rows:
+            self._retry("upsert", lambda: self.store.upsert(self.s.collection, p.rows))
+        if p.deletes:
+            self._retry("delete", lambda: self.store.delete(self.s.collection, p.deletes))
+        WRITE_SECONDS.observe(time.monotonic() - started)
+        result = p.result
+        result.written, result.deleted = len(p.rows), len(p.deletes)
+        EVENTS.labels("upsert", "written").inc(len(p.rows))
+        EVENTS.labels("delete", "written").inc(len(p.deletes))
+        self._dead_letter(p.dead)
+        result.dead = len(p.dead)
         return result
 
     def _images_and_vectors(self, live, dead) -> dict[int, np.ndarray]:
@@ -377,6 +422,10 @@ class IngestConsumer:
                 if isinstance(got, Exception):
                     dead.append((record_of[pos], "decode", f"image cannot be used: {got}"))
                     FAILED.labels("decode").inc()
+                elif not np.all(np.isfinite(got)):
+                    dead.append((record_of[pos], "embed", "the model produced a non-finite embedding "
+                                                          "for this image"))
+                    FAILED.labels("embed").inc()
                 else:
                     vectors[pos] = got
         return vectors

@@ -56,7 +56,7 @@ def test_thousands_of_events_end_to_end(tmp_path, broker, milvus_server_uri, tin
 def test_sigkill_mid_batch_then_sigterm_loses_nothing_and_duplicates_nothing(
         tmp_path, broker, milvus_server_uri, tiny_model_dir, photo_bytes):
     topic, group, coll = names("kill")
-    sc = build_scenario(tmp_path, photo_bytes, n_ids=200, n_events=1500, seed=2)
+    sc = build_scenario(tmp_path, photo_bytes, n_ids=150, n_events=1000, seed=2)
     ends = publish(broker, topic, sc.records)
     total = sum(ends.values())
     args = ("--collection", coll, "--alias", "", "--batch-size", "40", "--batch-ms", "100")
