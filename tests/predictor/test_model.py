@@ -79,15 +79,15 @@ def test_cli_model_init_and_embed_a_folder(tmp_path, photo_bytes):
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     model = tmp_path / "model"
     run = lambda *a: subprocess.run(vsearch_argv(*a), capture_output=True, text=True, timeout=180)
-    r = run("model", "init", "--arch", "resnet18", "--out", str(model), "--image-size", "64")
+    r = run("model", "init", "--arch", "resnet-tiny", "--out", str(model), "--image-size", "64")
     assert r.returncode == 0, r.stderr
-    assert json.loads((model / METADATA_FILE).read_text())["embedding_dim"] == 512
+    assert json.loads((model / METADATA_FILE).read_text())["embedding_dim"] == 256
     out = tmp_path / "emb.npy"
     r = run("embed", "--model-dir", str(model), "--out", str(out), "--batch-size", "3", str(folder))
     assert r.returncode == 0, r.stderr
     vectors = np.load(out)
     paths = (tmp_path / "emb.npy.paths.txt").read_text().split()
-    assert vectors.shape == (4, 512) and len(paths) == 4
+    assert vectors.shape == (4, 256) and len(paths) == 4
     assert "broken.jpg" in r.stderr and "skipped" in r.stderr
     # Row i is the embedding of paths[i].
     emb = Embedder(model, threads=1)
