@@ -23,13 +23,13 @@ import asyncio
 import base64
 import binascii
 import logging
-import sys
 from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Histogram
 
 from predictor.batching import MicroBatcher
+from predictor.kserve_app import import_kserve, install_request_error_handler
 from predictor.model import Embedder
 from predictor.preprocess import InvalidImage, Limits, parse_crop
 
@@ -43,19 +43,6 @@ BATCH_ROWS = Histogram("vsearch_embedder_batch_rows", "Images per forward pass",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 EMBED_SECONDS = Histogram("vsearch_embedder_embed_seconds", "Decode + forward time per request",
                           ["model"])
-
-
-def import_kserve():
-    """Import kserve without letting it parse our command line (``kserve.model_server``
-    reads ``sys.argv`` at import time)."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        import kserve  # noqa: F401
-        import kserve.model_server  # noqa: F401
-    finally:
-        sys.argv = saved
-    return kserve
 
 
 kserve = import_kserve()
@@ -205,25 +192,12 @@ class EmbedderModel(kserve.Model):
                                  "embedding_dim": self.embedder.dim})
 
 
-def install_request_error_handler() -> None:
-    """Malformed request bodies (bad JSON, wrong structure) are a 400 with the reason, like
-    every other client mistake, instead of FastAPI's 422."""
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-
-    async def handler(_request, exc):
-        REJECTED.labels("request").inc()
-        return JSONResponse(status_code=400, content={"error": f"malformed request body: {str(exc.errors())[:500]}"})
-
-    kserve.model_server.app.add_exception_handler(RequestValidationError, handler)
-
-
 def serve(model_dir: str, *, name: str = "embedder", http_port: int = 8080, max_batch: int = 64,
           threads: int | None = None, device: str | None = None, batch_size: int = 32,
           limits: Limits = Limits(), workers: int = 1) -> None:
     model = EmbedderModel(name, model_dir, max_batch=max_batch, threads=threads, device=device,
                           batch_size=batch_size, limits=limits)
     model.load()
-    install_request_error_handler()
+    install_request_error_handler(on_error=REJECTED.labels("request").inc)
     kserve.ModelServer(http_port=http_port, enable_grpc=False, enable_docs_url=True,
                        workers=workers).start([model])

@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import threading
 import time
 import urllib.parse
@@ -49,6 +48,7 @@ import numpy as np
 from fastapi import Request
 from prometheus_client import Counter, Gauge, Histogram
 
+from predictor.kserve_app import import_kserve, install_request_error_handler
 from predictor.preprocess import Box, InvalidImage, parse_crop, parse_crop_text
 from vsearch import search_events
 
@@ -752,20 +752,6 @@ class CatalogIndex:
 
 # --------------------------------------------------------------------------- KServe model + HTTP routes
 
-def import_kserve():
-    """Import kserve without letting ``kserve.model_server`` parse our command line (it reads
-    ``sys.argv`` at import time and builds its FastAPI app then: ``/docs`` is on only when
-    ``--enable_docs_url`` is in argv at that moment)."""
-    saved = sys.argv
-    sys.argv = [*saved[:1], "--enable_docs_url", "true"]
-    try:
-        import kserve  # noqa: F401
-        import kserve.model_server  # noqa: F401
-    finally:
-        sys.argv = saved
-    return kserve
-
-
 def _v1_queries(payload: Any, settings: SearchSettings, fetch_url: Callable[[str], bytes]) -> list[Query]:
     if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
         raise BadQuery('V1 body must be {"instances": [{"image": {"b64": ...}, "crop": [...], "k": 20}]}')
@@ -919,6 +905,7 @@ def add_routes(app, get_service: Callable[[], SearchService | None], settings: S
         return error(exc.status, exc.reason)
 
     app.add_exception_handler(SearchError, search_error_handler)
+    install_request_error_handler()
 
     def service() -> SearchService:
         svc = get_service()

@@ -36,6 +36,8 @@ def test_health_readiness_metadata_and_metrics(embedder_url, local):
     meta = requests.get(f"{embedder_url}/v2/models/embedder", timeout=5).json()
     assert meta["outputs"][0]["shape"] == [-1, local.dim]
     assert requests.get(f"{embedder_url}/v2/models/nope/ready", timeout=5).status_code == 404
+    assert requests.get(f"{embedder_url}/docs", timeout=5).status_code == 200
+    assert "/v2/models/{model_name}/infer" in requests.get(f"{embedder_url}/openapi.json", timeout=5).json()["paths"]
 
 
 def test_v2_single_and_batched_equal_in_process(embedder_url, local, photo_bytes):
