@@ -22,8 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Every benchmark prints a table with a baseline measured in the same run. bench.search at
+# 1M vectors takes about 50 minutes here: `$(PY) -m bench.search` runs 100k and 1M.
 bench: $(STAMP)
 	$(PY) -m bench.embedder
+	$(PY) -m bench.ingest
+	$(PY) -m bench.trainer
+	$(PY) -m bench.search --sizes 100000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo .bench
