@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +68,9 @@ class ModelMeta:
 
     @property
     def model_id(self) -> str:
-        """``name-version`` sanitised; names Milvus collections and consumer groups."""
-        return sanitise_name(f"{self.name}__{self.version}")
+        """``name__version`` sanitised: the model version written into search events."""
+        from vsearch.store import sanitise
+        return sanitise(f"{self.name}__{self.version}")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -85,12 +85,6 @@ class ModelMeta:
         kwargs["mean"], kwargs["std"] = tuple(kwargs["mean"]), tuple(kwargs["std"])
         kwargs.setdefault("extra", {}).update(extra)
         return cls(**kwargs)
-
-
-def sanitise_name(text: str) -> str:
-    """Lower-case letters, digits and underscores; starts with a letter (Milvus naming rules)."""
-    s = re.sub(r"[^0-9a-zA-Z_]", "_", text).lower()
-    return s if s[:1].isalpha() else "m_" + s
 
 
 # --------------------------------------------------------------------------- families
