@@ -78,7 +78,9 @@ INDEX_DEFAULTS: dict[str, tuple[dict, dict]] = {
 # pymilvus pings every 10 s even on idle connections; gRPC servers with default settings
 # (``milvus-lite server`` among them) answer that with GOAWAY "too_many_pings" and the next call
 # fails. Ping only while calls are in flight, and rarely.
-GRPC_OPTIONS = {"grpc.keepalive_time_ms": 120_000, "grpc.keepalive_timeout_ms": 20_000,
+# gRPC servers refuse pings closer than 5 minutes apart by default and answer a client that
+# pings more often with GOAWAY "too many pings", which breaks a long-lived idle channel.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 360_000, "grpc.keepalive_timeout_ms": 20_000,
                 "grpc.keepalive_permit_without_calls": 0}
 # Search parameter that must be at least k for the index type.
 _K_BOUND = {"HNSW": "ef", "DISKANN": "search_list"}
@@ -268,11 +270,18 @@ class MilvusStore:
             if self.is_lite_file:   # the embedded server logs pymilvus' probes of calls it lacks
                 logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
             from pymilvus import MilvusClient
-            try:
-                self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout,
-                                            grpc_options=GRPC_OPTIONS)
-            except Exception as exc:  # noqa: BLE001
-                raise self._wrap("connect", exc) from exc
+            # A channel of our own (dedicated): pymilvus otherwise shares one per URI across
+            # the process, and a broken shared channel would fail every store that opens later.
+            for attempt in (0, 1):
+                try:
+                    self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout,
+                                                grpc_options=GRPC_OPTIONS, dedicated=True)
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    if attempt == 0 and _is_unavailable(exc):
+                        time.sleep(0.5)        # a dropped channel reconnects: one more try
+                        continue
+                    raise self._wrap("connect", exc) from exc
         return self._client
 
     def _wrap(self, op: str, exc: BaseException) -> StoreError:
