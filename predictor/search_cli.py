@@ -140,30 +140,15 @@ def _demo(args) -> int:
 # --------------------------------------------------------------------------- ctr
 
 def read_events(bootstrap: str, topic: str = "search.events", idle_timeout: float = 3.0):
-    """Every record on the topic, from the beginning, until none arrives for ``idle_timeout``
-    seconds (the local broker's end offsets cannot be trusted, so no lag or end-offset check).
-    Yields decoded records, and ``{"_bad": reason}`` for each undecodable one."""
-    from kafka import KafkaConsumer, TopicPartition
-
+    """Every record on the topic (``search_events.read_all``); ``{"_bad": reason}`` for each
+    undecodable one; nothing when the topic does not exist yet."""
     from vsearch import search_events
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             consumer_timeout_ms=int(idle_timeout * 1000), client_id="vsearch-ctr",
-                             bootstrap_timeout_ms=10_000)
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            return
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        for msg in consumer:
-            try:
-                yield search_events.decode(msg.value)
-            except search_events.BadSearchEvent as exc:
-                yield {"_bad": str(exc)}
-    finally:
-        consumer.close()
+        for rec in search_events.read_all(bootstrap, topic, idle_s=idle_timeout, client_id="vsearch-ctr"):
+            yield {"_bad": str(rec)} if isinstance(rec, search_events.BadSearchEvent) else rec
+    except LookupError:
+        return
 
 
 def ctr_table(records) -> dict[str, dict]:

@@ -184,55 +184,35 @@ def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_
     (end offsets are not trusted: some Kafka-protocol brokers report them wrongly), within
     ``timeout_s``. Nothing is committed. Returns the pairs and counts of what was skipped and
     why, so nothing is dropped unseen."""
-    import time
-
-    from kafka import KafkaConsumer, TopicPartition
-
     from vsearch import search_events
 
     topic = topic or search_events.TOPIC
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest", request_timeout_ms=30000)
     stats = {"events": 0, "clicks": 0, "pairs": 0, "bad_events": 0, "clicks_without_uris": 0}
     pairs: list[tuple[str, str]] = []
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise DataError(f"topic {topic!r} does not exist on {bootstrap}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        start = last = time.monotonic()
-        while time.monotonic() - last < idle_s:
-            if time.monotonic() - start > timeout_s:
-                raise DataError(f"{topic!r} on {bootstrap} still delivering after {timeout_s:.0f}s; "
-                                "raise the timeout")
-            batch = consumer.poll(timeout_ms=300)
-            if batch:
-                last = time.monotonic()
-            for msgs in batch.values():
-                for m in msgs:
-                    stats["events"] += 1
-                    try:
-                        rec = search_events.decode(m.value)
-                    except search_events.BadSearchEvent as exc:
-                        stats["bad_events"] += 1
-                        log.warning("skipping bad search event at %s:%d: %s", m.partition, m.offset, exc)
-                        continue
-                    if rec["type"] != "click":
-                        continue
-                    stats["clicks"] += 1
-                    if not rec.get("query_uri") or not rec.get("item_uri"):
-                        stats["clicks_without_uris"] += 1
-                        continue
-                    try:
-                        query = with_crop(rec["query_uri"], rec.get("crop"))
-                    except InvalidImage:
-                        stats["bad_events"] += 1
-                        continue
-                    pairs.append((query, rec["item_uri"]))
-    finally:
-        consumer.close()
+        for rec in search_events.read_all(bootstrap, topic, idle_s=idle_s, timeout_s=timeout_s,
+                                          client_id="vsearch-trainer"):
+            stats["events"] += 1
+            if isinstance(rec, search_events.BadSearchEvent):
+                stats["bad_events"] += 1
+                log.warning("skipping bad search event %s", rec)
+                continue
+            if rec["type"] != "click":
+                continue
+            stats["clicks"] += 1
+            if not rec.get("query_uri") or not rec.get("item_uri"):
+                stats["clicks_without_uris"] += 1
+                continue
+            try:
+                query = with_crop(rec["query_uri"], rec.get("crop"))
+            except InvalidImage:
+                stats["bad_events"] += 1
+                continue
+            pairs.append((query, rec["item_uri"]))
+    except LookupError as exc:
+        raise DataError(str(exc)) from exc
+    except TimeoutError as exc:
+        raise DataError(f"{exc}; raise the timeout") from exc
     stats["pairs"] = len(pairs)
     return pairs, stats
 
