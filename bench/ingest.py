@@ -28,6 +28,7 @@ import numpy as np
 
 from ingest.consumer import IngestConsumer, IngestSettings
 from ingest.events import encode, encode_key, upsert_event
+from ingest.topics import send_and_confirm
 from ingest.topics import GROUP_SETTINGS, ensure_topics
 from vsearch import services
 from vsearch.store import MilvusStore, collection_name
@@ -49,17 +50,8 @@ def load_photos(n: int) -> list[bytes]:
 
 
 def produce(bootstrap: str, topic: str, events: list[dict]) -> dict:
-    from kafka import KafkaProducer, TopicPartition
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, batch_size=256 * 1024)
-    futs = [p.send(topic, key=encode_key(e["id"]), value=encode(e)) for e in events]
-    p.flush(60)
-    ends: dict = {}
-    for f in futs:
-        md = f.get(60)
-        tp = TopicPartition(md.topic, md.partition)
-        ends[tp] = max(ends.get(tp, 0), md.offset + 1)
-    p.close()
-    return ends
+    return send_and_confirm(bootstrap, topic, [(encode_key(e["id"]), encode(e)) for e in events],
+                            timeout=60, linger_ms=10, batch_size=256 * 1024)
 
 
 def wait_committed(bootstrap: str, group: str, ends: dict, timeout: float = 600) -> float:

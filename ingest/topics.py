@@ -39,3 +39,25 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], *, compact: set[str] =
         return created
     finally:
         admin.close()
+
+
+def send_and_confirm(bootstrap: str, topic: str, records, *, timeout: float = 30.0,
+                     linger_ms: int = 5, batch_size: int = 16384) -> dict:
+    """Send ``(key, value)`` records in order with ``acks=all`` and wait for every one.
+    Returns ``{TopicPartition: last offset + 1}`` as the broker acknowledged them (not the
+    broker's end offsets, which Tansu reports wrongly): what a consumer must reach."""
+    from kafka import KafkaProducer, TopicPartition
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms,
+                             batch_size=batch_size)
+    try:
+        futures = [producer.send(topic, key=k, value=v) for k, v in records]
+        producer.flush(timeout)
+        ends: dict = {}
+        for f in futures:
+            md = f.get(timeout)
+            tp = TopicPartition(md.topic, md.partition)
+            ends[tp] = max(ends.get(tp, 0), md.offset + 1)
+        return ends
+    finally:
+        producer.close(5)

@@ -164,22 +164,9 @@ def build_scenario(folder: Path, photos: list[bytes], *, n_ids: int = 300, n_eve
 def publish(bootstrap: str, topic: str, records, partitions: int = 3) -> dict:
     """Send (key, value) records in order; returns {TopicPartition: last offset + 1} as the
     producer was told by the broker (not the broker's end offsets)."""
-    from kafka import KafkaProducer, TopicPartition
-
-    from ingest.topics import ensure_topics
+    from ingest.topics import ensure_topics, send_and_confirm
     ensure_topics(bootstrap, {topic: partitions}, compact={topic})
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    try:
-        futures = [producer.send(topic, key=k, value=v) for k, v in records]
-        producer.flush(30)
-        ends: dict = {}
-        for f in futures:
-            md = f.get(30)
-            tp = TopicPartition(md.topic, md.partition)
-            ends[tp] = max(ends.get(tp, 0), md.offset + 1)
-        return ends
-    finally:
-        producer.close(5)
+    return send_and_confirm(bootstrap, topic, records)
 
 
 def committed(bootstrap: str, group: str) -> dict:
