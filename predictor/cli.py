@@ -4,7 +4,6 @@ service's commands, registered by ``predictor.search_cli``)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -44,14 +43,9 @@ def register(sub) -> None:
     add_flag(p, "--max-batch", default=64, type=int, help="most images in one request")
     add_flag(p, "--workers", default=1, type=int, help="uvicorn worker processes")
     p.set_defaults(handler=_serve_embedder)
-    try:
-        search_cli = importlib.import_module("predictor.search_cli")
-    except ModuleNotFoundError as exc:
-        if exc.name != "predictor.search_cli":
-            raise
-    else:
-        search_cli.register_serve(serve_sub)
-        search_cli.register(sub)
+    from predictor import search_cli
+    search_cli.register_serve(serve_sub)
+    search_cli.register(sub)
 
     p = sub.add_parser("embed", help="embed image files offline into a .npy file")
     add_model_flags(p)
