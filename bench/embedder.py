@@ -21,25 +21,20 @@ import io
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import requests
 import torch
 from PIL import Image
 
-from predictor.model import Embedder, init_model_dir, load_model_dir
+from vsearch.predictor.model import Embedder, init_model_dir, load_model_dir
+from vsearch.samples import photos
 from vsearch.services import start_embedder
-
-CALTECH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "caltech101"
 
 
 def load_photos(n: int) -> list[bytes]:
-    files = sorted((CALTECH / "images").rglob("*.jpg"))[::7][:n] if CALTECH.exists() else []
-    if files:
-        return [f.read_bytes() for f in files]
-    from tests.fixtures.models import generated_photos
-    return generated_photos(n)
+    """Real Caltech-101 photos beside the checkout, or generated ones when they are absent."""
+    return photos(n, step=7)
 
 
 def rate(n: int, seconds: float) -> float:

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.consumer import IngestConsumer, IngestSettings
-from ingest.events import encode, encode_key, upsert_event
-from ingest.topics import send_and_confirm
-from ingest.topics import GROUP_SETTINGS, ensure_topics
 from vsearch import services
-from vsearch.store import MilvusStore, collection_name
+from vsearch.core.kafka import GROUP_SETTINGS, ensure_topics, send_and_confirm
+from vsearch.core.store import MilvusStore, collection_name
+from vsearch.ingest.consumer import IngestConsumer, IngestSettings
+from vsearch.ingest.events import encode, encode_key, upsert_event
 
 
 class PrecomputedEmbedder:
@@ -84,7 +83,7 @@ def _consumer_process(kind: str, source, bootstrap: str, topic: str, group: str,
     if kind == "precomputed":
         embedder = PrecomputedEmbedder(*source)
     else:
-        from predictor.model import Embedder
+        from vsearch.predictor.model import Embedder
         embedder = Embedder(source, batch_size=32)
     store = MilvusStore(milvus_uri, timeout=60)
     consumer = IngestConsumer(IngestSettings(bootstrap=bootstrap, topic=topic, group=group, collection=coll,
@@ -159,8 +158,8 @@ def raw_upsert_rate(store: MilvusStore, rows: list[dict], batch: int = 256) -> f
 
 def freshness(bootstrap: str, store: MilvusStore, model_dir: Path, photos: list[bytes], n: int,
               folder: Path) -> list[float]:
-    from predictor.model import Embedder
-    emb = Embedder(model_dir, threads=1)
+    from vsearch.predictor.model import Embedder
+    emb = Embedder(model_dir)
     topic, group = "bench-fresh", "bench-fresh"
     coll = collection_name("bench", "fresh")
     ensure_topics(bootstrap, {topic: 3, topic + ".dlq": 1}, compact={topic})
@@ -212,8 +211,8 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from predictor.model import Embedder, init_model_dir
-    from tests.fixtures.models import TINY
+    from vsearch.predictor.model import Embedder, init_model_dir
+    from vsearch.samples import TINY
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     photos = load_photos(64)

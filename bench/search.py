@@ -7,7 +7,7 @@ model's dimension, clustered like real embeddings: 1,000 Gaussian clusters), one
 - exact:       brute-force top-10 in numpy (one query at a time: ``X @ q`` + argpartition) --
                the baseline and the ground truth;
 - lite:        Milvus Lite as a server (``milvus-lite server``: what the demo and the tests run),
-               HNSW M=16 efConstruction=200 COSINE, through ``vsearch.store``, one query at a
+               HNSW M=16 efConstruction=200 COSINE, through ``vsearch.core.store``, one query at a
                time, at each ``ef``: p50/p99 latency, QPS, recall@10 vs exact, QPS ratio;
 - standalone:  the same against a real Milvus 2.3.5 standalone server (the ``milvus`` package),
                when it can start here;
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -37,13 +36,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def default_dim() -> int:
-    meta = REPO / "models" / "default" / "vsearch_model.json"
-    if meta.exists():
-        return int(json.loads(meta.read_text())["embedding_dim"])
-    return 256
 
 
 def synthetic(n: int, dim: int, seed: int, clusters: int = 1000, spread: float = 0.75) -> np.ndarray:
@@ -103,7 +95,7 @@ def wait_indexed(store, name: str, x: np.ndarray, timeout: float = 3600) -> floa
             if int(info.get("pending_index_rows", 0)) > 0 or int(info.get("indexed_rows", len(x))) < len(x):
                 time.sleep(2)
                 continue
-        except Exception:
+        except Exception:  # noqa: BLE001  (diagnostics only: a server without them still gets searched)
             pass
         hits = store.search(name, x[probe], k=1, output_fields=(), consistency="Strong", timeout=300)
         if sum(h[0]["id"] == f"v{i}" for h, i in zip(hits, probe) if h) >= 19:
@@ -151,12 +143,12 @@ def photos(n: int) -> list[bytes]:
     import skimage.data
     from PIL import Image
 
-    from vsearch.demo import SKIMAGE_PHOTOS, _to_rgb_uint8
+    from vsearch.samples import SKIMAGE_PHOTOS, _to_rgb_uint8
     out = []
     for name in SKIMAGE_PHOTOS:
         try:
             img = Image.fromarray(_to_rgb_uint8(getattr(skimage.data, name)()))
-        except Exception:
+        except Exception:  # noqa: BLE001  (a sample photo that needs a download)
             continue
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
@@ -253,15 +245,15 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", default=None, help="keep the Milvus data in this folder (reused next time)")
     args = ap.parse_args(argv)
 
-    from predictor.model import DEFAULT_MODEL_DIR, init_model_dir, read_meta
-    from vsearch.store import MilvusStore
+    from vsearch.core.store import MilvusStore
+    from vsearch.predictor.model import default_model_dir, init_model_dir, read_meta
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     efs = [int(e) for e in args.ef.split(",") if e]
     backends = [b for b in args.backends.split(",") if b]
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-search-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(DEFAULT_MODEL_DIR)
+    model_dir = default_model_dir()
     if not (model_dir / "config.json").exists():
         model_dir = workdir / "model-random-resnet-tiny"
         if not (model_dir / "config.json").exists():

@@ -24,26 +24,19 @@ from pathlib import Path
 
 import torch
 
-from predictor.model import build_model
-from trainer.augment import SimCLRAugment, training_image
-from trainer.losses import nt_xent
-from trainer.train import ProjectionHead, TrainConfig, train
-
-CALTECH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "caltech101"
+from vsearch.predictor.model import build_model
+from vsearch.samples import photos
+from vsearch.trainer.augment import SimCLRAugment, training_image
+from vsearch.trainer.losses import nt_xent
+from vsearch.trainer.train import ProjectionHead, TrainConfig, train
 
 
 def photo_folder(tmp: Path, n: int) -> Path:
     """A folder of n real photos (Caltech-101 when present, generated ones otherwise)."""
     folder = tmp / "photos" / "all"
     folder.mkdir(parents=True)
-    files = sorted((CALTECH / "images").rglob("*.jpg"))[::5][:n] if CALTECH.exists() else []
-    if files:
-        for i, f in enumerate(files):
-            (folder / f"{i:04d}.jpg").write_bytes(f.read_bytes())
-    else:
-        from tests.fixtures.models import generated_photos
-        for i, b in enumerate(generated_photos(n)):
-            (folder / f"{i:04d}.jpg").write_bytes(b)
+    for i, data in enumerate(photos(n, step=5)):
+        (folder / f"{i:04d}.jpg").write_bytes(data)
     return folder.parent
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from vsearch.config import add_flag
+from ..core.config import add_flag
+from ..core.store import add_milvus_flags
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ def register(sub) -> None:
              help="Milvus collection (default images__<model>__<version> from --model-dir; "
                   "required with --embedder-url)")
     add_flag(p, "--alias", default="images", help="alias created for this collection when absent ('' = none)")
-    from vsearch.store import add_milvus_flags
     add_milvus_flags(p)
     add_flag(p, "--batch-size", default=256, type=int, help="most records per batch")
     add_flag(p, "--batch-ms", default=500, type=int, help="longest wait for a batch to fill, ms")
@@ -60,27 +60,23 @@ def register(sub) -> None:
     p.set_defaults(handler=_publish)
 
 
-def _quiet_kafka() -> None:
-    if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("kafka").setLevel(logging.WARNING)
-
-
 def _publish(args) -> int:
-    _quiet_kafka()
-    from ingest.publish import run
+    from .publish import run
     return run(args)
 
 
 def _ingest(args) -> int:
-    _quiet_kafka()
-    from ingest.consumer import IngestConsumer, IngestSettings
-    from ingest.fetch import Fetcher, FetchConfig
-    from vsearch.store import MilvusStore, collection_name
+    from ..core.fetch import FetchConfig, Fetcher
+    from ..core.store import MilvusStore, collection_name
+    from ..predictor.model import set_torch_threads
+    from ..predictor.preprocess import Limits, set_decoder_pixel_limit
+    from .consumer import IngestConsumer, IngestSettings
 
     if not args.model_dir and not args.embedder_url:
         raise SystemExit("give --model-dir (embed in process) or --embedder-url (embed over HTTP)")
+    set_decoder_pixel_limit(args.max_pixels)
     if args.embedder_url:
-        from predictor.client import EmbedderClient
+        from ..predictor.client import EmbedderClient
         if not args.collection:
             raise SystemExit("with --embedder-url, name the collection: --collection "
                              "images__<model>__<version>")
@@ -88,10 +84,9 @@ def _ingest(args) -> int:
                                   timeout=args.embedder_timeout)
         collection = args.collection
     else:
-        from predictor.model import Embedder
-        from predictor.preprocess import Limits
-        embedder = Embedder(args.model_dir, device=args.device, threads=args.threads,
-                            batch_size=args.embed_batch_size,
+        from ..predictor.model import Embedder
+        set_torch_threads(args.threads)
+        embedder = Embedder(args.model_dir, device=args.device, batch_size=args.embed_batch_size,
                             limits=Limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels))
         collection = args.collection or collection_name(embedder.meta.name, embedder.meta.version)
     store = MilvusStore.from_args(args)

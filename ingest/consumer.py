@@ -17,6 +17,10 @@ Guarantees:
   replay leaves no duplicate (dead-letter records may repeat after a crash: at-least-once).
 - Milvus, embedder and broker outages are retried with exponential backoff (no commit, no
   crash); the process stays up and catches up when they are back.
+- A write Milvus refuses as invalid (:class:`~vsearch.core.store.StoreRefused`, or a row the
+  store's own checks refuse) is not an outage: the batch is split until the refused rows are
+  found, those are dead-lettered (stage ``write``) and the rest is written. Like kopf's split
+  of temporary and permanent errors, only outages are retried.
 - SIGTERM/SIGINT: the batch in hand is finished and committed, then the process exits 0. If an
   outage keeps the batch from finishing within ``stop_grace_s`` it exits 75 without committing.
 """
@@ -35,9 +39,11 @@ from typing import Callable, Sequence
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from ingest.events import BadEvent, CatalogEvent, decode, dlq_topic
-from ingest.fetch import Fetcher, FetchError
-from ingest.topics import GROUP_SETTINGS, ensure_topics
+from ..core.fetch import Fetcher, FetchError
+from ..core.kafka import GROUP_SETTINGS, ensure_topics, producer
+from ..core.store import StoreError, StoreRefused, StoreUnavailable
+from ..predictor.preprocess import InvalidImage
+from .events import BadEvent, CatalogEvent, decode, dlq_topic
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,8 @@ EVENTS = Counter("vsearch_ingest_events_processed_total",
                  "(written, stale: older than the stored version, superseded: a newer event for the "
                  "same id in the batch)", ["op", "outcome"])
 FAILED = Counter("vsearch_ingest_events_failed_total",
-                 "catalog events that could not be applied, by stage (validate, fetch, decode, embed)", ["stage"])
+                 "catalog events that could not be applied, by stage (validate, fetch, decode, embed, write)",
+                 ["stage"])
 DEAD = Counter("vsearch_ingest_events_dead_lettered_total", "records sent to the dead-letter topic")
 RETRIES = Counter("vsearch_ingest_retries_total", "retries after an outage, by stage", ["stage"])
 BATCH_SECONDS = Histogram("vsearch_ingest_batch_seconds", "one batch: poll end to commit")
@@ -99,24 +106,26 @@ class PreparedBatch:
     result: BatchResult
     rows: list[dict]
     deletes: dict[str, int]
-    dead: list
+    dead: list                            # (record, stage, reason) to dead-letter
     size: int
     started: float
     versions: dict[str, int]              # id -> ts this batch writes (for the next batch's check)
+    sources: dict[str, object]            # id -> the record whose event this batch writes
 
 
-def _retryable() -> tuple[type[BaseException], ...]:
+def _outages() -> tuple[type[BaseException], ...]:
+    """What is retried with backoff: the broker, Milvus or the embedder being away. A Milvus
+    error that is neither an outage nor a refusal of the request is retried too (it may pass);
+    a refusal (``StoreRefused``, a ``ValueError``) is not."""
     from kafka.errors import KafkaError
-    from vsearch.store import StoreError
-    # StoreError covers StoreUnavailable; other refusals are retried too (logged), since this
-    # layer validated the rows: a refusal is a server-side condition that may pass.
-    return (ConnectionError, TimeoutError, StoreError, KafkaError)
+    return (ConnectionError, TimeoutError, StoreUnavailable, KafkaError)
 
 
 class IngestConsumer:
     """One consumer process. ``embedder`` has ``dim`` and either ``try_preprocess`` +
-    ``embed_arrays`` (:class:`predictor.model.Embedder`) or ``embed_bytes``
-    (:class:`predictor.client.EmbedderClient`); ``store`` is a :class:`vsearch.store.MilvusStore`."""
+    ``embed_arrays`` (:class:`vsearch.predictor.model.Embedder`) or ``embed_bytes``
+    (:class:`vsearch.predictor.client.EmbedderClient`); ``store`` is a
+    :class:`vsearch.core.store.MilvusStore`."""
 
     def __init__(self, settings: IngestSettings, embedder, store, fetcher: Fetcher | None = None):
         self.s = settings
@@ -127,7 +136,7 @@ class IngestConsumer:
         self._stop_deadline: float | None = None
         self._consumer = None
         self._producer = None
-        self._retryable = _retryable()
+        self._outages = _outages()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -157,7 +166,7 @@ class IngestConsumer:
                 compact={self.s.topic}))
 
     def _connect(self):
-        from kafka import KafkaConsumer, KafkaProducer
+        from kafka import KafkaConsumer
         if self._consumer is None:
             self._consumer = self._retry("connect consumer", lambda: KafkaConsumer(
                 self.s.topic, bootstrap_servers=self.s.bootstrap, group_id=self.s.group,
@@ -165,9 +174,8 @@ class IngestConsumer:
                 max_poll_records=self.s.batch_size, max_poll_interval_ms=self.s.max_poll_interval_ms,
                 **GROUP_SETTINGS))
         if self._producer is None:
-            self._producer = self._retry("connect producer", lambda: KafkaProducer(
-                bootstrap_servers=self.s.bootstrap, client_id=self.s.client_id + "-dlq", acks="all",
-                linger_ms=5, retries=5))
+            self._producer = self._retry("connect producer", lambda: producer(
+                self.s.bootstrap, self.s.client_id + "-dlq"))
 
     def run(self) -> int:
         """Consume until stopped (or idle for ``exit_when_idle_s``); returns the exit code."""
@@ -310,10 +318,6 @@ class IngestConsumer:
 
     # --- one batch -----------------------------------------------------------------------
 
-    def process(self, records: Sequence) -> BatchResult:
-        """Apply a batch to Milvus and dead-letter its bad records; returns the offsets to commit."""
-        return self.write_batch(self.prepare_batch(records))
-
     def prepare_batch(self, records: Sequence, in_flight: dict[str, int] | None = None) -> "PreparedBatch":
         """Everything before the writes: validate, version check, fetch, embed, newest per id.
         ``in_flight``: ``{id: ts}`` of writes not yet finished (they count as stored)."""
@@ -350,7 +354,7 @@ class IngestConsumer:
 
         # newest valid event per id (ties: later in the log)
         winners: dict[str, tuple[tuple[int, int], CatalogEvent]] = {}
-        for pos, rec, ev in live:
+        for pos, _rec, ev in live:
             if ev.op == "upsert" and pos not in vectors:
                 continue                          # dead-lettered
             key = (ev.ts, pos)
@@ -361,6 +365,7 @@ class IngestConsumer:
             if prev is None or key > prev[0]:
                 winners[ev.id] = (key, ev)
 
+        record_at = {pos: rec for pos, rec, _ in live}
         rows, deletes = [], {}
         for (_, pos), ev in winners.values():
             if ev.op == "delete":
@@ -369,24 +374,46 @@ class IngestConsumer:
                 rows.append({"id": ev.id, "embedding": vectors[pos], "uri": ev.stored_uri,
                              "metadata": ev.metadata, "visibility": ev.visibility, "updated_at": ev.ts})
         return PreparedBatch(result=result, rows=rows, deletes=deletes, dead=dead, size=len(records),
-                             started=started,
-                             versions={i: k[0] for i, (k, _) in winners.items()})
+                             started=started, versions={i: k[0] for i, (k, _) in winners.items()},
+                             sources={i: record_at[k[1]] for i, (k, _) in winners.items()})
 
     def write_batch(self, p: "PreparedBatch") -> BatchResult:
         """Upsert and delete in Milvus, then dead-letter; returns the result with the offsets."""
         started = time.monotonic()
-        if p.rows:
-            self._retry("upsert", lambda: self.store.upsert(self.s.collection, p.rows))
-        if p.deletes:
-            self._retry("delete", lambda: self.store.delete(self.s.collection, p.deletes))
+        refused: list[tuple[str, str]] = []                       # (id, Milvus' reason)
+        coll = self.s.collection
+        written = self._write(p.rows, lambda rows: self.store.upsert(coll, rows), "upsert",
+                              lambda row: row["id"], refused)
+        deleted = self._write(list(p.deletes.items()), lambda items: self.store.delete(coll, dict(items)),
+                              "delete", lambda item: item[0], refused)
         WRITE_SECONDS.observe(time.monotonic() - started)
+        dead = p.dead + [(p.sources[i], "write", f"Milvus refused the write: {reason}") for i, reason in refused]
         result = p.result
-        result.written, result.deleted = len(p.rows), len(p.deletes)
-        EVENTS.labels("upsert", "written").inc(len(p.rows))
-        EVENTS.labels("delete", "written").inc(len(p.deletes))
-        self._dead_letter(p.dead)
-        result.dead = len(p.dead)
+        result.written, result.deleted = written, deleted
+        EVENTS.labels("upsert", "written").inc(written)
+        EVENTS.labels("delete", "written").inc(deleted)
+        self._dead_letter(dead)
+        result.dead = len(dead)
         return result
+
+    def _write(self, items: list, write: Callable, stage: str, key: Callable, refused: list) -> int:
+        """``write(items)``, retried through outages. A refusal of the request (``StoreRefused``
+        or the store's own ``ValueError``) splits the items in halves until the refused ones
+        are found; those go to ``refused``. Returns how many were written."""
+        if not items:
+            return 0
+        try:
+            self._retry(stage, lambda: write(items))
+            return len(items)
+        except ValueError as exc:                                 # StoreRefused included
+            if len(items) == 1:
+                refused.append((key(items[0]), str(exc)[:1000]))
+                FAILED.labels("write").inc()
+                log.warning("Milvus refused to %s %r: %s", stage, key(items[0]), str(exc)[:300])
+                return 0
+            mid = len(items) // 2
+            return (self._write(items[:mid], write, stage, key, refused)
+                    + self._write(items[mid:], write, stage, key, refused))
 
     def _images_and_vectors(self, live, dead) -> dict[int, np.ndarray]:
         """Fetch and embed the upserts in ``live``: ``{position: vector}``; failures go to ``dead``."""
@@ -394,12 +421,12 @@ class IngestConsumer:
         if not ups:
             return {}
         started = time.monotonic()
-        to_fetch = [(pos, rec, ev) for pos, rec, ev in ups if ev.image is None]
+        to_fetch = [item for item in ups if item[2].image is None]
         distinct = list(dict.fromkeys(ev.uri for _, _, ev in to_fetch))   # same URI: fetched once
         by_uri = dict(zip(distinct, self.fetcher.fetch_many(distinct)))
         fetched = [by_uri[ev.uri] for _, _, ev in to_fetch]
         blobs: dict[int, bytes] = {pos: ev.image for pos, _, ev in ups if ev.image is not None}
-        for (pos, rec, ev), got in zip(to_fetch, fetched):
+        for (pos, rec, _ev), got in zip(to_fetch, fetched):
             if isinstance(got, FetchError):
                 dead.append((rec, "fetch", f"image fetch failed: {got}"))
                 FAILED.labels("fetch").inc()
@@ -432,7 +459,6 @@ class IngestConsumer:
 
     def _embed(self, blobs: list[bytes]) -> list:
         """One item per blob: its vector, or the InvalidImage saying why it cannot be embedded."""
-        from predictor.preprocess import InvalidImage
         if not blobs:
             return []
         if hasattr(self.embedder, "try_preprocess"):
@@ -463,14 +489,13 @@ class IngestConsumer:
         """Call ``fn`` until it succeeds, backing off on outages. Gives up (raising
         :class:`ShutdownDuringOutage`) only when a stop was requested and the grace period is over."""
         from kafka.errors import CommitFailedError
-        from predictor.preprocess import InvalidImage
         delay = self.s.retry_initial_s
         while True:
             try:
                 return fn()
-            except (CommitFailedError, InvalidImage):
+            except (CommitFailedError, InvalidImage, StoreRefused):
                 raise
-            except self._retryable as exc:
+            except (*self._outages, StoreError) as exc:
                 RETRIES.labels(stage).inc()
                 if self._stop.is_set() and time.monotonic() >= (self._stop_deadline or 0):
                     raise ShutdownDuringOutage(f"stopping during an outage at {stage}: {exc}; "

@@ -16,18 +16,18 @@ import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ingest.events import BadEvent, delete_event, encode, encode_key, now_ms, upsert_event
+from ..core.images import image_files
+from ..core.kafka import ensure_topics, producer
+from .events import BadEvent, delete_event, encode, encode_key, now_ms, upsert_event
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
 def folder_events(root: str | Path, *, inline: bool = False, visibility: str = "public",
                   ts: int | None = None) -> Iterator[dict]:
     root = Path(root).resolve()
     ts = now_ms() if ts is None else ts
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in image_files(root):
         rel = path.relative_to(root)
         id_ = rel.with_suffix("").as_posix()
         meta = {"path": rel.as_posix()}
@@ -61,14 +61,9 @@ def publish_events(bootstrap: str, topic: str, events: Iterable[dict], *, progre
                    timeout_s: float = 30.0) -> int:
     """Send events keyed by id and wait until the broker acknowledged all of them; returns the
     number sent. Raises the first send error (after kafka-python's own retries)."""
-    from kafka import KafkaProducer
-
-    from ingest.topics import ensure_topics
-
     if create_topic:
         ensure_topics(bootstrap, {topic: partitions}, compact={topic})
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, retries=5,
-                             batch_size=256 * 1024, client_id="vsearch-publish")
+    out = producer(bootstrap, "vsearch-publish", linger_ms=10, batch_size=256 * 1024)
     futures = []
     try:
         items = events
@@ -76,12 +71,12 @@ def publish_events(bootstrap: str, topic: str, events: Iterable[dict], *, progre
             from tqdm import tqdm
             items = tqdm(events, total=total, unit="event", desc=f"publish {topic}")
         for ev in items:
-            futures.append(producer.send(topic, key=encode_key(ev["id"]), value=encode(ev)))
-        producer.flush(timeout=timeout_s)
+            futures.append(out.send(topic, key=encode_key(ev["id"]), value=encode(ev)))
+        out.flush(timeout=timeout_s)
         for f in futures:
             f.get(timeout=timeout_s)
     finally:
-        producer.close(timeout=5)
+        out.close(timeout=5)
     return len(futures)
 
 

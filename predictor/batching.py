@@ -18,9 +18,9 @@ class MicroBatcher:
     calls in arrival order up to ``max_rows`` rows (a single larger call still runs whole)."""
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_rows: int = 64,
-                 max_wait_s: float = 0.0, on_pass: Callable[[int, int], None] | None = None):
-        self.fn, self.max_rows, self.max_wait_s = fn, max_rows, max_wait_s
-        self.on_pass = on_pass            # called with (calls, rows) after each pass
+                 on_pass: Callable[[int], None] | None = None):
+        self.fn, self.max_rows = fn, max_rows
+        self.on_pass = on_pass            # called with the number of rows after each pass
         self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self._runner: asyncio.Task | None = None
         self._executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -44,25 +44,20 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            if self.max_wait_s:
-                await asyncio.sleep(self.max_wait_s)
             batch = self._take()
             try:
                 out = await loop.run_in_executor(
                     self._executor, self.fn, np.concatenate([a for a, _ in batch]))
-            except Exception as exc:  # every caller of this pass gets the error
+            except Exception as exc:  # noqa: BLE001  (whatever the model raised goes to its callers)  # every caller of this pass gets the error
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             self.passes += 1
             if self.on_pass:
-                self.on_pass(len(batch), len(out))
+                self.on_pass(len(out))
             start = 0
             for arrays, fut in batch:
                 if not fut.done():
                     fut.set_result(out[start:start + len(arrays)])
                 start += len(arrays)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False)

@@ -1,5 +1,6 @@
-"""``vsearch serve embedder``, ``vsearch embed``, ``vsearch model init`` (and the search
-service's commands, registered by ``predictor.search_cli``)."""
+"""``vsearch serve embedder``, ``vsearch embed``, ``vsearch model init|info`` (and the search
+service's commands, registered by ``search/cli.py``). Each handler is the entry point of its
+process: it alone sets process-wide state (torch threads, PIL's pixel guard, KServe's argv)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from vsearch.config import add_flag
+from ..core.config import add_flag
+from ..core.images import image_files
+from .search import cli as search_cli
 
 
 def default_model_dir() -> str:
-    from predictor.model import DEFAULT_MODEL_DIR
-    return str(DEFAULT_MODEL_DIR)
+    from .model import default_model_dir
+    return str(default_model_dir())
 
 
 def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -28,7 +31,9 @@ def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False) -> No
 
 
 def limits_from(args):
-    from predictor.preprocess import Limits
+    """The image limits of the flags, with PIL's own guard raised to match (process-wide)."""
+    from .preprocess import Limits, set_decoder_pixel_limit
+    set_decoder_pixel_limit(args.max_pixels)
     return Limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels)
 
 
@@ -43,7 +48,6 @@ def register(sub) -> None:
     add_flag(p, "--max-batch", default=64, type=int, help="most images in one request")
     add_flag(p, "--workers", default=1, type=int, help="uvicorn worker processes")
     p.set_defaults(handler=_serve_embedder)
-    from predictor import search_cli
     search_cli.register_serve(serve_sub)
     search_cli.register(sub)
 
@@ -72,14 +76,16 @@ def register(sub) -> None:
 
 
 def _serve_embedder(args) -> int:
-    from predictor.embedder_server import serve
-    serve(args.model_dir, name=args.model_name, http_port=args.http_port, max_batch=args.max_batch,
-          threads=args.threads, device=args.device, batch_size=args.batch_size,
-          limits=limits_from(args), workers=args.workers)
+    from .serving import hide_argv_from_kserve, run_model_server
+    hide_argv_from_kserve()
+    from .model import set_torch_threads
+    set_torch_threads(args.threads)
+    from .embedder_server import REJECTED, EmbedderModel
+    model = EmbedderModel(args.model_name, args.model_dir, max_batch=args.max_batch, device=args.device,
+                          batch_size=args.batch_size, limits=limits_from(args))
+    run_model_server(model, http_port=args.http_port, workers=args.workers,
+                     on_bad_request=REJECTED.labels("request").inc)
     return 0
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def list_images(inputs) -> list[Path]:
@@ -88,7 +94,7 @@ def list_images(inputs) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files += image_files(path)
         elif path.is_file():
             files.append(path)
         else:
@@ -100,15 +106,15 @@ def _embed(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from predictor.model import Embedder
-    from predictor.preprocess import InvalidImage, stack
+    from .model import Embedder, set_torch_threads
+    from .preprocess import InvalidImage, stack
 
     files = list_images(args.inputs)
     if not files:
         print("no image files found", file=sys.stderr)
         return 1
-    emb = Embedder(args.model_dir, device=args.device, threads=args.threads,
-                   batch_size=args.batch_size, limits=limits_from(args))
+    set_torch_threads(args.threads)
+    emb = Embedder(args.model_dir, device=args.device, batch_size=args.batch_size, limits=limits_from(args))
     vectors, kept, failed = [], [], []
     with tqdm(total=len(files), unit="img", desc="embed") as bar:
         for start in range(0, len(files), emb.batch_size):
@@ -139,7 +145,7 @@ def _embed(args) -> int:
 
 
 def _model_init(args) -> int:
-    from predictor.model import init_model_dir
+    from .model import init_model_dir
     meta = init_model_dir(args.arch, args.out, name=args.name, version=args.version,
                           image_size=args.image_size, seed=args.seed)
     print(f"wrote random-initialised {args.arch} ({meta.family}, {meta.embedding_dim}-d, "
@@ -150,7 +156,7 @@ def _model_init(args) -> int:
 def _model_info(args) -> int:
     import json
 
-    from predictor.model import read_meta
+    from .model import read_meta
     print(json.dumps(read_meta(args.model_dir).to_json(), indent=2))
     return 0
 

@@ -1,5 +1,5 @@
 """Client of the embedder's V2 endpoint with the same interface as
-:class:`predictor.model.Embedder` (``dim``, ``embed_bytes``), so the consumer and the search
+:class:`vsearch.predictor.model.Embedder` (``dim``, ``embed_bytes``), so the consumer and the search
 service embed in process or over HTTP with the same code."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import requests
 
-from predictor.preprocess import Box, InvalidImage
+from .preprocess import Box, InvalidImage
 
 
 class EmbedderUnavailable(ConnectionError):
@@ -40,13 +40,6 @@ class EmbedderClient:
         if resp.status_code >= 300:
             raise EmbedderUnavailable(f"embedder at {url} answered {resp.status_code}: {resp.text[:300]}")
         return resp
-
-    def ready(self) -> bool:
-        try:
-            return self._session.get(f"{self.url}/v2/models/{self.model_name}/ready",
-                                     timeout=self.timeout).status_code == 200
-        except requests.RequestException:
-            return False
 
     @property
     def dim(self) -> int:

@@ -7,7 +7,7 @@ evaluation. Supported families: ResNet, ViT, DINOv2 and CLIP vision (with projec
 directory of those saved with ``save_pretrained`` loads, with the metadata derived from its
 config and ``preprocessor_config.json`` when ``vsearch_model.json`` is absent.
 
-    >>> emb = Embedder("models/default")
+    >>> emb = Embedder(default_model_dir())
     >>> vectors = emb.embed_bytes([open("cat.jpg", "rb").read()])   # float32 [1, D], L2-normalised
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import dataclasses
+import importlib.resources
 import json
 import logging
 import os
@@ -28,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from predictor.preprocess import (Box, InvalidImage, Limits, PreprocessConfig, bytes_to_array,
-                                  image_to_array, stack)
+from ..core import jsonsafe
+from ..core.store import sanitise
+from .preprocess import Box, InvalidImage, Limits, PreprocessConfig, bytes_to_array, stack
 
 METADATA_FILE = "vsearch_model.json"
-# The model the platform serves by default: trained by trainer/ and committed to the repository.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,6 +42,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ModelDirError(ValueError):
     """The model directory is missing, incomplete or of an unsupported family."""
+
+
+def default_model_dir() -> Path:
+    """The model the platform serves by default (``models/default`` of the repository, shipped
+    inside the installed package as ``vsearch.models``): trained by ``vsearch train``."""
+    return Path(str(importlib.resources.files("vsearch.models") / "default"))
 
 
 @dataclass
@@ -69,7 +75,6 @@ class ModelMeta:
     @property
     def model_id(self) -> str:
         """``name__version`` sanitised: the model version written into search events."""
-        from vsearch.store import sanitise
         return sanitise(f"{self.name}__{self.version}")
 
     def to_json(self) -> dict:
@@ -92,8 +97,16 @@ class ModelMeta:
 def _families():
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config,
-                              Dinov2Model, ResNetConfig, ResNetModel, ViTConfig, ViTModel)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        Dinov2Config,
+        Dinov2Model,
+        ResNetConfig,
+        ResNetModel,
+        ViTConfig,
+        ViTModel,
+    )
     return {
         "resnet": (ResNetConfig, ResNetModel, {}, "pooler"),
         "vit": (ViTConfig, ViTModel, {"add_pooling_layer": False}, "cls"),
@@ -227,7 +240,7 @@ def save_model_dir(net: EmbeddingNet, meta: ModelMeta, out: str | os.PathLike) -
 def write_meta(model_dir: str | os.PathLike, meta: ModelMeta) -> None:
     path = Path(model_dir) / METADATA_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+    tmp.write_text(jsonsafe.dumps(meta.to_json(), indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -274,7 +287,10 @@ def read_meta(model_dir: str | os.PathLike, config=None) -> ModelMeta:
                      pooling=pooling, resample=resample)
 
 
-def load_model_dir(model_dir: str | os.PathLike) -> tuple[EmbeddingNet, ModelMeta]:
+def load_model_dir(model_dir: str | os.PathLike, *, random_init: bool = False,
+                   seed: int = 0) -> tuple[EmbeddingNet, ModelMeta]:
+    """The network and metadata of a model directory; ``random_init``: the same architecture
+    with fresh weights drawn with ``seed`` (the evaluation's random-init baseline)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise ModelDirError(f"{model_dir} is not a model directory (no config.json); "
@@ -284,7 +300,11 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[EmbeddingNet, ModelMet
     family = family_of(config)
     meta = read_meta(model_dir, config)
     _, model_cls, kwargs, _ = _families()[family]
-    backbone = model_cls.from_pretrained(model_dir, **kwargs)
+    if random_init:
+        torch.manual_seed(seed)
+        backbone = model_cls(config.vision_config if config.model_type == "clip" else config, **kwargs)
+    else:
+        backbone = model_cls.from_pretrained(model_dir, **kwargs)
     return EmbeddingNet(backbone, meta.pooling), meta
 
 
@@ -322,7 +342,7 @@ def optimise_for_inference(net: EmbeddingNet, meta: ModelMeta):
                 if not torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)),
                                       net.embed(x), atol=1e-4):
                     raise ValueError(f"optimised network differs from eager at batch {n}")
-    except Exception as exc:  # any tracing problem: serve the eager network
+    except Exception as exc:  # noqa: BLE001  (any tracing problem: serve the eager network)
         log.warning("serving the eager network (%s could not be optimised: %s)", meta.name, exc)
         return net.embed
 
@@ -330,6 +350,13 @@ def optimise_for_inference(net: EmbeddingNet, meta: ModelMeta):
         return fast(x.contiguous(memory_format=torch.channels_last))
 
     return forward
+
+
+def set_torch_threads(n: int | None) -> None:
+    """torch's CPU threads, a process-wide setting: for the entry point that owns the process
+    (None: torch's own choice)."""
+    if n:
+        torch.set_num_threads(int(n))
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -345,10 +372,8 @@ class Embedder:
     under ``torch.inference_mode`` in batches of at most ``batch_size``."""
 
     def __init__(self, model_dir: str | os.PathLike, *, device: str | None = None,
-                 threads: int | None = None, batch_size: int = 32, limits: Limits = Limits(),
-                 decode_workers: int | None = None, optimize: bool = True):
-        if threads:
-            torch.set_num_threads(int(threads))
+                 batch_size: int = 32, limits: Limits = Limits(), decode_workers: int | None = None,
+                 optimize: bool = True):
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
         self.net, self.meta = load_model_dir(self.model_dir)
@@ -408,12 +433,6 @@ class Embedder:
     def embed_bytes(self, blobs: Sequence[bytes], crops: Sequence[Box | None] | None = None
                     ) -> np.ndarray:
         return self.embed_arrays(self.preprocess_bytes(blobs, crops))
-
-    def embed_images(self, images: Sequence, crops: Sequence[Box | None] | None = None) -> np.ndarray:
-        crops = list(crops) if crops is not None else [None] * len(images)
-        arrays = list(self._pool.map(lambda ic: image_to_array(ic[0], self.cfg, ic[1]),
-                                     zip(images, crops)))
-        return self.embed_arrays(stack(arrays))
 
     def embed_stream(self, items: Iterable[bytes]) -> Iterator[np.ndarray]:
         """Embed an iterable of image bytes in batches, preprocessing the next batch while the

@@ -22,10 +22,6 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# We do our own pixel-limit check with a clear message; PIL's global guard stays as a second
-# line of defence for anything that bypasses decode_image.
-Image.MAX_IMAGE_PIXELS = 200_000_000
-
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -38,6 +34,13 @@ class InvalidImage(ValueError):
 class Limits:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def set_decoder_pixel_limit(max_pixels: int) -> None:
+    """Raise PIL's own decompression-bomb guard (a process-wide setting, about 89 M pixels by
+    default) to the configured limit, so that the clear check of :func:`decode_image` is the
+    one that refuses. For the entry point that owns the process to call, once."""
+    Image.MAX_IMAGE_PIXELS = max(int(max_pixels), DEFAULT_MAX_PIXELS)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Augmentations for contrastive training, written with PIL and numpy (no torchvision).
 
-Every view starts from an image decoded by :func:`predictor.preprocess.decode_image` and ends
-with :func:`predictor.preprocess.normalise`, so training sees exactly the pixels serving sees;
+Every view starts from an image decoded by :func:`vsearch.predictor.preprocess.decode_image` and ends
+with :func:`vsearch.predictor.preprocess.normalise`, so training sees exactly the pixels serving sees;
 only the geometry and colour in between are random.
 
     >>> aug = SimCLRAugment(meta.preprocess)
@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from predictor.preprocess import (Box, Limits, PreprocessConfig, apply_crop, decode_image, image_to_array,
-                                  normalise)
+from ..predictor.preprocess import Box, Limits, PreprocessConfig, apply_crop, decode_image, image_to_array, normalise
 
 
 @dataclass(frozen=True)

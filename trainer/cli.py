@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from vsearch.config import add_flag
+from ..core.config import add_flag
 
 
 def _ks(text: str) -> list[int]:
@@ -83,14 +83,16 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from trainer.data import DataError
-    from trainer.train import TrainConfig, data_kind, train
+    from ..predictor.model import set_torch_threads
+    from .data import DataError
+    from .train import TrainConfig, data_kind, train
     if not args.data or not args.out:
         print("vsearch train: --data and --out are required", file=sys.stderr)
         return 2
     if args.init and args.image_size:
         print("vsearch train: --image-size applies to a new model, not to --init", file=sys.stderr)
         return 2
+    set_torch_threads(args.threads)
     try:
         kind = data_kind(args.data)
         temperature = args.temperature or (0.2 if kind == "simclr" else 0.07)
@@ -100,7 +102,7 @@ def _train(args) -> int:
             batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr,
             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, temperature=temperature,
             holdout=args.holdout, split_seed=args.split_seed, seed=args.seed, workers=args.workers,
-            threads=args.threads, device=args.device, amp=not args.no_amp,
+            device=args.device, amp=not args.no_amp,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
             stop_after=args.stop_after,
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
@@ -112,7 +114,7 @@ def _train(args) -> int:
             return 0
         print(f"exported {out}")
         if kind == "simclr" and args.holdout > 0 and not args.no_eval:
-            from trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
+            from .evaluate import evaluate_models, format_table, store_in_meta, write_outputs
             report = evaluate_models([str(out)], args.data, split="held-out", holdout=args.holdout,
                                      split_seed=args.split_seed, baselines=["raw-pixels", "random-init"])
             store_in_meta(str(out), report)
@@ -125,8 +127,9 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from trainer.data import DataError
-    from trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
+    from ..predictor.model import set_torch_threads
+    from .data import DataError
+    from .evaluate import evaluate_models, format_table, store_in_meta, write_outputs
     if not args.data:
         print("vsearch evaluate: --data is required", file=sys.stderr)
         return 2
@@ -134,10 +137,10 @@ def _evaluate(args) -> int:
     if not args.model_dir and not baselines:
         print("vsearch evaluate: give at least one --model-dir or --baselines", file=sys.stderr)
         return 2
+    set_torch_threads(args.threads)
     try:
         report = evaluate_models(args.model_dir, args.data, ks=_ks(args.k), baselines=baselines,
-                                 split=args.split, holdout=args.holdout, split_seed=args.split_seed,
-                                 threads=args.threads)
+                                 split=args.split, holdout=args.holdout, split_seed=args.split_seed)
         js, png = write_outputs(report, args.out)
         if args.write_meta:
             for d in args.model_dir:

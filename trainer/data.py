@@ -11,7 +11,7 @@ Sources of data (``--data``):
   optional ``crop`` (``x0,y0,x1,y1`` normalised, the part of the query that was searched);
   paths relative to the CSV, ``file://`` or ``http(s)://`` URIs.
 * ``kafka://HOST:PORT[/TOPIC]``: click events on ``search.events`` (see
-  :mod:`vsearch.search_events`); every click with both ``query_uri`` and ``item_uri`` is a pair
+  :mod:`vsearch.core.search_events`); every click with both ``query_uri`` and ``item_uri`` is a pair
   (with the click's ``crop`` applied to the query). ``catalog:<id>`` URIs cannot be read by the
   trainer yet: such pairs are counted as unreadable in the run log.
 """
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import csv
+import functools
 import logging
 import random
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from predictor.preprocess import InvalidImage, PreprocessConfig, parse_crop, parse_crop_text
-from trainer.augment import training_image
+from ..core import search_events
+from ..core.fetch import FetchConfig, Fetcher, FetchError
+from ..core.images import IMAGE_SUFFIXES, image_files
+from ..predictor.preprocess import InvalidImage, PreprocessConfig, parse_crop, parse_crop_text
+from .augment import training_image
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 QUERY_COLS = ("query", "query_uri", "query_path")
 CROP_MARK = "#crop="
 CLICKED_COLS = ("clicked", "clicked_uri", "clicked_path", "item_uri", "item_path")
@@ -55,18 +56,23 @@ class ImageRecord:
 
 # --------------------------------------------------------------------------- reading sources
 
+@functools.lru_cache(maxsize=1)
+def _fetcher() -> Fetcher:
+    return Fetcher(FetchConfig(read_timeout=30.0, total_timeout=60.0))
+
+
 def read_source(source: str) -> bytes:
-    """Bytes of a path, ``file://`` or ``http(s)://`` URI."""
+    """Bytes of a path, ``file://`` or ``http(s)://`` URI (through the platform's one fetcher:
+    size limit, timeouts, retries, checked redirects)."""
     parsed = urllib.parse.urlparse(source)
-    if parsed.scheme in ("http", "https"):
-        with urllib.request.urlopen(source, timeout=30) as r:
-            return r.read()
-    if parsed.scheme == "file":
-        return Path(urllib.parse.unquote(parsed.path)).read_bytes()
-    if parsed.scheme and len(parsed.scheme) > 1:
+    if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme not in ("file", "http", "https"):
         raise DataError(f"cannot read {source!r}: scheme {parsed.scheme!r} is not a path, "
                         f"file:// or http(s):// URI")
-    return Path(source).read_bytes()
+    uri = source if parsed.scheme in ("file", "http", "https") else Path(source).resolve().as_uri()
+    try:
+        return _fetcher().fetch(uri)
+    except FetchError as exc:
+        raise DataError(f"cannot read {source}: {exc}") from exc
 
 
 def with_crop(source: str, crop) -> str:
@@ -102,12 +108,11 @@ def list_images(folder: str | Path) -> list[ImageRecord]:
             raise DataError(f"{labels_csv} needs the columns path,label")
         return [ImageRecord(_resolve(r["path"], folder), r["label"]) for r in rows]
     out = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            rel = p.relative_to(folder)
-            out.append(ImageRecord(str(p), rel.parts[0] if len(rel.parts) > 1 else None))
+    for p in image_files(folder):
+        rel = p.relative_to(folder)
+        out.append(ImageRecord(str(p), rel.parts[0] if len(rel.parts) > 1 else None))
     if not out:
-        raise DataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+        raise DataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return out
 
 
@@ -184,8 +189,6 @@ def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_
     (end offsets are not trusted: some Kafka-protocol brokers report them wrongly), within
     ``timeout_s``. Nothing is committed. Returns the pairs and counts of what was skipped and
     why, so nothing is dropped unseen."""
-    from vsearch import search_events
-
     topic = topic or search_events.TOPIC
     stats = {"events": 0, "clicks": 0, "pairs": 0, "bad_events": 0, "clicks_without_uris": 0}
     pairs: list[tuple[str, str]] = []

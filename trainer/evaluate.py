@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import csv
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +29,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from predictor.model import (EmbeddingNet, ModelMeta, _families, family_of, load_model_dir,
-                             read_meta, write_meta)
-from predictor.preprocess import InvalidImage, PreprocessConfig, decode_image, image_to_array, stack
-from trainer import metrics
-from trainer.data import DataError, _resolve, list_images, read_source, select_split
+from ..core import jsonsafe
+from ..predictor.model import EmbeddingNet, load_model_dir, read_meta, write_meta
+from ..predictor.preprocess import InvalidImage, PreprocessConfig, decode_image, image_to_array, stack
+from . import metrics
+from .data import DataError, _resolve, list_images, read_source, select_split
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +71,7 @@ def raw_pixel_embed(images) -> np.ndarray:
     return np.stack([image_to_array(im, RAW_PIXELS).reshape(-1) for im in images]).astype(np.float32)
 
 
-def random_init_like(model_dir: str | Path, seed: int = 0) -> tuple[EmbeddingNet, ModelMeta]:
-    """The architecture of ``model_dir`` with fresh random weights."""
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(model_dir)
-    family = family_of(config)
-    meta = read_meta(model_dir, config)
-    _, model_cls, kwargs, _ = _families()[family]
-    torch.manual_seed(seed)
-    if config.model_type == "clip":
-        config = config.vision_config
-    return EmbeddingNet(model_cls(config, **kwargs), meta.pooling), meta
-
-
-def candidates_for(model_dirs: Sequence[str], baselines: Sequence[str], threads: int | None = None
-                   ) -> list[Candidate]:
-    if threads:
-        torch.set_num_threads(threads)
+def candidates_for(model_dirs: Sequence[str], baselines: Sequence[str]) -> list[Candidate]:
     out = []
     for d in model_dirs:
         net, meta = load_model_dir(d)
@@ -103,7 +85,7 @@ def candidates_for(model_dirs: Sequence[str], baselines: Sequence[str], threads:
         elif b == "random-init":
             if not model_dirs:
                 raise DataError("the random-init baseline needs a --model-dir for its architecture")
-            net, meta = random_init_like(model_dirs[0])
+            net, meta = load_model_dir(model_dirs[0], random_init=True)
             out.append(Candidate(f"random-init {meta.arch or meta.family}", b, None,
                                  net_embedder(net, meta.preprocess)))
     return out
@@ -152,10 +134,10 @@ def read_judgments(path: str | Path) -> dict[str, dict[str, float]]:
 
 def evaluate_models(model_dirs: Sequence[str], data: str, *, ks: Sequence[int] = metrics.DEFAULT_KS,
                     baselines: Sequence[str] = (), split: str = "all", holdout: float = 0.3,
-                    split_seed: int = 0, threads: int | None = None) -> dict:
+                    split_seed: int = 0) -> dict:
     """Evaluate models and baselines on one data set; returns the report (JSON-able)."""
     t0 = time.time()
-    cands = candidates_for(model_dirs, baselines, threads)
+    cands = candidates_for(model_dirs, baselines)
     path = Path(data)
     if path.is_file() and path.suffix.lower() == ".csv":
         judgments = read_judgments(path)
@@ -223,7 +205,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in report["results"]:
         c = r["curves"]
-        if not c["k"]:
+        if not c["k"] or len(c["recall"]) != len(c["k"]):       # no query with a relevant item
             continue
         label = f"{r['name']} (mAP@R {r['metrics']['map@r']:.3f})"
         ax1.plot(c["k"], c["recall"], label=label)
@@ -233,7 +215,10 @@ def plot_report(report: dict, path: str | Path) -> Path:
     ax2.set(xlabel="recall@k", ylabel="precision@k", title="Precision-recall (k = 1..100)")
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.get_lines():
+        ax1.legend(fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "no query has a relevant item", ha="center", transform=ax1.transAxes)
     d = report["data"]
     fig.suptitle(f"{d['source']} ({d.get('split', d['kind'])}, "
                  f"{d.get('images', d.get('queries'))} queries)", fontsize=9)
@@ -262,12 +247,8 @@ def write_outputs(report: dict, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     js = out / "report.json"
-    js.write_text(json.dumps(report, indent=1, default=_nan_to_none) + "\n")
+    js.write_text(jsonsafe.dumps(report, indent=1) + "\n")
     return js, plot_report(report, out / "report.png")
-
-
-def _nan_to_none(x):
-    return None if isinstance(x, float) and math.isnan(x) else str(x)
 
 
 def store_in_meta(model_dir: str | Path, report: dict) -> None:

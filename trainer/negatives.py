@@ -1,7 +1,7 @@
 """Hard negatives for click-pair training, mined from the current index.
 
 For each query image of the pairs, the model that built the index embeds it, Milvus returns
-its nearest catalog items (:class:`vsearch.store.MilvusStore`), and the closest ones that were
+its nearest catalog items (:class:`vsearch.core.store.MilvusStore`), and the closest ones that were
 *not* clicked for that query (and are not the query itself) become its hard negatives: images
 the current model confuses with the right answer.
 
@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from predictor.preprocess import InvalidImage
-from trainer.data import DataError, read_source, split_crop
+from ..predictor.preprocess import InvalidImage
+from .data import DataError, read_source, split_crop
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def mine_hard_negatives(pairs: Sequence[tuple[str, str]], embedder, store, colle
                         ) -> tuple[dict[str, list[str]], dict]:
     """{query source: [uri of a hard negative, ...]} and counts of what happened.
 
-    ``embedder`` has ``embed_bytes`` (an :class:`~predictor.model.Embedder` or the HTTP client);
-    ``store`` is a :class:`~vsearch.store.MilvusStore`; ``collection`` a collection or alias."""
+    ``embedder`` has ``embed_bytes`` (an :class:`~vsearch.predictor.model.Embedder` or the HTTP client);
+    ``store`` is a :class:`~vsearch.core.store.MilvusStore`; ``collection`` a collection or alias."""
     clicked: dict[str, set[str]] = {}
     for q, c in pairs:
         clicked.setdefault(q, set()).add(canonical(c))

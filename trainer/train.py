@@ -8,7 +8,7 @@
     # carry on after an interruption
     vsearch train ... --out runs/tiny --resume
 
-The network is the predictor's :class:`~predictor.model.EmbeddingNet` (the serving network);
+The network is the predictor's :class:`~vsearch.predictor.model.EmbeddingNet` (the serving network);
 SimCLR adds a projection head that is dropped at export. ``--out`` becomes a model directory
 that ``vsearch serve embedder --model-dir`` loads as it is, with ``train_log.jsonl`` (one JSON
 line per logged step) and ``checkpoints/last.pt`` beside the weights.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,11 +29,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from predictor.model import EmbeddingNet, ModelMeta, build_model, load_model_dir, save_model_dir
-from trainer.augment import AugmentConfig, PairAugment, SimCLRAugment
-from trainer.data import (DataError, ImageCache, PairDataset, SimCLRDataset, click_pairs_from_kafka,
-                          epoch_order, list_images, read_csv_header, read_pairs_csv, split_holdout)
-from trainer.losses import info_nce, nt_xent
+from ..core import jsonsafe
+from ..predictor.model import EmbeddingNet, ModelMeta, build_model, load_model_dir, save_model_dir
+from .augment import AugmentConfig, PairAugment, SimCLRAugment
+from .data import (
+    DataError,
+    ImageCache,
+    PairDataset,
+    SimCLRDataset,
+    click_pairs_from_kafka,
+    epoch_order,
+    list_images,
+    read_csv_header,
+    read_pairs_csv,
+    split_holdout,
+)
+from .losses import info_nce, nt_xent
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +73,6 @@ class TrainConfig:
     split_seed: int = 0
     seed: int = 0
     workers: int = 0                   # data-loader processes
-    threads: int | None = None         # torch CPU threads
     device: str | None = None
     amp: bool = True                   # mixed precision on CUDA
     checkpoint_every: int = 200        # optimiser steps
@@ -141,7 +152,7 @@ class RunLog:
     def write(self, event: str, **fields) -> None:
         rec = {"event": event, "time": time.time(), **fields}
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(jsonsafe.dumps(rec) + "\n")
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -169,8 +180,6 @@ def train(cfg: TrainConfig) -> Path:
     if not cfg.resume and ((out / "train_log.jsonl").exists() or (out / "config.json").exists()):
         raise DataError(f"{out} already holds a model or a run: pick a new --out, or --resume it")
     runlog = RunLog(out / "train_log.jsonl")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_amp = cfg.amp and device.type == "cuda"
     seed_everything(cfg.seed)
@@ -178,7 +187,7 @@ def train(cfg: TrainConfig) -> Path:
     kind = data_kind(cfg.data)
     net, meta = _model_for(cfg)
     pre = meta.preprocess
-    data_info: dict = {"kind": kind, "source": cfg.data}
+    data_info: dict = {"kind": kind, "source": portable_path(cfg.data)}
     if kind == "simclr":
         records = list_images(cfg.data)
         train_recs, held = split_holdout(records, cfg.holdout, cfg.split_seed)
@@ -323,7 +332,7 @@ def train(cfg: TrainConfig) -> Path:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     save_model_dir(net, meta, out)
-    runlog.write("exported", out=str(out), version=meta.version, final_loss=last_loss)
+    runlog.write("exported", out=portable_path(str(out)), version=meta.version, final_loss=last_loss)
     log.info("exported %s (version %s, final loss %.4f)", out, meta.version, last_loss)
     return out
 
@@ -332,10 +341,10 @@ def _mine(cfg: TrainConfig, pairs):
     """Hard negatives from the current index, found with the model being fine-tuned."""
     if not cfg.init:
         raise DataError("hard negatives need --init: the model that built the index")
-    from predictor.model import Embedder
-    from trainer.negatives import mine_hard_negatives
-    from vsearch.store import MilvusStore
-    embedder = Embedder(cfg.init, device="cpu", threads=cfg.threads)
+    from ..core.store import MilvusStore
+    from ..predictor.model import Embedder
+    from .negatives import mine_hard_negatives
+    embedder = Embedder(cfg.init, device="cpu")
     try:
         with MilvusStore(cfg.hard_negatives_from) as store:
             negatives, stats = mine_hard_negatives(pairs, embedder, store, cfg.hard_negatives_collection,
@@ -354,6 +363,18 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True)
 
 
+def portable_path(source: str) -> str:
+    """A data path as the run log and the model's metadata record it: as given when relative
+    (or a URI), relative to the working directory when absolute, so that no machine's layout
+    ends up in a committed model directory."""
+    if "://" in source or not os.path.isabs(source):
+        return source
+    return os.path.relpath(source)
+
+
 def _jsonable(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
-    return json.loads(json.dumps(d, default=str))
+    d = json.loads(json.dumps(asdict(cfg), default=str))
+    for key in ("data", "out", "init"):
+        if d.get(key):
+            d[key] = portable_path(d[key])
+    return d

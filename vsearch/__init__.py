@@ -1,9 +1,10 @@
-"""Shared code of the visual search platform that belongs to no single component.
+"""vsearch: Kubernetes-native visual search.
 
-- ``vsearch.config``: environment variables with the ``VSEARCH_`` prefix.
-- ``vsearch.cli``: the ``vsearch`` command line.
-- ``vsearch.store``: the one Milvus access layer.
-- ``vsearch.services``: start and stop the local services (broker, Milvus Lite server).
+Installed, every part of the platform lives under this package: ``vsearch.core`` (the shared
+core), ``vsearch.predictor``, ``vsearch.ingest``, ``vsearch.trainer``, ``vsearch.operators``
+and ``vsearch.models`` (the default model). This folder itself is the top of the house: the
+``vsearch`` command line (``cli``) and what runs the whole platform on one machine
+(``services``, ``samples``, ``demo``); nothing below imports it.
 """
 
 __version__ = "0.1.0"

@@ -1,20 +1,27 @@
-"""The ``vsearch`` command line. Each component registers its own sub-commands in its
-``cli.py`` (``register(subparsers)``); heavy imports happen only inside the handlers, so
-``vsearch --help`` stays fast."""
+"""The ``vsearch`` command line: the top of the house. Each component registers its own
+sub-commands in its ``cli.py`` (``register(subparsers)``); this module adds ``vsearch demo``
+(the whole platform on one machine) and owns the process-wide logging set-up. Heavy imports
+happen only inside the handlers, so ``vsearch --help`` stays fast."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# One line per component that has commands; each module defines register(subparsers).
-COMMAND_MODULES = [
-    "predictor.cli",
-    "trainer.cli",
-    "ingest.cli",
-]
+from .core.config import add_flag
+from .ingest import cli as ingest_cli
+from .predictor import cli as predictor_cli
+from .trainer import cli as trainer_cli
+
+COMMAND_MODULES = (predictor_cli, trainer_cli, ingest_cli)
+
+# Third-party loggers that report, at ERROR with tracebacks, failures this code already turns
+# into its own exceptions and log lines (pymilvus logs every failed RPC; the embedded Milvus
+# Lite server logs pymilvus' probes of calls it lacks; kafka-python logs each reconnect).
+QUIET_LOGGERS = {"pymilvus": logging.CRITICAL, "pymilvus.decorators": logging.CRITICAL,
+                 "pymilvus.milvus_client": logging.CRITICAL, "grpc._server": logging.CRITICAL,
+                 "kafka": logging.WARNING}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,16 +30,49 @@ def build_parser() -> argparse.ArgumentParser:
         description="Visual search platform: serve, embed, ingest, search, train, evaluate.")
     parser.add_argument("--log-level", default="INFO", help="logging level (INFO, DEBUG, ...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    register_demo(sub)
     return parser
+
+
+def register_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole platform on this machine and open the web page",
+                       description="Starts the Kafka broker, Milvus Lite (server), the embedder, the "
+                                   "catalog consumer and the search service; publishes a sample "
+                                   "catalog through Kafka; prints the URL. Ctrl-C stops everything.")
+    add_flag(p, "--model-dir", default=None,
+             help="model directory (default: models/default, else a random-initialised resnet-tiny)")
+    add_flag(p, "--catalog", default=None,
+             help="folder of images to publish (default: scikit-image's sample photos and variants)")
+    add_flag(p, "--data-dir", default=".demo", help="where the demo keeps Milvus data, logs, queries")
+    add_flag(p, "--http-port", default=8000, type=int,
+             help="HTTP port of the search service and web page (0: any free port)")
+    add_flag(p, "--ready-timeout", default=300.0, type=float,
+             help="seconds to wait for the catalog to be searchable")
+    p.add_argument("--check", "--smoke", dest="check", action="store_true",
+                   help="run one query end to end, print the result and exit (0 = it worked)")
+    p.set_defaults(handler=_demo)
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(model_dir=args.model_dir, catalog=args.catalog, data_dir=args.data_dir,
+                    port=args.http_port, timeout=args.ready_timeout, check=args.check)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import pymilvus  # noqa: F401  (it reconfigures its loggers when imported: import it first)
+    if logging.getLogger().level > logging.DEBUG:
+        for name, quiet in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         rc = args.handler(args)
     except KeyboardInterrupt:

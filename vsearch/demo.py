@@ -22,77 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from .core.images import image_files
+from .samples import write_sample_catalog
 
-log = logging.getLogger("vsearch.demo")
-
-# scikit-image's bundled photos (no download needed). "cat" is the same photo as "chelsea":
-# it shows near-duplicate collapsing.
-SKIMAGE_PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "coins", "clock", "brick",
-                  "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page",
-                  "retina", "rocket", "colorwheel", "text", "logo", "horse", "cell")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype != np.uint8:
-        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, -1)
-    if arr.shape[-1] == 4:                          # composite transparency on white
-        alpha = arr[..., 3:4].astype(np.float32) / 255.0
-        arr = (arr[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
-    return arr
-
-
-def variants(img) -> dict:
-    """Crops, flips and colour shifts of one PIL image: what a catalog holds many of."""
-    from PIL import Image, ImageEnhance, ImageOps
-
-    w, h = img.size
-    out = {
-        "original": img,
-        "flip": ImageOps.mirror(img),
-        "crop-centre": img.crop((int(w * .2), int(h * .2), int(w * .8), int(h * .8))),
-        "crop-left": img.crop((0, 0, int(w * .55), h)),
-        "warm": Image.merge("RGB", [ch.point(lambda v, f=f: min(255, int(v * f)))
-                                    for ch, f in zip(img.split(), (1.15, 1.0, 0.8))]),
-        "grey": ImageOps.grayscale(img).convert("RGB"),
-        "bright": ImageEnhance.Brightness(img).enhance(1.35),
-        "rotate": img.rotate(90, expand=True),
-    }
-    return out
-
-
-def write_sample_catalog(out_dir: str | os.PathLike) -> list[dict]:
-    """JPEG files of scikit-image's sample photos and their variants under ``out_dir``; returns
-    catalog items ``{"id", "path", "metadata", "visibility"}``. One variant is private."""
-    import skimage.data
-    from PIL import Image
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    items = []
-    for name in SKIMAGE_PHOTOS:
-        try:
-            arr = getattr(skimage.data, name)()
-        except Exception as exc:                       # a photo that needs a download: skip it
-            log.info("skipping skimage.data.%s: %s", name, exc)
-            continue
-        base = Image.fromarray(_to_rgb_uint8(arr), "RGB")
-        for variant, img in variants(base).items():
-            item_id = f"{name}-{variant}"
-            path = out / f"{item_id}.jpg"
-            if not path.exists():
-                img.save(path, "JPEG", quality=90)
-            items.append({"id": item_id, "path": str(path.resolve()),
-                          "metadata": {"label": name, "variant": variant, "source": "scikit-image"},
-                          # one private item: it is indexed but must never be shown
-                          "visibility": "private" if (name, variant) == ("rocket", "warm") else "public"})
-    return items
+log = logging.getLogger(__name__)
 
 
 def folder_catalog(folder: str | os.PathLike) -> list[dict]:
@@ -100,7 +33,7 @@ def folder_catalog(folder: str | os.PathLike) -> list[dict]:
     if not root.is_dir():
         raise SystemExit(f"--catalog {folder}: not a folder")
     items = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for path in image_files(root):
         rel = path.relative_to(root)
         items.append({"id": str(rel.with_suffix("")).replace(os.sep, "/"), "path": str(path),
                       "metadata": {"label": rel.parent.name or root.name, "source": str(root)},
@@ -127,14 +60,14 @@ def write_catalog_csv(items: list[dict], path: Path) -> None:
 
 def resolve_model(model_dir: str | None, data_dir: Path) -> tuple[Path, bool]:
     """(model directory, whether it is a random-initialised stand-in)."""
-    from predictor.model import DEFAULT_MODEL_DIR, init_model_dir
+    from .predictor.model import default_model_dir, init_model_dir
 
     if model_dir:
         if not (Path(model_dir) / "config.json").exists():
             raise SystemExit(f"--model-dir {model_dir}: not a model directory (no config.json)")
         return Path(model_dir), False
-    if (Path(DEFAULT_MODEL_DIR) / "config.json").exists():
-        return Path(DEFAULT_MODEL_DIR), False
+    if (default_model_dir() / "config.json").exists():
+        return default_model_dir(), False
     stand_in = data_dir / "model-random-resnet-tiny"
     if not (stand_in / "config.json").exists():
         init_model_dir("resnet-tiny", stand_in, name="random-resnet-tiny", version="0")
@@ -161,6 +94,8 @@ def search_file(url: str, path: str | Path, *, k: int = 5, crop: str | None = No
 def wait_searchable(url: str, items: list[dict], timeout: float, services=()) -> int:
     """Search with every public catalog image until each finds an identical indexed image
     (score >= 0.999): the catalog is searchable end to end. Returns how many are."""
+    import requests
+
     public = [it for it in items if it["visibility"] == "public"]
     pending = list(public)
     deadline = time.monotonic() + timeout
@@ -170,7 +105,7 @@ def wait_searchable(url: str, items: list[dict], timeout: float, services=()) ->
         try:
             body = search_file(url, it["path"], k=1, log_impression=False)
             return bool(body["results"]) and body["results"][0]["score"] >= 0.999
-        except Exception as exc:                # 503 until the collection exists, etc.
+        except (RuntimeError, OSError, ValueError, requests.RequestException) as exc:   # 503 until indexed
             last_error = str(exc)
             return False
 
@@ -194,10 +129,18 @@ def wait_searchable(url: str, items: list[dict], timeout: float, services=()) ->
 
 def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_dir: str = ".demo",
              port: int = 8000, timeout: float = 300.0, check: bool = False) -> int:
-    from predictor.model import read_meta
-    from vsearch.services import (Service, free_port, http_ok, port_open, start_broker, start_embedder,
-                                  start_milvus_lite_server, vsearch_argv)
-    from vsearch.store import collection_name
+    from .core.store import collection_name
+    from .predictor.model import read_meta
+    from .services import (
+        Service,
+        free_port,
+        http_ok,
+        port_open,
+        start_broker,
+        start_embedder,
+        start_milvus_lite_server,
+        vsearch_argv,
+    )
 
     data = Path(data_dir).resolve()
     logs = data / "logs"
@@ -311,7 +254,7 @@ def _check(url: str, bootstrap: str, items: list[dict]) -> int:
     read back from search.events."""
     import requests
 
-    from predictor.search_cli import read_events
+    from .predictor.search.ctr import read_events
 
     public = [it for it in items if it["visibility"] == "public"]
     probe = next((it for it in public if it["id"] == "astronaut-original"), public[0])

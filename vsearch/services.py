@@ -5,6 +5,7 @@ The one place for process start-up: tests, ``vsearch demo`` and ``bench/`` all u
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -32,7 +33,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return 200 <= r.status < 300
-    except Exception:
+    except (OSError, ValueError, http.client.HTTPException):     # URLError is an OSError
         return False
 
 
@@ -185,7 +186,7 @@ def milvus_ready(uri: str, timeout: float = 2.0) -> bool:
         finally:
             client.close()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001  (any failure means: not ready yet)
         return False
 
 

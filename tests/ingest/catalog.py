@@ -12,9 +12,9 @@ import random
 import time
 from pathlib import Path
 
-from ingest.events import encode, encode_key
 from vsearch import services
-from vsearch.store import MilvusStore
+from vsearch.core.store import MilvusStore
+from vsearch.ingest.events import encode, encode_key
 
 BASE_TS = 1_700_000_000_000
 
@@ -164,7 +164,7 @@ def build_scenario(folder: Path, photos: list[bytes], *, n_ids: int = 300, n_eve
 def publish(bootstrap: str, topic: str, records, partitions: int = 3) -> dict:
     """Send (key, value) records in order; returns {TopicPartition: last offset + 1} as the
     producer was told by the broker (not the broker's end offsets)."""
-    from ingest.topics import ensure_topics, send_and_confirm
+    from vsearch.core.kafka import ensure_topics, send_and_confirm
     ensure_topics(bootstrap, {topic: partitions}, compact={topic})
     return send_and_confirm(bootstrap, topic, records)
 
@@ -242,11 +242,10 @@ def start_consumer(tmp: Path, bootstrap: str, topic: str, group: str, milvus_uri
 
 
 def metric(svc: services.Service, name: str) -> float:
-    """Sum of a Prometheus metric's samples (all labels) from the consumer's /metrics."""
+    """Sum of a Prometheus metric's samples (all labels) from the consumer's /metrics, parsed
+    by prometheus_client's own parser."""
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
     text = urllib.request.urlopen(f"{svc.url}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)

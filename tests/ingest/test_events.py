@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ingest.events import BadEvent, decode, delete_event, encode, upsert_event, validate
+from vsearch.ingest.events import BadEvent, decode, delete_event, encode, upsert_event, validate
 
 
 def value(**kw):

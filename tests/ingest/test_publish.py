@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from ingest.events import decode
 from tests.ingest.catalog import read_topic
 from vsearch.cli import main
+from vsearch.ingest.events import decode
 
 
 def test_publish_folder_csv_and_deletes(tmp_path, broker, photo_bytes, capsys):

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from predictor.batching import MicroBatcher
+from vsearch.predictor.batching import MicroBatcher
 
 
 def slow_double(x):

@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from predictor.preprocess import (InvalidImage, Limits, PreprocessConfig, apply_crop,
-                                  bytes_to_array, decode_image, image_to_array, parse_crop,
-                                  parse_crop_text)
+from vsearch.predictor.preprocess import (
+    InvalidImage,
+    Limits,
+    PreprocessConfig,
+    apply_crop,
+    bytes_to_array,
+    decode_image,
+    image_to_array,
+    parse_crop,
+    parse_crop_text,
+)
 
 CFG = PreprocessConfig(image_size=32, resize_size=36)
 

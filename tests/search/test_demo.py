@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fixtures.models import caltech_photos, generated_photos
+from vsearch.samples import caltech_photos, generated_photos
 
 
 def small_catalog(tmp_path) -> Path:
@@ -45,6 +45,7 @@ def leftover_processes(marker: str) -> list[str]:
     return left
 
 
+@pytest.mark.slow
 def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
     catalog = small_catalog(tmp_path)
     data_dir = tmp_path / "demo"
@@ -66,6 +67,7 @@ def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
     assert not leftover_processes(str(data_dir))
 
 
+@pytest.mark.slow
 def test_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, tiny_model_dir):
     catalog = small_catalog(tmp_path)
     data_dir = tmp_path / "demo"

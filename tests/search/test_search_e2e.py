@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import requests
 
-from predictor.preprocess import apply_crop, decode_image
-from predictor.search_cli import read_events
 from tests.fixtures.search import MAX_UPLOAD
+from vsearch.predictor.preprocess import apply_crop, decode_image
+from vsearch.predictor.search.ctr import read_events
 
 
 def ids(resp) -> list[str]:
@@ -113,10 +113,9 @@ def test_impressions_and_clicks_land_on_search_events(search_server):
                                                               "item_id": clicked["id"]}, timeout=10)
     assert resp.status_code == 200 and resp.json()["events"][0]["accepted"] is True
 
-    records = wait_for_events(search_server.bootstrap,
-                              lambda r: r["query_id"] == qid and r["type"] == "click", timeout=30)
-    records = [r for r in read_events(search_server.bootstrap, idle_timeout=1.5)
-               if r.get("query_id") == qid]
+    # both records of the query, once the click is there (the impression was sent before it)
+    wait_for_events(search_server.bootstrap, lambda r: r["query_id"] == qid and r["type"] == "click")
+    records = wait_for_events(search_server.bootstrap, lambda r: r["query_id"] == qid)
     imp = next(r for r in records if r["type"] == "impression")
     click = next(r for r in records if r["type"] == "click")
     assert [x["id"] for x in imp["results"]] == [r["id"] for r in body["results"]]

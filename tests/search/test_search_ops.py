@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+import pytest
 import requests
 
 from tests.fixtures.search import start_search_server
@@ -15,8 +16,8 @@ KEY = "s3cret-key"
 
 
 def index_catalog(uri: str, alias: str, catalog, dim_source) -> None:
-    from predictor.model import Embedder, read_meta
-    from vsearch.store import MilvusStore, collection_name
+    from vsearch.core.store import MilvusStore, collection_name
+    from vsearch.predictor.model import Embedder, read_meta
 
     emb = Embedder(dim_source)
     ids = [i for i in catalog.photos if i.startswith("photo-0")][:6]
@@ -32,6 +33,7 @@ def index_catalog(uri: str, alias: str, catalog, dim_source) -> None:
     store.close()
 
 
+@pytest.mark.slow
 def test_milvus_outage_gives_503_and_the_server_recovers(search_catalog, embedder_url, tiny_model_dir,
                                                          tmp_path):
     port = free_port()
@@ -79,7 +81,7 @@ def test_milvus_outage_gives_503_and_the_server_recovers(search_catalog, embedde
         svc.stop()
 
 
-def test_api_key_and_cors(search_server, search_catalog, tiny_model_dir, milvus_server_uri, tmp_path):
+def test_api_key_and_cors(search_catalog, tiny_model_dir, milvus_server_uri, tmp_path):
     svc = start_search_server(milvus_uri=milvus_server_uri, alias=search_catalog.alias,
                               model_dir=tiny_model_dir, log_path=tmp_path / "search.log",
                               extra=("--api-key", KEY, "--cors-origins", "http://shop.example"))

@@ -5,14 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
-from tests.fixtures.models import CALTECH, caltech_photos
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _few_torch_threads():
-    torch.set_num_threads(2)
+from vsearch.samples import CALTECH, caltech_photos
 
 
 @pytest.fixture(scope="session")

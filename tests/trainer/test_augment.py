@@ -7,9 +7,16 @@ import random
 import numpy as np
 from PIL import Image
 
-from predictor.preprocess import PreprocessConfig, bytes_to_array, decode_image
-from trainer.augment import (AugmentConfig, PairAugment, SimCLRAugment, random_resized_crop,
-                             serving_view, shift_hue, training_image)
+from vsearch.predictor.preprocess import PreprocessConfig, bytes_to_array, decode_image
+from vsearch.trainer.augment import (
+    AugmentConfig,
+    PairAugment,
+    SimCLRAugment,
+    random_resized_crop,
+    serving_view,
+    shift_hue,
+    training_image,
+)
 
 CFG = PreprocessConfig(image_size=48, resize_size=56)
 

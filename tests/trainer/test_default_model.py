@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from predictor.model import Embedder, read_meta
-from tests.fixtures.models import CALTECH
-from trainer.evaluate import evaluate_models
+from vsearch.predictor.model import Embedder, read_meta
+from vsearch.samples import CALTECH
+from vsearch.trainer.evaluate import evaluate_models
 
 DEFAULT = Path(__file__).resolve().parents[2] / "models" / "default"
 
@@ -33,18 +33,19 @@ def test_default_model_directory_is_complete_and_small():
 
 
 def test_default_model_embeds(photo_bytes):
-    emb = Embedder(DEFAULT, threads=1)
+    emb = Embedder(DEFAULT)
     v = emb.embed_bytes(photo_bytes[:4])
     emb.close()
     assert v.shape == (4, emb.dim) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
 
 
 @pytest.mark.skipif(not (CALTECH / "labels.csv").exists(), reason=f"Caltech-101 subset absent at {CALTECH}")
+@pytest.mark.slow
 def test_default_model_beats_its_baselines_on_the_held_out_split():
     data = read_meta(DEFAULT).training["data"]
     report = evaluate_models([str(DEFAULT)], str(CALTECH), ks=(1, 10), split="held-out",
                              holdout=data["holdout"], split_seed=data["split_seed"],
-                             baselines=["raw-pixels", "random-init"], threads=2)
+                             baselines=["raw-pixels", "random-init"])
     m = {r["kind"]: r["metrics"]["map@r"] for r in report["results"]}
     assert report["results"][0]["queries"] == data["held_out_images"]
     assert m["model"] >= 2 * m["random-init"]

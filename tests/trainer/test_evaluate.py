@@ -4,14 +4,15 @@ run, a table, report.json and report.png, labelled folders and judgments CSVs.""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
 
-from predictor.model import read_meta
-from trainer.data import list_images, split_holdout
-from trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
 from vsearch.cli import main
+from vsearch.predictor.model import read_meta
+from vsearch.trainer.data import list_images, split_holdout
+from vsearch.trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
 
 
 def test_compares_models_and_baselines_on_a_labelled_folder(photo_folder, model_dirs, tmp_path):
@@ -29,8 +30,11 @@ def test_compares_models_and_baselines_on_a_labelled_folder(photo_folder, model_
     with Image.open(png) as im:
         assert im.size[0] > 500
 
-    store_in_meta(dirs[0], report)
-    ev = read_meta(dirs[0]).evaluation
+    own = tmp_path / "own-copy"               # the session's model directories stay as they are
+    shutil.copytree(dirs[0], own)
+    report["results"][0]["model_dir"] = str(own)
+    store_in_meta(str(own), report)
+    ev = read_meta(own).evaluation
     assert ev["queries_evaluated"] == 32 and "raw-pixels" in ev["baselines"]
 
 
@@ -59,6 +63,23 @@ def test_cli_with_a_judgments_csv(photo_folder, tiny_model_dir, tmp_path, capsys
                               "candidates": 5, "judgments": 3}
     assert all(r["queries_evaluated"] == 2 for r in report["results"])
     assert (out / "report.png").stat().st_size > 1000
+
+
+def test_a_golden_set_without_relevant_items_still_gives_valid_json(photo_folder, tiny_model_dir, tmp_path):
+    """Every grade 0: no query has a relevant item, every average is undefined (NaN in
+    numpy). report.json must still be JSON that any reader parses: null, never NaN."""
+    files = sorted(p for p in photo_folder.rglob("*.jpg"))
+    csv = tmp_path / "judgments.csv"
+    csv.write_text(f"query,candidate,grade\n{files[0]},{files[1]},0\n{files[2]},{files[3]},0\n")
+    out = tmp_path / "rep"
+    assert main(["evaluate", "--model-dir", str(tiny_model_dir), "--data", str(csv), "--out", str(out)]) == 0
+
+    def no_constants(name):
+        raise AssertionError(f"report.json holds {name}, which is not JSON")
+
+    report = json.loads((out / "report.json").read_text(), parse_constant=no_constants)
+    metrics = report["results"][0]["metrics"]
+    assert metrics["map"] is None and report["results"][0]["queries_without_relevant"] == 2
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_model_dir, capsys):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import info_nce, nt_xent
+from vsearch.trainer.losses import info_nce, nt_xent
 
 
 def test_nt_xent_rewards_matching_views_and_punishes_confusion():

@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer import metrics as M
-
+from vsearch.trainer import metrics as M
 
 # --------------------------------------------------------------------------- hand-computed
 

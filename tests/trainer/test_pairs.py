@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from predictor.model import read_meta
-from trainer.data import DataError, click_pairs_from_kafka, read_pairs_csv
-from trainer.train import TrainConfig, train
-from vsearch import search_events
+from vsearch.core import search_events
+from vsearch.predictor.model import read_meta
+from vsearch.trainer.data import DataError, click_pairs_from_kafka, read_pairs_csv
+from vsearch.trainer.train import TrainConfig, train
 
 
 def same_class_pairs(folder: Path) -> list[tuple[Path, Path]]:
@@ -27,7 +27,7 @@ def same_class_pairs(folder: Path) -> list[tuple[Path, Path]]:
 
 def pair_config(data, out, init, **kw):
     base = dict(data=str(data), out=str(out), init=str(init), batch_size=16, lr=3e-3, temperature=0.1,
-                warmup_steps=1, workers=0, threads=2, log_every=1, progress=False, version="p1")
+                warmup_steps=1, workers=0, log_every=1, progress=False, version="p1")
     return TrainConfig(**{**base, **kw})
 
 
@@ -54,8 +54,8 @@ def test_pairs_csv_trains_with_infonce(photo_folder, tiny_model_dir, tmp_path):
 
 
 def test_a_query_crop_is_cut_from_the_original_before_training(photo_folder, tmp_path):
-    from predictor.preprocess import PreprocessConfig
-    from trainer.data import ImageCache
+    from vsearch.predictor.preprocess import PreprocessConfig
+    from vsearch.trainer.data import ImageCache
     q, c = same_class_pairs(photo_folder)[0]
     csv = tmp_path / "pairs.csv"
     csv.write_text(f'query,clicked,crop\n{q},{c},"0,0,0.5,1"\n{q},{c},\n')
@@ -129,12 +129,12 @@ def test_click_pairs_from_search_events_on_kafka(broker, photo_folder, tiny_mode
 
 def test_hard_negatives_mined_from_the_index_are_near_but_not_clicked(photo_folder, tiny_model_dir,
                                                                       milvus_lite_uri, tmp_path):
-    from predictor.model import Embedder
-    from trainer.negatives import mine_hard_negatives
-    from vsearch.store import MilvusStore
+    from vsearch.core.store import MilvusStore
+    from vsearch.predictor.model import Embedder
+    from vsearch.trainer.negatives import mine_hard_negatives
 
     files = sorted(photo_folder.rglob("*.jpg"))
-    emb = Embedder(tiny_model_dir, threads=1)
+    emb = Embedder(tiny_model_dir)
     vectors = emb.embed_bytes([f.read_bytes() for f in files])
     pairs = [(str(q), str(c)) for q, c in same_class_pairs(photo_folder)]
     with MilvusStore(milvus_lite_uri) as store:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from predictor.client import EmbedderClient
-from predictor.model import Embedder, load_model_dir, read_meta
-from trainer.train import TrainConfig, lr_lambda, train
 from vsearch.cli import main
+from vsearch.predictor.client import EmbedderClient
+from vsearch.predictor.model import Embedder, load_model_dir, read_meta
 from vsearch.services import start_embedder, vsearch_argv
+from vsearch.trainer.train import TrainConfig, lr_lambda, train
 
 
 def steps_of(out):
@@ -23,7 +23,7 @@ def steps_of(out):
 
 def config(data, out, tiny_model_dir, **kw):
     base = dict(data=str(data), out=str(out), init=str(tiny_model_dir), batch_size=16, lr=3e-3,
-                warmup_steps=2, workers=0, threads=2, log_every=1, progress=False, version="t1")
+                warmup_steps=2, workers=0, log_every=1, progress=False, version="t1")
     return TrainConfig(**{**base, **kw})
 
 
@@ -96,6 +96,7 @@ def test_a_finished_model_is_never_overwritten_by_a_new_run(photo_folder, tiny_m
         train(config(photo_folder, tiny_model_dir, tiny_model_dir, max_steps=1))
 
 
+@pytest.mark.slow
 def test_cli_trains_from_scratch_evaluates_the_held_out_split_and_the_export_serves_over_http(
         photo_folder, tmp_path, photo_bytes):
     out = tmp_path / "cli-model"
@@ -115,7 +116,7 @@ def test_cli_trains_from_scratch_evaluates_the_held_out_split_and_the_export_ser
     assert set(meta.evaluation["baselines"]) == {"raw-pixels", "random-init"}
     assert (out / "evaluation" / "report.json").exists() and (out / "evaluation" / "report.png").exists()
 
-    local = Embedder(out, threads=1)
+    local = Embedder(out)
     expected = local.embed_bytes(photo_bytes[:3])
     svc = start_embedder(out, extra=("--threads", "1"))
     try:

@@ -1,4 +1,5 @@
-"""Image fetch against real files and a real local HTTP server."""
+"""The one image fetcher (ingest, URL queries, trainer) against real files and a real local
+HTTP server."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from ingest.fetch import FetchConfig, Fetcher, FetchError
+from vsearch.core.fetch import FetchConfig, Fetcher, FetchError
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -68,7 +69,7 @@ def test_file_uris(tmp_path, fetcher):
     (tmp_path / "big.jpg").write_bytes(b"x" * 2000)
     with pytest.raises(FetchError, match="limit"):
         fetcher.fetch((tmp_path / "big.jpg").as_uri())
-    with pytest.raises(FetchError, match="directory"):
+    with pytest.raises(FetchError, match="not a regular file"):
         fetcher.fetch(tmp_path.as_uri())
 
 
@@ -99,3 +100,19 @@ def test_unreachable_host_is_transient(fetcher):
     with pytest.raises(FetchError, match="failed to connect") as e:
         fetcher.fetch(f"http://127.0.0.1:{free_port()}/x.jpg")
     assert e.value.transient
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/a.jpg", "http://localhost:8000/x.png",
+                                 "http://10.1.2.3/a.jpg", "http://169.254.169.254/latest/meta-data",
+                                 "http://[::1]/a.jpg", "http://192.168.0.1/a.jpg", "http://100.64.0.1/a.jpg"])
+def test_public_only_fetchers_refuse_private_loopback_link_local_and_shared_addresses(url):
+    f = Fetcher(FetchConfig(schemes=("http", "https"), allow_private=False, retries=0))
+    with pytest.raises(FetchError, match="not a public address"):
+        f.fetch(url)
+
+
+def test_a_fetcher_reads_only_its_schemes():
+    f = Fetcher(FetchConfig(schemes=("http", "https"), allow_private=False, retries=0))
+    for url in ("file:///etc/passwd", "ftp://example.com/a.jpg", "not a url"):
+        with pytest.raises(FetchError, match="unsupported URI scheme"):
+            f.fetch(url)

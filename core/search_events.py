@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 
+from .kafka import read_topic
+
 TOPIC = "search.events"
 SCHEMA = 1
 TYPES = ("impression", "click")
@@ -52,38 +54,12 @@ def decode(value: bytes) -> dict:
 
 def read_all(bootstrap: str, topic: str = TOPIC, *, idle_s: float = 3.0,
              timeout_s: float | None = None, client_id: str = "vsearch-reader"):
-    """Every record of ``topic``, every partition from the beginning, until none has arrived
-    for ``idle_s`` seconds (end offsets are not trusted: some Kafka-protocol brokers report
-    them wrongly). Yields each decoded record, or the :class:`BadSearchEvent` saying why a
-    record could not be decoded (so callers count what they skip). Nothing is committed.
-    Raises ``LookupError`` when the topic does not exist and ``TimeoutError`` when records are
-    still arriving after ``timeout_s``."""
-    import time
-
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest", client_id=client_id,
-                             request_timeout_ms=30_000)
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise LookupError(f"topic {topic!r} does not exist on {bootstrap}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        start = last = time.monotonic()
-        while time.monotonic() - last < idle_s:
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise TimeoutError(f"{topic!r} on {bootstrap} still delivering after {timeout_s:.0f}s")
-            batch = consumer.poll(timeout_ms=300)
-            if batch:
-                last = time.monotonic()
-            for msgs in batch.values():
-                for m in msgs:
-                    try:
-                        yield decode(m.value)
-                    except BadSearchEvent as exc:
-                        yield BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}")
-    finally:
-        consumer.close()
+    """Every record of ``topic`` from the beginning (:func:`vsearch.core.kafka.read_topic`),
+    decoded; for a record that cannot be decoded, the :class:`BadSearchEvent` saying why (so
+    callers count what they skip). Raises ``LookupError`` when the topic does not exist and
+    ``TimeoutError`` when records are still arriving after ``timeout_s``."""
+    for m in read_topic(bootstrap, topic, idle_s=idle_s, timeout_s=timeout_s, client_id=client_id):
+        try:
+            yield decode(m.value)
+        except BadSearchEvent as exc:
+            yield BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}")

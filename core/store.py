@@ -16,9 +16,13 @@ collection that serves. Deleted ids are remembered with their delete time in a s
 collection ``<collection>__tombstones`` so that an out-of-order older upsert cannot bring a
 deleted item back (see :meth:`MilvusStore.versions` and :meth:`MilvusStore.delete`).
 
-Errors: bad input raises ``ValueError`` before any call; a server that cannot be reached (or
-times out) raises :class:`StoreUnavailable` (a ``ConnectionError``: retry with backoff); any
-other server refusal raises :class:`StoreError` with the server's reason.
+Errors, by what the caller should do about them (classified from pymilvus' exception types and
+Milvus' error codes, never from message text): bad input raises ``ValueError`` before any call;
+a server that cannot be reached, times out or sheds load raises :class:`StoreUnavailable` (a
+``ConnectionError``: retry with backoff); a collection or alias that does not exist raises
+:class:`StoreNotFound`; a request Milvus refuses as invalid raises :class:`StoreRefused` (also a
+``ValueError``: sending it again cannot help); anything else raises :class:`StoreError` with the
+server's reason and code.
 
 Example::
 
@@ -43,24 +47,20 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .jsonsafe import json_object
+
 log = logging.getLogger(__name__)
 
-
-def _quiet_pymilvus() -> None:
-    """pymilvus logs every failed RPC at ERROR with a full traceback (and resets its logger
-    when imported); this layer reports failures itself, as exceptions, so keep its loggers for
-    real emergencies only."""
-    import pymilvus  # noqa: F401  (configures its loggers on import)
-    for name in ("pymilvus", "pymilvus.decorators", "pymilvus.milvus_client"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 DEFAULT_ALIAS = "images"
 COLLECTION_PREFIX = "images"
 TOMBSTONE_SUFFIX = "__tombstones"
 VISIBILITIES = ("public", "private")
-MAX_ID_LENGTH = 512
-MAX_URI_LENGTH = 4096
-MAX_METADATA_BYTES = 65_536          # Milvus JSON field limit
+# Limits of a row (the VARCHAR lengths of the schema, Milvus' JSON field size); the catalog
+# event schema validates against the same numbers.
+MAX_ID_BYTES = 512
+MAX_URI_BYTES = 4096
+MAX_METADATA_BYTES = 65_536
 FIELDS = ("id", "embedding", "uri", "metadata", "visibility", "updated_at")
 DEFAULT_OUTPUT_FIELDS = ("uri", "metadata", "visibility")
 UPSERT_CHUNK = 1000                  # rows per upsert call (keeps gRPC messages small)
@@ -87,11 +87,87 @@ _K_BOUND = {"HNSW": "ef", "DISKANN": "search_list"}
 
 
 class StoreError(RuntimeError):
-    """Milvus refused a call; the message carries its reason."""
+    """A Milvus call failed; the message carries the server's reason, ``code`` its error code."""
+
+    def __init__(self, message: str, code=None):
+        super().__init__(message)
+        self.code = code
 
 
 class StoreUnavailable(StoreError, ConnectionError):
-    """Milvus could not be reached or did not answer in time: retry with backoff."""
+    """Milvus could not be reached, did not answer in time or sheds load: retry with backoff."""
+
+
+class StoreNotFound(StoreError):
+    """The collection or alias does not exist."""
+
+
+class StoreRefused(StoreError, ValueError):
+    """Milvus refused the request itself as invalid: sending it again cannot help."""
+
+
+# Milvus' error codes (milvus pkg/util/merr; Milvus Lite uses the older common.ErrorCode
+# numbers for some) and what they mean to a caller.
+_NOT_FOUND = {100, 1600}                       # collection not found, alias not found
+_NOT_LOADED = 101                              # collection not loaded (a restarted server)
+_UNAVAILABLE = {2, 3, 4, 8, 9}                 # unavailable, memory/request/rate limit, quota
+_REFUSED = {5, 6, 7, 1100, 1101, 1102, 1700,   # illegal argument/dimension/index type, invalid,
+            65535}                             # missing or too large parameter, field not found;
+# 65535 (merr's "undefined") is what a Milvus 2.3 server answers for request errors: an
+# expression it cannot parse, an unknown field, a query window over 16,384 rows. Its outages
+# come as gRPC UNAVAILABLE or the codes above.
+
+
+def _grpc_kind(code) -> type[StoreError] | None:
+    import grpc
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED):
+        return StoreUnavailable
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED,
+                grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION):
+        return StoreRefused
+    if code == grpc.StatusCode.NOT_FOUND:
+        return StoreNotFound
+    return None
+
+
+def classify(exc: BaseException) -> type[StoreError]:
+    """The :class:`StoreError` kind of an exception raised by pymilvus or gRPC."""
+    import grpc
+    from pymilvus import exceptions as px
+
+    if isinstance(exc, StoreError):
+        return type(exc)
+    if isinstance(exc, grpc.RpcError):
+        return _grpc_kind(exc.code()) or StoreError
+    if isinstance(exc, (px.ConnectError, px.MilvusUnavailableException)):
+        return StoreUnavailable
+    if isinstance(exc, (px.ParamError, px.DataNotMatchException, px.DataTypeNotMatchException,
+                        px.DataTypeNotSupportException, px.PrimaryKeyException,
+                        px.FieldsTypeException, px.FieldTypeException)):
+        return StoreRefused                    # pymilvus' own checks, before anything was sent
+    if isinstance(exc, px.MilvusException):
+        code = exc.code
+        if not isinstance(code, int):           # a gRPC status code after pymilvus' retries
+            return _grpc_kind(code) or StoreError
+        if code in _NOT_FOUND:
+            return StoreNotFound
+        if code in _UNAVAILABLE:
+            return StoreUnavailable
+        if code in _REFUSED:
+            return StoreRefused
+        return StoreError
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return StoreUnavailable
+    if isinstance(exc, (ValueError, TypeError)):
+        return StoreRefused
+    return StoreError
+
+
+def _code(exc: BaseException):
+    code = getattr(exc, "code", None)
+    return code() if callable(code) else code
 
 
 def sanitise(text: str) -> str:
@@ -141,14 +217,8 @@ class IndexConfig:
     def from_values(cls, index_type: str = "HNSW", metric: str = "COSINE",
                     params: str | dict | None = None, search_params: str | dict | None = None):
         """Build from flag/env values; ``params``/``search_params`` may be JSON text."""
-        return cls(index_type or "HNSW", metric or "COSINE", _json_dict(params, "index params"),
-                   _json_dict(search_params, "search params"))
-
-    @classmethod
-    def from_env(cls) -> "IndexConfig":
-        from vsearch.config import env
-        return cls.from_values(env("index-type", "HNSW"), env("metric", "COSINE"),
-                               env("index-params"), env("search-params"))
+        return cls(index_type or "HNSW", metric or "COSINE", json_object(params, "index params"),
+                   json_object(search_params, "search params"))
 
     @classmethod
     def from_args(cls, args) -> "IndexConfig":
@@ -162,23 +232,9 @@ class IndexConfig:
         return params
 
 
-def _json_dict(value, what: str) -> dict:
-    if value in (None, ""):
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    try:
-        out = json.loads(value)
-    except ValueError as exc:
-        raise ValueError(f"{what} must be a JSON object, got {value!r}: {exc}") from exc
-    if not isinstance(out, dict):
-        raise ValueError(f"{what} must be a JSON object, got {value!r}")
-    return out
-
-
 def add_milvus_flags(parser) -> None:
     """The Milvus flags every command that talks to Milvus shares (defaults from ``VSEARCH_*``)."""
-    from vsearch.config import add_flag
+    from .config import add_flag
     add_flag(parser, "--milvus-uri", default="./vsearch.db",
              help="Milvus: a file path ending in .db (Milvus Lite) or http://host:port")
     add_flag(parser, "--milvus-token", default="", help="Milvus token (user:password), if any")
@@ -188,37 +244,6 @@ def add_milvus_flags(parser) -> None:
     add_flag(parser, "--index-params", default="", help='index build parameters, JSON, e.g. {"M": 16}')
     add_flag(parser, "--search-params", default="", help='search parameters, JSON, e.g. {"ef": 64}')
     add_flag(parser, "--metric", default="COSINE", help="COSINE or IP")
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    try:
-        import grpc
-        if isinstance(exc, grpc.RpcError) and exc.code() in (
-                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return True
-    except Exception:  # noqa: BLE001  (grpc missing or an odd RpcError)
-        pass
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    from pymilvus.exceptions import ConnectError, MilvusUnavailableException
-    if isinstance(exc, (ConnectError, MilvusUnavailableException)):
-        return True
-    if getattr(exc, "code", None) == 2:          # pymilvus CONNECT_FAILED
-        return True
-    text = str(exc).lower()
-    return any(s in text for s in ("unavailable", "deadline", "timed out", "timeout", "fail connecting",
-                                   "connection refused", "not ready", "not healthy", "abnormal",
-                                   "socket closed", "connection reset"))
-
-
-def _needs_load(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "released" in text or "not loaded" in text or "call load" in text or "load()" in text
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "does not exist" in text or "not found" in text or "not exist" in text
 
 
 class MilvusStore:
@@ -257,18 +282,11 @@ class MilvusStore:
         return cls(args.milvus_uri, token=args.milvus_token, timeout=args.milvus_timeout,
                    index=IndexConfig.from_args(args))
 
-    @property
-    def is_lite_file(self) -> bool:
-        return self.uri.endswith(".db") and not self.uri.startswith(("http://", "https://"))
-
     # --- plumbing ------------------------------------------------------------------------
 
     @property
     def client(self):
         if self._client is None:
-            _quiet_pymilvus()
-            if self.is_lite_file:   # the embedded server logs pymilvus' probes of calls it lacks
-                logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
             from pymilvus import MilvusClient
             # A channel of our own (dedicated): pymilvus otherwise shares one per URI across
             # the process, and a broken shared channel would fail every store that opens later.
@@ -277,32 +295,31 @@ class MilvusStore:
                     self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout,
                                                 grpc_options=GRPC_OPTIONS, dedicated=True)
                     break
-                except Exception as exc:  # noqa: BLE001
-                    if attempt == 0 and _is_unavailable(exc):
+                except Exception as exc:  # noqa: BLE001  (pymilvus and grpc raise many kinds)
+                    if attempt == 0 and classify(exc) is StoreUnavailable:
                         time.sleep(0.5)        # a dropped channel reconnects: one more try
                         continue
                     raise self._wrap("connect", exc) from exc
         return self._client
 
     def _wrap(self, op: str, exc: BaseException) -> StoreError:
-        if _is_unavailable(exc):
-            return StoreUnavailable(f"Milvus at {self.uri} unavailable during {op}: {exc}")
-        return StoreError(f"Milvus {op} failed: {exc}")
+        kind = classify(exc)
+        if kind is StoreUnavailable:
+            return StoreUnavailable(f"Milvus at {self.uri} unavailable during {op}: {exc}", _code(exc))
+        return kind(f"Milvus {op} failed: {exc}", _code(exc))
 
     def _call(self, op: str, method: str, *args, timeout: float | None = None, **kwargs):
         client = self.client
         for attempt in (0, 1):
             try:
                 return getattr(client, method)(*args, timeout=timeout or self.timeout, **kwargs)
-            except (ValueError, TypeError) as exc:
-                raise StoreError(f"Milvus {op} rejected the request: {exc}") from exc
             except Exception as exc:  # noqa: BLE001  (pymilvus and grpc raise many kinds)
-                # A restarted server (Milvus Lite among them) comes back with its collections
-                # released: load the collection once and try again.
-                if attempt == 0 and _is_unavailable(exc) and not isinstance(exc, TimeoutError):
+                if attempt == 0 and classify(exc) is StoreUnavailable and not isinstance(exc, TimeoutError):
                     time.sleep(0.2)            # a dropped channel reconnects: one quick retry
                     continue
-                if attempt == 0 and args and isinstance(args[0], str) and _needs_load(exc):
+                # A restarted server (Milvus Lite among them) comes back with its collections
+                # released: load the collection once and try again.
+                if attempt == 0 and args and isinstance(args[0], str) and _code(exc) == _NOT_LOADED:
                     log.info("Milvus collection %s is not loaded (server restarted?): loading it", args[0])
                     try:
                         client.load_collection(args[0], timeout=timeout or self.timeout)
@@ -382,9 +399,9 @@ class MilvusStore:
     def _schema(self, dim: int):
         from pymilvus import DataType, MilvusClient
         s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
+        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
         s.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-        s.add_field("uri", DataType.VARCHAR, max_length=MAX_URI_LENGTH)
+        s.add_field("uri", DataType.VARCHAR, max_length=MAX_URI_BYTES)
         s.add_field("metadata", DataType.JSON)
         s.add_field("visibility", DataType.VARCHAR, max_length=16)
         s.add_field("updated_at", DataType.INT64)
@@ -393,7 +410,7 @@ class MilvusStore:
     def _tombstone_schema(self):
         from pymilvus import DataType, MilvusClient
         s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
+        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
         s.add_field("updated_at", DataType.INT64)
         s.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)   # Milvus 2.3 needs a vector field
         return s
@@ -407,8 +424,8 @@ class MilvusStore:
                        consistency_level=self.consistency, timeout=timeout)
         except StoreUnavailable:
             raise
-        except StoreError as exc:
-            if "already exist" in str(exc).lower():     # another process won the race
+        except StoreError:
+            if self.has_collection(name, timeout=timeout):     # another process won the race
                 return False
             raise
         log.info("created Milvus collection %s (%s %s %s)", name, index.index_type, index.metric, index.params)
@@ -418,12 +435,6 @@ class MilvusStore:
         """Seal the collection's growing segments so that they get indexed (bulk loads, benchmarks)."""
         _check_name(name)
         self._call("flush", "flush", name, timeout=timeout)
-
-    def ensure_loaded(self, name_or_alias: str, *, timeout: float | None = None) -> None:
-        """Load a collection (or the one an alias names) unless it is loaded: after a Milvus
-        restart collections come back released and searches fail until someone loads them."""
-        _check_name(name_or_alias)
-        self._ensure_loaded(self.describe_alias(name_or_alias, timeout=timeout) or name_or_alias, timeout)
 
     def _ensure_loaded(self, name: str, timeout) -> None:
         state = self._call("get_load_state", "get_load_state", name, timeout=timeout)
@@ -450,12 +461,8 @@ class MilvusStore:
         _check_name(alias)
         try:
             return self._call("describe_alias", "describe_alias", alias, timeout=timeout)["collection_name"]
-        except StoreUnavailable:
-            raise
-        except StoreError as exc:
-            if _is_not_found(exc):
-                return None
-            raise
+        except StoreNotFound:
+            return None
 
     def list_aliases(self, collection: str, *, timeout: float | None = None) -> list[str]:
         _check_name(collection)
@@ -472,8 +479,8 @@ class MilvusStore:
             self._call("create_alias", "create_alias", collection, alias, timeout=timeout)
         except StoreUnavailable:
             raise
-        except StoreError as exc:
-            if "already exist" in str(exc).lower():
+        except StoreError:
+            if self.describe_alias(alias, timeout=timeout) is not None:   # another process won the race
                 return False
             raise
         return self.describe_alias(alias, timeout=timeout) == collection
@@ -530,7 +537,7 @@ class MilvusStore:
         when = dict(ids) if isinstance(ids, dict) else None
         id_list = list(dict.fromkeys(when or ids))
         for i in id_list:
-            _check_id(i)
+            check_id(i)
         if not id_list:
             return 0
         for start in range(0, len(id_list), UPSERT_CHUNK):
@@ -553,7 +560,7 @@ class MilvusStore:
         _check_name(collection)
         ids = list(dict.fromkeys(ids))
         for i in ids:
-            _check_id(i)
+            check_id(i)
         fields = _check_fields(output_fields)
         out: dict[str, dict] = {}
         for start in range(0, len(ids), UPSERT_CHUNK):
@@ -587,18 +594,47 @@ class MilvusStore:
 
     def scan(self, collection: str, output_fields: Sequence[str] = ("uri", "metadata", "visibility",
                                                                      "updated_at"), *,
-             filter: str = "", batch_size: int = 1000, timeout: float | None = None) -> Iterator[dict]:
-        """Every row (``{"id": ..., field: value}``), in pages; for evaluation and rollout checks."""
+             filter: str = "", batch_size: int = 1000, timeout: float | None = None,
+             passes: int = 4) -> Iterator[dict]:
+        """Every row (``{"id": ..., field: value}``) exactly once, in pages; for evaluation and
+        rollout checks of a collection nobody is writing to.
+
+        pymilvus 2.6's query iterator reads a Milvus 2.3 server at a client-side time stamp
+        that can miss the newest writes, so the rows are counted first (Strong) and the
+        iterator is run again (after a pause, yielding only rows not seen yet) until it found
+        them all; then, up to 16,384 rows, offset paging takes what is still missing."""
         _check_name(collection)
         fields = _check_fields(output_fields)
         if not 1 <= batch_size <= 16384:
             raise ValueError("batch_size must be in 1..16384")
-        seen = 0
+        total = self.count(collection, filter=filter, timeout=timeout)
+        seen: set[str] = set()
+        for attempt in range(passes):
+            for r in self._iterate(collection, fields, filter, batch_size, timeout):
+                if r["id"] not in seen:
+                    seen.add(r["id"])
+                    yield r
+            if len(seen) >= total:
+                return
+            time.sleep(0.5 * (attempt + 1))
+        if total > 16384:
+            raise StoreError(f"scan of {collection!r} found {len(seen)} of its {total} rows: this Milvus "
+                             "server's query iterator misses rows and offset paging stops at 16384")
+        for offset in range(0, total, batch_size):
+            rows = self._call("query", "query", collection, filter=filter, output_fields=["id", *fields],
+                              offset=offset, limit=min(batch_size, total - offset),
+                              consistency_level="Strong", timeout=timeout)
+            for r in rows:
+                if r["id"] not in seen:
+                    seen.add(r["id"])
+                    yield {"id": r["id"], **_plain_row(r, fields)}
+
+    def _iterate(self, collection: str, fields: list[str], filter: str, batch_size: int, timeout):
         try:
             it = self.client.query_iterator(collection, batch_size=batch_size, filter=filter,
                                             output_fields=["id", *fields], timeout=timeout or self.timeout,
                                             consistency_level="Strong")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001  (pymilvus and grpc raise many kinds)
             raise self._wrap("query_iterator", exc) from exc
         try:
             while True:
@@ -607,28 +643,11 @@ class MilvusStore:
                 except Exception as exc:  # noqa: BLE001
                     raise self._wrap("query_iterator", exc) from exc
                 if not page:
-                    break
+                    return
                 for r in page:
-                    seen += 1
                     yield {"id": r["id"], **_plain_row(r, fields)}
         finally:
             it.close()
-        if seen:
-            return
-        # pymilvus 2.6's iterator returns nothing from a Milvus 2.3 server: page by offset there
-        # (the server caps offset + limit at 16384 rows).
-        total = self.count(collection, filter=filter, timeout=timeout)
-        if total == 0:
-            return
-        if total > 16384:
-            raise StoreError(f"cannot scan {total} rows of {collection!r}: this Milvus server's query "
-                             "iterator does not work with this client and offset paging stops at 16384")
-        for offset in range(0, total, batch_size):
-            rows = self._call("query", "query", collection, filter=filter, output_fields=["id", *fields],
-                              offset=offset, limit=min(batch_size, total - offset),
-                              consistency_level="Strong", timeout=timeout)
-            for r in rows:
-                yield {"id": r["id"], **_plain_row(r, fields)}
 
     def search(self, name_or_alias: str, vectors, k: int = 10, *, filter: str | None = None,
                output_fields: Sequence[str] = DEFAULT_OUTPUT_FIELDS, search_params: dict | None = None,
@@ -674,14 +693,28 @@ def _check_name(name: str) -> None:
                          "(letters, digits, underscores; starts with a letter or underscore)")
 
 
-def _check_id(i) -> None:
-    if not isinstance(i, str) or not i:
-        raise ValueError(f"ids are non-empty strings, got {i!r}")
-    if len(i.encode()) > MAX_ID_LENGTH:
-        raise ValueError(f"id longer than {MAX_ID_LENGTH} bytes: {i[:60]}...")
+def check_id(i) -> str:
+    """An id a row can carry (the catalog event schema uses the same check); ``ValueError``
+    with the reason otherwise."""
+    if not isinstance(i, str) or not i.strip():
+        raise ValueError(f"id must be a non-empty string, got {i!r}")
+    if len(i.encode()) > MAX_ID_BYTES:
+        raise ValueError(f"id longer than {MAX_ID_BYTES} bytes: {i[:60]!r}...")
     if "'" in i or "\\" in i:
         # pymilvus quotes string keys with single quotes and no escaping
-        raise ValueError(f"id {i!r} contains a quote or backslash, which Milvus key lookups cannot carry")
+        raise ValueError(f"id {i[:80]!r} contains a quote or a backslash, which Milvus key lookups cannot carry")
+    return i
+
+
+def check_metadata(meta) -> dict:
+    """Metadata a row can carry: a JSON object of at most :data:`MAX_METADATA_BYTES`."""
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise ValueError(f"metadata must be a JSON object, got {type(meta).__name__}")
+    size = len(json.dumps(meta, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes, the limit is {MAX_METADATA_BYTES}")
+    return meta
 
 
 def _check_fields(fields: Sequence[str]) -> list[str]:
@@ -698,19 +731,17 @@ def _check_row(row: dict, i: int) -> dict:
     missing = [f for f in FIELDS if f not in row]
     if missing:
         raise ValueError(f"row {i} ({row.get('id')!r}) lacks field(s) {missing}")
-    _check_id(row["id"])
+    check_id(row["id"])
     emb = np.asarray(row["embedding"], dtype=np.float32)
     if emb.ndim != 1 or emb.size == 0 or not np.all(np.isfinite(emb)):
         raise ValueError(f"row {row['id']!r}: embedding must be a finite 1-D vector")
     uri = row["uri"] or ""
-    if not isinstance(uri, str) or len(uri.encode()) > MAX_URI_LENGTH:
-        raise ValueError(f"row {row['id']!r}: uri must be a string of at most {MAX_URI_LENGTH} bytes")
-    meta = row["metadata"] if row["metadata"] is not None else {}
-    if not isinstance(meta, dict):
-        raise ValueError(f"row {row['id']!r}: metadata must be a JSON object")
-    size = len(json.dumps(meta, separators=(",", ":")).encode())
-    if size > MAX_METADATA_BYTES:
-        raise ValueError(f"row {row['id']!r}: metadata is {size} bytes, the limit is {MAX_METADATA_BYTES}")
+    if not isinstance(uri, str) or len(uri.encode()) > MAX_URI_BYTES:
+        raise ValueError(f"row {row['id']!r}: uri must be a string of at most {MAX_URI_BYTES} bytes")
+    try:
+        meta = check_metadata(row["metadata"])
+    except ValueError as exc:
+        raise ValueError(f"row {row['id']!r}: {exc}") from None
     if row["visibility"] not in VISIBILITIES:
         raise ValueError(f"row {row['id']!r}: visibility must be one of {VISIBILITIES}")
     ts = row["updated_at"]

@@ -1,7 +1,6 @@
-"""``vsearch serve search``, ``vsearch demo`` and ``vsearch ctr``.
-
-``predictor.cli`` calls :func:`register_serve` with the ``serve`` sub-command group and
-:func:`register` with the top-level one."""
+"""``vsearch serve search`` and ``vsearch ctr``. ``predictor/cli.py`` calls
+:func:`register_serve` with the ``serve`` sub-command group and :func:`register` with the
+top-level one. The handlers are the entry points of their processes."""
 
 from __future__ import annotations
 
@@ -9,16 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from vsearch.config import add_flag
+from ...core.config import add_flag
 
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in str(text or "").split(",") if p.strip())
-
-
-def default_model_dir() -> str | None:
-    from predictor.model import DEFAULT_MODEL_DIR
-    return str(DEFAULT_MODEL_DIR) if (Path(DEFAULT_MODEL_DIR) / "config.json").exists() else None
 
 
 def register_serve(serve_sub) -> None:
@@ -66,23 +60,6 @@ def register_serve(serve_sub) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole platform on this machine and open the web page",
-                       description="Starts the Kafka broker, Milvus Lite (server), the embedder, the "
-                                   "catalog consumer and the search service; publishes a sample "
-                                   "catalog through Kafka; prints the URL. Ctrl-C stops everything.")
-    add_flag(p, "--model-dir", default=None,
-             help="model directory (default: models/default, else a random-initialised resnet-tiny)")
-    add_flag(p, "--catalog", default=None,
-             help="folder of images to publish (default: scikit-image's sample photos and variants)")
-    add_flag(p, "--data-dir", default=".demo", help="where the demo keeps Milvus data, logs, queries")
-    add_flag(p, "--http-port", default=8000, type=int,
-             help="HTTP port of the search service and web page (0: any free port)")
-    add_flag(p, "--ready-timeout", default=300.0, type=float,
-             help="seconds to wait for the catalog to be searchable")
-    p.add_argument("--check", "--smoke", dest="check", action="store_true",
-                   help="run one query end to end, print the result and exit (0 = it worked)")
-    p.set_defaults(handler=_demo)
-
     p = sub.add_parser("ctr", help="click-through rate per model version from the search.events topic")
     add_flag(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
     add_flag(p, "--topic", default="search.events", help="topic of search events")
@@ -93,104 +70,88 @@ def register(sub) -> None:
 
 
 def _serve_search(args) -> int:
-    import logging
-
-    from predictor.search import SearchSettings, ServeOptions, serve
-
     if not args.milvus_uri:
         print("vsearch serve search: --milvus-uri is required (or VSEARCH_MILVUS_URI)", file=sys.stderr)
         return 2
-    model_dir = args.model_dir
-    if not args.embedder_url and not model_dir:
-        model_dir = default_model_dir()
-        if not model_dir:
-            print("vsearch serve search: give --model-dir or --embedder-url (models/default is absent)",
-                  file=sys.stderr)
-            return 2
     if args.embedder_url and args.model_dir:
         print("vsearch serve search: give --model-dir or --embedder-url, not both", file=sys.stderr)
         return 2
     if not 1 <= args.k_default <= args.k_max:
         print("vsearch serve search: need 1 <= --k-default <= --k-max", file=sys.stderr)
         return 2
+    from ..model import default_model_dir
+    model_dir = args.model_dir
+    if not args.embedder_url and not model_dir:
+        model_dir = default_model_dir()
+        if not (model_dir / "config.json").exists():
+            print(f"vsearch serve search: give --model-dir or --embedder-url ({model_dir} is absent)",
+                  file=sys.stderr)
+            return 2
+    from .settings import SearchSettings
     settings = SearchSettings(
         alias=args.alias, k_default=args.k_default, k_max=args.k_max, overfetch=args.overfetch,
         dedup_distance=args.dedup_distance, filter_fields=_csv(args.filter_fields),
-        max_upload_bytes=args.max_upload_bytes, milvus_timeout=args.milvus_timeout, ef=args.ef,
+        max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
+        milvus_timeout=args.milvus_timeout, ef=args.ef,
         query_store=Path(args.query_store) if args.query_store else None,
         allow_url_queries=args.allow_url_queries, allow_private_urls=args.allow_private_urls,
         url_timeout=args.url_timeout, api_key=args.api_key or None,
         cors_origins=_csv(args.cors_origins),
         image_roots=tuple(Path(r).resolve() for r in _csv(args.image_roots)),
         model_version=args.model_version)
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    serve(ServeOptions(milvus_uri=args.milvus_uri, model_dir=model_dir, embedder_url=args.embedder_url,
-                       embedder_name=args.embedder_name, bootstrap=args.bootstrap,
-                       http_port=args.http_port, device=args.device, threads=args.threads,
-                       max_pixels=args.max_pixels, settings=settings))
+
+    from ..serving import hide_argv_from_kserve, run_model_server
+    hide_argv_from_kserve()
+    from ..model import set_torch_threads
+    from ..preprocess import set_decoder_pixel_limit
+    set_torch_threads(args.threads)
+    set_decoder_pixel_limit(args.max_pixels)
+    from .model import SearchModel
+    from .routes import add_routes
+    model = SearchModel(lambda: build_service(settings, milvus_uri=args.milvus_uri, model_dir=model_dir,
+                                              embedder_url=args.embedder_url,
+                                              embedder_name=args.embedder_name,
+                                              bootstrap=args.bootstrap, device=args.device))
+    try:
+        run_model_server(model, http_port=args.http_port,
+                         add_routes=lambda app: add_routes(app, lambda: model.service, settings))
+    finally:
+        if model.service is not None:
+            model.service.close()
     return 0
 
 
-def _demo(args) -> int:
-    from vsearch.demo import run_demo
-    return run_demo(model_dir=args.model_dir, catalog=args.catalog, data_dir=args.data_dir,
-                    port=args.http_port, timeout=args.ready_timeout, check=args.check)
+def build_service(settings, *, milvus_uri: str, model_dir=None, embedder_url: str | None = None,
+                  embedder_name: str = "embedder", bootstrap: str | None = None, device: str | None = None):
+    """The search service of the flags: an in-process embedder (``model_dir``) or the
+    embedder's V2 endpoint (``embedder_url``), the Milvus index, the event log."""
+    import logging
 
+    from ...core.store import MilvusStore
+    from ..preprocess import Limits
+    from .event_log import EventLog
+    from .index import CatalogIndex
+    from .service import SearchService
 
-# --------------------------------------------------------------------------- ctr
-
-def read_events(bootstrap: str, topic: str = "search.events", idle_timeout: float = 3.0):
-    """Every record on the topic (``search_events.read_all``); ``{"_bad": reason}`` for each
-    undecodable one; nothing when the topic does not exist yet."""
-    from vsearch import search_events
-
-    try:
-        for rec in search_events.read_all(bootstrap, topic, idle_s=idle_timeout, client_id="vsearch-ctr"):
-            yield {"_bad": str(rec)} if isinstance(rec, search_events.BadSearchEvent) else rec
-    except LookupError:
-        return
-
-
-def ctr_table(records) -> dict[str, dict]:
-    """Per model version: impressions, clicks, CTR (clicks / impressions) and the share of
-    searches with at least one click. Duplicates (at-least-once delivery) count once."""
-    seen_imp, seen_click = set(), set()
-    stats: dict[str, dict] = {}
-    clicked_queries: dict[str, set] = {}
-    bad = 0
-    for rec in records:
-        if "_bad" in rec:
-            bad += 1
-            continue
-        mv = str(rec.get("model_version"))
-        s = stats.setdefault(mv, {"impressions": 0, "clicks": 0})
-        if rec["type"] == "impression":
-            if rec["query_id"] in seen_imp:
-                continue
-            seen_imp.add(rec["query_id"])
-            s["impressions"] += 1
-        else:
-            key = (rec["query_id"], rec.get("item_id"))
-            if key in seen_click:
-                continue
-            seen_click.add(key)
-            s["clicks"] += 1
-            clicked_queries.setdefault(mv, set()).add(rec["query_id"])
-    for mv, s in stats.items():
-        n = s["impressions"]
-        s["ctr"] = round(s["clicks"] / n, 4) if n else None
-        s["searches_with_click"] = round(len(clicked_queries.get(mv, ())) / n, 4) if n else None
-    if bad:
-        stats["_undecodable_records"] = {"count": bad}
-    return stats
+    if embedder_url:
+        from ..client import EmbedderClient
+        embedder = EmbedderClient(embedder_url, model_name=embedder_name, timeout=30.0)
+    else:
+        from ..model import Embedder
+        embedder = Embedder(model_dir, device=device, batch_size=1, decode_workers=2,
+                            limits=Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels))
+    index = CatalogIndex(MilvusStore(milvus_uri, timeout=settings.milvus_timeout), settings.alias, ef=settings.ef)
+    svc = SearchService(embedder, index, settings, EventLog(bootstrap))
+    logging.getLogger(__name__).info(
+        "search service: alias %r on %s, embedder %s, events %s, model version %s", settings.alias,
+        milvus_uri, embedder_url or model_dir, bootstrap or "off", svc.model_version)
+    return svc
 
 
 def _ctr(args) -> int:
-    import logging
-
     from kafka.errors import KafkaError
 
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    from .ctr import ctr_table, read_events
     try:
         stats = ctr_table(read_events(args.bootstrap, args.topic, args.idle_timeout))
     except KafkaError as exc:

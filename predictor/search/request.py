@@ -1,0 +1,141 @@
+"""A search request, from whichever form it came in (JSON body, multipart form, KServe V1
+instance, KServe V2 inputs), checked field by field into one :class:`Query`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from kserve.errors import InvalidInput
+
+from ...core.jsonsafe import json_object
+from ..preprocess import Box
+from ..protocol import check_v2_inputs, decode_b64, parse_box, v1_instances, v2_crops, v2_images
+from .errors import BadQuery
+from .settings import SearchSettings
+
+FilterSpec = dict[str, list]
+QUERY_FIELDS = ("image", "image_b64", "url", "crop", "k", "filter", "log_impression")
+MAX_QUERIES = 16                     # queries in one V1/V2 request
+V1_EXAMPLE = '{"instances": [{"image": {"b64": ...}, "crop": [...], "k": 20}]}'
+
+
+@dataclass
+class Query:
+    image: bytes
+    crop: Box | None = None
+    k: int = 20
+    filter: FilterSpec = field(default_factory=dict)
+    log_impression: bool = True
+    query_uri: str | None = None          # set when the query is a catalog image, e.g. catalog:<id>
+
+
+def parse_k(value: Any, settings: SearchSettings) -> int:
+    if value is None or value == "":
+        return settings.k_default
+    if isinstance(value, bool):
+        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {value!r}")
+    k = int(f)
+    if not 1 <= k <= settings.k_max:
+        raise BadQuery(f"k must be from 1 to {settings.k_max}, got {k}")
+    return k
+
+
+def parse_filter(value: Any, allowed: Iterable[str]) -> FilterSpec:
+    """``{"label": "cat"}`` or ``{"label": ["cat", "dog"], "source": "x"}`` (JSON text or an
+    object): every named metadata field must match one of its values."""
+    try:
+        value = json_object(value, 'filter (such as {"label": "cat"})')
+    except ValueError as exc:
+        raise BadQuery(str(exc)) from exc
+    allowed = tuple(allowed)
+    out: FilterSpec = {}
+    for key, wanted in value.items():
+        if key not in allowed:
+            raise BadQuery(f"unknown filter field {key!r}: the fields that can be filtered on are "
+                           f"{', '.join(allowed) or '(none)'}")
+        values = wanted if isinstance(wanted, list) else [wanted]
+        if not values or len(values) > 100:
+            raise BadQuery(f"filter field {key!r} needs 1 to 100 values")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise BadQuery(f"filter field {key!r}: values must be strings or numbers, got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BadQuery(f"filter field {key!r}: values must be finite numbers")
+            if isinstance(v, str) and len(v) > 256:
+                raise BadQuery(f"filter field {key!r}: values must be at most 256 characters")
+        out[key] = values
+    return out
+
+
+def filter_expr(spec: FilterSpec, metadata_field: str = "metadata") -> str:
+    """A Milvus boolean expression for a parsed filter (values JSON-quoted: no injection)."""
+    parts = []
+    for key, values in spec.items():
+        lhs = f'{metadata_field}[{json.dumps(key)}]'
+        if len(values) == 1:
+            parts.append(f"{lhs} == {json.dumps(values[0])}")
+        else:
+            parts.append(f"{lhs} in {json.dumps(values)}")
+    return " and ".join(parts)
+
+
+def query_from_fields(fields: Any, settings: SearchSettings, fetch_url: Callable[[str], bytes],
+                      where: str = "") -> Query:
+    """A query from a JSON object: image_b64 / image ({"b64": ...}) / url, crop, k, filter."""
+    if not isinstance(fields, dict):
+        raise BadQuery(f"{where}expected an object with 'image' (base64)")
+    unknown = set(fields) - set(QUERY_FIELDS)
+    if unknown:
+        raise BadQuery(f"{where}unknown field(s) {sorted(unknown)}: expected {sorted(QUERY_FIELDS)}")
+    sources = [f for f in ("image", "image_b64", "url") if fields.get(f) not in (None, "")]
+    if len(sources) != 1:
+        raise BadQuery(f"{where}give exactly one of image (base64), image_b64 or url")
+    try:
+        if sources[0] == "url":
+            if not settings.allow_url_queries:
+                raise BadQuery("image URLs as queries are turned off on this server (--allow-url-queries)")
+            image = fetch_url(str(fields["url"]))
+        else:
+            image = decode_b64(fields[sources[0]])
+        return Query(image=image, crop=parse_box(fields.get("crop")),
+                     k=parse_k(fields.get("k"), settings),
+                     filter=parse_filter(fields.get("filter"), settings.filter_fields),
+                     log_impression=fields.get("log_impression", True) is not False)
+    except InvalidInput as exc:          # BadQuery included
+        exc.reason = where + exc.reason
+        raise
+
+
+def v1_queries(payload: Any, settings: SearchSettings, fetch_url: Callable[[str], bytes]) -> list[Query]:
+    instances = v1_instances(payload, MAX_QUERIES, QUERY_FIELDS, V1_EXAMPLE, "queries")
+    return [query_from_fields(inst, settings, fetch_url, where=f"instance {i}: ")
+            for i, inst in enumerate(instances)]
+
+
+def v2_queries(req, settings: SearchSettings) -> list[Query]:
+    """Inputs ``image`` (BYTES [N]), optional ``crop`` (FP32 [N, 4]) and ``k`` (INT32 [1]);
+    parameters ``k`` and ``filter``."""
+    check_v2_inputs(req, ("image", "crop", "k"))
+    blobs = v2_images(req, MAX_QUERIES)
+    crops = v2_crops(req, len(blobs))
+    params = req.parameters or {}
+    k_value = params.get("k")
+    k_in = req.get_input_by_name("k")
+    if k_in is not None:
+        vals = np.asarray(k_in.data).reshape(-1).tolist()
+        if len(vals) != 1:
+            raise BadQuery("input 'k' must hold one number")
+        k_value = vals[0]
+    k = parse_k(k_value, settings)
+    spec = parse_filter(params.get("filter"), settings.filter_fields)
+    return [Query(image=b, crop=c, k=k, filter=spec) for b, c in zip(blobs, crops)]

@@ -1,0 +1,187 @@
+"""The search service: a query image (or a crop of one) -> the catalog's most similar images.
+
+Pipeline: embed (in process, or through the embedder's V2 endpoint) -> Milvus top-k on the
+serving alias -> re-rank (drop ``visibility=private``, collapse near-duplicates, keep the order,
+fill up to k from extra candidates) -> ``[{id, score, uri, metadata}]``, most similar first.
+Every search logs an impression and every click a click record on the Kafka topic
+``search.events`` (:mod:`vsearch.core.search_events`). The HTTP side is in ``routes.py`` and
+``model.py`` (KServe); this class is synchronous and thread-safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from ...core import search_events
+from ...core.fetch import FetchConfig, Fetcher, FetchError
+from ..client import EmbedderUnavailable
+from ..preprocess import Box, InvalidImage
+from .errors import BadQuery, NotFound, TooLarge, Unavailable
+from .event_log import EventLog
+from .index import CatalogIndex
+from .metrics import CLICKS, IMPRESSIONS, LATENCY, SEARCHES
+from .query_store import QueryStore, query_hashes
+from .request import FilterSpec, Query, filter_expr
+from .rerank import Candidate, rerank
+from .settings import SearchSettings
+
+
+class SearchService:
+    """Embed -> ANN -> re-rank -> results, plus the event log. Synchronous and thread-safe;
+    the HTTP layer calls it on worker threads."""
+
+    def __init__(self, embedder, index: CatalogIndex, settings: SearchSettings,
+                 events: EventLog | None = None):
+        self.embedder = embedder
+        self.index = index
+        self.settings = settings
+        self.events = events or EventLog(None)
+        self.query_store = QueryStore(settings.query_store)
+        # Query images by URL: http(s) only, no redirects, public addresses unless allowed.
+        self.url_fetcher = Fetcher(FetchConfig(
+            schemes=("http", "https"), allow_private=settings.allow_private_urls, max_redirects=0,
+            max_bytes=settings.max_upload_bytes, connect_timeout=settings.url_timeout,
+            read_timeout=settings.url_timeout, total_timeout=settings.url_timeout, retries=0, workers=1))
+        self._recent: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._recent_lock = threading.Lock()
+
+    # -- model version: what produced the ranking
+    @property
+    def model_version(self) -> str:
+        if self.settings.model_version:
+            return self.settings.model_version
+        meta = getattr(self.embedder, "meta", None)
+        if meta is not None:
+            return meta.model_id
+        name = getattr(self.embedder, "model_name", "embedder")
+        version = getattr(self.embedder, "version", None)
+        return f"{name}__{version}" if version else name
+
+    def fetch_url(self, url: str) -> bytes:
+        """The query image at ``url`` (URL queries), or a 400/413 saying why not."""
+        try:
+            return self.url_fetcher.fetch(url)
+        except FetchError as exc:
+            raise (TooLarge if exc.too_large else BadQuery)(f"url could not be fetched: {exc}") from exc
+
+    def embed(self, image: bytes, crop: Box | None) -> np.ndarray:
+        if len(image) > self.settings.max_upload_bytes:
+            raise TooLarge(f"image is {len(image)} bytes, over the limit of "
+                           f"{self.settings.max_upload_bytes} bytes")
+        try:
+            with LATENCY.labels("embed").time():
+                return np.asarray(self.embedder.embed_bytes([image], [crop])[0], dtype=np.float32)
+        except InvalidImage as exc:
+            raise BadQuery(str(exc)) from exc
+        except EmbedderUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    def search(self, query: Query) -> dict:
+        t0 = time.perf_counter()
+        vector = self.embed(query.image, query.crop)
+        t1 = time.perf_counter()
+        results = self.search_vector(vector, query.k, query.filter)
+        t2 = time.perf_counter()
+        query_id = uuid.uuid4().hex
+        image_hash, query_hash = query_hashes(query.image, query.crop)
+        model_version = self.model_version
+        query_uri = query.query_uri or self.query_store.put(query.image, image_hash)
+        impression = {
+            "schema": search_events.SCHEMA, "type": "impression", "query_id": query_id,
+            "query_hash": query_hash, "image_hash": image_hash, "query_uri": query_uri,
+            "crop": list(query.crop) if query.crop else None, "model_version": model_version,
+            "results": [{"id": c.id, "rank": i + 1, "score": round(float(c.score), 6),
+                         "uri": c.uri} for i, c in enumerate(results)],
+            "k": query.k, "ts": int(time.time() * 1000)}
+        self._remember(impression, logged=query.log_impression)
+        if query.log_impression:
+            self.events.emit(impression)
+            IMPRESSIONS.labels(model_version).inc()
+        SEARCHES.labels(model_version).inc()
+        return {"query_id": query_id, "model_version": model_version,
+                "results": [c.result() for c in results],
+                "took_ms": {"embed": round((t1 - t0) * 1000, 2), "search": round((t2 - t1) * 1000, 2)}}
+
+    def search_vector(self, vector: np.ndarray, k: int, spec: FilterSpec | None = None) -> list[Candidate]:
+        """ANN + re-rank, fetching more candidates while re-ranking leaves fewer than k."""
+        expr = filter_expr(spec or {})
+        limit = min(self.settings.max_candidates, max(k, int(math.ceil(k * self.settings.overfetch)) + 10))
+        while True:
+            with LATENCY.labels("ann").time():
+                cands = self.index.search(vector, limit, expr)
+            with LATENCY.labels("rerank").time():
+                results = rerank(cands, k, self.settings.dedup_distance)
+            if len(results) >= k or len(cands) < limit or limit >= self.settings.max_candidates:
+                return results
+            limit = min(self.settings.max_candidates, limit * 4)
+
+    # -- events
+    def _remember(self, impression: dict, logged: bool) -> None:
+        with self._recent_lock:
+            self._recent[impression["query_id"]] = {"impression": impression, "logged": logged,
+                                                    "clicks": set()}
+            while len(self._recent) > self.settings.recent_queries:
+                self._recent.popitem(last=False)
+
+    def record_event(self, event: Any) -> dict:
+        """A click (or a deferred impression) reported by a client. The server completes the
+        record from the query it answered, so the client cannot invent queries or results."""
+        if not isinstance(event, dict):
+            raise BadQuery('an event is an object {"type": "click", "query_id": ..., "item_id": ...}')
+        kind = event.get("type")
+        if kind not in search_events.TYPES:
+            raise BadQuery(f"event type must be one of {', '.join(search_events.TYPES)}, got {kind!r}")
+        query_id = event.get("query_id")
+        if not isinstance(query_id, str) or not query_id:
+            raise BadQuery("event needs the query_id of the search it belongs to")
+        with self._recent_lock:
+            entry = self._recent.get(query_id)
+        if entry is None:
+            raise BadQuery(f"unknown or expired query_id {query_id!r} (the server remembers the "
+                           f"last {self.settings.recent_queries} searches)")
+        imp = entry["impression"]
+        if kind == "impression":
+            with self._recent_lock:
+                if entry["logged"]:
+                    return {"accepted": False, "reason": "impression already logged"}
+                entry["logged"] = True
+            self.events.emit({**imp, "ts": int(time.time() * 1000)})
+            IMPRESSIONS.labels(imp["model_version"]).inc()
+            return {"accepted": True}
+        item_id = event.get("item_id")
+        match = [r for r in imp["results"] if r["id"] == item_id]
+        if not match:
+            raise BadQuery(f"item_id {item_id!r} was not among the results of query {query_id}")
+        with self._recent_lock:
+            if item_id in entry["clicks"]:
+                return {"accepted": False, "reason": "click already logged"}
+            entry["clicks"].add(item_id)
+        hit = match[0]
+        record = {"schema": search_events.SCHEMA, "type": "click", "query_id": query_id,
+                  "query_hash": imp["query_hash"], "image_hash": imp["image_hash"],
+                  "query_uri": imp["query_uri"], "crop": imp["crop"], "item_id": item_id,
+                  "item_uri": hit.get("uri"), "rank": hit["rank"], "score": hit["score"],
+                  "model_version": imp["model_version"], "ts": int(time.time() * 1000)}
+        self.events.emit(record)
+        CLICKS.labels(imp["model_version"]).inc()
+        return {"accepted": True}
+
+    # -- catalog images
+    def image_location(self, item_id: str) -> str:
+        item = self.index.get(item_id)
+        if item is None or item.visibility == "private":
+            raise NotFound(f"no catalog image with id {item_id!r}")
+        if not item.uri:
+            raise NotFound(f"catalog image {item_id!r} has no uri to serve")
+        return item.uri
+
+    def close(self) -> None:
+        self.events.close()
+        self.url_fetcher.close()
