@@ -1,39 +1,110 @@
-"""Configuration: every knob is a command-line flag whose default comes from an environment
-variable with the ``VSEARCH_`` prefix (``--max-pixels`` <- ``VSEARCH_MAX_PIXELS``). The Helm
-chart's values use the same names."""
+"""Configuration: every knob of every command is a command-line flag whose default comes from
+an environment variable, so the same settings work on a command line, in a shell and in a
+container spec.
+
+- A command's own flags read ``VSEARCH_<COMPONENT>_<FLAG>``: ``--batch-size`` of
+  ``vsearch ingest`` <- ``VSEARCH_INGEST_BATCH_SIZE``, ``--http-port`` of
+  ``vsearch serve search`` <- ``VSEARCH_SEARCH_HTTP_PORT``.
+- The settings several commands share (where Milvus and Kafka are, the index) read
+  ``VSEARCH_<FLAG>``: ``VSEARCH_MILVUS_URI``, ``VSEARCH_MILVUS_TOKEN``, ``VSEARCH_KAFKA_BOOTSTRAP``.
+- A flag given on the command line wins over its variable.
+- A variable that does not parse is reported, naming it, only by the command that reads it
+  (``--help`` of every command keeps working); see :func:`check_environment`.
+- Secret flags (tokens, keys) never show their value in ``--help``.
+
+    flags = Flags(parser, "INGEST")
+    flags.add("--batch-size", default=256, type=int, help="most records per batch")
+    flags.add("--milvus-uri", default="./vsearch.db", shared=True, help="...")
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 PREFIX = "VSEARCH_"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def env_name(flag: str) -> str:
-    """``--model-dir`` -> ``VSEARCH_MODEL_DIR``."""
-    return PREFIX + flag.lstrip("-").replace("-", "_").upper()
+def env_name(flag: str, component: str | None = None) -> str:
+    """``--model-dir`` of the EMBEDDER -> ``VSEARCH_EMBEDDER_MODEL_DIR``; shared (no
+    component): ``--milvus-uri`` -> ``VSEARCH_MILVUS_URI``."""
+    name = flag.lstrip("-").replace("-", "_").upper()
+    return f"{PREFIX}{component.upper()}_{name}" if component else f"{PREFIX}{name}"
 
 
-def env(name: str, default=None, cast=str):
-    """Read ``VSEARCH_<NAME>``; ``cast`` converts it; unset or empty gives ``default``."""
-    raw = os.environ.get(env_name(name))
-    if raw is None or raw == "":
-        return default
-    if cast is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    try:
-        return cast(raw)
-    except ValueError as exc:
-        raise SystemExit(f"{env_name(name)}={raw!r} is not a valid {cast.__name__}") from exc
+class BadEnv:
+    """The default of a flag whose environment variable does not parse; the command that
+    reads it reports it (:func:`check_environment`)."""
+
+    def __init__(self, var: str, raw: str, problem: str):
+        self.var, self.raw, self.problem = var, raw, problem
+
+    def __str__(self) -> str:
+        return f"{self.var}={self.raw!r} {self.problem}"
+
+    __repr__ = __str__
 
 
-def add_flag(parser, flag: str, *, default=None, type=str, help: str = "", **kwargs):
-    """Add ``flag`` to an argparse parser with its default taken from the environment."""
+def _convert(raw: str, type):
     if type is bool:
-        value = env(flag, default, bool)
-        parser.add_argument(flag, action="store_true", default=value,
-                            help=f"{help} [env {env_name(flag)}]", **kwargs)
-        return
-    value = env(flag, default, type)
-    parser.add_argument(flag, default=value, type=type,
-                        help=f"{help} [env {env_name(flag)}, default {value!r}]", **kwargs)
+        low = raw.strip().lower()
+        if low in TRUE:
+            return True
+        if low in FALSE:
+            return False
+        raise ValueError(f"is not a boolean ({'/'.join(TRUE)} or {'/'.join(FALSE)})")
+    try:
+        return type(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"is not a valid {getattr(type, '__name__', 'value')}") from None
+
+
+class Flags:
+    """The flags of one command (one component's prefix)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, component: str):
+        self.parser, self.component = parser, component
+
+    def add(self, flag: str, *aliases: str, default=None, type=str, help: str = "",
+            shared: bool = False, secret: bool = False, **kwargs):
+        var = env_name(flag, None if shared else self.component)
+        raw = os.environ.get(var)
+        value = default
+        if raw is not None and raw != "":
+            try:
+                value = _convert(raw, type)
+            except ValueError as exc:
+                value = BadEnv(var, raw, str(exc))
+        if secret:
+            shown = "set" if raw else "not set"
+            text = f"{help} [env {var}: {shown}]"
+        else:
+            text = f"{help} [env {var}, default {value!r}]"
+        text = text.replace("%", "%%")
+        if type is bool:
+            action = self.parser.add_argument(flag, *aliases, action="store_true", default=value,
+                                              help=text, **kwargs)
+        else:
+            action = self.parser.add_argument(flag, *aliases, default=value, type=type, help=text, **kwargs)
+        action.env_var = var
+        return action
+
+
+def check_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with a clear message when a setting of the command being run came from an
+    environment variable that does not parse (and was not given on the command line)."""
+    bad = [v for v in vars(args).values() if isinstance(v, BadEnv)]
+    if bad:
+        parser.error("; ".join(str(b) for b in bad))
+
+
+def env_vars(parser: argparse.ArgumentParser) -> set[str]:
+    """The environment variables a (sub-command's) parser reads."""
+    return {a.env_var for a in parser._actions if getattr(a, "env_var", None)}
+
+
+def add_kafka_flag(flags: Flags, **kwargs) -> None:
+    """``--kafka-bootstrap`` (also ``--bootstrap``), shared: ``VSEARCH_KAFKA_BOOTSTRAP``."""
+    flags.add("--kafka-bootstrap", "--bootstrap", dest="kafka_bootstrap", shared=True,
+              **{"default": "127.0.0.1:9092", "help": "Kafka bootstrap servers HOST:PORT", **kwargs})

@@ -232,18 +232,20 @@ class IndexConfig:
         return params
 
 
-def add_milvus_flags(parser) -> None:
-    """The Milvus flags every command that talks to Milvus shares (defaults from ``VSEARCH_*``)."""
-    from .config import add_flag
-    add_flag(parser, "--milvus-uri", default="./vsearch.db",
-             help="Milvus: a file path ending in .db (Milvus Lite) or http://host:port")
-    add_flag(parser, "--milvus-token", default="", help="Milvus token (user:password), if any")
-    add_flag(parser, "--milvus-timeout", default=10.0, type=float, help="seconds per Milvus call")
-    add_flag(parser, "--index-type", default="HNSW",
-             help="HNSW (Milvus Lite/standalone), DISKANN (cluster), IVF_FLAT or FLAT")
-    add_flag(parser, "--index-params", default="", help='index build parameters, JSON, e.g. {"M": 16}')
-    add_flag(parser, "--search-params", default="", help='search parameters, JSON, e.g. {"ef": 64}')
-    add_flag(parser, "--metric", default="COSINE", help="COSINE or IP")
+def add_milvus_flags(flags) -> None:
+    """The Milvus flags every command that talks to Milvus shares (``flags`` is a
+    :class:`vsearch.core.config.Flags`); their variables have no component: ``VSEARCH_MILVUS_URI``."""
+    flags.add("--milvus-uri", default="./vsearch.db", shared=True,
+              help="Milvus: a file path ending in .db (Milvus Lite) or http://host:port")
+    flags.add("--milvus-token", default="", shared=True, secret=True,
+              help="Milvus token (user:password or an API key), if the server needs one")
+    flags.add("--milvus-timeout", default=10.0, type=float, shared=True, help="seconds per Milvus call")
+    flags.add("--index-type", default="HNSW", shared=True,
+              help="HNSW (Milvus Lite/standalone), DISKANN (cluster), IVF_FLAT or FLAT")
+    flags.add("--index-params", default="", shared=True, help='index build parameters, JSON, e.g. {"M": 16}')
+    flags.add("--search-params", default="", shared=True,
+              help='search parameters, JSON, e.g. {"ef": 64} or {"search_list": 100}')
+    flags.add("--metric", default="COSINE", shared=True, help="COSINE or IP")
 
 
 class MilvusStore:

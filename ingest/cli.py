@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..core.config import add_flag
+from ..core.config import Flags, add_kafka_flag
 from ..core.store import add_milvus_flags
 
 log = logging.getLogger(__name__)
@@ -14,48 +14,51 @@ def register(sub) -> None:
     p = sub.add_parser("ingest", help="consume the catalog topic into Milvus (one model version)",
                        description="Keep one Milvus collection equal to the catalog topic: validate, "
                                    "fetch, embed, upsert/delete, dead-letter, commit after the write.")
-    add_flag(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers HOST:PORT")
-    add_flag(p, "--topic", default="catalog.images", help="catalog topic")
-    add_flag(p, "--group", default=None, help="consumer group (default ingest-<collection>; one per model version)")
-    add_flag(p, "--dlq-topic", default=None, help="dead-letter topic (default <topic>.dlq)")
+    pf = Flags(p, "INGEST")
+    add_kafka_flag(pf)
+    pf.add("--topic", default="catalog.images", help="catalog topic")
+    pf.add("--group", default=None, help="consumer group (default ingest-<collection>; one per model version)")
+    pf.add("--dlq-topic", default=None, help="dead-letter topic (default <topic>.dlq)")
     src = p.add_mutually_exclusive_group()
-    add_flag(src, "--model-dir", default=None, help="embed in process with this model directory")
-    add_flag(src, "--embedder-url", default=None, help="embed through this embedder's V2 endpoint")
-    add_flag(p, "--embedder-model-name", default="embedder", help="model name at --embedder-url")
-    add_flag(p, "--embedder-timeout", default=60.0, type=float, help="seconds per embedder request")
-    add_flag(p, "--collection", default=None,
+    srcf = Flags(src, "INGEST")
+    srcf.add("--model-dir", default=None, help="embed in process with this model directory")
+    srcf.add("--embedder-url", default=None, help="embed through this embedder's V2 endpoint")
+    pf.add("--embedder-model-name", default="embedder", help="model name at --embedder-url")
+    pf.add("--embedder-timeout", default=60.0, type=float, help="seconds per embedder request")
+    pf.add("--collection", default=None,
              help="Milvus collection (default images__<model>__<version> from --model-dir; "
                   "required with --embedder-url)")
-    add_flag(p, "--alias", default="images", help="alias created for this collection when absent ('' = none)")
-    add_milvus_flags(p)
-    add_flag(p, "--batch-size", default=256, type=int, help="most records per batch")
-    add_flag(p, "--batch-ms", default=500, type=int, help="longest wait for a batch to fill, ms")
-    add_flag(p, "--embed-batch-size", default=32, type=int, help="forward-pass batch size (in process)")
-    add_flag(p, "--threads", default=None, type=int, help="torch CPU threads (in process)")
-    add_flag(p, "--device", default=None, help="torch device (in process)")
-    add_flag(p, "--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
-    add_flag(p, "--max-image-bytes", default=20 * 1024 * 1024, type=int, help="largest image file, bytes")
-    add_flag(p, "--fetch-connect-timeout", default=3.0, type=float, help="image fetch connect timeout, s")
-    add_flag(p, "--fetch-read-timeout", default=10.0, type=float, help="image fetch read timeout, s")
-    add_flag(p, "--fetch-retries", default=3, type=int, help="retries of a transient fetch error")
-    add_flag(p, "--fetch-workers", default=8, type=int, help="parallel image fetches")
-    add_flag(p, "--retry-max-s", default=10.0, type=float, help="longest backoff during an outage, s")
-    add_flag(p, "--stop-grace-s", default=30.0, type=float,
+    pf.add("--alias", default="images", help="alias created for this collection when absent ('' = none)")
+    add_milvus_flags(pf)
+    pf.add("--batch-size", default=256, type=int, help="most records per batch")
+    pf.add("--batch-ms", default=500, type=int, help="longest wait for a batch to fill, ms")
+    pf.add("--embed-batch-size", default=32, type=int, help="forward-pass batch size (in process)")
+    pf.add("--threads", default=None, type=int, help="torch CPU threads (in process)")
+    pf.add("--device", default=None, help="torch device (in process)")
+    pf.add("--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
+    pf.add("--max-image-bytes", default=20 * 1024 * 1024, type=int, help="largest image file, bytes")
+    pf.add("--fetch-connect-timeout", default=3.0, type=float, help="image fetch connect timeout, s")
+    pf.add("--fetch-read-timeout", default=10.0, type=float, help="image fetch read timeout, s")
+    pf.add("--fetch-retries", default=3, type=int, help="retries of a transient fetch error")
+    pf.add("--fetch-workers", default=8, type=int, help="parallel image fetches")
+    pf.add("--retry-max-s", default=10.0, type=float, help="longest backoff during an outage, s")
+    pf.add("--stop-grace-s", default=30.0, type=float,
              help="after SIGTERM, how long an outage may delay the last batch before exiting uncommitted")
-    add_flag(p, "--exit-when-idle", default=None, type=float,
+    pf.add("--exit-when-idle", default=None, type=float,
              help="exit after this many seconds without records (backfill jobs)")
-    add_flag(p, "--partitions", default=3, type=int, help="partitions when this creates the topic")
-    add_flag(p, "--metrics-port", default=None, type=int, help="serve Prometheus /metrics on this port")
+    pf.add("--partitions", default=3, type=int, help="partitions when this creates the topic")
+    pf.add("--metrics-port", default=None, type=int, help="serve Prometheus /metrics on this port")
     p.set_defaults(handler=_ingest)
 
     p = sub.add_parser("publish", help="publish catalog events (a folder or CSV of images, or deletes)")
-    add_flag(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers HOST:PORT")
-    add_flag(p, "--topic", default="catalog.images", help="catalog topic")
+    pf = Flags(p, "PUBLISH")
+    add_kafka_flag(pf)
+    pf.add("--topic", default="catalog.images", help="catalog topic")
     p.add_argument("path", nargs="?", help="folder of images, or CSV with id,uri[,metadata][,visibility]")
     p.add_argument("--delete", nargs="+", metavar="ID", help="publish delete events for these ids")
     p.add_argument("--inline", action="store_true", help="send image bytes inline (image_b64), not file:// URIs")
-    add_flag(p, "--visibility", default="public", help="public or private")
-    add_flag(p, "--partitions", default=3, type=int, help="partitions when this creates the topic")
+    pf.add("--visibility", default="public", help="public or private")
+    pf.add("--partitions", default=3, type=int, help="partitions when this creates the topic")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_publish)
 
@@ -91,7 +94,7 @@ def _ingest(args) -> int:
         collection = args.collection or collection_name(embedder.meta.name, embedder.meta.version)
     store = MilvusStore.from_args(args)
     settings = IngestSettings(
-        bootstrap=args.bootstrap, topic=args.topic, group=args.group or f"ingest-{collection}",
+        bootstrap=args.kafka_bootstrap, topic=args.topic, group=args.group or f"ingest-{collection}",
         collection=collection, alias=args.alias or None, dlq=args.dlq_topic,
         batch_size=args.batch_size, batch_ms=args.batch_ms, retry_max_s=args.retry_max_s,
         stop_grace_s=args.stop_grace_s, exit_when_idle_s=args.exit_when_idle, partitions=args.partitions)

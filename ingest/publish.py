@@ -96,7 +96,7 @@ def run(args) -> int:
         events += [delete_event(i) for i in args.delete or ()]
     except ValueError as exc:            # BadEvent included: nothing has been sent
         raise SystemExit(f"nothing published: {exc}") from exc
-    n = publish_events(args.bootstrap, args.topic, events, progress=not args.no_progress,
+    n = publish_events(args.kafka_bootstrap, args.topic, events, progress=not args.no_progress,
                        total=len(events), partitions=args.partitions)
     print(f"published {n} events to {args.topic}")
     return 0

@@ -4,11 +4,10 @@ process: it alone sets process-wide state (torch threads, PIL's pixel guard, KSe
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from ..core.config import add_flag
+from ..core.config import Flags
 from ..core.images import image_files
 from .search import cli as search_cli
 
@@ -18,15 +17,15 @@ def default_model_dir() -> str:
     return str(default_model_dir())
 
 
-def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+def add_model_flags(f: Flags, *, required: bool = False) -> None:
     """Flags every command that loads a model shares."""
-    add_flag(p, "--model-dir", default=None if required else default_model_dir(),
+    f.add("--model-dir", default=None if required else default_model_dir(),
              help="model directory (save_pretrained layout + vsearch_model.json)")
-    add_flag(p, "--device", default=None, help="torch device (cuda when present, else cpu)")
-    add_flag(p, "--threads", default=None, type=int, help="torch CPU threads")
-    add_flag(p, "--batch-size", default=32, type=int, help="forward-pass batch size")
-    add_flag(p, "--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
-    add_flag(p, "--max-image-bytes", default=20 * 1024 * 1024, type=int,
+    f.add("--device", default=None, help="torch device (cuda when present, else cpu)")
+    f.add("--threads", default=None, type=int, help="torch CPU threads")
+    f.add("--batch-size", default=32, type=int, help="forward-pass batch size")
+    f.add("--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
+    f.add("--max-image-bytes", default=20 * 1024 * 1024, type=int,
              help="largest image file accepted, in bytes")
 
 
@@ -42,17 +41,18 @@ def register(sub) -> None:
     serve = sub.add_parser("serve", help="run a KServe model server")
     serve_sub = serve.add_subparsers(dest="model", metavar="MODEL", required=True)
     p = serve_sub.add_parser("embedder", help="image -> embedding (KServe V1 and V2)")
-    add_model_flags(p)
-    add_flag(p, "--model-name", default="embedder", help="name in /v2/models/<name>")
-    add_flag(p, "--http-port", default=8080, type=int, help="HTTP port")
-    add_flag(p, "--max-batch", default=64, type=int, help="most images in one request")
-    add_flag(p, "--workers", default=1, type=int, help="uvicorn worker processes")
+    f = Flags(p, "EMBEDDER")
+    add_model_flags(f)
+    f.add("--model-name", default="embedder", help="name in /v2/models/<name>")
+    f.add("--http-port", default=8080, type=int, help="HTTP port")
+    f.add("--max-batch", default=64, type=int, help="most images in one request")
+    f.add("--workers", default=1, type=int, help="uvicorn worker processes")
     p.set_defaults(handler=_serve_embedder)
     search_cli.register_serve(serve_sub)
     search_cli.register(sub)
 
     p = sub.add_parser("embed", help="embed image files offline into a .npy file")
-    add_model_flags(p)
+    add_model_flags(Flags(p, "EMBED"))
     p.add_argument("--out", required=True, help="output .npy ([N, D] float32); the file names "
                    "go to <out>.paths.txt in the same order")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..core.config import add_flag
+from ..core.config import Flags
 
 
 def _ks(text: str) -> list[int]:
@@ -23,61 +23,63 @@ def register(sub) -> None:
                                    "--data is a folder of images (self-supervised SimCLR), a CSV of "
                                    "(query, clicked) pairs or kafka://HOST:PORT[/TOPIC] (clicks on "
                                    "search.events).")
-    add_flag(p, "--data", default=None, help="folder of images, pairs CSV or kafka://HOST:PORT[/TOPIC]")
-    add_flag(p, "--out", default=None,
+    pf = Flags(p, "TRAIN")
+    pf.add("--data", default=None, help="folder of images, pairs CSV or kafka://HOST:PORT[/TOPIC]")
+    pf.add("--out", default=None,
              help="output model directory (also holds train_log.jsonl and checkpoints/)")
-    add_flag(p, "--init", default=None, help="model directory to fine-tune (default: random init of --arch)")
-    add_flag(p, "--arch", default="resnet-tiny", help="architecture for random init")
-    add_flag(p, "--image-size", default=None, type=int,
+    pf.add("--init", default=None, help="model directory to fine-tune (default: random init of --arch)")
+    pf.add("--arch", default="resnet-tiny", help="architecture for random init")
+    pf.add("--image-size", default=None, type=int,
              help="input size of a new model (arch default otherwise)")
-    add_flag(p, "--name", default=None, help="model name in the metadata")
-    add_flag(p, "--version", default=None, help="model version (default: UTC time stamp)")
-    add_flag(p, "--epochs", default=10.0, type=float, help="passes over the data")
-    add_flag(p, "--max-steps", default=None, type=int, help="optimiser steps (overrides --epochs)")
-    add_flag(p, "--batch-size", default=128, type=int, help="images (or pairs) per micro-batch")
-    add_flag(p, "--accum-steps", default=1, type=int, help="micro-batches per optimiser step")
-    add_flag(p, "--lr", default=1e-3, type=float, help="peak learning rate (AdamW)")
-    add_flag(p, "--weight-decay", default=1e-4, type=float, help="AdamW weight decay")
-    add_flag(p, "--warmup-steps", default=None, type=int, help="linear warm-up steps (default 5%% of steps)")
-    add_flag(p, "--temperature", default=None, type=float,
+    pf.add("--name", default=None, help="model name in the metadata")
+    pf.add("--version", default=None, help="model version (default: UTC time stamp)")
+    pf.add("--epochs", default=10.0, type=float, help="passes over the data")
+    pf.add("--max-steps", default=None, type=int, help="optimiser steps (overrides --epochs)")
+    pf.add("--batch-size", default=128, type=int, help="images (or pairs) per micro-batch")
+    pf.add("--accum-steps", default=1, type=int, help="micro-batches per optimiser step")
+    pf.add("--lr", default=1e-3, type=float, help="peak learning rate (AdamW)")
+    pf.add("--weight-decay", default=1e-4, type=float, help="AdamW weight decay")
+    pf.add("--warmup-steps", default=None, type=int, help="linear warm-up steps (default 5%% of steps)")
+    pf.add("--temperature", default=None, type=float,
              help="softmax temperature (default 0.2 for SimCLR, 0.07 for pairs)")
-    add_flag(p, "--holdout", default=0.0, type=float, help="fraction of each class held out of training")
-    add_flag(p, "--split-seed", default=0, type=int, help="seed of the held-out split")
-    add_flag(p, "--seed", default=0, type=int, help="seed of weights, order and augmentation")
-    add_flag(p, "--workers", default=1, type=int, help="data-loader processes (0 = in the training process)")
-    add_flag(p, "--threads", default=None, type=int, help="torch CPU threads")
-    add_flag(p, "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    add_flag(p, "--no-amp", default=False, type=bool, help="no mixed precision on CUDA")
-    add_flag(p, "--checkpoint-every", default=200, type=int, help="optimiser steps between checkpoints")
-    add_flag(p, "--log-every", default=10, type=int, help="optimiser steps between run-log lines")
-    add_flag(p, "--resume", default=False, type=bool, help="continue from --out/checkpoints/last.pt")
-    add_flag(p, "--stop-after", default=None, type=int,
+    pf.add("--holdout", default=0.0, type=float, help="fraction of each class held out of training")
+    pf.add("--split-seed", default=0, type=int, help="seed of the held-out split")
+    pf.add("--seed", default=0, type=int, help="seed of weights, order and augmentation")
+    pf.add("--workers", default=1, type=int, help="data-loader processes (0 = in the training process)")
+    pf.add("--threads", default=None, type=int, help="torch CPU threads")
+    pf.add("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    pf.add("--no-amp", default=False, type=bool, help="no mixed precision on CUDA")
+    pf.add("--checkpoint-every", default=200, type=int, help="optimiser steps between checkpoints")
+    pf.add("--log-every", default=10, type=int, help="optimiser steps between run-log lines")
+    pf.add("--resume", default=False, type=bool, help="continue from --out/checkpoints/last.pt")
+    pf.add("--stop-after", default=None, type=int,
              help="stop after this many steps, keeping the checkpoint")
-    add_flag(p, "--hard-negatives-from", default=None,
+    pf.add("--hard-negatives-from", default=None,
              help="pairs only: Milvus URI of the current index to mine hard negatives from (needs --init)")
-    add_flag(p, "--hard-negatives-collection", default="images", help="collection or alias to search")
-    add_flag(p, "--hard-negatives-k", default=10, type=int, help="neighbours searched per query")
-    add_flag(p, "--no-eval", default=False, type=bool,
+    pf.add("--hard-negatives-collection", default="images", help="collection or alias to search")
+    pf.add("--hard-negatives-k", default=10, type=int, help="neighbours searched per query")
+    pf.add("--no-eval", default=False, type=bool,
              help="skip evaluating the exported model on the held-out split")
-    add_flag(p, "--no-progress", default=False, type=bool, help="no progress bar")
+    pf.add("--no-progress", default=False, type=bool, help="no progress bar")
     p.set_defaults(handler=_train)
 
     e = sub.add_parser("evaluate", help="offline retrieval metrics of models and baselines",
                        description="Compare models (and baselines) on a labelled folder or a "
                                    "judgments CSV (query,candidate,grade 0-5): table on stdout, "
                                    "report.json and report.png in --out.")
+    ef = Flags(e, "EVALUATE")
     e.add_argument("--model-dir", action="append", default=[], help="model directory (repeatable)")
-    add_flag(e, "--data", default=None,
+    ef.add("--data", default=None,
              help="labelled folder (class sub-folders or labels.csv) or judgments CSV")
-    add_flag(e, "--k", default="1,5,10,100", help="cut-offs for recall/precision/nDCG")
-    add_flag(e, "--baselines", default="", help="comma-separated: raw-pixels, random-init")
-    add_flag(e, "--split", default="all",
+    ef.add("--k", default="1,5,10,100", help="cut-offs for recall/precision/nDCG")
+    ef.add("--baselines", default="", help="comma-separated: raw-pixels, random-init")
+    ef.add("--split", default="all",
              help="all, train or held-out (with --holdout/--split-seed of training)")
-    add_flag(e, "--holdout", default=0.3, type=float, help="held-out fraction used at training")
-    add_flag(e, "--split-seed", default=0, type=int, help="seed of the held-out split used at training")
-    add_flag(e, "--out", default="evaluation", help="folder for report.json and report.png")
-    add_flag(e, "--threads", default=None, type=int, help="torch CPU threads")
-    add_flag(e, "--write-meta", default=False, type=bool,
+    ef.add("--holdout", default=0.3, type=float, help="held-out fraction used at training")
+    ef.add("--split-seed", default=0, type=int, help="seed of the held-out split used at training")
+    ef.add("--out", default="evaluation", help="folder for report.json and report.png")
+    ef.add("--threads", default=None, type=int, help="torch CPU threads")
+    ef.add("--write-meta", default=False, type=bool,
              help="store each model's result in its vsearch_model.json")
     e.set_defaults(handler=_evaluate)
 

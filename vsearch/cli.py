@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from .core.config import add_flag
+from .core.config import Flags, check_environment, env_vars
 from .ingest import cli as ingest_cli
 from .predictor import cli as predictor_cli
 from .trainer import cli as trainer_cli
@@ -41,14 +41,15 @@ def register_demo(sub) -> None:
                        description="Starts the Kafka broker, Milvus Lite (server), the embedder, the "
                                    "catalog consumer and the search service; publishes a sample "
                                    "catalog through Kafka; prints the URL. Ctrl-C stops everything.")
-    add_flag(p, "--model-dir", default=None,
+    pf = Flags(p, "DEMO")
+    pf.add("--model-dir", default=None,
              help="model directory (default: models/default, else a random-initialised resnet-tiny)")
-    add_flag(p, "--catalog", default=None,
+    pf.add("--catalog", default=None,
              help="folder of images to publish (default: scikit-image's sample photos and variants)")
-    add_flag(p, "--data-dir", default=".demo", help="where the demo keeps Milvus data, logs, queries")
-    add_flag(p, "--http-port", default=8000, type=int,
+    pf.add("--data-dir", default=".demo", help="where the demo keeps Milvus data, logs, queries")
+    pf.add("--http-port", default=8000, type=int,
              help="HTTP port of the search service and web page (0: any free port)")
-    add_flag(p, "--ready-timeout", default=300.0, type=float,
+    pf.add("--ready-timeout", default=300.0, type=float,
              help="seconds to wait for the catalog to be searchable")
     p.add_argument("--check", "--smoke", dest="check", action="store_true",
                    help="run one query end to end, print the result and exit (0 = it worked)")
@@ -59,6 +60,20 @@ def _demo(args) -> int:
     from .demo import run_demo
     return run_demo(model_dir=args.model_dir, catalog=args.catalog, data_dir=args.data_dir,
                     port=args.http_port, timeout=args.ready_timeout, check=args.check)
+
+
+def command_parser(*names: str) -> argparse.ArgumentParser:
+    """The parser of one command: ``command_parser("serve", "search")``."""
+    parser = build_parser()
+    for name in names:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+def command_env_vars(*names: str) -> set[str]:
+    """The environment variables one command reads (what a container spec may set for it)."""
+    return env_vars(command_parser(*names))
 
 
 def configure_logging(level: str) -> None:
@@ -72,6 +87,7 @@ def configure_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_environment(parser, args)
     configure_logging(args.log_level)
     try:
         rc = args.handler(args)

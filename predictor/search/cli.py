@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from ...core.config import add_flag
+from ...core.config import Flags, add_kafka_flag
+from ...core.store import add_milvus_flags
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -20,59 +21,56 @@ def register_serve(serve_sub) -> None:
         "search", help="the search service: /search, /images, /events, the web page, KServe V1/V2",
         description="Embed the query (in process with --model-dir, or through --embedder-url), "
                     "search Milvus on the serving alias, re-rank, log impressions and clicks to Kafka.")
-    add_flag(p, "--model-dir", default=None,
+    pf = Flags(p, "SEARCH")
+    pf.add("--model-dir", default=None,
              help="embed in process with this model directory (default: models/default when present)")
-    add_flag(p, "--embedder-url", default=None, help="embed through this embedder server instead")
-    add_flag(p, "--embedder-name", default="embedder", help="the embedder's model name")
-    add_flag(p, "--milvus-uri", default=None, help="Milvus URI (http://host:port or a Milvus Lite file)")
-    add_flag(p, "--alias", default="images", help="the Milvus alias (or collection) that serves")
-    add_flag(p, "--http-port", default=8000, type=int, help="HTTP port")
-    add_flag(p, "--bootstrap", default=None,
-             help="Kafka bootstrap servers for search events (impressions, clicks); off when unset")
-    add_flag(p, "--query-store", default=".vsearch/queries",
+    pf.add("--embedder-url", default=None, help="embed through this embedder server instead")
+    pf.add("--embedder-name", default="embedder", help="the embedder's model name")
+    add_milvus_flags(pf)
+    pf.add("--alias", default="images", help="the Milvus alias (or collection) that serves")
+    pf.add("--http-port", default=8000, type=int, help="HTTP port")
+    add_kafka_flag(pf, default=None,
+                   help="Kafka bootstrap servers for search events (impressions, clicks); off when unset")
+    pf.add("--query-store", default=".vsearch/queries",
              help="folder where query images are kept by content hash (events point at them); "
                   "empty: not kept")
-    add_flag(p, "--k-default", default=20, type=int, help="results when the query gives no k")
-    add_flag(p, "--k-max", default=100, type=int, help="largest k accepted")
-    add_flag(p, "--dedup-distance", default=0.02, type=float,
+    pf.add("--k-default", default=20, type=int, help="results when the query gives no k")
+    pf.add("--k-max", default=100, type=int, help="largest k accepted")
+    pf.add("--dedup-distance", default=0.02, type=float,
              help="cosine distance under which two results count as near-duplicates (0: off)")
-    add_flag(p, "--overfetch", default=3.0, type=float, help="candidates fetched per wanted result")
-    add_flag(p, "--filter-fields", default="label,category,source,group",
+    pf.add("--overfetch", default=3.0, type=float, help="candidates fetched per wanted result")
+    pf.add("--filter-fields", default="label,category,source,group",
              help="metadata fields a query may filter on (comma-separated)")
-    add_flag(p, "--max-upload-bytes", default=20 * 1024 * 1024, type=int, help="largest query image")
-    add_flag(p, "--max-pixels", default=40_000_000, type=int, help="largest query image in pixels")
-    add_flag(p, "--ef", default=None, type=int, help="HNSW search breadth (default: the store's)")
-    add_flag(p, "--milvus-timeout", default=10.0, type=float, help="seconds per Milvus call")
-    add_flag(p, "--api-key", default=None,
-             help="require this key (X-API-Key header or Bearer token) on every endpoint but health")
-    add_flag(p, "--cors-origins", default="", help="origins allowed by CORS (comma-separated, * for any)")
-    add_flag(p, "--allow-url-queries", default=False, type=bool, help="accept image URLs as queries")
-    add_flag(p, "--allow-private-urls", default=False, type=bool,
+    pf.add("--max-upload-bytes", default=20 * 1024 * 1024, type=int, help="largest query image")
+    pf.add("--max-pixels", default=40_000_000, type=int, help="largest query image in pixels")
+    pf.add("--api-key", default=None, secret=True,
+           help="require this key (X-API-Key header or Bearer token) on every endpoint but health")
+    pf.add("--cors-origins", default="", help="origins allowed by CORS (comma-separated, * for any)")
+    pf.add("--allow-url-queries", default=False, type=bool, help="accept image URLs as queries")
+    pf.add("--allow-private-urls", default=False, type=bool,
              help="let URL queries reach private, loopback and link-local addresses")
-    add_flag(p, "--url-timeout", default=5.0, type=float, help="seconds to download a query URL")
-    add_flag(p, "--image-roots", default="",
+    pf.add("--url-timeout", default=5.0, type=float, help="seconds to download a query URL")
+    pf.add("--image-roots", default="",
              help="serve file:// catalog images only from these folders (comma-separated; empty: any)")
-    add_flag(p, "--model-version", default=None,
+    pf.add("--model-version", default=None,
              help="model version written into events (default: the embedder's model id)")
-    add_flag(p, "--device", default=None, help="torch device for in-process embedding")
-    add_flag(p, "--threads", default=None, type=int, help="torch CPU threads")
+    pf.add("--device", default=None, help="torch device for in-process embedding")
+    pf.add("--threads", default=None, type=int, help="torch CPU threads")
     p.set_defaults(handler=_serve_search)
 
 
 def register(sub) -> None:
     p = sub.add_parser("ctr", help="click-through rate per model version from the search.events topic")
-    add_flag(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
-    add_flag(p, "--topic", default="search.events", help="topic of search events")
-    add_flag(p, "--idle-timeout", default=3.0, type=float,
+    pf = Flags(p, "CTR")
+    add_kafka_flag(pf)
+    pf.add("--topic", default="search.events", help="topic of search events")
+    pf.add("--idle-timeout", default=3.0, type=float,
              help="stop reading after this many seconds without a new record")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_ctr)
 
 
 def _serve_search(args) -> int:
-    if not args.milvus_uri:
-        print("vsearch serve search: --milvus-uri is required (or VSEARCH_MILVUS_URI)", file=sys.stderr)
-        return 2
     if args.embedder_url and args.model_dir:
         print("vsearch serve search: give --model-dir or --embedder-url, not both", file=sys.stderr)
         return 2
@@ -92,7 +90,7 @@ def _serve_search(args) -> int:
         alias=args.alias, k_default=args.k_default, k_max=args.k_max, overfetch=args.overfetch,
         dedup_distance=args.dedup_distance, filter_fields=_csv(args.filter_fields),
         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
-        milvus_timeout=args.milvus_timeout, ef=args.ef,
+        milvus_timeout=args.milvus_timeout,
         query_store=Path(args.query_store) if args.query_store else None,
         allow_url_queries=args.allow_url_queries, allow_private_urls=args.allow_private_urls,
         url_timeout=args.url_timeout, api_key=args.api_key or None,
@@ -106,12 +104,13 @@ def _serve_search(args) -> int:
     from ..preprocess import set_decoder_pixel_limit
     set_torch_threads(args.threads)
     set_decoder_pixel_limit(args.max_pixels)
+    from ...core.store import MilvusStore
     from .model import SearchModel
     from .routes import add_routes
-    model = SearchModel(lambda: build_service(settings, milvus_uri=args.milvus_uri, model_dir=model_dir,
+    model = SearchModel(lambda: build_service(settings, MilvusStore.from_args(args), model_dir=model_dir,
                                               embedder_url=args.embedder_url,
                                               embedder_name=args.embedder_name,
-                                              bootstrap=args.bootstrap, device=args.device))
+                                              bootstrap=args.kafka_bootstrap, device=args.device))
     try:
         run_model_server(model, http_port=args.http_port,
                          add_routes=lambda app: add_routes(app, lambda: model.service, settings))
@@ -121,13 +120,13 @@ def _serve_search(args) -> int:
     return 0
 
 
-def build_service(settings, *, milvus_uri: str, model_dir=None, embedder_url: str | None = None,
+def build_service(settings, store, *, model_dir=None, embedder_url: str | None = None,
                   embedder_name: str = "embedder", bootstrap: str | None = None, device: str | None = None):
     """The search service of the flags: an in-process embedder (``model_dir``) or the
-    embedder's V2 endpoint (``embedder_url``), the Milvus index, the event log."""
+    embedder's V2 endpoint (``embedder_url``), the Milvus index through ``store`` (a
+    :class:`~vsearch.core.store.MilvusStore` with the token and index settings), the event log."""
     import logging
 
-    from ...core.store import MilvusStore
     from ..preprocess import Limits
     from .event_log import EventLog
     from .index import CatalogIndex
@@ -140,11 +139,11 @@ def build_service(settings, *, milvus_uri: str, model_dir=None, embedder_url: st
         from ..model import Embedder
         embedder = Embedder(model_dir, device=device, batch_size=1, decode_workers=2,
                             limits=Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels))
-    index = CatalogIndex(MilvusStore(milvus_uri, timeout=settings.milvus_timeout), settings.alias, ef=settings.ef)
+    index = CatalogIndex(store, settings.alias)
     svc = SearchService(embedder, index, settings, EventLog(bootstrap))
     logging.getLogger(__name__).info(
-        "search service: alias %r on %s, embedder %s, events %s, model version %s", settings.alias,
-        milvus_uri, embedder_url or model_dir, bootstrap or "off", svc.model_version)
+        "search service: alias %r on %s (%s), embedder %s, events %s, model version %s", settings.alias,
+        store.uri, store.index.index_type, embedder_url or model_dir, bootstrap or "off", svc.model_version)
     return svc
 
 
@@ -153,9 +152,9 @@ def _ctr(args) -> int:
 
     from .ctr import ctr_table, read_events
     try:
-        stats = ctr_table(read_events(args.bootstrap, args.topic, args.idle_timeout))
+        stats = ctr_table(read_events(args.kafka_bootstrap, args.topic, args.idle_timeout))
     except KafkaError as exc:
-        print(f"vsearch ctr: cannot read {args.topic} from {args.bootstrap}: {exc}", file=sys.stderr)
+        print(f"vsearch ctr: cannot read {args.topic} from {args.kafka_bootstrap}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))

@@ -20,8 +20,8 @@ VISIBLE = 'visibility != "private"'
 class CatalogIndex:
     OUTPUT_FIELDS = ("uri", "metadata", "visibility", "embedding")
 
-    def __init__(self, store: MilvusStore, alias: str = "images", *, ef: int | None = None):
-        self.store, self.alias, self.ef = store, alias, ef
+    def __init__(self, store: MilvusStore, alias: str = "images"):
+        self.store, self.alias = store, alias
 
     def _call(self, fn: Callable, what: str):
         try:
@@ -38,10 +38,10 @@ class CatalogIndex:
 
     def search(self, vector: np.ndarray, limit: int, expr: str = "") -> list[Candidate]:
         flt = f"({expr}) and {VISIBLE}" if expr else VISIBLE
-        params = {"ef": max(self.ef, limit)} if self.ef else None
+        # the store's index settings: search breadth (ef, search_list) raised to the limit
         hits = self._call(lambda: self.store.search(
-            self.alias, vector, k=limit, filter=flt, output_fields=self.OUTPUT_FIELDS,
-            search_params=params)[0], f"search alias {self.alias!r}")
+            self.alias, vector, k=limit, filter=flt, output_fields=self.OUTPUT_FIELDS)[0],
+            f"search alias {self.alias!r}")
         return [self._candidate(h) for h in hits]
 
     def get(self, item_id: str) -> Candidate | None:

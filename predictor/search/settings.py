@@ -18,7 +18,6 @@ class SearchSettings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     milvus_timeout: float = 10.0
-    ef: int | None = None             # HNSW search breadth (None: the store's default)
     query_store: Path | None = None   # where query images are kept (by content hash)
     allow_url_queries: bool = False
     allow_private_urls: bool = False

@@ -4,7 +4,6 @@ stop of everything."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -52,8 +51,7 @@ def test_demo_check_runs_the_platform_end_to_end(tmp_path, tiny_model_dir):
     out = subprocess.run([sys.executable, "-m", "vsearch", "demo", "--check", "--http-port", "0",
                           "--model-dir", str(tiny_model_dir), "--catalog", str(catalog),
                           "--data-dir", str(data_dir), "--ready-timeout", "180"],
-                         capture_output=True, text=True, timeout=400,
-                         env={**os.environ, "VSEARCH_THREADS": "1"})
+                         capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     assert "9/9" in out.stdout and "demo check passed" in out.stdout
     assert "events on search.events" in out.stdout and "['click', 'impression']" in out.stdout
@@ -74,8 +72,7 @@ def test_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, tiny_model_dir
     proc = subprocess.Popen([sys.executable, "-m", "vsearch", "demo", "--http-port", "0",
                              "--model-dir", str(tiny_model_dir), "--catalog", str(catalog),
                              "--data-dir", str(data_dir), "--ready-timeout", "180"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "VSEARCH_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines = []
     try:
         url = None
