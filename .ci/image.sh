@@ -83,15 +83,17 @@ wheels() {
   rm -f "$dir"/vsearch-*.whl
   if [ "$VARIANT" = cpu ]; then
     # torch==2.13.0+cpu lies on this machine's disk (pip's find-links).
-    "$PY" -m pip wheel -q --only-binary=torch -w "$dir" "torch==2.13.0" .
+    "$PY" -m pip wheel -q --only-binary=torch -w "$dir" "torch==2.13.0" . >"$OUT/wheels-$VARIANT.log" 2>&1
   else
-    # The registry's default torch 2.13.0 build is the CUDA one; the local +cpu wheel is left out.
-    PIP_FIND_LINKS="" PIP_CONSTRAINT="" "$PY" -m pip wheel -q --no-cache-dir --only-binary=torch \
-      --find-links "$dir" -w "$dir" "torch==2.13.0" .
-    if ls "$dir"/torch-*+cpu-*.whl >/dev/null 2>&1; then
-      echo "the CUDA wheel set picked up a +cpu torch wheel" >&2; exit 1
-    fi
+    # The registry's default torch 2.13.0 build is the CUDA one. This machine's pip settings
+    # (find-links with the local +cpu wheel, a constraints file) are left out for this step.
+    env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+      "$PY" -m pip wheel -q --only-binary=torch -w "$dir" "torch==2.13.0" . >"$OUT/wheels-$VARIANT.log" 2>&1
   fi
+  if [ "$VARIANT" = cuda ] && ls "$dir"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+    echo "the CUDA wheel set picked up a +cpu torch wheel" >&2; exit 1
+  fi
+  du -sh "$dir" >&2
 }
 
 build() {
