@@ -337,7 +337,13 @@ def test_full_creates_a_diskann_milvus_cluster_and_strimzi_topics(rendered):
     for m in monitors:
         sel = m["spec"]["selector"]["matchLabels"]
         assert [s for s in services.values() if all(s["metadata"]["labels"].get(k) == v for k, v in sel.items())], m
-    assert len(by_kind(objs, "NetworkPolicy")) == 3
+    policies = {p["metadata"]["name"]: p for p in by_kind(objs, "NetworkPolicy")}
+    assert len(policies) == 3
+    search_from = policies["vsearch-search"]["spec"]["ingress"][0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}} in search_from
+    test_pod = next(o for o in objs if is_test_hook(o))
+    assert any(all(test_pod["metadata"]["labels"].get(k) == v for k, v in p.get("podSelector", {}).get("matchLabels", {"x": "y"}).items())
+               for p in search_from), "the helm test pod cannot reach the search API"
 
 
 def test_gpu_schedules_the_embedder_on_a_gpu(rendered):
