@@ -436,6 +436,7 @@ TEMPLATE_REFUSALS = [
      "DISKANN needs milvus.cluster.mode=cluster"),
     (["kafka.strimzi.createTopics=true"], "kafka.strimzi.cluster is required"),
     (["searchIndex.create=true"], "searchIndex.create needs operator.enabled"),
+    (["embedder.gpu.enabled=true", "image.digest=sha256:" + "0" * 64], "embedder.gpu.imageDigest is required"),
 ]
 
 

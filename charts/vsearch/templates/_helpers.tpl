@@ -58,7 +58,9 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- if .cuda }}{{ $tag = printf "%s-cuda" $tag }}{{ end -}}
 {{- $repo := $img.repository -}}
 {{- if $img.registry }}{{ $repo = printf "%s/%s" $img.registry $img.repository }}{{ end -}}
-{{- if $img.digest -}}
+{{- if and .cuda $img.digest -}}
+{{- printf "%s@%s" $repo (required "embedder.gpu.imageDigest is required when image.digest is set (the -cuda image has a digest of its own)" .ctx.Values.embedder.gpu.imageDigest) -}}
+{{- else if $img.digest -}}
 {{- printf "%s@%s" $repo $img.digest -}}
 {{- else -}}
 {{- printf "%s:%s" $repo $tag -}}
