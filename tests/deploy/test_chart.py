@@ -19,8 +19,8 @@ from tests.deploy.k8s import CHART, PROFILES, REPO, profile_file
 # main (the configuration-prefix change). When one lands, test_pending_flags_still_missing says
 # to remove it from here.
 PENDING_FLAGS = {
-    ("serve", "search"): {"VSEARCH_MILVUS_TOKEN", "VSEARCH_INDEX_TYPE", "VSEARCH_SEARCH_PARAMS",
-                          "VSEARCH_METRIC", "VSEARCH_KAFKA_BOOTSTRAP"},
+    ("serve", "search"): {"VSEARCH_MILVUS_TOKEN", "VSEARCH_INDEX_TYPE", "VSEARCH_INDEX_PARAMS",
+                          "VSEARCH_SEARCH_PARAMS", "VSEARCH_METRIC", "VSEARCH_KAFKA_BOOTSTRAP"},
     ("ingest",): {"VSEARCH_KAFKA_BOOTSTRAP"},
 }
 # Routes of the probes, per component (the services' real health routes).
@@ -309,6 +309,8 @@ def test_minimal_uses_the_existing_milvus_and_kafka(rendered):
     assert env["VSEARCH_MILVUS_URI"] == "http://milvus.milvus.svc:19530"
     assert env["VSEARCH_KAFKA_BOOTSTRAP"] == "kafka-bootstrap.kafka.svc:9092"
     assert env["VSEARCH_INDEX_TYPE"] == "HNSW"
+    assert json.loads(env["VSEARCH_INDEX_PARAMS"]) == {"M": 16, "efConstruction": 200}
+    assert json.loads(env["VSEARCH_SEARCH_PARAMS"]) == {"ef": 64}
     assert search["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     assert search["spec"]["predictor"]["containers"][0]["args"] == ["serve", "search"]
 
@@ -325,6 +327,7 @@ def test_full_creates_a_diskann_milvus_cluster_and_strimzi_topics(rendered):
     env = {e["name"]: e for e in search["spec"]["predictor"]["containers"][0]["env"]}
     assert env["VSEARCH_MILVUS_URI"]["value"] == "http://vsearch-milvus.vsearch.svc:19530"
     assert env["VSEARCH_INDEX_TYPE"]["value"] == "DISKANN"
+    assert json.loads(env["VSEARCH_SEARCH_PARAMS"]["value"]) == {"search_list": 100}
     assert env["VSEARCH_MILVUS_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "milvus-root-token"
     topics = {t["spec"]["topicName"]: t for t in by_kind(objs, "KafkaTopic")}
     assert set(topics) == {"catalog.images", "catalog.images.dlq", "search.events"}
@@ -344,6 +347,20 @@ def test_full_creates_a_diskann_milvus_cluster_and_strimzi_topics(rendered):
     test_pod = next(o for o in objs if is_test_hook(o))
     assert any(all(test_pod["metadata"]["labels"].get(k) == v for k, v in p.get("podSelector", {}).get("matchLabels", {"x": "y"}).items())
                for p in search_from), "the helm test pod cannot reach the search API"
+
+
+def test_search_params_default_per_index_type(tools):
+    """Helm merges maps, so the defaults live in the template: a values file's searchParams
+    replace them instead of being sent along with them."""
+    def params(*sets):
+        objs = k8s.load_all(tools.template(profile_file("minimal"), set_values=sets).stdout)
+        search = next(o for o in objs if o["kind"] == "InferenceService" and o["metadata"]["name"] == "vsearch-search")
+        env = {e["name"]: e.get("value") for e in search["spec"]["predictor"]["containers"][0]["env"]}
+        return json.loads(env["VSEARCH_SEARCH_PARAMS"]) if "VSEARCH_SEARCH_PARAMS" in env else None
+    assert params("milvus.index.searchParams=null") == {"ef": 64}
+    assert params("milvus.index.searchParams=null", "milvus.index.type=DISKANN") == {"search_list": 100}
+    assert params("milvus.index.searchParams=null", "milvus.index.type=FLAT") is None
+    assert params("milvus.index.searchParams.ef=128") == {"ef": 128}
 
 
 def test_gpu_schedules_the_embedder_on_a_gpu(rendered):

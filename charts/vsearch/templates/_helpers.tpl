@@ -118,6 +118,15 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- printf "http://%s-predictor.%s.svc" (include "vsearch.searchName" .) .Release.Namespace -}}
 {{- end -}}
 
+{{/* Search parameters: the values', else the index type's defaults (as JSON). */}}
+{{- define "vsearch.searchParams" -}}
+{{- $p := .Values.milvus.index.searchParams -}}
+{{- if not $p -}}
+{{- $p = get (dict "DISKANN" (dict "search_list" 100) "HNSW" (dict "ef" 64)) .Values.milvus.index.type | default dict -}}
+{{- end -}}
+{{- toJson $p -}}
+{{- end -}}
+
 {{/* The Milvus settings every component shares (shared variables, no component prefix). */}}
 {{- define "vsearch.milvusEnv" -}}
 - name: VSEARCH_MILVUS_URI
@@ -137,7 +146,7 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 - name: VSEARCH_INDEX_PARAMS
   value: {{ toJson . | quote }}
 {{- end }}
-{{- with .Values.milvus.index.searchParams }}
+{{- with (include "vsearch.searchParams" . | fromJson) }}
 - name: VSEARCH_SEARCH_PARAMS
   value: {{ toJson . | quote }}
 {{- end }}
