@@ -32,7 +32,9 @@ PROBES = {
 }
 STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                    "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of")
-OPERATOR_ON = ("operator.enabled=true",)
+# TODO(operator): the drafted operator part, rendered and validated as far as it can be (the
+# SearchIndex has no CRD yet).
+OPERATOR_ON = ("operator.enabled=true", "searchIndex.create=true")
 
 
 def kube_versions() -> list[str]:
@@ -398,6 +400,9 @@ def test_operator_draft_rbac_is_least_privilege(rendered):
                 "apps/deployments", "events", "configmaps", "secrets", "coordination.k8s.io/leases"} <= resources
     (dep,) = [d for d in by_kind(rendered["operator"], "Deployment") if d["metadata"]["name"].endswith("-operator")]
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    (index,) = by_kind(rendered["operator"], "SearchIndex")
+    assert index["apiVersion"] == "vsearch.io/v1alpha1"
+    assert index["spec"]["milvus"]["tokenSecretRef"] == {"name": "milvus-root-token", "key": "token"}
     names = {o["metadata"]["name"] for o in rendered["operator"]}
     assert "vsearch-embedder" not in names and "vsearch-ingest" not in names   # the operator's job then
 
