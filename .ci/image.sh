@@ -119,10 +119,11 @@ smoke() {
     vsearch serve search --help >/dev/null
     vsearch serve embedder --help >/dev/null
     vsearch ingest --help >/dev/null
-    vsearch model info /opt/vsearch/models/default | grep -q "\"name\": \"vsearch-default\""
+    vsearch model info /opt/vsearch/models/default | grep "\"name\": \"vsearch-default\"" >/dev/null
+    python -c "import sys, torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); sys.exit(\"$1\" == \"cuda\" and torch.version.cuda is None)"
     ! command -v pip >/dev/null && ! command -v gcc >/dev/null && ! command -v cc >/dev/null
     echo "smoke: vsearch --help, serve/ingest help, default model, uid $(id -u), no pip or compiler"
-  ' >&2
+  ' sh "$VARIANT" >&2
 }
 
 step tools tools
@@ -134,5 +135,10 @@ step save save
 step smoke smoke
 archive_mib=$(( $(stat -c %s "$ARCHIVE") / 1048576 ))
 printf 'image_mib\t%s\narchive_mib\t%s\n' "$image_mib" "$archive_mib" | tee -a "$TIMINGS" >&2
-[ -n "${KEEP_IMAGE:-}" ] || podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
+if [ -z "${KEEP_IMAGE:-}" ]; then
+  # The image lives on in the archive; the store keeps only the base (the CUDA build stage alone
+  # is 9 GB).
+  podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
+  podman image prune -f >/dev/null 2>&1 || true
+fi
 echo "$ARCHIVE"
