@@ -139,6 +139,6 @@ if [ -z "${KEEP_IMAGE:-}" ]; then
   # The image lives on in the archive; the store keeps only the base (the CUDA build stage alone
   # is 9 GB).
   podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
-  podman image prune -f >/dev/null 2>&1 || true
+  podman image prune -f >/dev/null 2>&1 || podman image prune -f >/dev/null 2>&1 || true
 fi
 echo "$ARCHIVE"
