@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tests.deploy import k8s
-from vsearch.cli import build_parser
 from tests.deploy.k8s import CHART, PROFILES, REPO, profile_file
+from vsearch.cli import build_parser
 
 # Variables the chart sets that the command does not accept yet: the flags are being added in
 # main (the configuration-prefix change). When one lands, test_pending_flags_still_missing says
@@ -218,7 +218,7 @@ def test_standard_labels_everywhere(rendered, profile):
         for key in STANDARD_LABELS:
             assert key in labels, f"{obj['kind']}/{obj['metadata']['name']}: label {key}"
         assert labels["app.kubernetes.io/version"] == yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-    for obj, where, spec, labels in workloads(rendered[profile]):
+    for _obj, where, _spec, labels in workloads(rendered[profile]):
         for key in STANDARD_LABELS + ("app.kubernetes.io/component",):
             assert key in labels, f"{where}: pod label {key}"
 
@@ -226,7 +226,7 @@ def test_standard_labels_everywhere(rendered, profile):
 @pytest.mark.parametrize("profile", ALL_RENDERS)
 def test_every_long_running_workload_has_a_disruption_budget(rendered, profile):
     pdbs = [o for o in rendered[profile] if o["kind"] == "PodDisruptionBudget"]
-    for obj, where, spec, labels in workloads(rendered[profile]):
+    for obj, where, _spec, labels in workloads(rendered[profile]):
         if is_test_hook(obj) or labels.get("app.kubernetes.io/component") == "operator":
             continue   # the operator is one Recreate replica: a budget would block node drains
         matching = [p for p in pdbs if all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items())]
@@ -237,7 +237,7 @@ def test_every_long_running_workload_has_a_disruption_budget(rendered, profile):
 def test_secrets_only_by_reference(rendered, profile):
     for obj in rendered[profile]:
         assert obj["kind"] not in ("Secret", "ConfigMap"), f"the chart renders a {obj['kind']}"
-    for obj, where, spec, labels in workloads(rendered[profile]):
+    for _obj, where, spec, _labels in workloads(rendered[profile]):
         for c in spec["containers"]:
             for e in c.get("env", []):
                 if re.search(r"TOKEN|API_KEY|PASSWORD|SECRET", e["name"]):
@@ -249,7 +249,7 @@ def test_secrets_only_by_reference(rendered, profile):
 
 def vsearch_containers(objs):
     """Containers that run the vsearch entrypoint: ``args`` are the vsearch command line."""
-    for obj, where, spec, labels in workloads(objs):
+    for _obj, where, spec, _labels in workloads(objs):
         for c in spec["containers"]:
             if not c.get("command"):
                 yield where, c
