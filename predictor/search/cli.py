@@ -32,8 +32,11 @@ def register_serve(serve_sub) -> None:
     add_kafka_flag(pf, default=None,
                    help="Kafka bootstrap servers for search events (impressions, clicks); off when unset")
     pf.add("--query-store", default=".vsearch/queries",
-             help="folder where query images are kept by content hash (events point at them); "
-                  "empty: not kept")
+           help="where query images are kept by content hash (events point at them): a folder, or "
+                "s3://bucket/prefix for several replicas (AWS_ENDPOINT_URL and AWS credentials from the "
+                "environment); empty: not kept")
+    pf.add("--query-store-max-mb", default=1024, type=int,
+           help="quota of a folder query store; past it the oldest images go (S3: a lifecycle rule)")
     pf.add("--k-default", default=20, type=int, help="results when the query gives no k")
     pf.add("--k-max", default=100, type=int, help="largest k accepted")
     pf.add("--dedup-distance", default=0.02, type=float,
@@ -45,6 +48,10 @@ def register_serve(serve_sub) -> None:
     pf.add("--max-pixels", default=40_000_000, type=int, help="largest query image in pixels")
     pf.add("--api-key", default=None, secret=True,
            help="require this key (X-API-Key header or Bearer token) on every endpoint but health")
+    pf.add("--click-secret", default=None, secret=True,
+           help="signs the token of each search, with which any replica logs its clicks: the same "
+                "on every replica (unset: a random one, clicks reach only the replica that answered)")
+    pf.add("--click-token-ttl", default=86_400.0, type=float, help="seconds a search's token can log clicks")
     pf.add("--cors-origins", default="", help="origins allowed by CORS (comma-separated, * for any)")
     pf.add("--allow-url-queries", default=False, type=bool, help="accept image URLs as queries")
     pf.add("--allow-private-urls", default=False, type=bool,
@@ -91,9 +98,10 @@ def _serve_search(args) -> int:
         dedup_distance=args.dedup_distance, filter_fields=_csv(args.filter_fields),
         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
         milvus_timeout=args.milvus_timeout,
-        query_store=Path(args.query_store) if args.query_store else None,
+        query_store=args.query_store or None, query_store_max_bytes=args.query_store_max_mb * 1024 * 1024,
         allow_url_queries=args.allow_url_queries, allow_private_urls=args.allow_private_urls,
         url_timeout=args.url_timeout, api_key=args.api_key or None,
+        click_secret=args.click_secret or None, click_token_ttl_s=args.click_token_ttl,
         cors_origins=_csv(args.cors_origins),
         image_roots=tuple(Path(r).resolve() for r in _csv(args.image_roots)),
         model_version=args.model_version)
@@ -141,6 +149,10 @@ def build_service(settings, store, *, model_dir=None, embedder_url: str | None =
                             limits=Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels))
     index = CatalogIndex(store, settings.alias)
     svc = SearchService(embedder, index, settings, EventLog(bootstrap))
+    if not svc.tokens.shared:
+        logging.getLogger(__name__).warning(
+            "no --click-secret: this replica signs search tokens with a key of its own, so only it "
+            "accepts their clicks; give every replica the same secret")
     logging.getLogger(__name__).info(
         "search service: alias %r on %s (%s), embedder %s, events %s, model version %s", settings.alias,
         store.uri, store.index.index_type, embedder_url or model_dir, bootstrap or "off", svc.model_version)

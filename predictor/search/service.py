@@ -10,9 +10,7 @@ Every search logs an impression and every click a click record on the Kafka topi
 
 from __future__ import annotations
 
-import collections
 import math
-import threading
 import time
 import uuid
 from typing import Any
@@ -31,6 +29,7 @@ from .query_store import QueryStore, query_hashes
 from .request import FilterSpec, Query, filter_expr
 from .rerank import Candidate, rerank
 from .settings import SearchSettings
+from .tokens import TokenSigner
 
 
 class SearchService:
@@ -43,14 +42,15 @@ class SearchService:
         self.index = index
         self.settings = settings
         self.events = events or EventLog(None)
-        self.query_store = QueryStore(settings.query_store)
+        self.query_store = QueryStore(settings.query_store, max_bytes=settings.query_store_max_bytes)
         # Query images by URL: http(s) only, no redirects, public addresses unless allowed.
         self.url_fetcher = Fetcher(FetchConfig(
             schemes=("http", "https"), allow_private=settings.allow_private_urls, max_redirects=0,
             max_bytes=settings.max_upload_bytes, connect_timeout=settings.url_timeout,
             read_timeout=settings.url_timeout, total_timeout=settings.url_timeout, retries=0, workers=1))
-        self._recent: collections.OrderedDict[str, dict] = collections.OrderedDict()
-        self._recent_lock = threading.Lock()
+        # The searches are not remembered: each answer carries its impression, signed, and any
+        # replica with the same secret turns it into click records.
+        self.tokens = TokenSigner(settings.click_secret, settings.click_token_ttl_s)
 
     # -- model version: what produced the ranking
     @property
@@ -100,13 +100,12 @@ class SearchService:
             "results": [{"id": c.id, "rank": i + 1, "score": round(float(c.score), 6),
                          "uri": c.uri} for i, c in enumerate(results)],
             "k": query.k, "ts": int(time.time() * 1000)}
-        self._remember(impression, logged=query.log_impression)
         if query.log_impression:
             self.events.emit(impression)
             IMPRESSIONS.labels(model_version).inc()
         SEARCHES.labels(model_version).inc()
         return {"query_id": query_id, "model_version": model_version,
-                "results": [c.result() for c in results],
+                "results": [c.result() for c in results], "token": self.tokens.sign(impression),
                 "took_ms": {"embed": round((t1 - t0) * 1000, 2), "search": round((t2 - t1) * 1000, 2)}}
 
     def search_vector(self, vector: np.ndarray, k: int, spec: FilterSpec | None = None) -> list[Candidate]:
@@ -123,52 +122,40 @@ class SearchService:
             limit = min(self.settings.max_candidates, limit * 4)
 
     # -- events
-    def _remember(self, impression: dict, logged: bool) -> None:
-        with self._recent_lock:
-            self._recent[impression["query_id"]] = {"impression": impression, "logged": logged,
-                                                    "clicks": set()}
-            while len(self._recent) > self.settings.recent_queries:
-                self._recent.popitem(last=False)
-
     def record_event(self, event: Any) -> dict:
-        """A click (or a deferred impression) reported by a client. The server completes the
-        record from the query it answered, so the client cannot invent queries or results."""
+        """A click (or a deferred impression) reported by a client: ``{"type": "click", "token":
+        <the search's token>, "item_id": ...}``. The record is completed from the signed token,
+        so the client can neither invent searches nor click results it was not shown, and any
+        replica sharing the secret accepts it. Delivery is at least once: a repeated click is
+        logged again, and readers count one per (query_id, item_id)."""
         if not isinstance(event, dict):
-            raise BadQuery('an event is an object {"type": "click", "query_id": ..., "item_id": ...}')
+            raise BadQuery('an event is an object {"type": "click", "token": ..., "item_id": ...}')
         kind = event.get("type")
         if kind not in search_events.TYPES:
             raise BadQuery(f"event type must be one of {', '.join(search_events.TYPES)}, got {kind!r}")
-        query_id = event.get("query_id")
-        if not isinstance(query_id, str) or not query_id:
-            raise BadQuery("event needs the query_id of the search it belongs to")
-        with self._recent_lock:
-            entry = self._recent.get(query_id)
-        if entry is None:
-            raise BadQuery(f"unknown or expired query_id {query_id!r} (the server remembers the "
-                           f"last {self.settings.recent_queries} searches)")
-        imp = entry["impression"]
+        unknown = set(event) - {"type", "token", "item_id", "query_id"}
+        if unknown:
+            raise BadQuery(f"unknown event field(s) {sorted(unknown)}: expected type, token, item_id")
+        if "token" not in event:
+            raise BadQuery("an event needs the 'token' of the search it belongs to")
+        imp = self.tokens.verify(event["token"])
+        if event.get("query_id") not in (None, imp["query_id"]):
+            raise BadQuery("query_id does not match the token's search")
+        now = int(time.time() * 1000)
         if kind == "impression":
-            with self._recent_lock:
-                if entry["logged"]:
-                    return {"accepted": False, "reason": "impression already logged"}
-                entry["logged"] = True
-            self.events.emit({**imp, "ts": int(time.time() * 1000)})
+            self.events.emit({**imp, "ts": now})
             IMPRESSIONS.labels(imp["model_version"]).inc()
             return {"accepted": True}
         item_id = event.get("item_id")
         match = [r for r in imp["results"] if r["id"] == item_id]
         if not match:
-            raise BadQuery(f"item_id {item_id!r} was not among the results of query {query_id}")
-        with self._recent_lock:
-            if item_id in entry["clicks"]:
-                return {"accepted": False, "reason": "click already logged"}
-            entry["clicks"].add(item_id)
+            raise BadQuery(f"item_id {item_id!r} was not among the results of query {imp['query_id']}")
         hit = match[0]
-        record = {"schema": search_events.SCHEMA, "type": "click", "query_id": query_id,
+        record = {"schema": search_events.SCHEMA, "type": "click", "query_id": imp["query_id"],
                   "query_hash": imp["query_hash"], "image_hash": imp["image_hash"],
                   "query_uri": imp["query_uri"], "crop": imp["crop"], "item_id": item_id,
                   "item_uri": hit.get("uri"), "rank": hit["rank"], "score": hit["score"],
-                  "model_version": imp["model_version"], "ts": int(time.time() * 1000)}
+                  "model_version": imp["model_version"], "ts": now}
         self.events.emit(record)
         CLICKS.labels(imp["model_version"]).inc()
         return {"accepted": True}

@@ -18,12 +18,14 @@ class SearchSettings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     milvus_timeout: float = 10.0
-    query_store: Path | None = None   # where query images are kept (by content hash)
+    query_store: str | None = None    # where query images are kept: a folder or s3://bucket/prefix
+    query_store_max_bytes: int = 1024 * 1024 * 1024   # quota of a folder store
     allow_url_queries: bool = False
     allow_private_urls: bool = False
     url_timeout: float = 5.0
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     image_roots: tuple[Path, ...] = ()   # file:// catalog images served only from these (empty: any)
-    recent_queries: int = 10_000          # query ids remembered for clicks
+    click_secret: str | None = None       # signs search tokens; the same on every replica
+    click_token_ttl_s: float = 86_400.0   # how long a search's token can log clicks
     model_version: str | None = None      # override of the reported model version

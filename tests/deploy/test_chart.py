@@ -347,6 +347,28 @@ def test_full_creates_a_diskann_milvus_cluster_and_strimzi_topics(rendered):
                for p in search_from), "the helm test pod cannot reach the search API"
 
 
+def test_full_search_replicas_share_a_click_secret_and_an_s3_query_store(rendered):
+    search = next(o for o in by_kind(rendered["full"], "InferenceService")
+                  if o["metadata"]["name"] == "vsearch-search")
+    container = search["spec"]["predictor"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["VSEARCH_SEARCH_CLICK_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "vsearch-click-secret", "key": "click-secret"}
+    assert env["VSEARCH_SEARCH_QUERY_STORE"]["value"] == "s3://vsearch-queries/search"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio.svc:9000"
+    assert container["envFrom"] == [{"secretRef": {"name": "vsearch-s3"}}]
+
+
+def test_notes_warn_about_replicas_without_a_click_secret(tools):
+    res = k8s.run([tools.helm, "install", "vsearch", CHART, "-n", "vsearch", "--dry-run=client",
+                   "-f", profile_file("minimal")])
+    notes = res.stdout.split("NOTES:", 1)[1]
+    assert "without search.clickSecret.existingSecret" in notes and "s3://bucket/prefix" in notes
+    res = k8s.run([tools.helm, "install", "vsearch", CHART, "-n", "vsearch", "--dry-run=client",
+                   "-f", profile_file("full")])
+    assert "clickSecret" not in res.stdout.split("NOTES:", 1)[1]
+
+
 def test_search_params_default_per_index_type(tools):
     """Helm merges maps, so the defaults live in the template: a values file's searchParams
     replace them instead of being sent along with them."""

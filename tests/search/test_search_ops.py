@@ -119,3 +119,31 @@ def test_api_key_and_cors(search_catalog, tiny_model_dir, milvus_server_uri, tmp
         assert "access-control-allow-origin" not in other.headers
     finally:
         svc.stop()
+
+
+def test_a_click_is_accepted_by_any_replica_that_shares_the_secret(search_catalog, tiny_model_dir,
+                                                                   milvus_server_uri, broker, tmp_path):
+    """Two replicas behind one Service keep no memory of searches: replica B logs the click on a
+    search replica A answered, from the signed token; a replica with another secret refuses it."""
+    from tests.search.test_search_e2e import wait_for_events
+
+    def replica(name, secret):
+        return start_search_server(milvus_uri=milvus_server_uri, alias=search_catalog.alias,
+                                   model_dir=tiny_model_dir, bootstrap=broker, log_path=tmp_path / f"{name}.log",
+                                   extra=("--click-secret", secret))
+    a, b, other = replica("a", "shared-secret"), replica("b", "shared-secret"), replica("c", "another")
+    try:
+        photo = search_catalog.photos["photo-06"]
+        body = requests.post(f"{a.url}/search", files={"image": ("q.jpg", photo, "image/jpeg")},
+                             data={"k": "3"}, timeout=60).json()
+        click = {"type": "click", "token": body["token"], "item_id": body["results"][1]["id"]}
+        refused = requests.post(f"{other.url}/events", json=click, timeout=10)
+        assert refused.status_code == 400 and "not issued by this service" in refused.json()["error"]
+        accepted = requests.post(f"{b.url}/events", json=click, timeout=10)
+        assert accepted.status_code == 200 and accepted.json()["events"][0]["accepted"] is True
+        got = wait_for_events(broker, lambda r: r["query_id"] == body["query_id"] and r["type"] == "click")
+        assert got[0]["item_id"] == click["item_id"] and got[0]["rank"] == 2
+        assert got[0]["model_version"] == body["model_version"]
+    finally:
+        for svc in (a, b, other):
+            svc.stop()

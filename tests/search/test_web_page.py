@@ -101,7 +101,7 @@ def test_upload_crop_and_click_in_a_real_browser(page, search_server, tmp_path):
     event = ev.value
     assert event.status == 200 and event.json()["events"][0]["accepted"] is True
     posted = json.loads(event.request.post_data)
-    assert posted == {"type": "click", "query_id": cropped["query_id"], "item_id": target, "rank": 2}
+    assert posted == {"type": "click", "token": cropped["token"], "item_id": target}
     assert third.value.json()["results"][0]["id"] in (target, )
     pg.wait_for_function("(id) => { const c = document.querySelector('[data-testid=result]');"
                          " return c && c.dataset.id === id; }", arg=target)

@@ -162,6 +162,7 @@ async function search() {
   }
   const body = await resp.json();
   state.queryId = body.query_id;
+  state.token = body.token;            // signed by the server: any replica logs its clicks
   if (body.model_version) $("model").textContent = `model ${body.model_version}`;
   render(body.results || []);
   const n = (body.results || []).length;
@@ -199,8 +200,8 @@ function render(results) {
     score.textContent = Number(r.score).toFixed(3);
     meta.append(id, score);
     li.append(thumb, meta);
-    li.addEventListener("click", () => clickResult(r, i + 1));
-    li.addEventListener("keydown", (ev) => { if (ev.key === "Enter") clickResult(r, i + 1); });
+    li.addEventListener("click", () => clickResult(r));
+    li.addEventListener("keydown", (ev) => { if (ev.key === "Enter") clickResult(r); });
     list.appendChild(li);
     loadThumb(img, r.id);
   });
@@ -210,11 +211,17 @@ function imageUrl(id) {
   return "/images/" + encodeURIComponent(id);
 }
 
+// A catalog image: with an API key the request carries it, and then must never follow a
+// redirect (a redirect to another origin would hand the key to whoever serves the image).
+function fetchImage(id) {
+  return fetch(imageUrl(id), { headers: headers(), redirect: apiKey() ? "error" : "follow" });
+}
+
 async function loadThumb(img, id) {
   if (!apiKey()) { img.src = imageUrl(id); return; }
   // With an API key the image request must carry the header: fetch it as a blob.
   try {
-    const resp = await fetch(imageUrl(id), { headers: headers() });
+    const resp = await fetchImage(id);
     if (!resp.ok) return;
     const url = URL.createObjectURL(await resp.blob());
     state.objectUrls.push(url);
@@ -222,13 +229,12 @@ async function loadThumb(img, id) {
   } catch (e) { /* leave the grey square */ }
 }
 
-async function clickResult(r, rank) {
-  const queryId = state.queryId;
+async function clickResult(r) {
   try {
     const resp = await fetch("/events", {
       method: "POST",
       headers: { "Content-Type": "application/json", ...headers() },
-      body: JSON.stringify({ type: "click", query_id: queryId, item_id: r.id, rank }),
+      body: JSON.stringify({ type: "click", token: state.token, item_id: r.id }),
     });
     if (!resp.ok) setStatus("The click was not recorded: " + await errorText(resp), true);
   } catch (e) {
@@ -237,7 +243,7 @@ async function clickResult(r, rank) {
   // Search with the clicked image.
   let resp;
   try {
-    resp = await fetch(imageUrl(r.id), { headers: headers() });
+    resp = await fetchImage(r.id);
   } catch (e) {
     setStatus("Could not load that image: " + e.message, true);
     return;
