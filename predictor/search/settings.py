@@ -24,6 +24,7 @@ class SearchSettings:
     url_timeout: float = 5.0
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    image_roots: tuple[Path, ...] = ()   # file:// catalog images served only from these (empty: any)
+    image_roots: tuple[Path, ...] = ()   # file:// catalog images served only from these (empty: none)
+    allow_private_image_urls: bool = False   # http(s) catalog images proxied from any address
     recent_queries: int = 10_000          # query ids remembered for clicks
     model_version: str | None = None      # override of the reported model version
