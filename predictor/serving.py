@@ -26,6 +26,10 @@ import re
 import sys
 from typing import Callable
 
+# at module level: FastAPI resolves the dependency's (string) annotations in this module
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -146,9 +150,6 @@ def _with_headers(scope, set_headers: dict[str, str], drop: tuple[str, ...] = ()
 def api_key_dependency(api_key: str):
     """A FastAPI dependency that requires ``api_key`` in ``X-API-Key`` or as a Bearer token on
     every route but the exact health/readiness routes of :data:`OPEN_ROUTES`."""
-    from fastapi import Request, Security
-    from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
     bearer = HTTPBearer(auto_error=False, description="the API key as a Bearer token")
 
