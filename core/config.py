@@ -104,6 +104,11 @@ def env_vars(parser: argparse.ArgumentParser) -> set[str]:
     return {a.env_var for a in parser._actions if getattr(a, "env_var", None)}
 
 
+def csv_list(text) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``: the value of a comma-separated flag."""
+    return tuple(p.strip() for p in str(text or "").split(",") if p.strip())
+
+
 def add_kafka_flag(flags: Flags, **kwargs) -> None:
     """``--kafka-bootstrap`` (also ``--bootstrap``), shared: ``VSEARCH_KAFKA_BOOTSTRAP``."""
     flags.add("--kafka-bootstrap", "--bootstrap", dest="kafka_bootstrap", shared=True,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-from ..core.config import Flags, add_kafka_flag
+from ..core.config import Flags, add_kafka_flag, csv_list
 from ..core.store import add_milvus_flags
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ def register(sub) -> None:
     srcf.add("--embedder-url", default=None, help="embed through this embedder's V2 endpoint")
     pf.add("--embedder-model-name", default="embedder", help="model name at --embedder-url")
     pf.add("--embedder-timeout", default=60.0, type=float, help="seconds per embedder request")
+    pf.add("--embedder-api-key", default=None, secret=True, help="the embedder's API key, if it needs one")
     pf.add("--collection", default=None,
              help="Milvus collection (default images__<model>__<version> from --model-dir; "
                   "required with --embedder-url)")
@@ -39,13 +41,26 @@ def register(sub) -> None:
     pf.add("--max-image-bytes", default=20 * 1024 * 1024, type=int, help="largest image file, bytes")
     pf.add("--fetch-connect-timeout", default=3.0, type=float, help="image fetch connect timeout, s")
     pf.add("--fetch-read-timeout", default=10.0, type=float, help="image fetch read timeout, s")
+    pf.add("--fetch-total-timeout", default=30.0, type=float,
+           help="longest time for one image fetch, redirects and retries included, s")
     pf.add("--fetch-retries", default=3, type=int, help="retries of a transient fetch error")
+    pf.add("--file-roots", default="",
+           help="read file:// catalog images only under these folders (comma-separated; empty: "
+                "file:// URIs are refused)")
+    pf.add("--fetch-allow-private", default=False, type=bool,
+           help="let http(s) image URIs reach any address (loopback, private, link-local); "
+                "by default only globally routable ones")
+    pf.add("--fetch-allow-networks", default="",
+           help="CIDRs that http(s) image URIs may reach besides the global addresses, "
+                "e.g. an internal CDN (comma-separated)")
     pf.add("--fetch-workers", default=8, type=int, help="parallel image fetches")
     pf.add("--retry-max-s", default=10.0, type=float, help="longest backoff during an outage, s")
     pf.add("--stop-grace-s", default=30.0, type=float,
              help="after SIGTERM, how long an outage may delay the last batch before exiting uncommitted")
     pf.add("--exit-when-idle", default=None, type=float,
              help="exit after this many seconds without records (backfill jobs)")
+    pf.add("--dlq-max-bytes", default=900_000, type=int,
+           help="largest value kept in a dead-letter record; a larger one is cut (header dlq.truncated)")
     pf.add("--partitions", default=3, type=int, help="partitions when this creates the topic")
     pf.add("--metrics-port", default=None, type=int, help="serve Prometheus /metrics on this port")
     p.set_defaults(handler=_ingest)
@@ -69,7 +84,7 @@ def _publish(args) -> int:
 
 
 def _ingest(args) -> int:
-    from ..core.fetch import FetchConfig, Fetcher
+    from ..core.fetch import FetchConfig, Fetcher, parse_networks
     from ..core.store import MilvusStore, collection_name
     from ..predictor.model import set_torch_threads
     from ..predictor.preprocess import Limits, set_decoder_pixel_limit
@@ -84,7 +99,7 @@ def _ingest(args) -> int:
             raise SystemExit("with --embedder-url, name the collection: --collection "
                              "images__<model>__<version>")
         embedder = EmbedderClient(args.embedder_url, model_name=args.embedder_model_name,
-                                  timeout=args.embedder_timeout)
+                                  timeout=args.embedder_timeout, api_key=args.embedder_api_key)
         collection = args.collection
     else:
         from ..predictor.model import Embedder
@@ -97,10 +112,18 @@ def _ingest(args) -> int:
         bootstrap=args.kafka_bootstrap, topic=args.topic, group=args.group or f"ingest-{collection}",
         collection=collection, alias=args.alias or None, dlq=args.dlq_topic,
         batch_size=args.batch_size, batch_ms=args.batch_ms, retry_max_s=args.retry_max_s,
-        stop_grace_s=args.stop_grace_s, exit_when_idle_s=args.exit_when_idle, partitions=args.partitions)
+        stop_grace_s=args.stop_grace_s, exit_when_idle_s=args.exit_when_idle, partitions=args.partitions,
+        dlq_max_bytes=args.dlq_max_bytes)
+    try:
+        networks = parse_networks(args.fetch_allow_networks)
+    except ValueError as exc:
+        raise SystemExit(f"--fetch-allow-networks: {exc}") from None
     fetcher = Fetcher(FetchConfig(connect_timeout=args.fetch_connect_timeout,
-                                  read_timeout=args.fetch_read_timeout, max_bytes=args.max_image_bytes,
-                                  retries=args.fetch_retries, workers=args.fetch_workers))
+                                  read_timeout=args.fetch_read_timeout, total_timeout=args.fetch_total_timeout,
+                                  max_bytes=args.max_image_bytes, retries=args.fetch_retries,
+                                  workers=args.fetch_workers, allow_private=args.fetch_allow_private,
+                                  allow_networks=networks,
+                                  file_roots=tuple(Path(r) for r in csv_list(args.file_roots))))
     if args.metrics_port:
         from prometheus_client import start_http_server
         start_http_server(args.metrics_port)

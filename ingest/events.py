@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from ..core.fetch import FetchError, check_uri_text
 from ..core.store import MAX_URI_BYTES, check_id, check_metadata
 
 SCHEMA = 1
@@ -45,6 +46,10 @@ class BadEvent(ValueError):
 def _check_uri(uri: str) -> str:
     if not uri.startswith(URI_SCHEMES):
         raise ValueError(f"uri must be a string starting with one of {URI_SCHEMES}, got {uri[:120]!r}")
+    try:
+        check_uri_text(uri)                 # no control characters, spaces or lone surrogates
+    except FetchError as exc:
+        raise ValueError(f"uri {uri[:80]!r}: {exc}") from None
     if len(uri.encode()) > MAX_URI_BYTES:
         raise ValueError(f"uri longer than {MAX_URI_BYTES} bytes")
     return uri
@@ -99,6 +104,11 @@ class CatalogEvent(BaseModel):
         return self.uri if self.uri else f"inline:{self.id}"
 
 
+def _brief(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _reason(err: ValidationError) -> str:
     """The first problem of a validation error, in words a catalog owner can act on."""
     errors = sorted(err.errors(), key=lambda e: (e["loc"][:1] != ("schema",), e["loc"][:1] != ("op",)))
@@ -110,13 +120,13 @@ def _reason(err: ValidationError) -> str:
         unknown = sorted(".".join(str(p) for p in x["loc"]) for x in errors if x["type"] == "extra_forbidden")
         return f"unknown field(s) {unknown} in a schema {SCHEMA} event"
     if loc == "schema":
-        return f"unknown schema version {e.get('input')!r} (this consumer reads schema {SCHEMA})"
+        return f"unknown schema version {_brief(e.get('input'))} (this consumer reads schema {SCHEMA})"
     if loc == "op":
-        return f"op must be one of {OPS}, got {e.get('input')!r}"
+        return f"op must be one of {OPS}, got {_brief(e.get('input'))}"
     if loc == "visibility":
-        return f"visibility must be one of {VISIBILITIES}, got {e.get('input')!r}"
+        return f"visibility must be one of {VISIBILITIES}, got {_brief(e.get('input'))}"
     if loc == "ts":
-        return f"ts must be a non-negative integer of epoch milliseconds, got {e.get('input')!r}"
+        return f"ts must be a non-negative integer of epoch milliseconds, got {_brief(e.get('input'))}"
     if loc == "metadata" and e["type"] == "dict_type":
         return f"metadata must be a JSON object, got {type(e.get('input')).__name__}"
     msg = e["msg"].removeprefix("Value error, ")
@@ -129,10 +139,18 @@ def validate(raw) -> CatalogEvent:
         raise BadEvent(f"event must be a JSON object, got {type(raw).__name__}")
     if "schema" not in raw:
         raise BadEvent(f"unknown schema version None (this consumer reads schema {SCHEMA})")
+    meta = raw.get("metadata")
+    if isinstance(meta, dict):
+        try:
+            check_metadata(meta)            # first, iteratively: any depth gets its reason
+        except ValueError as exc:
+            raise BadEvent(str(exc)) from None
     try:
         return CatalogEvent.model_validate(raw)
     except ValidationError as exc:
         raise BadEvent(_reason(exc)) from None
+    except RecursionError:
+        raise BadEvent("event nests too deeply") from None
 
 
 def now_ms() -> int:
@@ -183,7 +201,9 @@ def decode(key: bytes | None, value: bytes | None, record_ts: int | None = None)
     try:
         raw = json.loads(value, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadEvent(f"value is not JSON: {exc}") from exc
+        raise BadEvent(f"value is not JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise BadEvent("value is not usable JSON: nested too deeply") from None
     event = validate(raw)
     if key_text is not None and key_text != event.id:
         raise BadEvent(f"record key {key_text[:80]!r} does not match the event id {event.id[:80]!r} "

@@ -9,24 +9,35 @@ from typing import Callable
 
 import numpy as np
 
+from .serving import Busy
+
 
 class MicroBatcher:
     """``await batcher(arrays)`` -> ``fn(arrays)``, with concurrent calls coalesced.
 
     ``fn`` maps [N, ...] to [N, D] and blocks; it runs on one worker thread (torch already uses
     every core for one batch). While it runs, new calls queue up; the next pass takes queued
-    calls in arrival order up to ``max_rows`` rows (a single larger call still runs whole)."""
+    calls in arrival order up to ``max_rows`` rows (a single larger call still runs whole).
+    At most ``max_pending`` rows wait (None: no bound); a call that would pass it raises
+    :class:`~vsearch.predictor.serving.Busy` at once (the server answers 503)."""
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_rows: int = 64,
-                 on_pass: Callable[[int], None] | None = None):
-        self.fn, self.max_rows = fn, max_rows
+                 on_pass: Callable[[int], None] | None = None, max_pending: int | None = None):
+        self.fn, self.max_rows, self.max_pending = fn, max_rows, max_pending
         self.on_pass = on_pass            # called with the number of rows after each pass
         self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self._runner: asyncio.Task | None = None
         self._executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.passes = 0
 
+    @property
+    def pending_rows(self) -> int:
+        return sum(len(a) for a, _ in self._pending)
+
     async def __call__(self, arrays: np.ndarray) -> np.ndarray:
+        if self.max_pending is not None and self._pending and self.pending_rows + len(arrays) > self.max_pending:
+            raise Busy(f"{self.pending_rows} images are waiting for the model (the limit is "
+                       f"{self.max_pending}); retry later")
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((arrays, fut))
         if self._runner is None or self._runner.done():

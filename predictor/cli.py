@@ -47,6 +47,12 @@ def register(sub) -> None:
     f.add("--http-port", default=8080, type=int, help="HTTP port")
     f.add("--max-batch", default=64, type=int, help="most images in one request")
     f.add("--workers", default=1, type=int, help="uvicorn worker processes")
+    f.add("--max-queue", default=256, type=int,
+          help="most images being decoded or waiting for the model; more: 503 with Retry-After")
+    f.add("--max-body-bytes", default=64 * 1024 * 1024, type=int,
+          help="largest request body, bytes (counted as read, chunked bodies included): 413 over it")
+    f.add("--api-key", default=None, secret=True,
+          help="require this key (X-API-Key header or Bearer token) on every endpoint but health")
     p.set_defaults(handler=_serve_embedder)
     search_cli.register_serve(serve_sub)
     search_cli.register(sub)
@@ -82,9 +88,10 @@ def _serve_embedder(args) -> int:
     set_torch_threads(args.threads)
     from .embedder_server import REJECTED, EmbedderModel
     model = EmbedderModel(args.model_name, args.model_dir, max_batch=args.max_batch, device=args.device,
-                          batch_size=args.batch_size, limits=limits_from(args))
+                          batch_size=args.batch_size, limits=limits_from(args), max_queue=args.max_queue)
     run_model_server(model, http_port=args.http_port, workers=args.workers,
-                     on_bad_request=REJECTED.labels("request").inc)
+                     on_bad_request=REJECTED.labels("request").inc, max_body_bytes=args.max_body_bytes,
+                     api_key=args.api_key or None, on_reject=lambda _status: REJECTED.labels("request").inc())
     return 0
 
 

@@ -18,11 +18,15 @@ class EmbedderUnavailable(ConnectionError):
 
 
 class EmbedderClient:
-    def __init__(self, url: str, model_name: str = "embedder", timeout: float = 30.0):
+    def __init__(self, url: str, model_name: str = "embedder", timeout: float = 30.0,
+                 api_key: str | None = None):
         self.url = url.rstrip("/")
         self.model_name = model_name
         self.timeout = timeout
         self._session = requests.Session()
+        self._session.trust_env = False           # the embedder is where it was configured, no proxy
+        if api_key:
+            self._session.headers["X-API-Key"] = api_key
         self._dim: int | None = None
         self._version: str | None = None
 
@@ -35,8 +39,12 @@ class EmbedderClient:
             resp = self._session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
             raise EmbedderUnavailable(f"embedder at {self.url} unreachable: {exc}") from exc
-        if resp.status_code == 400:
-            raise InvalidImage(resp.json().get("error", resp.text) if resp.content else "bad request")
+        if resp.status_code in (400, 413):          # the images' fault: sending them again cannot help
+            try:
+                reason = resp.json().get("error", "") if resp.content else ""
+            except ValueError:
+                reason = resp.text[:300]
+            raise InvalidImage(reason or f"the embedder answered {resp.status_code}")
         if resp.status_code >= 300:
             raise EmbedderUnavailable(f"embedder at {url} answered {resp.status_code}: {resp.text[:300]}")
         return resp

@@ -14,7 +14,10 @@ V1::
     -> {"predictions": [[...D floats...]]}
 
 Every client mistake is a 400 with a reason (KServe's ``InvalidInput``); a request before the
-model is loaded is a 503 (``ModelNotReady``); the server keeps serving. Readiness
+model is loaded is a 503 (``ModelNotReady``), and so is one that finds ``max_queue`` images
+already waiting (``Busy``, with ``Retry-After``); the server keeps serving. Raw image bytes
+through the binary tensor extension (tritonclient's and KServe's clients' default) work like
+base64 in JSON (``serving.RequestGuard``). Readiness
 ``/v2/models/<name>/ready``, liveness ``/v2/health/live``, metrics ``/metrics``.
 """
 
@@ -32,6 +35,7 @@ from .batching import MicroBatcher
 from .model import Embedder
 from .preprocess import InvalidImage, Limits
 from .protocol import check_v2_inputs, decode_b64, parse_box, v1_instances, v2_crops, v2_images
+from .serving import Busy
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ FORWARD_PASSES = Counter("vsearch_embedder_forward_passes_total",
                          "Forward passes (concurrent requests share one)", ["model"])
 BATCH_ROWS = Histogram("vsearch_embedder_batch_rows", "Images per forward pass", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+BUSY = Counter("vsearch_embedder_busy_total", "Requests answered 503 because the queue was full", ["model"])
 EMBED_SECONDS = Histogram("vsearch_embedder_embed_seconds", "Decode + forward time per request",
                           ["model"])
 
@@ -51,10 +56,12 @@ class EmbedderModel(kserve.Model):
     """KServe model wrapping :class:`vsearch.predictor.model.Embedder`."""
 
     def __init__(self, name: str, model_dir: str, *, max_batch: int = 64, device: str | None = None,
-                 batch_size: int = 32, limits: Limits = Limits()):
+                 batch_size: int = 32, limits: Limits = Limits(), max_queue: int = 256):
         super().__init__(name)
         self.model_dir = model_dir
         self.max_batch = max_batch
+        self.max_queue = max(int(max_queue), max_batch)   # images being decoded or waiting for the model
+        self._in_flight = 0
         self.device, self.batch_size, self.limits = device, batch_size, limits
         self.embedder: Embedder | None = None
         self.batcher: MicroBatcher | None = None
@@ -65,7 +72,7 @@ class EmbedderModel(kserve.Model):
         # Concurrent requests share forward passes of up to max(batch_size, max_batch) rows.
         self.batcher = MicroBatcher(self.embedder.embed_arrays,
                                     max_rows=max(self.batch_size, self.max_batch),
-                                    on_pass=self._count_pass)
+                                    on_pass=self._count_pass, max_pending=self.max_queue)
         meta = self.embedder.meta
         log.info("loaded %s version %s (%s, dim %d, input %d) from %s on %s", meta.name,
                  meta.version, meta.family, meta.embedding_dim, meta.image_size, self.model_dir,
@@ -102,10 +109,18 @@ class EmbedderModel(kserve.Model):
             raise ModelNotReady(self.name, "the model is still loading")
         try:
             blobs, crops = self._parse(payload)
-            loop = asyncio.get_running_loop()
-            with EMBED_SECONDS.labels(self.name).time():
-                arrays = await loop.run_in_executor(None, self.embedder.preprocess_bytes, blobs, crops)
-                vectors = await self.batcher(arrays)
+            if self._in_flight and self._in_flight + len(blobs) > self.max_queue:
+                BUSY.labels(self.name).inc()
+                raise Busy(f"{self._in_flight} images are in the embedder's queue (the limit is "
+                           f"{self.max_queue}); retry later")
+            self._in_flight += len(blobs)
+            try:
+                loop = asyncio.get_running_loop()
+                with EMBED_SECONDS.labels(self.name).time():
+                    arrays = await loop.run_in_executor(None, self.embedder.preprocess_bytes, blobs, crops)
+                    vectors = await self.batcher(arrays)
+            finally:
+                self._in_flight -= len(blobs)
         except InvalidImage as exc:
             REJECTED.labels(self.name).inc()
             raise InvalidInput(str(exc)) from exc

@@ -413,6 +413,10 @@ class Embedder:
                 return bytes_to_array(blobs[i], self.cfg, crops[i], self.limits)
             except InvalidImage as exc:
                 raise InvalidImage(f"image {i}: {exc}" if len(blobs) > 1 else str(exc)) from exc
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (a decoder surprise is the image's fault: a 400)
+                raise InvalidImage(f"image {i}: could not be preprocessed ({type(exc).__name__})") from exc
 
         return stack(list(self._pool.map(one, range(len(blobs)))))
 
@@ -427,6 +431,10 @@ class Embedder:
                 return bytes_to_array(blobs[i], self.cfg, crops[i], self.limits)
             except InvalidImage as exc:
                 return exc
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (one image's surprise must not fail the others)
+                return InvalidImage(f"image could not be preprocessed: {type(exc).__name__}: {str(exc)[:200]}")
 
         return list(self._pool.map(one, range(len(blobs))))
 

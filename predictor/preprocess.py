@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -69,7 +70,7 @@ def parse_crop(crop) -> Box | None:
     try:
         values = [float(v) for v in np.asarray(crop, dtype=np.float64).reshape(-1)]
     except (TypeError, ValueError) as exc:
-        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {crop!r}") from exc
+        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {_brief(crop)}") from exc
     if len(values) == 0:
         return None
     if len(values) != 4:
@@ -94,12 +95,42 @@ def parse_crop_text(text: str | None) -> Box | None:
     except ValueError as exc:
         if isinstance(exc, InvalidImage):
             raise
-        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {text!r}") from exc
+        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {_brief(text)}") from exc
+
+
+def _brief(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+SCALE_KEY = "vsearch.scale"          # img.info: the factor that takes a high-bit image to 0..255
+
+
+def _high_bit(img: Image.Image) -> bool:
+    return img.mode.startswith("I;16") or img.mode in ("I", "F")
+
+
+def _as_float(img: Image.Image) -> Image.Image:
+    """A 16/32-bit greyscale image as PIL's float32 mode ``F`` (PIL's own conversion, no numpy
+    temporaries), with the factor that scales it to 0..255 in ``info`` (read from the whole
+    image's extrema, so a crop or a resize later keeps the same scale)."""
+    mode = img.mode
+    lo, hi = img.getextrema()
+    if mode == "F" and hi <= 1.0:
+        scale = 255.0
+    elif mode.startswith("I;16") or hi > 255:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    out = img if mode == "F" else img.convert("F")
+    out.info[SCALE_KEY] = scale
+    return out
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Transparent pixels are composed on white; 16/32-bit
-    greyscale is scaled down instead of clipped."""
+    greyscale is scaled down instead of clipped (in float32, in place: for a large image, crop
+    and resize it in mode ``F`` first, as :func:`image_to_array` does)."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -107,23 +138,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
-            scale = 255.0
-        elif mode.startswith("I;16") or (arr.size and np.nanmax(arr) > 255):
-            scale = 255.0 / 65535.0
-        else:
-            scale = 1.0
-        arr = np.clip(np.nan_to_num(arr * scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
+    if _high_bit(img):
+        if mode != "F" or SCALE_KEY not in img.info:
+            img = _as_float(img)
+        arr = np.array(img, dtype=np.float32)               # one float32 copy, then in place
+        arr *= np.float32(img.info[SCALE_KEY])
+        np.nan_to_num(arr, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        np.clip(arr, 0, 255, out=arr)
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
     if mode == "LAB":                                   # keep the lightness channel
         return img.getchannel(0).convert("RGB")
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
-    """Bytes of an image file -> upright RGB PIL image, or :class:`InvalidImage`."""
+def decode_image(data: bytes, limits: Limits = Limits(), *, rgb: bool = True) -> Image.Image:
+    """Bytes of an image file -> upright RGB PIL image, or :class:`InvalidImage` (whatever the
+    decoder raised on a corrupt file, EXIF included). ``rgb=False`` keeps a 16/32-bit
+    greyscale image in mode ``F`` (see :func:`image_to_array`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"image must be the bytes of an image file, got {type(data).__name__}")
     if len(data) == 0:
@@ -150,8 +181,31 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise InvalidImage("not an image: the bytes are not in any image format we can read") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImage(f"image could not be decoded (truncated or corrupt file?): {exc}") from exc
-    return _to_rgb(img)
+        raise InvalidImage(f"image could not be decoded (truncated or corrupt file?): {str(exc)[:200]}") from exc
+    except MemoryError:
+        raise
+    except (TypeError, struct.error, IndexError, KeyError, ZeroDivisionError, AttributeError,
+            ArithmeticError, RuntimeError, AssertionError) as exc:
+        # PIL's plugins (EXIF and TIFF tags above all) raise these on corrupt files
+        raise InvalidImage(f"image could not be decoded (corrupt file or metadata): "
+                           f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    try:
+        return _as_float(img) if (not rgb and _high_bit(img)) else _to_rgb(img)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a mode PIL opened but cannot convert)
+        raise InvalidImage(f"image could not be converted to RGB ({img.mode}): {type(exc).__name__}") from exc
+
+
+def _edge(v: float, size: int, up: bool) -> int:
+    """A normalised box edge -> a pixel edge: the nearest pixel when the edge lies within a
+    tolerance of it (so 0.6 sent as float32, 0.6000000238, is the same edge as 0.6), else the
+    pixel boundary that keeps the box's content (floor for left/top, ceil for right/bottom)."""
+    x = v * size
+    nearest = round(x)
+    if abs(x - nearest) <= 1e-4 + 1e-6 * size:
+        return int(nearest)
+    return int(math.ceil(x) if up else math.floor(x))
 
 
 def apply_crop(img: Image.Image, crop: Box | None) -> Image.Image:
@@ -160,8 +214,8 @@ def apply_crop(img: Image.Image, crop: Box | None) -> Image.Image:
         return img
     w, h = img.size
     x0, y0, x1, y1 = crop
-    left, top = int(math.floor(x0 * w)), int(math.floor(y0 * h))
-    right, bottom = max(left + 1, int(math.ceil(x1 * w))), max(top + 1, int(math.ceil(y1 * h)))
+    left, top = min(_edge(x0, w, False), w - 1), min(_edge(y0, h, False), h - 1)
+    right, bottom = max(left + 1, _edge(x1, w, True)), max(top + 1, _edge(y1, h, True))
     return img.crop((left, top, min(right, w), min(bottom, h)))
 
 
@@ -198,7 +252,13 @@ def normalise(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def image_to_array(img: Image.Image, cfg: PreprocessConfig, crop: Box | None = None) -> np.ndarray:
-    """A decoded RGB image (+ optional crop) -> the model's float32 CHW input."""
+    """A decoded image (+ optional crop) -> the model's float32 CHW input. A 16/32-bit
+    greyscale image is cropped and resized in float32 mode ``F`` and scaled to 8 bits only
+    then (no full-size float temporaries)."""
+    if _high_bit(img):
+        return normalise(_to_rgb(resize_center_crop(apply_crop(_as_float(img) if img.mode != "F"
+                                                               or SCALE_KEY not in img.info else img,
+                                                               crop), cfg)), cfg)
     if img.mode != "RGB":
         img = _to_rgb(img)
     return normalise(resize_center_crop(apply_crop(img, crop), cfg), cfg)
@@ -207,7 +267,7 @@ def image_to_array(img: Image.Image, cfg: PreprocessConfig, crop: Box | None = N
 def bytes_to_array(data: bytes, cfg: PreprocessConfig, crop: Box | None = None,
                    limits: Limits = Limits()) -> np.ndarray:
     """Bytes of an image file (+ optional crop) -> the model's float32 CHW input."""
-    return image_to_array(decode_image(data, limits), cfg, crop)
+    return image_to_array(decode_image(data, limits, rgb=False), cfg, crop)
 
 
 def stack(arrays: Sequence[np.ndarray]) -> np.ndarray:

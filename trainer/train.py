@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -234,7 +235,11 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume:
         if not ckpt_path.exists():
             raise DataError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:                              # tensors and plain data only: loading runs no code
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise DataError(f"--resume: {ckpt_path} holds more than tensors and plain data; "
+                            f"refusing to load it ({str(exc).splitlines()[0][:200]})") from exc
         modules.load_state_dict(ck["modules"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])

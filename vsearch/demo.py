@@ -161,9 +161,11 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         print(f"model: {meta.name} version {meta.version} ({meta.family}, {meta.embedding_dim}-d) from {model}")
         if catalog:
             items = folder_catalog(catalog)
+            image_root = Path(catalog).resolve()
             print(f"catalog: {len(items)} images from {catalog}")
         else:
             items = write_sample_catalog(data / "catalog")
+            image_root = (data / "catalog").resolve()
             print(f"catalog: {len(items)} images (scikit-image sample photos and their variants) "
                   f"in {data / 'catalog'}; {sum(i['visibility'] == 'private' for i in items)} private")
         csv_path = data / "catalog.csv"
@@ -189,7 +191,7 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         consumer = Service("consumer", vsearch_argv(
             "ingest", "--bootstrap", broker.bootstrap, "--embedder-url", embedder.url,
             "--collection", collection, "--alias", "images", "--milvus-uri", milvus.uri,
-            "--metrics-port", str(metrics_port), "--partitions", "1"),
+            "--metrics-port", str(metrics_port), "--partitions", "1", "--file-roots", str(image_root)),
             port=metrics_port, log_path=logs / "consumer.log")
         started.append(consumer)
         consumer.wait_ready(120)
@@ -202,7 +204,7 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
             "serve", "search", "--embedder-url", embedder.url, "--milvus-uri", milvus.uri,
             "--alias", "images", "--bootstrap", broker.bootstrap, "--http-port", str(port),
             "--query-store", str(data / "queries"), "--model-version", meta.model_id,
-            "--dedup-distance", dedup),
+            "--dedup-distance", dedup, "--image-roots", str(image_root)),
             port=port, log_path=logs / "search.log",
             ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/models/visual-search/ready"))
         started.append(search)

@@ -26,6 +26,7 @@ def register_serve(serve_sub) -> None:
              help="embed in process with this model directory (default: models/default when present)")
     pf.add("--embedder-url", default=None, help="embed through this embedder server instead")
     pf.add("--embedder-name", default="embedder", help="the embedder's model name")
+    pf.add("--embedder-api-key", default=None, secret=True, help="the embedder's API key, if it needs one")
     add_milvus_flags(pf)
     pf.add("--alias", default="images", help="the Milvus alias (or collection) that serves")
     pf.add("--http-port", default=8000, type=int, help="HTTP port")
@@ -58,7 +59,11 @@ def register_serve(serve_sub) -> None:
              help="let URL queries reach private, loopback and link-local addresses")
     pf.add("--url-timeout", default=5.0, type=float, help="seconds to download a query URL")
     pf.add("--image-roots", default="",
-             help="serve file:// catalog images only from these folders (comma-separated; empty: any)")
+           help="serve file:// catalog images only from these folders (comma-separated; empty: "
+                "file:// catalog images are not served)")
+    pf.add("--allow-private-image-urls", default=False, type=bool,
+           help="let /images fetch http(s) catalog images from any address (loopback, private, "
+                "link-local); by default only from globally routable ones")
     pf.add("--model-version", default=None,
              help="model version written into events (default: the embedder's model id)")
     pf.add("--device", default=None, help="torch device for in-process embedding")
@@ -104,6 +109,7 @@ def _serve_search(args) -> int:
         click_secret=args.click_secret or None, click_token_ttl_s=args.click_token_ttl,
         cors_origins=_csv(args.cors_origins),
         image_roots=tuple(Path(r).resolve() for r in _csv(args.image_roots)),
+        allow_private_image_urls=args.allow_private_image_urls,
         model_version=args.model_version)
 
     from ..serving import hide_argv_from_kserve, run_model_server
@@ -113,15 +119,20 @@ def _serve_search(args) -> int:
     set_torch_threads(args.threads)
     set_decoder_pixel_limit(args.max_pixels)
     from ...core.store import MilvusStore
+    from .metrics import REJECTED
     from .model import SearchModel
     from .routes import add_routes
     model = SearchModel(lambda: build_service(settings, MilvusStore.from_args(args), model_dir=model_dir,
                                               embedder_url=args.embedder_url,
                                               embedder_name=args.embedder_name,
+                                              embedder_api_key=args.embedder_api_key,
                                               bootstrap=args.kafka_bootstrap, device=args.device))
     try:
         run_model_server(model, http_port=args.http_port,
-                         add_routes=lambda app: add_routes(app, lambda: model.service, settings))
+                         add_routes=lambda app: add_routes(app, lambda: model.service, settings),
+                         api_key=settings.api_key, on_reject=lambda status: REJECTED.labels(str(status)).inc(),
+                         # base64 of the largest upload, plus room for the form or JSON around it
+                         max_body_bytes=settings.max_upload_bytes * 4 // 3 + 256 * 1024)
     finally:
         if model.service is not None:
             model.service.close()
@@ -129,7 +140,8 @@ def _serve_search(args) -> int:
 
 
 def build_service(settings, store, *, model_dir=None, embedder_url: str | None = None,
-                  embedder_name: str = "embedder", bootstrap: str | None = None, device: str | None = None):
+                  embedder_name: str = "embedder", bootstrap: str | None = None, device: str | None = None,
+                  embedder_api_key: str | None = None):
     """The search service of the flags: an in-process embedder (``model_dir``) or the
     embedder's V2 endpoint (``embedder_url``), the Milvus index through ``store`` (a
     :class:`~vsearch.core.store.MilvusStore` with the token and index settings), the event log."""
@@ -142,7 +154,7 @@ def build_service(settings, store, *, model_dir=None, embedder_url: str | None =
 
     if embedder_url:
         from ..client import EmbedderClient
-        embedder = EmbedderClient(embedder_url, model_name=embedder_name, timeout=30.0)
+        embedder = EmbedderClient(embedder_url, model_name=embedder_name, timeout=30.0, api_key=embedder_api_key)
     else:
         from ..model import Embedder
         embedder = Embedder(model_dir, device=device, batch_size=1, decode_workers=2,

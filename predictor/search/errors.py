@@ -23,10 +23,6 @@ class BadQuery(SearchError, InvalidInput):
     status = 400
 
 
-class Unauthorized(SearchError):
-    status = 401
-
-
 class NotFound(SearchError):
     status = 404
 

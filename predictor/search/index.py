@@ -6,6 +6,7 @@ request Milvus refuses -> :class:`BadQuery` (400)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
@@ -15,6 +16,7 @@ from .errors import BadQuery, NotFound, SearchError, Unavailable
 from .rerank import Candidate
 
 VISIBLE = 'visibility != "private"'
+log = logging.getLogger(__name__)
 
 
 class CatalogIndex:
@@ -27,14 +29,16 @@ class CatalogIndex:
         try:
             return fn()
         except StoreUnavailable as exc:
-            raise Unavailable(f"Milvus is unreachable ({what}): {str(exc)[:300]}") from exc
+            log.warning("Milvus unreachable (%s): %s", what, str(exc)[:500])
+            raise Unavailable(f"Milvus is unreachable ({what}); retry later") from exc
         except StoreNotFound as exc:
             raise Unavailable(f"nothing to search yet: alias/collection {self.alias!r} does not "
                               f"exist in Milvus ({what})") from exc
         except StoreRefused as exc:
             raise BadQuery(f"Milvus refused to {what}: {str(exc)[:300]}") from exc
         except StoreError as exc:
-            raise SearchError(f"Milvus failed to {what}: {str(exc)[:300]}") from exc
+            log.error("Milvus failed (%s): %s", what, str(exc)[:500])
+            raise SearchError(f"Milvus failed to {what}") from exc
 
     def search(self, vector: np.ndarray, limit: int, expr: str = "") -> list[Candidate]:
         flt = f"({expr}) and {VISIBLE}" if expr else VISIBLE

@@ -13,7 +13,7 @@ from kserve.errors import InvalidInput
 
 from ...core.jsonsafe import json_object
 from ..preprocess import Box
-from ..protocol import check_v2_inputs, decode_b64, parse_box, v1_instances, v2_crops, v2_images
+from ..protocol import brief, check_v2_inputs, decode_b64, parse_box, v1_instances, v2_crops, v2_images
 from .errors import BadQuery
 from .settings import SearchSettings
 
@@ -37,13 +37,13 @@ def parse_k(value: Any, settings: SearchSettings) -> int:
     if value is None or value == "":
         return settings.k_default
     if isinstance(value, bool):
-        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {value!r}")
+        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {brief(value)}")
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {value!r}") from None
+        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {brief(value)}") from None
     if not math.isfinite(f) or f != int(f):
-        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {value!r}")
+        raise BadQuery(f"k must be a whole number from 1 to {settings.k_max}, got {brief(value)}")
     k = int(f)
     if not 1 <= k <= settings.k_max:
         raise BadQuery(f"k must be from 1 to {settings.k_max}, got {k}")
@@ -73,19 +73,29 @@ def parse_filter(value: Any, allowed: Iterable[str]) -> FilterSpec:
                 raise BadQuery(f"filter field {key!r}: values must be finite numbers")
             if isinstance(v, str) and len(v) > 256:
                 raise BadQuery(f"filter field {key!r}: values must be at most 256 characters")
+            if isinstance(v, str) and any(0xD800 <= ord(c) <= 0xDFFF for c in v):
+                raise BadQuery(f"filter field {key!r}: values must be valid Unicode text (no lone surrogates)")
+            if isinstance(v, int) and not -2**63 <= v < 2**63:
+                raise BadQuery(f"filter field {key!r}: integers must fit in 64 bits")
         out[key] = values
     return out
+
+
+def _literal(value) -> str:
+    """A value as a Milvus expression literal: JSON quoting (so no injection), but non-ASCII
+    text as itself: Milvus' expression parser knows ``\\"`` and ``\\\\`` but not ``\\uXXXX``."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def filter_expr(spec: FilterSpec, metadata_field: str = "metadata") -> str:
     """A Milvus boolean expression for a parsed filter (values JSON-quoted: no injection)."""
     parts = []
     for key, values in spec.items():
-        lhs = f'{metadata_field}[{json.dumps(key)}]'
+        lhs = f'{metadata_field}[{_literal(key)}]'
         if len(values) == 1:
-            parts.append(f"{lhs} == {json.dumps(values[0])}")
+            parts.append(f"{lhs} == {_literal(values[0])}")
         else:
-            parts.append(f"{lhs} in {json.dumps(values)}")
+            parts.append(f"{lhs} in [{', '.join(_literal(v) for v in values)}]")
     return " and ".join(parts)
 
 

@@ -2,34 +2,32 @@
 
     POST /search        multipart: image (file), crop ("x0,y0,x1,y1"), k, filter (JSON) -- or JSON
                         {"image_b64", "crop", "k", "filter", "url"} -> {"query_id", "results": [...]}
-    GET  /images/<id>   the catalog image (file served, http(s) redirected)
+    GET  /images/<id>   the catalog image (file:// under --image-roots, http(s) fetched through the
+                        guarded fetcher: served from this origin, never redirected)
     POST /events        {"type": "click", "query_id", "item_id"} (and deferred impressions)
     GET  /api/config    what the web page needs to know
     GET  /              the web page (``web/``)
 
-The API key (when configured) is a FastAPI security dependency of every route, KServe's
-included, except the exact health and readiness routes and the static page; it shows in the
-OpenAPI page. Errors are ``{"error": reason}`` with the status of their kind.
+The API key (when configured: ``serving.run_model_server``) is a FastAPI security dependency
+of every route, KServe's included, except the exact health and readiness routes and the static
+page; it shows in the OpenAPI page. The body limit is ``serving.RequestGuard``'s, on the bytes
+read. Errors are ``{"error": reason}`` with the status of their kind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import logging
-import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import Depends, Request, Security
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Request
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
-from ...core.images import web_media_type
-from .errors import BadQuery, NotFound, SearchError, TooLarge, Unauthorized, Unavailable
+from .errors import BadQuery, SearchError, TooLarge, Unavailable
 from .metrics import REJECTED
 from .request import query_from_fields
 from .service import SearchService
@@ -39,31 +37,9 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 FORM_FIELDS = ("image", "crop", "k", "filter", "url", "log_impression")
-# Routes that answer without the API key: health, readiness, the page (exact route templates).
-OPEN_ROUTES = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/ready",
-                         "/v2/models/{model_name}/versions/{model_version}/ready", "/v1/models/{model_name}"})
-
-
-def api_key_dependency(api_key: str):
-    """A dependency that requires ``api_key`` in ``X-API-Key`` or as a Bearer token."""
-    header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the search API key")
-    bearer = HTTPBearer(auto_error=False, description="the search API key as a Bearer token")
-
-    async def require_api_key(request: Request, key: str | None = Security(header),
-                              token: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
-        route = request.scope.get("route")
-        if request.method == "OPTIONS" or getattr(route, "path", None) in OPEN_ROUTES:
-            return
-        given = key or (token.credentials if token else "")
-        if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise Unauthorized("missing or wrong API key: send it in the X-API-Key header")
-
-    return require_api_key
-
-
 def add_routes(app, get_service: Callable[[], SearchService | None], settings: SearchSettings) -> None:
-    """Add the routes, the API-key dependency, the body limit and CORS to KServe's app (before
-    KServe adds its own routes, so that ``/`` is the web page and they get the dependency too)."""
+    """Add the routes and CORS to KServe's app (before KServe adds its own routes, so that
+    ``/`` is the web page)."""
 
     async def search_error(_request, exc: SearchError):
         if exc.status >= 500:
@@ -71,18 +47,9 @@ def add_routes(app, get_service: Callable[[], SearchService | None], settings: S
         return JSONResponse({"error": exc.reason}, status_code=exc.status)
 
     app.add_exception_handler(SearchError, search_error)
-    if settings.api_key:
-        app.router.dependencies.append(Depends(api_key_dependency(settings.api_key)))
-
-    max_body = settings.max_upload_bytes * 4 // 3 + 256 * 1024     # base64 + multipart overhead
 
     @app.middleware("http")
-    async def limit_and_count(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.method in ("POST", "PUT") and length and length.isdigit() and int(length) > max_body:
-            REJECTED.labels("413").inc()
-            return JSONResponse({"error": f"request body is {length} bytes; uploads are limited to "
-                                          f"{settings.max_upload_bytes} bytes"}, status_code=413)
+    async def count_rejections(request: Request, call_next):
         response = await call_next(request)
         if response.status_code >= 400:
             REJECTED.labels(str(response.status_code)).inc()
@@ -136,25 +103,10 @@ def add_routes(app, get_service: Callable[[], SearchService | None], settings: S
 
     @app.get("/images/{item_id:path}", tags=["search"], summary="The catalog image of a result")
     async def image(item_id: str):
-        svc = service()
-        uri = await asyncio.to_thread(svc.image_location, item_id)
-        parsed = urllib.parse.urlsplit(uri)
-        if parsed.scheme in ("http", "https"):
-            return RedirectResponse(uri, status_code=307)
-        if parsed.scheme not in ("file", ""):
-            raise NotFound(f"catalog image {item_id!r} has a uri this server cannot serve ({parsed.scheme}:)")
-        path = Path(urllib.parse.unquote(parsed.path)).resolve()
-        if settings.image_roots and not any(path.is_relative_to(r) for r in settings.image_roots):
-            raise NotFound(f"catalog image {item_id!r} lies outside the served folders")
-        if not path.is_file():
-            raise NotFound(f"catalog image {item_id!r} is gone from {path}")
-        if path.stat().st_size > settings.max_upload_bytes:
-            raise NotFound(f"catalog image {item_id!r} is too large to serve")
-        data = await asyncio.to_thread(path.read_bytes)
-        kind = web_media_type(data)
-        if kind is None:
-            raise NotFound(f"catalog item {item_id!r} does not point at a JPEG/PNG/WebP/GIF image")
-        return Response(data, media_type=kind[0], headers={"cache-control": "max-age=300"})
+        data, media_type = await asyncio.to_thread(service().catalog_image, item_id)
+        return Response(data, media_type=media_type, headers={
+            "cache-control": "max-age=300", "x-content-type-options": "nosniff",
+            "content-security-policy": "default-src 'none'; sandbox"})
 
     @app.post("/events", tags=["search"], summary="Record clicks (and deferred impressions)",
               description='{"type": "click", "query_id": ..., "item_id": ...} or a list of such '

@@ -10,6 +10,7 @@ Every search logs an impression and every click a click record on the Kafka topi
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -19,6 +20,7 @@ import numpy as np
 
 from ...core import search_events
 from ...core.fetch import FetchConfig, Fetcher, FetchError
+from ...core.images import web_media_type
 from ..client import EmbedderUnavailable
 from ..preprocess import Box, InvalidImage
 from .errors import BadQuery, NotFound, TooLarge, Unavailable
@@ -30,6 +32,8 @@ from .request import FilterSpec, Query, filter_expr
 from .rerank import Candidate, rerank
 from .settings import SearchSettings
 from .tokens import TokenSigner
+
+log = logging.getLogger(__name__)
 
 
 class SearchService:
@@ -48,6 +52,13 @@ class SearchService:
             schemes=("http", "https"), allow_private=settings.allow_private_urls, max_redirects=0,
             max_bytes=settings.max_upload_bytes, connect_timeout=settings.url_timeout,
             read_timeout=settings.url_timeout, total_timeout=settings.url_timeout, retries=0, workers=1))
+        # Catalog images shown by /images: file:// only under --image-roots (none by default),
+        # http(s) fetched here (proxied, never redirected: a browser keeps custom headers such
+        # as the API key on a redirect) from public addresses unless allowed.
+        self.image_fetcher = Fetcher(FetchConfig(
+            allow_private=settings.allow_private_image_urls, file_roots=tuple(settings.image_roots),
+            max_bytes=settings.max_upload_bytes, connect_timeout=settings.url_timeout,
+            read_timeout=settings.url_timeout, total_timeout=settings.url_timeout, retries=1, workers=1))
         # The searches are not remembered: each answer carries its impression, signed, and any
         # replica with the same secret turns it into click records.
         self.tokens = TokenSigner(settings.click_secret, settings.click_token_ttl_s)
@@ -69,7 +80,9 @@ class SearchService:
         try:
             return self.url_fetcher.fetch(url)
         except FetchError as exc:
-            raise (TooLarge if exc.too_large else BadQuery)(f"url could not be fetched: {exc}") from exc
+            # The client learns the kind of failure only, never what answered inside the network.
+            log.info("URL query %r refused: %s", str(url)[:200], exc)
+            raise (TooLarge if exc.too_large else BadQuery)(f"url could not be used: {exc.public}") from exc
 
     def embed(self, image: bytes, crop: Box | None) -> np.ndarray:
         if len(image) > self.settings.max_upload_bytes:
@@ -81,7 +94,8 @@ class SearchService:
         except InvalidImage as exc:
             raise BadQuery(str(exc)) from exc
         except EmbedderUnavailable as exc:
-            raise Unavailable(str(exc)) from exc
+            log.warning("embedding failed: %s", exc)
+            raise Unavailable("the embedder is unreachable; retry later") from exc
 
     def search(self, query: Query) -> dict:
         t0 = time.perf_counter()
@@ -169,6 +183,22 @@ class SearchService:
             raise NotFound(f"catalog image {item_id!r} has no uri to serve")
         return item.uri
 
+    def catalog_image(self, item_id: str) -> tuple[bytes, str]:
+        """``(bytes, media type)`` of a public catalog item's image (JPEG, PNG, WebP or GIF),
+        read through the guarded image fetcher; :class:`NotFound` otherwise, without saying
+        where the image lives."""
+        uri = self.image_location(item_id)
+        try:
+            data = self.image_fetcher.fetch(uri)
+        except FetchError as exc:
+            log.info("catalog image %r not served: %s", item_id[:200], exc)
+            raise NotFound(f"catalog image {item_id!r} cannot be served: {exc.public}") from exc
+        kind = web_media_type(data)
+        if kind is None:
+            raise NotFound(f"catalog item {item_id!r} does not point at a JPEG/PNG/WebP/GIF image")
+        return data, kind[0]
+
     def close(self) -> None:
         self.events.close()
         self.url_fetcher.close()
+        self.image_fetcher.close()

@@ -25,7 +25,8 @@ class SearchSettings:
     url_timeout: float = 5.0
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    image_roots: tuple[Path, ...] = ()   # file:// catalog images served only from these (empty: any)
+    image_roots: tuple[Path, ...] = ()   # file:// catalog images served only from these (empty: none)
+    allow_private_image_urls: bool = False   # http(s) catalog images proxied from any address
     click_secret: str | None = None       # signs search tokens; the same on every replica
     click_token_ttl_s: float = 86_400.0   # how long a search's token can log clicks
     model_version: str | None = None      # override of the reported model version

@@ -235,7 +235,7 @@ def start_consumer(tmp: Path, bootstrap: str, topic: str, group: str, milvus_uri
         name, services.vsearch_argv(
             "ingest", "--bootstrap", bootstrap, "--topic", topic, "--group", group,
             "--milvus-uri", milvus_uri, "--model-dir", str(model_dir), "--threads", "1",
-            "--metrics-port", str(port), "--retry-max-s", "1", *extra),
+            "--metrics-port", str(port), "--retry-max-s", "1", "--file-roots", str(tmp), *extra),
         port=port, ready=lambda: services.http_ok(f"http://127.0.0.1:{port}/metrics"),
         log_path=tmp / f"{name}.log", env=env)
     return svc.wait_ready(60)

@@ -48,3 +48,27 @@ def test_max_rows_splits_passes_and_errors_reach_every_caller():
     assert all(isinstance(e, RuntimeError) for e in errors)
     with pytest.raises(RuntimeError):
         asyncio.run(failing(np.ones((1, 1))))
+
+
+def test_a_full_queue_is_refused_at_once_not_queued():
+    import asyncio
+    import time
+
+    import numpy as np
+
+    from vsearch.predictor.batching import MicroBatcher
+    from vsearch.predictor.serving import Busy
+
+    def slow(x):
+        time.sleep(0.2)
+        return x.reshape(len(x), -1)
+
+    async def main():
+        b = MicroBatcher(slow, max_rows=1, max_pending=2)
+        calls = [asyncio.ensure_future(b(np.zeros((1, 2)))) for _ in range(6)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    out = asyncio.run(main())
+    busy = [o for o in out if isinstance(o, Busy)]
+    assert 1 <= len(busy) <= 4 and all("retry later" in str(o) for o in busy)
+    assert all(isinstance(o, np.ndarray) for o in out if not isinstance(o, Busy))

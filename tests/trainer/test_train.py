@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import numpy as np
@@ -143,3 +144,19 @@ def test_warmup_then_cosine_schedule():
     assert f(9) == pytest.approx(0.5)
     assert f(14) == pytest.approx(0.0, abs=1e-12)
     assert all(f(s) >= f(s + 1) for s in range(4, 14))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch should-never-exist",))
+
+
+def test_resume_loads_tensors_only_never_code(photo_folder, tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint that would run code when unpickled is refused (``weights_only=True``)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"modules": {}, "payload": _RunsCode()}, out / "checkpoints" / "last.pt")
+    with pytest.raises(ValueError, match="more than tensors"):
+        train(config(photo_folder, out, tiny_model_dir, max_steps=2, resume=True))
+    assert not (tmp_path / "should-never-exist").exists()
