@@ -65,6 +65,7 @@ MAX_METADATA_DEPTH = 32              # nesting of objects and lists inside metad
 INT64 = (-2**63, 2**63 - 1)
 FIELDS = ("id", "embedding", "uri", "metadata", "visibility", "updated_at")
 DEFAULT_OUTPUT_FIELDS = ("uri", "metadata", "visibility")
+MODEL_RECORD_KEY = "vsearch.model"     # collection property holding the model that built it
 UPSERT_CHUNK = 1000                  # rows per upsert call (keeps gRPC messages small)
 METRICS = ("IP", "COSINE")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -372,7 +373,8 @@ class MilvusStore:
                 return int(f["params"]["dim"])
         raise StoreError(f"collection {name_or_alias!r} has no 'embedding' field: not made by this store")
 
-    def ensure_collection(self, name: str, dim: int, *, timeout: float | None = None) -> bool:
+    def ensure_collection(self, name: str, dim: int, *, timeout: float | None = None,
+                          properties: dict | None = None) -> bool:
         """Create ``name`` (schema above, index from the config, loaded) unless it exists; returns
         True when it was created. An existing collection must have the same dimension."""
         _check_name(name)
@@ -386,9 +388,43 @@ class MilvusStore:
                 raise ValueError(f"collection {name!r} exists with dimension {have}, not {dim}: "
                                  "a model with another embedding size needs a new version/collection")
         else:
-            created = self._create(name, self._schema(dim), "embedding", self.index, timeout)
+            created = self._create(name, self._schema(dim), "embedding", self.index, timeout,
+                                   properties=properties)
         self._ensure_loaded(name, timeout)
         return created
+
+    # --- which model built a collection --------------------------------------------------
+
+    def ensure_model_collection(self, name: str, dim: int, record: dict, *,
+                                timeout: float | None = None) -> bool:
+        """:meth:`ensure_collection`, recording in a new collection the model that builds it:
+        ``record`` = ``{"model": name, "version": v, "embedder_url": url or "", ...}`` (JSON in
+        the collection property ``vsearch.model``, written once at creation; see
+        :meth:`model_record`; Milvus Lite drops a collection's description, so a property it
+        is, checked on Milvus Lite, ``milvus-lite server`` and the 2.3.5 standalone server).
+        An existing collection keeps the record it was created with."""
+        for key in ("model", "version"):
+            if not str(record.get(key) or "").strip():
+                raise ValueError(f"a model record needs {key!r}, got {record!r}")
+        text = json.dumps({**record, "dim": int(dim)}, sort_keys=True, separators=(",", ":"))
+        if len(text) > 4000:
+            raise ValueError("model record too long for a collection property")
+        return self.ensure_collection(name, dim, timeout=timeout, properties={MODEL_RECORD_KEY: text})
+
+    def model_record(self, name_or_alias: str, *, timeout: float | None = None) -> dict | None:
+        """The model record of a collection (or of the collection an alias names):
+        ``{"model", "version", "model_id", "embedder_url", "dim", ...}``, or None when the
+        collection was created without one."""
+        _check_name(name_or_alias)
+        desc = self._call("describe_collection", "describe_collection", name_or_alias, timeout=timeout)
+        return parse_model_record((desc.get("properties") or {}).get(MODEL_RECORD_KEY) or "")
+
+    def resolve(self, alias: str, *, timeout: float | None = None) -> tuple[str, dict | None]:
+        """``(collection, model record or None)`` that ``alias`` names now (a collection name
+        resolves to itself). Raises :class:`StoreNotFound` when neither exists."""
+        _check_name(alias)
+        coll = self.describe_alias(alias, timeout=timeout) or alias
+        return coll, self.model_record(coll, timeout=timeout)
 
     def _ensure_tombstones(self, collection: str, timeout) -> str:
         """The tombstone collection of ``collection``, created on the first recorded delete."""
@@ -419,13 +455,15 @@ class MilvusStore:
         s.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)   # Milvus 2.3 needs a vector field
         return s
 
-    def _create(self, name, schema, vector_field, index: IndexConfig, timeout) -> bool:
+    def _create(self, name, schema, vector_field, index: IndexConfig, timeout,
+                properties: dict | None = None) -> bool:
         ip = self.client.prepare_index_params()
         ip.add_index(field_name=vector_field, index_type=index.index_type, metric_type=index.metric,
                      params=index.params)
         try:
             self._call("create_collection", "create_collection", name, schema=schema, index_params=ip,
-                       consistency_level=self.consistency, timeout=timeout)
+                       consistency_level=self.consistency, timeout=timeout,
+                       **({"properties": properties} if properties else {}))
         except StoreUnavailable:
             raise
         except StoreError:
@@ -687,6 +725,26 @@ class MilvusStore:
                 row.append(hit)
             out.append(row)
         return out
+
+
+def model_id(model: str, version: str) -> str:
+    """``name__version`` sanitised: the model version named in search answers and events."""
+    return sanitise(f"{model}__{version}")
+
+
+def parse_model_record(text: str) -> dict | None:
+    """The model record (JSON) written by :meth:`MilvusStore.ensure_model_collection`."""
+    if not text:
+        return None
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict) or not rec.get("model") or not rec.get("version"):
+        return None
+    rec.setdefault("model_id", model_id(rec["model"], rec["version"]))
+    rec.setdefault("embedder_url", "")
+    return rec
 
 
 # --- guards ------------------------------------------------------------------------------

@@ -31,10 +31,15 @@ def register(sub) -> None:
              help="Milvus collection (default images__<model>__<version> from --model-dir; "
                   "required with --embedder-url)")
     pf.add("--alias", default="images", help="alias created for this collection when absent ('' = none)")
+    pf.add("--model-name", default=None,
+           help="model recorded in a collection this creates (default: --model-dir's; with "
+                "--embedder-url, give it with --model-version so search finds the model's embedder)")
+    pf.add("--model-version", default=None, help="model version recorded in a collection this creates")
     add_milvus_flags(pf)
     pf.add("--batch-size", default=256, type=int, help="most records per batch")
     pf.add("--batch-ms", default=500, type=int, help="longest wait for a batch to fill, ms")
-    pf.add("--embed-batch-size", default=32, type=int, help="forward-pass batch size (in process)")
+    pf.add("--embed-batch-size", default=32, type=int,
+           help="images per forward pass in process, per request with --embedder-url (<= its --max-batch)")
     pf.add("--threads", default=None, type=int, help="torch CPU threads (in process)")
     pf.add("--device", default=None, help="torch device (in process)")
     pf.add("--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
@@ -99,7 +104,8 @@ def _ingest(args) -> int:
             raise SystemExit("with --embedder-url, name the collection: --collection "
                              "images__<model>__<version>")
         embedder = EmbedderClient(args.embedder_url, model_name=args.embedder_model_name,
-                                  timeout=args.embedder_timeout, api_key=args.embedder_api_key)
+                                  timeout=args.embedder_timeout, batch_size=args.embed_batch_size,
+                                  api_key=args.embedder_api_key)
         collection = args.collection
     else:
         from ..predictor.model import Embedder
@@ -108,12 +114,17 @@ def _ingest(args) -> int:
                             limits=Limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels))
         collection = args.collection or collection_name(embedder.meta.name, embedder.meta.version)
     store = MilvusStore.from_args(args)
+    record = None
+    name = args.model_name or (None if args.embedder_url else embedder.meta.name)
+    version = args.model_version or (None if args.embedder_url else embedder.meta.version)
+    if name and version:
+        record = {"model": str(name), "version": str(version), "embedder_url": args.embedder_url or ""}
     settings = IngestSettings(
         bootstrap=args.kafka_bootstrap, topic=args.topic, group=args.group or f"ingest-{collection}",
         collection=collection, alias=args.alias or None, dlq=args.dlq_topic,
         batch_size=args.batch_size, batch_ms=args.batch_ms, retry_max_s=args.retry_max_s,
         stop_grace_s=args.stop_grace_s, exit_when_idle_s=args.exit_when_idle, partitions=args.partitions,
-        dlq_max_bytes=args.dlq_max_bytes)
+        dlq_max_bytes=args.dlq_max_bytes, record=record)
     try:
         networks = parse_networks(args.fetch_allow_networks)
     except ValueError as exc:

@@ -110,6 +110,9 @@ class IngestSettings:
     create_topics: bool = True
     partitions: int = 3                   # when this consumer creates the topic
     client_id: str = "vsearch-ingest"
+    # The model that builds the collection (``{"model", "version", "embedder_url"}``), recorded
+    # in the collection when this consumer creates it (search resolves collection -> model).
+    record: dict | None = None
     dlq_max_bytes: int = 900_000          # a dead-letter value larger than this is cut (a header says so)
     unknown_error_attempts: int = 3       # a Milvus error of no known kind: tries before it counts as a refusal
 
@@ -208,8 +211,12 @@ class IngestConsumer:
 
     def prepare(self) -> None:
         """Collection, alias and topics; retried while Milvus or the broker are down."""
-        created = self._retry("ensure collection",
-                              lambda: self.store.ensure_collection(self.s.collection, int(self.embedder.dim)))
+        if self.s.record:
+            created = self._retry("ensure collection", lambda: self.store.ensure_model_collection(
+                self.s.collection, int(self.embedder.dim), self.s.record))
+        else:
+            created = self._retry("ensure collection",
+                                  lambda: self.store.ensure_collection(self.s.collection, int(self.embedder.dim)))
         log.info("collection %s %s (dim %d)", self.s.collection, "created" if created else "exists",
                  self.embedder.dim)
         if self.s.alias:

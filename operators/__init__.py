@@ -1,0 +1,14 @@
+"""The Kubernetes operator for ``SearchIndex`` (``searchindexes.vsearch.io``): blue-green model
+rollouts with a quality gate, one alias switch, rollback, retention and clean-up.
+
+- ``searchindex.yaml`` / ``crd.py``: the CRD and validation against its schema; ``rbac.yaml``.
+- ``spec.py``: a typed view of the spec; names of what one model version gets.
+- ``rollout.py``: the state machine (pure, idempotent steps; all state on the object's status).
+- ``gate.py``: the quality gate (self-consistency, golden set).
+- ``workloads.py``: the workload-layer interface and its Kubernetes implementation
+  (``vsearch.local_workloads`` has the local-process one).
+- ``kafka_groups.py``: committed offsets and deletion of a version's consumer group.
+- ``handlers.py`` / ``cli.py``: kopf handlers and ``vsearch operator``.
+- ``failpoints.py``: crash points for the tests.
+
+Nothing below this package imports it."""

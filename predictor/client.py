@@ -18,11 +18,15 @@ class EmbedderUnavailable(ConnectionError):
 
 
 class EmbedderClient:
+    """``embed_bytes`` sends at most ``batch_size`` images per request (the embedder refuses more
+    than its ``--max-batch``, 64 by default), so callers may pass batches of any size."""
+
     def __init__(self, url: str, model_name: str = "embedder", timeout: float = 30.0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, batch_size: int = 32):
         self.url = url.rstrip("/")
         self.model_name = model_name
         self.timeout = timeout
+        self.batch_size = max(1, int(batch_size))
         self._session = requests.Session()
         self._session.trust_env = False           # the embedder is where it was configured, no proxy
         if api_key:
@@ -65,9 +69,14 @@ class EmbedderClient:
                     ) -> np.ndarray:
         if len(blobs) == 0:
             return np.zeros((0, self.dim), np.float32)
+        crops = list(crops) if crops is not None else [None] * len(blobs)
+        n = self.batch_size
+        return np.concatenate([self._request(blobs[i:i + n], crops[i:i + n]) for i in range(0, len(blobs), n)])
+
+    def _request(self, blobs: Sequence[bytes], crops: Sequence[Box | None]) -> np.ndarray:
         inputs = [{"name": "image", "datatype": "BYTES", "shape": [len(blobs)],
                    "data": [base64.b64encode(b).decode("ascii") for b in blobs]}]
-        if crops is not None and any(c is not None for c in crops):
+        if any(c is not None for c in crops):
             boxes = [list(c) if c is not None else [0.0, 0.0, 1.0, 1.0] for c in crops]
             inputs.append({"name": "crop", "datatype": "FP32", "shape": [len(blobs), 4],
                            "data": [v for box in boxes for v in box]})

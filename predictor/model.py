@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import jsonsafe
-from ..core.store import sanitise
+from ..core import store as core_store
 from .preprocess import Box, InvalidImage, Limits, PreprocessConfig, bytes_to_array, stack
 
 METADATA_FILE = "vsearch_model.json"
@@ -75,7 +75,7 @@ class ModelMeta:
     @property
     def model_id(self) -> str:
         """``name__version`` sanitised: the model version written into search events."""
-        return sanitise(f"{self.name}__{self.version}")
+        return core_store.model_id(self.name, self.version)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

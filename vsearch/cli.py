@@ -11,10 +11,11 @@ import sys
 
 from .core.config import Flags, check_environment, env_vars
 from .ingest import cli as ingest_cli
+from .operators import cli as operator_cli
 from .predictor import cli as predictor_cli
 from .trainer import cli as trainer_cli
 
-COMMAND_MODULES = (predictor_cli, trainer_cli, ingest_cli)
+COMMAND_MODULES = (predictor_cli, trainer_cli, ingest_cli, operator_cli)
 
 # Third-party loggers that report, at ERROR with tracebacks, failures this code already turns
 # into its own exceptions and log lines (pymilvus logs every failed RPC; the embedded Milvus
@@ -52,14 +53,20 @@ def register_demo(sub) -> None:
     pf.add("--ready-timeout", default=300.0, type=float,
              help="seconds to wait for the catalog to be searchable")
     p.add_argument("--check", "--smoke", dest="check", action="store_true",
-                   help="run one query end to end, print the result and exit (0 = it worked)")
+                   help="run one query end to end, print the result and exit (0 = it worked); with "
+                        "--rollout: exit 0 when the new version serves, 3 when the gate refused it")
+    pf.add("--rollout", default=None,
+           help="once the catalog is searchable, roll out this model directory blue-green "
+                "(the operator's rollout logic on local processes)")
+    pf.add("--golden", default=None, help="judgments CSV (query,candidate,grade) for the rollout's gate")
     p.set_defaults(handler=_demo)
 
 
 def _demo(args) -> int:
     from .demo import run_demo
     return run_demo(model_dir=args.model_dir, catalog=args.catalog, data_dir=args.data_dir,
-                    port=args.http_port, timeout=args.ready_timeout, check=args.check)
+                    port=args.http_port, timeout=args.ready_timeout, check=args.check,
+                    rollout=args.rollout, golden=args.golden)
 
 
 def command_parser(*names: str) -> argparse.ArgumentParser:

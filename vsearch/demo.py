@@ -128,7 +128,8 @@ def wait_searchable(url: str, items: list[dict], timeout: float, services=()) ->
 
 
 def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_dir: str = ".demo",
-             port: int = 8000, timeout: float = 300.0, check: bool = False) -> int:
+             port: int = 8000, timeout: float = 300.0, check: bool = False, rollout: str | None = None,
+             golden: str | None = None) -> int:
     from .core.store import collection_name
     from .predictor.model import read_meta
     from .services import (
@@ -146,6 +147,7 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started: list[Service] = []
+    started_rollouts: list = []
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -191,6 +193,7 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         consumer = Service("consumer", vsearch_argv(
             "ingest", "--bootstrap", broker.bootstrap, "--embedder-url", embedder.url,
             "--collection", collection, "--alias", "images", "--milvus-uri", milvus.uri,
+            "--model-name", meta.name, "--model-version", meta.version,
             "--metrics-port", str(metrics_port), "--partitions", "1", "--file-roots", str(image_root)),
             port=metrics_port, log_path=logs / "consumer.log")
         started.append(consumer)
@@ -222,6 +225,24 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         n = wait_searchable(search.url, items, timeout, services=started)
         print(f"{n} public images searchable after {time.monotonic() - t0:.1f}s")
 
+        if rollout:
+            from .demo_rollout import run_rollout, serving_status
+            rc = run_rollout(model_dir=rollout, bootstrap=broker.bootstrap, milvus_uri=milvus.uri,
+                             search_url=search.url, log_dir=logs, golden=golden, keep=started_rollouts,
+                             file_roots=str(image_root),
+                             serving=serving_status(model=meta.name, version=meta.version, uri=str(model),
+                                                    collection=collection, group=f"ingest-{collection}",
+                                                    embedder_url=embedder.url))
+            if check:
+                if rc == 0:
+                    probe = next(i for i in items if i["visibility"] == "public")
+                    body = search_file(search.url, probe["path"], k=1)
+                    print(f"a query after the switch: answered by {body['model_version']} ({body['collection']}), "
+                          f"top score {body['results'][0]['score']:.4f}")
+                    if body["results"][0]["score"] < 0.999:
+                        return 1
+                return rc
+
         if check:
             return _check(search.url, broker.bootstrap, items)
 
@@ -243,6 +264,8 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C must not cut the clean-up short
+        for w in started_rollouts:
+            w.close()
         for svc in reversed(started):
             svc.stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)

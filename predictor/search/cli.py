@@ -160,7 +160,8 @@ def build_service(settings, store, *, model_dir=None, embedder_url: str | None =
         embedder = Embedder(model_dir, device=device, batch_size=1, decode_workers=2,
                             limits=Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels))
     index = CatalogIndex(store, settings.alias)
-    svc = SearchService(embedder, index, settings, EventLog(bootstrap))
+    svc = SearchService(embedder, index, settings, EventLog(bootstrap), embedder_name=embedder_name,
+                        embedder_api_key=embedder_api_key)
     if not svc.tokens.shared:
         logging.getLogger(__name__).warning(
             "no --click-secret: this replica signs search tokens with a key of its own, so only it "

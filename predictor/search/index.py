@@ -2,11 +2,18 @@
 :class:`vsearch.core.store.MilvusStore` (the one Milvus access layer, which also reconnects and
 reloads a collection after a Milvus restart). Store errors become search errors by kind:
 unreachable -> :class:`Unavailable` (503), nothing indexed yet -> :class:`Unavailable`, a
-request Milvus refuses -> :class:`BadQuery` (400)."""
+request Milvus refuses -> :class:`BadQuery` (400).
+
+:meth:`CatalogIndex.resolve` names the concrete collection the alias points at now and the
+model that built it (recorded in the collection); a query searches that collection, never the
+alias, so an alias switch between resolving and searching cannot mix model versions."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -19,11 +26,42 @@ VISIBLE = 'visibility != "private"'
 log = logging.getLogger(__name__)
 
 
+class CollectionGone(Exception):
+    """The collection resolved for a query is gone (dropped after a switch): resolve again."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What answers a query: the concrete collection the alias named, and the model record
+    (model, version, embedder endpoint) written into that collection when it was created."""
+    collection: str
+    record: dict | None = None
+
+    @property
+    def model_version(self) -> str | None:
+        return self.record["model_id"] if self.record else None
+
+
 class CatalogIndex:
     OUTPUT_FIELDS = ("uri", "metadata", "visibility", "embedding")
 
-    def __init__(self, store: MilvusStore, alias: str = "images"):
+    def __init__(self, store: MilvusStore, alias: str = "images", *, resolve_ttl: float = 1.0):
         self.store, self.alias = store, alias
+        self.resolve_ttl = resolve_ttl
+        self._target: Target | None = None
+        self._target_at = 0.0
+        self._lock = threading.Lock()
+
+    def resolve(self, fresh: bool = False) -> Target:
+        """alias -> (collection, its model record), at most ``resolve_ttl`` seconds old."""
+        with self._lock:
+            if not fresh and self._target is not None and time.monotonic() - self._target_at < self.resolve_ttl:
+                return self._target
+        coll, rec = self._call(lambda: self.store.resolve(self.alias), f"resolve alias {self.alias!r}")
+        target = Target(coll, rec)
+        with self._lock:
+            self._target, self._target_at = target, time.monotonic()
+        return target
 
     def _call(self, fn: Callable, what: str):
         try:
@@ -40,12 +78,22 @@ class CatalogIndex:
             log.error("Milvus failed (%s): %s", what, str(exc)[:500])
             raise SearchError(f"Milvus failed to {what}") from exc
 
-    def search(self, vector: np.ndarray, limit: int, expr: str = "") -> list[Candidate]:
+    def search(self, vector: np.ndarray, limit: int, expr: str = "", *,
+               collection: str | None = None) -> list[Candidate]:
+        """Top ``limit`` visible rows of ``collection`` (default: the alias). Raises
+        :class:`CollectionGone` when a named collection no longer exists."""
         flt = f"({expr}) and {VISIBLE}" if expr else VISIBLE
-        # the store's index settings: search breadth (ef, search_list) raised to the limit
-        hits = self._call(lambda: self.store.search(
-            self.alias, vector, k=limit, filter=flt, output_fields=self.OUTPUT_FIELDS)[0],
-            f"search alias {self.alias!r}")
+        name = collection or self.alias
+
+        def search():
+            # the store's index settings: search breadth (ef, search_list) raised to the limit
+            try:
+                return self.store.search(name, vector, k=limit, filter=flt, output_fields=self.OUTPUT_FIELDS)[0]
+            except StoreNotFound as exc:
+                if collection is not None:
+                    raise CollectionGone(name) from exc
+                raise
+        hits = self._call(search, f"search {'collection' if collection else 'alias'} {name!r}")
         return [self._candidate(h) for h in hits]
 
     def get(self, item_id: str) -> Candidate | None:

@@ -65,4 +65,5 @@ class SearchModel(kserve.Model):
                           data=[a["query_id"] for a in answers])
         return InferResponse(response_id=payload.id or "", model_name=self.name,
                              infer_outputs=[results, ids],
-                             parameters={"model_version": answers[0]["model_version"]})
+                             parameters={"model_version": answers[0]["model_version"],
+                                         "collection": answers[0]["collection"]})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from typing import Any
@@ -21,11 +22,11 @@ import numpy as np
 from ...core import search_events
 from ...core.fetch import FetchConfig, Fetcher, FetchError
 from ...core.images import web_media_type
-from ..client import EmbedderUnavailable
+from ..client import EmbedderClient, EmbedderUnavailable
 from ..preprocess import Box, InvalidImage
 from .errors import BadQuery, NotFound, TooLarge, Unavailable
 from .event_log import EventLog
-from .index import CatalogIndex
+from .index import CatalogIndex, CollectionGone, Target
 from .metrics import CLICKS, IMPRESSIONS, LATENCY, SEARCHES
 from .query_store import QueryStore, query_hashes
 from .request import FilterSpec, Query, filter_expr
@@ -41,8 +42,15 @@ class SearchService:
     the HTTP layer calls it on worker threads."""
 
     def __init__(self, embedder, index: CatalogIndex, settings: SearchSettings,
-                 events: EventLog | None = None):
+                 events: EventLog | None = None, *, embedder_name: str = "embedder",
+                 embedder_api_key: str | None = None):
         self.embedder = embedder
+        # In process (a model directory) or remote: then one client per model version's
+        # endpoint, as the collection records it (``embedder`` serves collections recording none).
+        self.in_process = getattr(embedder, "meta", None) is not None
+        self.embedder_name, self.embedder_api_key = embedder_name, embedder_api_key
+        self._clients: dict[str, EmbedderClient] = {}
+        self._clients_lock = threading.Lock()
         self.index = index
         self.settings = settings
         self.events = events or EventLog(None)
@@ -84,33 +92,80 @@ class SearchService:
             log.info("URL query %r refused: %s", str(url)[:200], exc)
             raise (TooLarge if exc.too_large else BadQuery)(f"url could not be used: {exc.public}") from exc
 
-    def embed(self, image: bytes, crop: Box | None) -> np.ndarray:
+    def embedder_for(self, target: Target):
+        """The embedder of the model version that built ``target``'s collection, never another
+        one. In process: this server's model, and only for a collection built by it (or one
+        that records no model). Remote: a client of the endpoint the collection records."""
+        rec = target.record
+        if self.in_process:
+            meta = self.embedder.meta
+            if rec and (str(rec["model"]), str(rec["version"])) != (str(meta.name), str(meta.version)):
+                raise Unavailable(
+                    f"collection {target.collection!r} behind alias {self.index.alias!r} was built by model "
+                    f"{rec['model']} version {rec['version']}, but this server embeds in process with "
+                    f"{meta.name} version {meta.version}: refusing to mix them (serve it with "
+                    f"--embedder-url, or --model-dir of that model)")
+            return self.embedder
+        url = (rec or {}).get("embedder_url") or None
+        if not url:
+            return self.embedder
+        with self._clients_lock:
+            client = self._clients.get(url)
+            if client is None:
+                client = self._clients[url] = EmbedderClient(
+                    url, model_name=self.embedder_name, timeout=getattr(self.embedder, "timeout", 30.0),
+                    api_key=self.embedder_api_key)
+        return client
+
+    def embed(self, image: bytes, crop: Box | None, target: Target | None = None) -> np.ndarray:
         if len(image) > self.settings.max_upload_bytes:
             raise TooLarge(f"image is {len(image)} bytes, over the limit of "
                            f"{self.settings.max_upload_bytes} bytes")
+        embedder = self.embedder_for(target) if target is not None else self.embedder
         try:
             with LATENCY.labels("embed").time():
-                return np.asarray(self.embedder.embed_bytes([image], [crop])[0], dtype=np.float32)
+                vector = np.asarray(embedder.embed_bytes([image], [crop])[0], dtype=np.float32)
         except InvalidImage as exc:
             raise BadQuery(str(exc)) from exc
         except EmbedderUnavailable as exc:
-            log.warning("embedding failed: %s", exc)
-            raise Unavailable("the embedder is unreachable; retry later") from exc
+            which = (f"the embedder of {target.model_version or 'the model'} (collection {target.collection})"
+                     if target else "the embedder")
+            log.warning("embedding failed (%s, collection %s): %s", which,
+                        target.collection if target else "?", exc)
+            raise Unavailable(f"{which} is unreachable; retry later") from exc
+        # The endpoint a collection records must still serve the version that built it.
+        expected = ((target.record if target is not None else None) or {}).get("served_version")
+        served = None if self.in_process else getattr(embedder, "version", None)
+        if expected and served is not None and str(served) != str(expected):
+            raise Unavailable(f"the embedder of collection {target.collection!r} now serves model version "
+                              f"{served}, not {expected} that built it: refusing to mix them")
+        return vector
 
     def search(self, query: Query) -> dict:
-        t0 = time.perf_counter()
-        vector = self.embed(query.image, query.crop)
-        t1 = time.perf_counter()
-        results = self.search_vector(vector, query.k, query.filter)
+        for attempt in (0, 1):
+            # alias -> collection -> the model version that built it -> its embedder; the query
+            # is embedded by that version and searches that concrete collection, never the
+            # alias, so a switch in between cannot mix versions.
+            target = self.index.resolve(fresh=attempt > 0)
+            t0 = time.perf_counter()
+            vector = self.embed(query.image, query.crop, target)
+            t1 = time.perf_counter()
+            try:
+                results = self.search_vector(vector, query.k, query.filter, collection=target.collection)
+                break
+            except CollectionGone as exc:
+                if attempt:
+                    raise Unavailable(f"collection {target.collection!r} disappeared while searching it") from exc
         t2 = time.perf_counter()
         query_id = uuid.uuid4().hex
         image_hash, query_hash = query_hashes(query.image, query.crop)
-        model_version = self.model_version
+        model_version = target.model_version or self.model_version
         query_uri = query.query_uri or self.query_store.put(query.image, image_hash)
         impression = {
             "schema": search_events.SCHEMA, "type": "impression", "query_id": query_id,
             "query_hash": query_hash, "image_hash": image_hash, "query_uri": query_uri,
             "crop": list(query.crop) if query.crop else None, "model_version": model_version,
+            "collection": target.collection,
             "results": [{"id": c.id, "rank": i + 1, "score": round(float(c.score), 6),
                          "uri": c.uri} for i, c in enumerate(results)],
             "k": query.k, "ts": int(time.time() * 1000)}
@@ -118,17 +173,19 @@ class SearchService:
             self.events.emit(impression)
             IMPRESSIONS.labels(model_version).inc()
         SEARCHES.labels(model_version).inc()
-        return {"query_id": query_id, "model_version": model_version,
+        return {"query_id": query_id, "model_version": model_version, "collection": target.collection,
                 "results": [c.result() for c in results], "token": self.tokens.sign(impression),
                 "took_ms": {"embed": round((t1 - t0) * 1000, 2), "search": round((t2 - t1) * 1000, 2)}}
 
-    def search_vector(self, vector: np.ndarray, k: int, spec: FilterSpec | None = None) -> list[Candidate]:
-        """ANN + re-rank, fetching more candidates while re-ranking leaves fewer than k."""
+    def search_vector(self, vector: np.ndarray, k: int, spec: FilterSpec | None = None,
+                      collection: str | None = None) -> list[Candidate]:
+        """ANN + re-rank, fetching more candidates while re-ranking leaves fewer than k;
+        ``collection``: search that concrete collection (default: the alias)."""
         expr = filter_expr(spec or {})
         limit = min(self.settings.max_candidates, max(k, int(math.ceil(k * self.settings.overfetch)) + 10))
         while True:
             with LATENCY.labels("ann").time():
-                cands = self.index.search(vector, limit, expr)
+                cands = self.index.search(vector, limit, expr, collection=collection)
             with LATENCY.labels("rerank").time():
                 results = rerank(cands, k, self.settings.dedup_distance)
             if len(results) >= k or len(cands) < limit or limit >= self.settings.max_candidates:
@@ -169,7 +226,7 @@ class SearchService:
                   "query_hash": imp["query_hash"], "image_hash": imp["image_hash"],
                   "query_uri": imp["query_uri"], "crop": imp["crop"], "item_id": item_id,
                   "item_uri": hit.get("uri"), "rank": hit["rank"], "score": hit["score"],
-                  "model_version": imp["model_version"], "ts": now}
+                  "model_version": imp["model_version"], "collection": imp.get("collection"), "ts": now}
         self.events.emit(record)
         CLICKS.labels(imp["model_version"]).inc()
         return {"accepted": True}

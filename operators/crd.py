@@ -1,0 +1,98 @@
+"""The ``SearchIndex`` CustomResourceDefinition (``searchindexes.vsearch.io``, ``v1alpha1``):
+the YAML beside this file, its OpenAPI schema, and validation of objects against it.
+
+A real API server validates (and defaults) every object against the schema on admission; the
+in-memory test API (kmock) does not, so the operator validates again on every reconcile and
+:func:`validate` gives the same messages a person reads in ``kubectl apply``'s refusal."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+GROUP = "vsearch.io"
+VERSION = "v1alpha1"
+PLURAL = "searchindexes"
+KIND = "SearchIndex"
+CRD_PATH = Path(__file__).with_name("searchindex.yaml")
+
+
+class InvalidSearchIndex(ValueError):
+    """The object does not match the CRD's schema; ``errors`` lists each problem."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@functools.lru_cache(maxsize=1)
+def crd() -> dict:
+    import yaml
+    return yaml.safe_load(CRD_PATH.read_text())
+
+
+def schema() -> dict:
+    """The ``openAPIV3Schema`` of the served version."""
+    return copy.deepcopy(crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def _to_jsonschema(node):
+    """OpenAPI v3 -> JSON Schema: drop the ``x-kubernetes-*`` keys jsonschema does not know."""
+    if isinstance(node, dict):
+        out = {k: _to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+        return out
+    if isinstance(node, list):
+        return [_to_jsonschema(v) for v in node]
+    return node
+
+
+def _path(error) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) or "(the object)"
+
+
+def validate(obj: dict) -> None:
+    """Raise :class:`InvalidSearchIndex` listing every schema violation of ``obj`` (a whole
+    object with ``spec``), worded like the API server's: ``spec.model.version: ...``."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(_to_jsonschema(schema()))
+    errors = []
+    for err in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
+        where = _path(err)
+        if err.validator == "required":
+            missing = err.message.split("'")[1] if "'" in err.message else err.message
+            where = f"{where}.{missing}" if where != "(the object)" else missing
+            errors.append(f"{where}: Required value")
+        elif err.validator == "enum":
+            errors.append(f"{where}: Unsupported value: {err.instance!r}: supported values: "
+                          + ", ".join(repr(v) for v in err.validator_value))
+        elif err.validator == "additionalProperties":
+            errors.append(f"{where}: {err.message}")
+        elif err.validator in ("minimum", "maximum"):
+            rel = "greater than or equal to" if err.validator == "minimum" else "less than or equal to"
+            errors.append(f"{where}: Invalid value: {err.instance!r}: should be {rel} {err.validator_value}")
+        elif err.validator == "pattern":
+            errors.append(f"{where}: Invalid value: {err.instance!r}: should match '{err.validator_value}'")
+        elif err.validator == "type":
+            errors.append(f"{where}: Invalid value: {err.instance!r}: must be of type {err.validator_value}")
+        else:
+            errors.append(f"{where}: {err.message}")
+    if errors:
+        raise InvalidSearchIndex(errors)
+
+
+def with_defaults(spec: dict) -> dict:
+    """``spec`` with the schema's defaults filled in (what the API server stores)."""
+    def fill(node_schema: dict, value):
+        if not isinstance(value, dict) or node_schema.get("type") != "object":
+            return value
+        out = dict(value)
+        for key, sub in (node_schema.get("properties") or {}).items():
+            if key not in out and "default" in sub:
+                out[key] = copy.deepcopy(sub["default"])
+            if key in out:
+                out[key] = fill(sub, out[key])
+        return out
+    return fill(schema()["properties"]["spec"], spec)

@@ -1,0 +1,175 @@
+"""The quality gate a candidate model version passes before any switch.
+
+1. Self-consistency: a deterministic sample of the candidate collection's items, each queried
+   with its own stored image through the candidate path (the candidate's embedder, then a
+   search of the candidate's collection), must find itself first with a score of at least
+   ``min_self_score`` (ties with identical images count as found). This catches a wrong model,
+   wrong preprocessing or a broken index.
+2. Golden set (when given): a judgments CSV ``query,candidate,grade`` (grade 0..5; ``query`` is
+   an image URI or path, or ``catalog:<id>`` for a catalog item's own image; ``candidate`` is a
+   catalog id), the format ``vsearch evaluate`` reads. Every query is answered by the candidate
+   path and by the serving path (the serving version's embedder and collection); candidate
+   nDCG@10 and recall@10 (``trainer.metrics.evaluate_ranked_lists``) must not be below the
+   serving version's by more than ``margin``.
+
+The figures go into the SearchIndex status and the operator's log, pass or fail."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import math
+import random
+import time
+
+log = logging.getLogger(__name__)
+
+K = 10
+VISIBLE = 'visibility != "private"'
+
+
+@dataclasses.dataclass
+class VersionPath:
+    """How to ask one model version: its embedder (``embed_bytes``) and its concrete collection."""
+    name: str                  # the version, for messages
+    collection: str
+    embedder: object
+
+
+class GoldenSetError(ValueError):
+    pass
+
+
+def parse_judgments(text: str, source: str = "judgments") -> dict[str, dict[str, float]]:
+    """``query,candidate,grade`` CSV text -> ``{query: {candidate id: grade}}``."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows or not {"query", "candidate", "grade"} <= set(rows[0]):
+        raise GoldenSetError(f"{source}: a judgments CSV needs the columns query,candidate,grade")
+    out: dict[str, dict[str, float]] = {}
+    for i, r in enumerate(rows, start=2):
+        try:
+            g = float(r["grade"])
+        except (TypeError, ValueError) as exc:
+            raise GoldenSetError(f"{source} line {i}: grade {r['grade']!r} is not a number") from exc
+        if not 0 <= g <= 5:
+            raise GoldenSetError(f"{source} line {i}: grade {g} is outside 0..5")
+        q, c = (r["query"] or "").strip(), (r["candidate"] or "").strip()
+        if not q or not c:
+            raise GoldenSetError(f"{source} line {i}: empty query or candidate")
+        out.setdefault(q, {})[c] = g
+    return out
+
+
+def _fetch(fetcher, uri: str) -> bytes:
+    if uri.startswith("/"):
+        uri = "file://" + uri
+    return fetcher.fetch(uri)
+
+
+def self_consistency(store, path: VersionPath, *, sample_size: int, min_score: float, fetcher,
+                     seed: int = 0) -> dict:
+    """Sample items of ``path.collection`` (with fetchable images) and search each with its own
+    image through ``path``. Returns the figures and the ids that did not find themselves."""
+    t0 = time.monotonic()
+    rows = [r for r in store.scan(path.collection, ("uri", "visibility"))
+            if r.get("uri") and not str(r["uri"]).startswith("inline:") and r.get("visibility") != "private"]
+    rows.sort(key=lambda r: r["id"])
+    sample = random.Random(f"{seed}:{path.collection}").sample(rows, min(sample_size, len(rows)))
+    found, missed, scores, unreadable = 0, [], [], 0
+    batch = 16
+    for start in range(0, len(sample), batch):
+        chunk = sample[start:start + batch]
+        blobs, kept = [], []
+        for r in chunk:
+            try:
+                blobs.append(_fetch(fetcher, r["uri"]))
+                kept.append(r)
+            except Exception as exc:  # noqa: BLE001  (a vanished image is not the model's fault)
+                unreadable += 1
+                log.info("gate: cannot read %s (%s): %s", r["id"], r["uri"], exc)
+        if not blobs:
+            continue
+        vectors = path.embedder.embed_bytes(blobs)
+        hits = store.search(path.collection, vectors, k=5, filter=VISIBLE, output_fields=(),
+                            consistency="Strong")
+        for r, h in zip(kept, hits):
+            top = h[0]["score"] if h else -1.0
+            mine = next((x["score"] for x in h if x["id"] == r["id"]), None)
+            ok = mine is not None and mine >= top - 1e-4 and mine >= min_score
+            scores.append(mine if mine is not None else top)
+            if ok:
+                found += 1
+            else:
+                missed.append(r["id"])
+    checked = found + len(missed)
+    return {"sampled": len(sample), "checked": checked, "found": found,
+            "rate": round(found / checked, 4) if checked else None,
+            "minScore": round(min(scores), 4) if scores else None,
+            "unreadable": unreadable, "missed": missed[:10],
+            "seconds": round(time.monotonic() - t0, 2)}
+
+
+def ranked_lists(store, path: VersionPath, queries: list[str], fetcher, *, k: int = K) -> dict[str, list[str]]:
+    """Top-``k`` catalog ids for each golden query through ``path``."""
+    out: dict[str, list[str]] = {}
+    for q in queries:
+        if q.startswith("catalog:"):
+            item = q.split(":", 1)[1]
+            rows = store.get(path.collection, [item], ("uri",))
+            if item not in rows or not rows[item].get("uri"):
+                raise GoldenSetError(f"golden query {q}: item {item!r} is not in {path.collection}")
+            uri = rows[item]["uri"]
+        else:
+            uri = q
+        vec = path.embedder.embed_bytes([_fetch(fetcher, uri)])
+        hits = store.search(path.collection, vec, k=k, filter=VISIBLE, output_fields=())[0]
+        out[q] = [h["id"] for h in hits]
+    return out
+
+
+def golden_figures(store, path: VersionPath, judgments: dict, fetcher) -> dict:
+    from ..trainer.metrics import evaluate_ranked_lists
+    rankings = ranked_lists(store, path, list(judgments), fetcher)
+    rep = evaluate_ranked_lists(rankings, judgments, ks=(K,))["metrics"]
+    return {f"ndcg@{K}": _num(rep.get(f"ndcg@{K}")), f"recall@{K}": _num(rep.get(f"recall@{K}")),
+            "queries": len(judgments)}
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
+
+
+def run_gate(store, candidate: VersionPath, serving: VersionPath | None, gate, *, fetcher,
+             judgments: dict | None = None) -> dict:
+    """Both checks; returns ``{"verdict": "Passed" | "Failed", "reasons": [...], "selfConsistency":
+    {...}, "golden": {...}}``."""
+    reasons = []
+    result: dict = {}
+    if gate.sample_size > 0:
+        sc = self_consistency(store, candidate, sample_size=gate.sample_size,
+                              min_score=gate.min_self_score, fetcher=fetcher)
+        result["selfConsistency"] = sc
+        if sc["checked"] == 0:
+            reasons.append("self-consistency: no sampled item with a readable image")
+        elif sc["rate"] < gate.min_self_consistency:
+            reasons.append(f"self-consistency: {sc['found']}/{sc['checked']} sampled items found "
+                           f"themselves first with score >= {gate.min_self_score} (need "
+                           f"{gate.min_self_consistency:.0%}); e.g. {', '.join(sc['missed'][:3])}")
+    if judgments:
+        margin = gate.golden.margin
+        cand = golden_figures(store, candidate, judgments, fetcher)
+        golden = {"candidate": cand, "margin": margin}
+        if serving is not None:
+            serv = golden_figures(store, serving, judgments, fetcher)
+            golden["serving"] = serv
+            for metric in (f"ndcg@{K}", f"recall@{K}"):
+                c, s = cand[metric], serv[metric]
+                if c is not None and s is not None and c < s - margin:
+                    reasons.append(f"golden set: candidate {metric} {c:.4f} is below the serving "
+                                   f"version's {s:.4f} by more than the margin {margin}")
+        result["golden"] = golden
+    result["verdict"] = "Failed" if reasons else "Passed"
+    result["reasons"] = reasons
+    return result

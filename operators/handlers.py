@@ -1,0 +1,155 @@
+"""The kopf operator for ``SearchIndex`` objects: a timer that runs one idempotent step of the
+rollout (:func:`operators.rollout.reconcile`) against the actual state, a deletion handler (kopf
+adds the finalizer ``vsearch.io/cleanup``) that removes everything the object created, Milvus
+included, Kubernetes Events for every phase change, and Prometheus metrics.
+
+No handler sleeps: waiting is the next timer tick; failures that may pass raise
+``kopf.TemporaryError(delay=...)`` (kopf's backoff), and a step that keeps failing ends the
+rollout as Failed after ``spec.rollout.maxRetries`` (see :mod:`operators.rollout`).
+
+Least-privilege RBAC (``operators/rbac.yaml``): searchindexes get/list/watch/patch,
+searchindexes/status get/patch, searchindexes/finalizers update (owner references that block
+deletion); inferenceservices and deployments get/create/delete; configmaps
+and secrets get (golden sets, the Milvus token); events create/patch."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+
+import kopf
+from prometheus_client import Counter, Gauge, Histogram
+
+from . import rollout
+from .crd import GROUP, PLURAL, VERSION
+from .spec import IndexSpec
+
+log = logging.getLogger(__name__)
+
+RECONCILES = Counter("vsearch_operator_reconciles_total", "Reconcile steps by phase and outcome",
+                     ["phase", "outcome"])
+TRANSITIONS = Counter("vsearch_operator_phase_transitions_total", "Phase changes", ["phase"])
+PHASE = Gauge("vsearch_operator_phase", "1 for the phase each SearchIndex is in",
+              ["namespace", "name", "phase"])
+STEP_SECONDS = Histogram("vsearch_operator_step_seconds", "Time of one reconcile step", ["phase"],
+                         buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+BACKFILL_INDEXED = Gauge("vsearch_operator_candidate_indexed_items", "Items in the candidate collection",
+                         ["namespace", "name"])
+
+_api_client = None
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def set_api_client(api_client) -> None:
+    global _api_client
+    _api_client = api_client
+
+
+def _cached(key, make):
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = make()
+        return _cache[key]
+
+
+def build_env(body: dict) -> rollout.Env:
+    """The reconcile environment for one object: its workloads, Milvus and Kafka (clients cached)."""
+    from ..core.fetch import Fetcher
+    from ..core.store import MilvusStore
+    from ..predictor.client import EmbedderClient
+    from .kafka_groups import KafkaGroups
+    from .workloads import KubernetesWorkloads
+
+    workloads = KubernetesWorkloads(_api_client, owner=body)
+    store = groups = None
+    try:
+        spec = IndexSpec.from_dict(body["spec"])
+        token = workloads.milvus_token(spec)
+        idx = spec.index_config()
+        store = _cached(("store", spec.milvus_uri, token, repr(idx)),
+                        lambda: MilvusStore(spec.milvus_uri, token=token, timeout=30, index=idx))
+        groups = _cached(("groups", spec.bootstrap), lambda: KafkaGroups(spec.bootstrap))
+    except Exception as exc:  # noqa: BLE001  (an invalid spec: the step reports it)
+        log.debug("no environment for an invalid spec: %s", exc)
+    return rollout.Env(workloads=workloads, store=store, groups=groups,
+                       embedder=lambda url: _cached(("embedder", url), lambda: EmbedderClient(url, timeout=60)),
+                       fetcher=_cached("fetcher", Fetcher))
+
+
+def plain(body) -> dict:
+    """A deep, plain-dict copy of a kopf body."""
+    def conv(v):
+        if hasattr(v, "items"):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+    return conv(body)
+
+
+def apply_status(patch, old: dict, new: dict) -> None:
+    """Write ``new`` as the status: changed keys set, vanished keys removed (kopf's own kept)."""
+    for key, value in new.items():
+        if old.get(key) != value:
+            patch.status[key] = copy.deepcopy(value)
+    for key in old:
+        if key not in new and key != "kopf":
+            patch.status[key] = None
+
+
+def step(name: str, namespace: str, body: dict, patch, env: rollout.Env | None = None) -> rollout.Outcome:
+    """One reconcile step for a kopf handler: run it, write the status, post the Events."""
+    obj = plain(body)
+    phase = (obj.get("status") or {}).get("phase") or rollout.PENDING
+    t0 = time.monotonic()
+    outcome = rollout.reconcile(name, namespace, obj, env or build_env(obj))
+    STEP_SECONDS.labels(phase).observe(time.monotonic() - t0)
+    RECONCILES.labels(phase, "error" if outcome.error else "ok").inc()
+    apply_status(patch, obj.get("status") or {}, outcome.status)
+    for p in rollout.PHASES:
+        PHASE.labels(namespace, name, p).set(1 if p == outcome.phase else 0)
+    cand = outcome.status.get("candidate") or {}
+    BACKFILL_INDEXED.labels(namespace, name).set((cand.get("progress") or {}).get("indexed") or 0)
+    for kind, reason, message in outcome.events:
+        TRANSITIONS.labels(outcome.phase).inc()
+        try:
+            kopf.event(body, type=kind, reason=reason, message=message[:1000])
+        except Exception as exc:  # noqa: BLE001  (an Event is information, not state)
+            log.warning("could not post event %s: %s", reason, exc)
+    return outcome
+
+
+def register(interval: float = 5.0) -> None:
+    """Register the handlers with kopf's default registry (``interval``: seconds between steps)."""
+
+    @kopf.on.startup()
+    def configure(settings: kopf.OperatorSettings, **_):
+        settings.persistence.finalizer = "vsearch.io/cleanup"
+        # Exact namespaces (or all): no namespace or CRD watching, so no RBAC for them either.
+        settings.scanning.disabled = True
+        settings.posting.level = logging.WARNING          # our own Events say what happens
+        settings.watching.connect_timeout = 10
+        settings.watching.server_timeout = 120
+        settings.networking.request_timeout = 30
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, initial_delay=0.1, id="rollout")
+    def rollout_timer(name, namespace, body, meta, patch, **_):
+        if meta.get("deletionTimestamp"):
+            return
+        outcome = step(name, namespace, body, patch)
+        if outcome.error:
+            raise kopf.TemporaryError(outcome.error, delay=max(interval, 2.0))
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup")
+    def cleanup(name, namespace, body, **_):
+        obj = plain(body)
+        try:
+            done, left = rollout.cleanup(name, namespace, obj, build_env(obj))
+        except Exception as exc:  # noqa: BLE001
+            raise kopf.TemporaryError(f"cleaning up {namespace}/{name}: {exc}", delay=5) from exc
+        if not done:
+            raise kopf.TemporaryError(f"still deleting: {', '.join(left)}", delay=3)
+        log.info("%s/%s: deleted its workloads, collections, alias and consumer groups", namespace, name)

@@ -1,0 +1,547 @@
+"""The rollout state machine of a ``SearchIndex``: blue-green reindex, quality gate, one alias
+switch, rollback and retention. One code path for the cluster (kopf, :mod:`operators.handlers`)
+and local runs (``vsearch demo --rollout``): only the :class:`~operators.workloads.Workloads`
+differ.
+
+:func:`reconcile` is a pure, idempotent step: it reads the object (spec, annotations,
+generation) and its status (all state lives there), looks at the actual state (workloads,
+Milvus, the consumer group's committed offsets), does at most one phase's work and returns the
+new status, the Kubernetes Events to post and when to look again. A process killed at any
+point resumes from the persisted phase: every step re-checks what is already done (a created
+object is found, an alias already switched is not switched again, the previous version is
+taken from the status, never from what the alias said), so nothing is duplicated and no switch
+is half done.
+
+Phases::
+
+    Pending -> Deploying -> Backfilling -> Verifying -> [AwaitingApproval] -> Switching -> Ready
+                   \\____________\\______________\\______________/ -> Failed (serving untouched)
+    Ready -> RollingBack -> Ready        (alias back to the retained previous version)
+
+- Deploying: the candidate's embedder (InferenceService); once it answers, the collection
+  ``images__<model>__<version>`` is created with the configured index and the model record
+  (model, version, embedder endpoint), and the ingest consumer (own group) is started.
+- Backfilling: the consumer replays the compacted catalog topic from offset 0 and keeps following
+  it. Complete when the candidate's count equals the serving collection's (within
+  ``countTolerance``) AND the group's committed offsets have not moved for ``idleSeconds``. No
+  broker end offsets or lag are used (brokers report them differently; Tansu wrongly).
+- Verifying: the quality gate (:mod:`operators.gate`); figures into ``status.gate``.
+- AwaitingApproval (``rollout.requireApproval``): until annotation ``vsearch.io/approve`` equals
+  the candidate version.
+- Switching: one ``alter_alias`` call; serving -> previous (kept ``retentionSeconds``).
+- Ready: serving; a changed ``spec.model`` starts the next rollout; the previous version is
+  deleted (embedder, ingest, collection, consumer group) when its retention ends.
+- RollingBack: annotation ``vsearch.io/rollback`` (a new value), or ``spec.model`` set back to
+  the previous version: the alias moves back to the retained previous collection.
+- Failed: the reason in ``status.reason``/``message``; the candidate is cleaned up; the target
+  that failed is not retried until the spec names another one (terminal, never re-queued).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import logging
+import time
+from typing import Callable
+
+from . import failpoints
+from .crd import InvalidSearchIndex, validate
+from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef
+
+log = logging.getLogger(__name__)
+
+PENDING, DEPLOYING, BACKFILLING, VERIFYING = "Pending", "Deploying", "Backfilling", "Verifying"
+AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK = "AwaitingApproval", "Switching", "Ready", "Failed", "RollingBack"
+PHASES = (PENDING, DEPLOYING, BACKFILLING, VERIFYING, AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK)
+ROLLOUT_PHASES = (DEPLOYING, BACKFILLING, VERIFYING, AWAITING, SWITCHING)
+HISTORY = 10
+FAST, WAIT, SLOW = 0.0, 2.0, 10.0      # seconds until the next look
+
+
+@dataclasses.dataclass
+class Env:
+    """What a reconcile step acts on. ``store`` is a :class:`vsearch.store.MilvusStore` for the
+    spec's Milvus and index; ``groups`` an :class:`operators.kafka_groups.KafkaGroups`;
+    ``embedder`` makes an embedder client for a URL; ``fetcher`` reads catalog images."""
+    workloads: object
+    store: object
+    groups: object
+    embedder: Callable[[str], object]
+    fetcher: object
+    now: Callable[[], float] = time.time
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: dict
+    events: list = dataclasses.field(default_factory=list)     # (type, reason, message)
+    requeue: float = WAIT
+    error: str | None = None        # a transient failure: retry with backoff
+
+    @property
+    def phase(self) -> str:
+        return self.status.get("phase", PENDING)
+
+
+class StepError(RuntimeError):
+    """A step failed in a way that retrying may fix (counted against ``maxRetries``)."""
+
+
+class Fail(Exception):
+    """The rollout cannot go on: Failed with this reason."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+class Step:
+    """One reconcile pass over one object."""
+
+    def __init__(self, name: str, namespace: str, body: dict, env: Env):
+        self.name, self.namespace, self.env = name, namespace, env
+        self.body = body
+        self.meta = body.get("metadata") or {}
+        self.annotations = self.meta.get("annotations") or {}
+        self.status = copy.deepcopy(body.get("status") or {})
+        self.events: list = []
+        self.now = env.now()
+
+    # -- helpers
+    def ref(self, d: dict | None) -> VersionRef | None:
+        return VersionRef.from_status(self.name, self.namespace, d) if d else None
+
+    def event(self, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+        (log.warning if kind == "Warning" else log.info)("%s/%s %s: %s", self.namespace, self.name, reason, message)
+
+    def go(self, phase: str, message: str, *, kind: str = "Normal", reason: str | None = None) -> None:
+        before = self.status.get("phase")
+        self.status["phase"] = phase
+        self.status["reason"] = reason or phase
+        self.status["message"] = message
+        self.status["phaseSince"] = iso(self.now)
+        if self.status.get("candidate"):
+            self.status["candidate"]["attempts"] = 0
+        if before != phase:
+            self.event(kind, reason or phase, message)
+
+    def note(self, message: str) -> None:
+        self.status["message"] = message
+
+    # -- the pass
+    def run(self) -> Outcome:
+        try:
+            validate({"spec": self.body.get("spec")})
+            spec = IndexSpec.from_dict(self.body["spec"])
+        except (InvalidSearchIndex, KeyError, TypeError, ValueError) as exc:
+            if self.status.get("reason") != "InvalidSpec" or self.status.get("message") != str(exc):
+                self.status.update(phase=self.status.get("phase") if self.status.get("serving") else FAILED)
+                self.status["reason"], self.status["message"] = "InvalidSpec", f"invalid spec: {exc}"
+                self.event("Warning", "InvalidSpec", f"invalid spec: {exc}")
+            return self.finish(SLOW)
+        self.spec = spec
+        phase = self.status.get("phase") or PENDING
+        try:
+            if phase in ROLLOUT_PHASES:
+                requeue = self.rollout_phase(phase)
+            elif phase == ROLLING_BACK:
+                requeue = self.rolling_back()
+            else:
+                requeue = self.steady(phase)
+        except Fail as exc:
+            self.fail(exc.reason, exc.message)
+            return self.finish(FAST)
+        except Exception as exc:  # noqa: BLE001  (Milvus, Kafka, the API: transient until proven otherwise)
+            return self.transient(exc)
+        return self.finish(requeue)
+
+    def finish(self, requeue: float, error: str | None = None) -> Outcome:
+        self.status["observedGeneration"] = self.meta.get("generation")
+        self.status["conditions"] = conditions(self.body.get("status") or {}, self.status,
+                                               self.meta.get("generation"), self.now)
+        return Outcome(status=self.status, events=self.events, requeue=requeue, error=error)
+
+    def transient(self, exc: Exception) -> Outcome:
+        text = f"{type(exc).__name__}: {str(exc)[:400]}"
+        cand = self.status.get("candidate")
+        phase = self.status.get("phase")
+        if cand and phase in ROLLOUT_PHASES and phase != SWITCHING:
+            cand["attempts"] = int(cand.get("attempts", 0)) + 1
+            cand["lastError"] = text
+            if cand["attempts"] > self.spec.policy.max_retries:
+                self.fail("StepFailed", f"{phase} failed {cand['attempts']} times; last: {text}")
+                return self.finish(FAST)
+        self.note(f"{phase}: retrying after {text}")
+        log.warning("%s/%s %s: %s", self.namespace, self.name, phase, text)
+        return self.finish(WAIT, error=text)
+
+    def fail(self, reason: str, message: str) -> None:
+        cand = self.status.get("candidate") or {}
+        self.status["failed"] = {"key": self.ref(cand).key if cand else None, "version": cand.get("version"),
+                                 "reason": reason, "message": message, "at": iso(self.now)}
+        self.go(FAILED, message, kind="Warning", reason=reason)
+
+    # -- steady states: Pending, Ready, Failed
+    def steady(self, phase: str) -> float:
+        s, spec = self.status, self.spec
+        if s.get("candidate"):                       # a failed or abandoned candidate: clean it up
+            if self.retire(self.ref(s["candidate"])):
+                s["candidate"] = None
+            return FAST
+        if self.cleanup_retired():
+            return FAST
+        serving, previous = s.get("serving"), s.get("previous")
+        desired = VersionRef.of(self.name, self.namespace, spec.model)
+        token = self.annotations.get(ROLLBACK_ANNOTATION)
+        if token and token != s.get("rollbackToken"):
+            s["rollbackToken"] = token
+            if serving and previous:
+                s["rolledBack"] = {"key": self.ref(serving).key, "version": serving["version"]}
+                self.go(ROLLING_BACK, f"rollback requested: alias {spec.alias} back to {previous['version']} "
+                                      f"({previous['collection']})")
+                return FAST
+            self.event("Warning", "NothingToRollBack", "rollback requested, but no previous version is retained")
+        if serving and previous and desired.key == self.ref(previous).key and desired.key != self.ref(serving).key:
+            self.go(ROLLING_BACK, f"spec.model names the previous version {previous['version']}: moving "
+                                  f"alias {spec.alias} back to {previous['collection']}")
+            return FAST
+        if serving is None or desired.key != self.ref(serving).key:
+            failed = s.get("failed") or {}
+            if failed.get("key") == desired.key:
+                if phase != FAILED:
+                    self.go(FAILED, failed.get("message", "failed"), kind="Warning", reason=failed.get("reason"))
+                return SLOW                                   # terminal for this target
+            if (s.get("rolledBack") or {}).get("key") == desired.key:
+                self.note(f"{desired.version} was rolled back; {serving['version']} serves. Change "
+                          "spec.model to roll out again")
+                return SLOW
+            s["candidate"] = {**desired.to_status(), "startedAt": iso(self.now), "attempts": 0}
+            s["gate"] = None
+            s["failed"] = None
+            s["rolledBack"] = None
+            self.go(DEPLOYING, f"rolling out {spec.model.name} {spec.model.version}: deploying its embedder"
+                               + (f" (serving: {serving['version']})" if serving else ""))
+            return FAST
+        if phase != READY:
+            self.go(READY, f"alias {spec.alias} serves {serving['version']} ({serving['collection']})")
+        if previous and self.now >= (parse_iso(previous.get("retainUntil")) or 0):
+            if self.retire(self.ref(previous)):
+                self.event("Normal", "Retired", f"retention over: deleted {previous['version']} "
+                                                f"({previous['collection']}, its embedder, ingest and consumer group)")
+                s["previous"] = None
+            return FAST
+        if previous:
+            left = (parse_iso(previous.get("retainUntil")) or self.now) - self.now
+            return max(1.0, min(SLOW, left))
+        return SLOW
+
+    def cleanup_retired(self) -> bool:
+        """Versions pushed out of ``previous`` by a newer switch: delete them. True while busy."""
+        retired = self.status.get("retired") or []
+        if not retired:
+            return False
+        left = [r for r in retired if not self.retire(self.ref(r))]
+        self.status["retired"] = left or None
+        return True
+
+    def retire(self, v: VersionRef) -> bool:
+        """Delete a version that does not serve: workloads, collection, consumer group."""
+        store = self.env.store
+        if store.describe_alias(self.spec.alias) == v.collection:
+            log.error("refusing to delete %s: alias %s serves it", v.collection, self.spec.alias)
+            return True
+        gone = self.env.workloads.delete_version(self.spec, v)
+        if gone:
+            store.drop_collection(v.collection)
+            self.env.groups.delete(v.group)
+        return gone
+
+    # -- the rollout phases
+    def rollout_phase(self, phase: str) -> float:
+        s = self.status
+        cand = self.ref(s.get("candidate"))
+        if cand is None:
+            self.go(READY if s.get("serving") else PENDING, "no candidate")
+            return FAST
+        desired = VersionRef.of(self.name, self.namespace, self.spec.model)
+        if phase != SWITCHING and desired.key != cand.key:
+            self.event("Normal", "Superseded", f"spec.model changed to {desired.version} during the rollout "
+                                               f"of {cand.version}: abandoning {cand.version}")
+            if self.retire(cand):
+                s["candidate"] = None
+                self.go(READY if s.get("serving") else PENDING, f"abandoned {cand.version}")
+            return FAST
+        return {DEPLOYING: self.deploying, BACKFILLING: self.backfilling, VERIFYING: self.verifying,
+                AWAITING: self.awaiting, SWITCHING: self.switching}[phase](cand)
+
+    def deploying(self, cand: VersionRef) -> float:
+        spec, c = self.spec, self.status["candidate"]
+        st = self.env.workloads.ensure_embedder(spec, cand)
+        started = parse_iso(c.get("startedAt")) or self.now
+        if st.failed:
+            raise Fail("DeployFailed", f"embedder of {cand.version}: {st.message}")
+        if not st.ready:
+            if self.now - started > spec.policy.deploy_timeout_s:
+                raise Fail("DeployTimeout", f"embedder of {cand.version} not ready after "
+                                            f"{spec.policy.deploy_timeout_s}s: {st.message}")
+            self.note(f"deploying the embedder of {cand.version}: {st.message}")
+            return WAIT
+        client = self.env.embedder(st.url)
+        try:
+            dim = int(client.dim)
+            client.embed_bytes([_probe_image()])
+        except Exception as exc:  # noqa: BLE001
+            raise StepError(f"the embedder of {cand.version} at {st.url} does not answer: {exc}") from exc
+        record = {"model": cand.model, "version": cand.version, "embedder_url": st.url,
+                  "served_version": str(getattr(client, "version", "") or ""), "model_uri": cand.uri,
+                  "searchindex": f"{self.namespace}/{self.name}"}
+        try:
+            created = self.env.store.ensure_model_collection(cand.collection, dim, record)
+        except ValueError as exc:
+            raise Fail("CollectionMismatch", str(exc)) from exc
+        rec = self.env.store.model_record(cand.collection)
+        if rec is not None and (rec.get("model"), rec.get("version")) != (cand.model, cand.version):
+            raise Fail("CollectionMismatch", f"collection {cand.collection} exists, built by {rec}")
+        c.update(embedderUrl=st.url, dim=dim)
+        ist = self.env.workloads.ensure_ingest(spec, cand, st.url)
+        c["progress"] = {"indexed": 0, "offsets": {}, "offsetsChangedAt": iso(self.now),
+                         "checkedAt": iso(self.now)}
+        c["backfillStartedAt"] = iso(self.now)
+        self.go(BACKFILLING, f"{cand.version}: collection {cand.collection} "
+                             f"{'created' if created else 'exists'} (dim {dim}, {spec.index_type}); "
+                             f"ingest group {cand.group} replaying {spec.topic} from the beginning"
+                             + (f" ({ist.message})" if ist.message else ""))
+        return FAST
+
+    def backfilling(self, cand: VersionRef) -> float:
+        s, spec, c = self.status, self.spec, self.status["candidate"]
+        pol = spec.policy
+        emb = self.env.workloads.ensure_embedder(spec, cand)            # heal what vanished
+        ist = self.env.workloads.ensure_ingest(spec, cand, c.get("embedderUrl") or emb.url or "")
+        started = parse_iso(c.get("backfillStartedAt")) or self.now
+        if self.now - started > pol.backfill_timeout_s:
+            raise Fail("BackfillTimeout", f"{cand.version} not caught up after {pol.backfill_timeout_s}s")
+        store = self.env.store
+        indexed = store.count(cand.collection)
+        serving = s.get("serving")
+        target = store.count(serving["collection"]) if serving else None
+        offsets = self.env.groups.committed(cand.group)
+        p = c.setdefault("progress", {})
+        if offsets != p.get("offsets"):
+            p["offsets"] = offsets
+            p["offsetsChangedAt"] = iso(self.now)
+        last_at = parse_iso(p.get("checkedAt")) or self.now
+        dt = self.now - last_at
+        if dt > 0:
+            inst = max(0.0, (indexed - int(p.get("indexed", 0))) / dt)
+            p["ratePerSecond"] = round(inst if p.get("ratePerSecond") is None else 0.5 * inst + 0.5 * p["ratePerSecond"], 2)
+        p["indexed"], p["servingCount"], p["checkedAt"] = indexed, target, iso(self.now)
+        rate = p.get("ratePerSecond") or 0
+        p["etaSeconds"] = round((target - indexed) / rate, 1) if target is not None and rate > 0 and target > indexed else None
+        idle = self.now - (parse_iso(p.get("offsetsChangedAt")) or self.now)
+        p["idleSeconds"] = round(idle, 1)
+        # The first version has no serving count to match: it needs its first committed batch.
+        parity = bool(offsets) if target is None else abs(indexed - target) <= pol.count_tolerance
+        p["parity"] = parity
+        if ist.ready and emb.ready and parity and idle >= pol.idle_s:
+            self.go(VERIFYING, f"{cand.version} caught up: {indexed} items"
+                               + (f" (serving {target})" if target is not None else "")
+                               + f", consumer idle {idle:.0f}s; running the quality gate")
+            return FAST
+        self.note(f"backfilling {cand.version}: {indexed}" + (f"/{target}" if target is not None else "")
+                  + f" items, {rate:.1f}/s, consumer idle {idle:.0f}s"
+                  + ("" if ist.ready else f"; {ist.message}"))
+        return WAIT
+
+    def verifying(self, cand: VersionRef) -> float:
+        from .gate import VersionPath, parse_judgments, run_gate
+        s, spec, c = self.status, self.spec, self.status["candidate"]
+        gate = spec.policy.gate
+        judgments = None
+        if gate.golden:
+            judgments = parse_judgments(self.read_golden(gate.golden), "golden set")
+        serving = s.get("serving")
+        cand_path = VersionPath(cand.version, cand.collection, self.env.embedder(c["embedderUrl"]))
+        serv_path = None
+        if serving and serving.get("embedderUrl"):
+            serv_path = VersionPath(serving["version"], serving["collection"],
+                                    self.env.embedder(serving["embedderUrl"]))
+        result = run_gate(self.env.store, cand_path, serv_path, gate, fetcher=self.env.fetcher,
+                          judgments=judgments)
+        result.update(candidate=cand.version, serving=serving["version"] if serving else None,
+                      measuredAt=iso(self.now))
+        s["gate"] = result
+        log.info("%s/%s quality gate of %s: %s %s", self.namespace, self.name, cand.version,
+                 result["verdict"], {k: v for k, v in result.items() if k in ("selfConsistency", "golden")})
+        if result["verdict"] != "Passed":
+            raise Fail("GateFailed", f"quality gate refused {cand.version}: " + "; ".join(result["reasons"]))
+        summary = _gate_summary(result)
+        if spec.policy.require_approval:
+            self.go(AWAITING, f"gate passed ({summary}); approve with: kubectl annotate searchindex "
+                              f"{self.name} {APPROVE_ANNOTATION}={cand.version}")
+            return SLOW
+        self.go(SWITCHING, f"gate passed ({summary}); switching alias {spec.alias} to {cand.collection}")
+        return FAST
+
+    def read_golden(self, golden) -> str:
+        if golden.config_map:
+            return self.env.workloads.read_config_map(golden.config_map, golden.config_map_key)
+        uri = golden.uri
+        if uri.startswith("/"):
+            uri = "file://" + uri
+        return self.env.fetcher.fetch(uri).decode()
+
+    def awaiting(self, cand: VersionRef) -> float:
+        approved = self.annotations.get(APPROVE_ANNOTATION)
+        if approved == cand.version or not self.spec.policy.require_approval:
+            self.go(SWITCHING, f"{cand.version} approved ({APPROVE_ANNOTATION}={approved}); switching alias "
+                               f"{self.spec.alias} to {cand.collection}", reason="Approved")
+            self.status["reason"] = SWITCHING
+            return FAST
+        return SLOW
+
+    def switching(self, cand: VersionRef) -> float:
+        s, spec, c = self.status, self.spec, self.status["candidate"]
+        emb = self.env.workloads.ensure_embedder(spec, cand)
+        if not emb.ready:
+            self.note(f"waiting for the embedder of {cand.version} before switching: {emb.message}")
+            return WAIT
+        before = self.env.store.switch_alias(spec.alias, cand.collection)     # one alter_alias call
+        failpoints.hit("after-alias-switch")
+        old = s.get("serving")
+        if old:
+            if s.get("previous"):
+                s["retired"] = (s.get("retired") or []) + [s["previous"]]
+            s["previous"] = {**old, "retainUntil": iso(self.now + spec.policy.retention_s)}
+        s["serving"] = {k: v for k, v in c.items() if k not in ("attempts", "lastError", "progress", "startedAt",
+                                                                 "backfillStartedAt")}
+        s["serving"]["since"] = iso(self.now)
+        s["candidate"] = None
+        self.history("switch", old, cand.version)
+        self.go(READY, f"alias {spec.alias} switched from {old['collection'] if old else before or '(none)'} to "
+                       f"{cand.collection}: {cand.version} serves", reason="Switched")
+        self.status["reason"] = READY
+        return FAST
+
+    def rolling_back(self) -> float:
+        s, spec = self.status, self.spec
+        prev, serv = s.get("previous"), s.get("serving")
+        if not prev:
+            self.go(READY, "nothing to roll back to")
+            return FAST
+        pref = self.ref(prev)
+        emb = self.env.workloads.ensure_embedder(spec, pref)
+        self.env.workloads.ensure_ingest(spec, pref, prev.get("embedderUrl") or emb.url or "")
+        if not emb.ready:
+            self.note(f"waiting for the embedder of {prev['version']} before rolling back: {emb.message}")
+            return WAIT
+        self.env.store.switch_alias(spec.alias, prev["collection"])
+        failpoints.hit("after-rollback-switch")
+        s["serving"] = {**{k: v for k, v in prev.items() if k != "retainUntil"}, "since": iso(self.now)}
+        s["previous"] = {**serv, "retainUntil": iso(self.now + spec.policy.retention_s)} if serv else None
+        self.history("rollback", serv, prev["version"])
+        self.go(READY, f"rolled back: alias {spec.alias} serves {prev['version']} ({prev['collection']}) again",
+                reason="RolledBack")
+        self.status["reason"] = READY
+        return FAST
+
+    def history(self, action: str, old: dict | None, to: str) -> None:
+        h = list(self.status.get("history") or [])
+        h.append({"action": action, "from": old["version"] if old else None, "to": to, "at": iso(self.now)})
+        self.status["history"] = h[-HISTORY:]
+
+
+def reconcile(name: str, namespace: str, body: dict, env: Env) -> Outcome:
+    """One idempotent step for one SearchIndex (see the module docstring)."""
+    return Step(name, namespace, body, env).run()
+
+
+def cleanup(name: str, namespace: str, body: dict, env: Env) -> tuple[bool, list[str]]:
+    """Delete everything the SearchIndex created: every version's embedder, ingest, collection and
+    consumer group, and the alias when it names one of them. Returns (done, what is left)."""
+    status = body.get("status") or {}
+    versions = [status.get(k) for k in ("candidate", "serving", "previous")] + list(status.get("retired") or [])
+    refs = [VersionRef.from_status(name, namespace, v) for v in versions if v]
+    if not refs:
+        return True, []                      # nothing was created (e.g. an invalid object)
+    spec = IndexSpec.from_dict(body["spec"])
+    store = env.store
+    mine = {r.collection for r in refs}
+    left = []
+    if store.describe_alias(spec.alias) in mine:
+        store.drop_alias(spec.alias)
+    for r in refs:
+        if not env.workloads.delete_version(spec, r):
+            left.append(f"workloads of {r.version}")
+            continue
+        store.drop_collection(r.collection)
+        if not env.groups.delete(r.group):
+            left.append(f"consumer group {r.group}")
+    return not left, left
+
+
+# --- conditions -------------------------------------------------------------------------------
+
+def conditions(old_status: dict, status: dict, generation, now: float) -> list[dict]:
+    phase = status.get("phase", PENDING)
+    serving = status.get("serving")
+    rolled = status.get("rolledBack")
+    want = {
+        "Ready": (bool(serving),
+                  "Serving" if serving else "NoServingVersion",
+                  f"alias serves {serving['version']} ({serving['collection']})" if serving
+                  else "no model version serves yet"),
+        "Progressing": (phase in ROLLOUT_PHASES or phase in (PENDING, ROLLING_BACK),
+                        phase if phase in ROLLOUT_PHASES + (ROLLING_BACK, PENDING) else "Idle",
+                        status.get("message", "") if phase in ROLLOUT_PHASES + (ROLLING_BACK,) else ""),
+        "Degraded": (phase == FAILED or bool(rolled) or status.get("reason") == "InvalidSpec",
+                     (status.get("reason") if phase == FAILED or status.get("reason") == "InvalidSpec"
+                      else "RolledBack" if rolled else "AsExpected"),
+                     (status.get("message", "") if phase == FAILED or status.get("reason") == "InvalidSpec"
+                      else f"{rolled['version']} was rolled back" if rolled else "")),
+    }
+    before = {c.get("type"): c for c in old_status.get("conditions") or []}
+    out = []
+    for ctype, (ok, reason, message) in want.items():
+        st = "True" if ok else "False"
+        prev = before.get(ctype) or {}
+        since = prev.get("lastTransitionTime") if prev.get("status") == st else iso(now)
+        out.append({"type": ctype, "status": st, "reason": reason, "message": message[:1000],
+                    "lastTransitionTime": since or iso(now), "observedGeneration": generation})
+    return out
+
+
+def _gate_summary(result: dict) -> str:
+    parts = []
+    sc = result.get("selfConsistency")
+    if sc:
+        parts.append(f"self-consistency {sc['found']}/{sc['checked']}")
+    g = result.get("golden")
+    if g:
+        c = g["candidate"]
+        parts.append(f"nDCG@10 {c['ndcg@10']}, recall@10 {c['recall@10']}")
+        if g.get("serving"):
+            parts.append(f"serving {g['serving']['ndcg@10']}/{g['serving']['recall@10']}")
+    return ", ".join(parts) or "no checks configured"
+
+
+def _probe_image() -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 90, 60)).save(buf, "PNG")
+    return buf.getvalue()

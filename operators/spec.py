@@ -1,0 +1,179 @@
+"""A typed view of a ``SearchIndex`` spec (defaults equal the CRD schema's; a test checks it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from typing import Any
+
+APPROVE_ANNOTATION = "vsearch.io/approve"        # = the candidate version: approves its switch
+ROLLBACK_ANNOTATION = "vsearch.io/rollback"      # any new value: move the alias back to the previous version
+LABEL_INDEX = "vsearch.io/searchindex"
+LABEL_VERSION = "vsearch.io/model-version"
+LABEL_COMPONENT = "vsearch.io/component"
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    image: str = "vsearch:latest"
+    replicas: int = 1
+    resources: dict = dataclasses.field(default_factory=dict)
+    node_selector: dict = dataclasses.field(default_factory=dict)
+    tolerations: list = dataclasses.field(default_factory=list)
+    env: list = dataclasses.field(default_factory=list)
+    args: list = dataclasses.field(default_factory=list)
+    batch_size: int = 256
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Workload":
+        d = d or {}
+        return cls(image=d.get("image", cls.image), replicas=int(d.get("replicas", 1)),
+                   resources=dict(d.get("resources") or {}), node_selector=dict(d.get("nodeSelector") or {}),
+                   tolerations=list(d.get("tolerations") or []), env=list(d.get("env") or []),
+                   args=[str(a) for a in d.get("args") or []], batch_size=int(d.get("batchSize", 256)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Golden:
+    config_map: str | None = None
+    config_map_key: str = "judgments.csv"
+    uri: str | None = None
+    margin: float = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    sample_size: int = 50
+    min_self_score: float = 0.99
+    min_self_consistency: float = 1.0
+    golden: Golden | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    require_approval: bool = False
+    retention_s: int = 86400
+    max_retries: int = 5
+    deploy_timeout_s: int = 1800
+    idle_s: float = 30.0
+    backfill_timeout_s: int = 86400
+    count_tolerance: int = 0
+    gate: Gate = Gate()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    uri: str
+
+    @property
+    def key(self) -> str:
+        """What identifies a rollout target: a new version or a new URI is a new rollout."""
+        return f"{self.name}:{self.version}@{self.uri}"
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSpec:
+    bootstrap: str
+    topic: str
+    milvus_uri: str
+    token_secret: tuple[str, str] | None
+    alias: str
+    index_type: str
+    metric: str
+    index_params: dict
+    search_params: dict
+    model: ModelRef
+    embedder: Workload
+    ingest: Workload
+    search: Workload
+    policy: Policy
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "IndexSpec":
+        cat, mil, model = spec["catalog"], spec["milvus"], spec["model"]
+        idx = mil.get("index") or {}
+        tok = mil.get("tokenSecretRef")
+        ro = spec.get("rollout") or {}
+        bf = ro.get("backfill") or {}
+        g = ro.get("gate") or {}
+        gd = g.get("golden")
+        golden = None
+        if gd and (gd.get("configMapRef") or gd.get("uri")):
+            golden = Golden(config_map=(gd.get("configMapRef") or {}).get("name"),
+                            config_map_key=(gd.get("configMapRef") or {}).get("key", "judgments.csv"),
+                            uri=gd.get("uri"), margin=float(gd.get("margin", 0.02)))
+        gate = Gate(sample_size=int(g.get("sampleSize", 50)), min_self_score=float(g.get("minSelfScore", 0.99)),
+                    min_self_consistency=float(g.get("minSelfConsistency", 1.0)), golden=golden)
+        policy = Policy(require_approval=bool(ro.get("requireApproval", False)),
+                        retention_s=int(ro.get("retentionSeconds", 86400)),
+                        max_retries=int(ro.get("maxRetries", 5)),
+                        deploy_timeout_s=int(ro.get("deployTimeoutSeconds", 1800)),
+                        idle_s=float(bf.get("idleSeconds", 30)),
+                        backfill_timeout_s=int(bf.get("timeoutSeconds", 86400)),
+                        count_tolerance=int(bf.get("countTolerance", 0)), gate=gate)
+        return cls(bootstrap=cat["bootstrap"], topic=cat.get("topic", "catalog.images"),
+                   milvus_uri=mil["uri"], token_secret=(tok["name"], tok.get("key", "token")) if tok else None,
+                   alias=mil.get("alias", "images"), index_type=idx.get("type", "HNSW"),
+                   metric=idx.get("metric", "COSINE"), index_params=dict(idx.get("params") or {}),
+                   search_params=dict(idx.get("searchParams") or {}),
+                   model=ModelRef(str(model["name"]), str(model["version"]), str(model["uri"])),
+                   embedder=Workload.from_dict(spec.get("embedder")), ingest=Workload.from_dict(spec.get("ingest")),
+                   search=Workload.from_dict(spec.get("search")), policy=policy)
+
+    def index_config(self):
+        from ..core.store import IndexConfig
+        return IndexConfig(self.index_type, self.metric, self.index_params, self.search_params)
+
+
+def dns_name(*parts: str, limit: int = 63) -> str:
+    """A DNS-1123 label from ``parts`` (lower case, dashes), shortened with a hash when long."""
+    raw = "-".join(p for p in parts if p)
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    name = re.sub(r"-+", "-", name)
+    if len(name) > limit:
+        digest = hashlib.sha1(raw.encode()).hexdigest()[:8]
+        name = name[:limit - 9].rstrip("-") + "-" + digest
+    return name or "x"
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionRef:
+    """One model version of one SearchIndex: what the workload layer creates for it."""
+    index: str                  # the SearchIndex's name
+    namespace: str
+    model: str
+    version: str
+    uri: str
+    collection: str
+    group: str                  # the ingest consumer group (one per version)
+
+    @classmethod
+    def of(cls, index: str, namespace: str, model: ModelRef) -> "VersionRef":
+        from ..core.store import collection_name
+        coll = collection_name(model.name, model.version)
+        return cls(index=index, namespace=namespace, model=model.name, version=model.version, uri=model.uri,
+                   collection=coll, group=f"ingest-{namespace}-{index}-{coll}")
+
+    @property
+    def embedder_name(self) -> str:
+        return dns_name(self.index, self.model, self.version, "embedder", limit=45)
+
+    @property
+    def ingest_name(self) -> str:
+        return dns_name(self.index, self.model, self.version, "ingest")
+
+    def to_status(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "modelUri": self.uri,
+                "collection": self.collection, "consumerGroup": self.group}
+
+    @classmethod
+    def from_status(cls, index: str, namespace: str, d: dict) -> "VersionRef":
+        return cls(index=index, namespace=namespace, model=d["model"], version=d["version"],
+                   uri=d.get("modelUri", ""), collection=d["collection"], group=d["consumerGroup"])
+
+    @property
+    def key(self) -> str:
+        return ModelRef(self.model, self.version, self.uri).key

@@ -1,0 +1,245 @@
+"""The workload layer: what runs a model version's embedder and ingest consumer. The rollout
+logic (:mod:`operators.rollout`) talks only to :class:`Workloads`; this module has the
+Kubernetes implementation (a KServe InferenceService running ``vsearch serve embedder`` and a
+Deployment running ``vsearch ingest`` per version, owned by the SearchIndex), and
+``vsearch.local_workloads`` the one that runs local processes (``vsearch demo --rollout``).
+
+Kubernetes objects made for version V of SearchIndex S (labels ``vsearch.io/searchindex=S``,
+``vsearch.io/model-version=V``, owner reference to S, so deleting S garbage-collects them even
+if the operator is gone):
+
+- InferenceService ``<S>-<model>-<V>-embedder`` (``serving.kserve.io/v1beta1``): one custom
+  predictor container ``vsearch serve embedder --model-dir /mnt/models``; the model URI is given
+  to KServe's storage initializer as ``STORAGE_URI`` (s3://, gs://, pvc://, http(s)://), or used
+  as the model directory when it is a path. Ready when its ``Ready`` condition is True; its URL
+  is ``status.address.url`` (in-cluster) or ``status.url``.
+- Deployment ``<S>-<model>-<V>-ingest`` (``apps/v1``): ``vsearch ingest`` with its own consumer
+  group, embedding through that InferenceService, writing the version's collection, never
+  touching the alias. Ready when ``status.readyReplicas`` reaches the replicas."""
+
+from __future__ import annotations
+
+import abc
+import base64
+import dataclasses
+import logging
+
+from .spec import LABEL_COMPONENT, LABEL_INDEX, LABEL_VERSION, IndexSpec, VersionRef
+
+log = logging.getLogger(__name__)
+
+KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
+DEPLOYMENTS = ("apps", "v1", "deployments")
+MODEL_MOUNT = "/mnt/models"
+EMBEDDER_PORT = 8080
+METRICS_PORT = 9100
+
+
+@dataclasses.dataclass
+class WorkloadState:
+    exists: bool
+    ready: bool = False
+    url: str | None = None
+    message: str = ""
+    failed: bool = False
+
+
+class Workloads(abc.ABC):
+    """Runs (and removes) the embedder and the ingest consumer of one model version."""
+
+    @abc.abstractmethod
+    def ensure_embedder(self, spec: IndexSpec, v: VersionRef) -> WorkloadState:
+        """Create the version's embedder unless it exists; report whether it is ready and where."""
+
+    @abc.abstractmethod
+    def ensure_ingest(self, spec: IndexSpec, v: VersionRef, embedder_url: str) -> WorkloadState:
+        """Create the version's ingest consumer unless it exists (own consumer group, writes
+        ``v.collection``, embeds through ``embedder_url``); report whether it is ready."""
+
+    @abc.abstractmethod
+    def delete_version(self, spec: IndexSpec, v: VersionRef) -> bool:
+        """Remove the version's embedder and ingest; True once both are gone."""
+
+    def read_config_map(self, name: str, key: str) -> str:
+        raise LookupError(f"ConfigMap {name}: this workload layer has no ConfigMaps")
+
+    def milvus_token(self, spec: IndexSpec) -> str:
+        return ""
+
+
+def ingest_args(spec: IndexSpec, v: VersionRef, embedder_url: str, *, metrics_port: int) -> list[str]:
+    """The ``vsearch ingest`` arguments of a version's consumer (shared by both layers)."""
+    import json
+    args = ["ingest", "--bootstrap", spec.bootstrap, "--topic", spec.topic, "--group", v.group,
+            "--embedder-url", embedder_url, "--collection", v.collection, "--alias", "",
+            "--model-name", v.model, "--model-version", v.version,
+            "--milvus-uri", spec.milvus_uri, "--index-type", spec.index_type, "--metric", spec.metric,
+            "--batch-size", str(spec.ingest.batch_size), "--metrics-port", str(metrics_port)]
+    if spec.index_params:
+        args += ["--index-params", json.dumps(spec.index_params)]
+    if spec.search_params:
+        args += ["--search-params", json.dumps(spec.search_params)]
+    return args + list(spec.ingest.args)
+
+
+def embedder_args(model_dir: str, *, port: int, max_batch: int = 64, extra=()) -> list[str]:
+    """``vsearch serve embedder`` arguments; ``max_batch`` must cover the ingest batch size (a
+    larger request is refused with a 400, and the consumer would then embed one image at a time)."""
+    return ["serve", "embedder", "--model-dir", model_dir, "--model-name", "embedder",
+            "--http-port", str(port), "--max-batch", str(max(64, max_batch)), *extra]
+
+
+class KubernetesWorkloads(Workloads):
+    """InferenceServices and Deployments through the Kubernetes API (``kubernetes`` client)."""
+
+    def __init__(self, api_client, owner: dict):
+        from kubernetes import client
+        self.api = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.owner = owner
+
+    # -- helpers
+    def _owner_ref(self) -> dict:
+        meta = self.owner["metadata"]
+        return {"apiVersion": self.owner.get("apiVersion", "vsearch.io/v1alpha1"),
+                "kind": self.owner.get("kind", "SearchIndex"), "name": meta["name"],
+                "uid": meta.get("uid", ""), "controller": True, "blockOwnerDeletion": True}
+
+    @staticmethod
+    def _labels(v: VersionRef, component: str) -> dict:
+        return {LABEL_INDEX: v.index, LABEL_VERSION: _label_value(v.version), LABEL_COMPONENT: component,
+                "app.kubernetes.io/managed-by": "vsearch-operator"}
+
+    def _get(self, kind, namespace, name) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+        try:
+            return self.api.get_namespaced_custom_object(*kind[:2], namespace, kind[2], name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _create(self, kind, namespace, body) -> dict:
+        from kubernetes.client.exceptions import ApiException
+        try:
+            return self.api.create_namespaced_custom_object(*kind[:2], namespace, kind[2], body)
+        except ApiException as exc:
+            if exc.status == 409:       # created meanwhile (a restarted operator): fine
+                return self._get(kind, namespace, body["metadata"]["name"]) or body
+            raise
+
+    def _delete(self, kind, namespace, name) -> bool:
+        from kubernetes.client.exceptions import ApiException
+        try:
+            self.api.delete_namespaced_custom_object(*kind[:2], namespace, kind[2], name,
+                                                     propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        return self._get(kind, namespace, name) is None
+
+    def _env(self, spec: IndexSpec, workload) -> list[dict]:
+        env = [dict(e) for e in workload.env]
+        if spec.token_secret:
+            env.append({"name": "VSEARCH_MILVUS_TOKEN", "valueFrom": {"secretKeyRef": {
+                "name": spec.token_secret[0], "key": spec.token_secret[1]}}})
+        return env
+
+    # -- embedder
+    def embedder_body(self, spec: IndexSpec, v: VersionRef) -> dict:
+        w = spec.embedder
+        local_path = v.uri[len("file://"):] if v.uri.startswith("file://") else v.uri if v.uri.startswith("/") else None
+        env = self._env(spec, w)
+        if local_path is None:
+            env.append({"name": "STORAGE_URI", "value": v.uri})     # KServe's storage initializer
+        container = {"name": "kserve-container", "image": w.image, "command": ["vsearch"],
+                     "args": embedder_args(local_path or MODEL_MOUNT, port=EMBEDDER_PORT,
+                                           max_batch=spec.ingest.batch_size, extra=w.args),
+                     "env": env, "ports": [{"containerPort": EMBEDDER_PORT, "protocol": "TCP"}]}
+        if w.resources:
+            container["resources"] = w.resources
+        predictor = {"minReplicas": w.replicas, "maxReplicas": max(1, w.replicas), "containers": [container]}
+        if w.node_selector:
+            predictor["nodeSelector"] = w.node_selector
+        if w.tolerations:
+            predictor["tolerations"] = w.tolerations
+        return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+                "metadata": {"name": v.embedder_name, "namespace": v.namespace,
+                             "labels": self._labels(v, "embedder"), "ownerReferences": [self._owner_ref()],
+                             "annotations": {"vsearch.io/model-uri": v.uri}},
+                "spec": {"predictor": predictor}}
+
+    def ensure_embedder(self, spec: IndexSpec, v: VersionRef) -> WorkloadState:
+        obj = self._get(KSERVE, v.namespace, v.embedder_name)
+        if obj is None:
+            self._create(KSERVE, v.namespace, self.embedder_body(spec, v))
+            return WorkloadState(exists=True, message=f"created InferenceService {v.embedder_name}")
+        st = obj.get("status") or {}
+        ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), None)
+        url = (st.get("address") or {}).get("url") or st.get("url")
+        if ready and ready.get("status") == "True" and url:
+            return WorkloadState(exists=True, ready=True, url=url.rstrip("/"))
+        msg = (ready or {}).get("message") or (ready or {}).get("reason") or "InferenceService not ready yet"
+        return WorkloadState(exists=True, message=f"InferenceService {v.embedder_name}: {msg}")
+
+    # -- ingest
+    def ingest_body(self, spec: IndexSpec, v: VersionRef, embedder_url: str) -> dict:
+        w = spec.ingest
+        labels = self._labels(v, "ingest")
+        selector = {LABEL_INDEX: v.index, LABEL_VERSION: labels[LABEL_VERSION], LABEL_COMPONENT: "ingest"}
+        container = {"name": "ingest", "image": w.image, "command": ["vsearch"],
+                     "args": ingest_args(spec, v, embedder_url, metrics_port=METRICS_PORT),
+                     "env": self._env(spec, w),
+                     "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+                     "readinessProbe": {"httpGet": {"path": "/metrics", "port": METRICS_PORT}}}
+        if w.resources:
+            container["resources"] = w.resources
+        pod = {"containers": [container], "terminationGracePeriodSeconds": 60}
+        if w.node_selector:
+            pod["nodeSelector"] = w.node_selector
+        if w.tolerations:
+            pod["tolerations"] = w.tolerations
+        return {"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": v.ingest_name, "namespace": v.namespace, "labels": labels,
+                             "ownerReferences": [self._owner_ref()]},
+                "spec": {"replicas": w.replicas, "selector": {"matchLabels": selector},
+                         "template": {"metadata": {"labels": selector}, "spec": pod}}}
+
+    def ensure_ingest(self, spec: IndexSpec, v: VersionRef, embedder_url: str) -> WorkloadState:
+        obj = self._get(DEPLOYMENTS, v.namespace, v.ingest_name)
+        if obj is None:
+            self._create(DEPLOYMENTS, v.namespace, self.ingest_body(spec, v, embedder_url))
+            return WorkloadState(exists=True, message=f"created Deployment {v.ingest_name}")
+        want = int((obj.get("spec") or {}).get("replicas", 1))
+        have = int((obj.get("status") or {}).get("readyReplicas") or 0)
+        if have >= max(1, want):
+            return WorkloadState(exists=True, ready=True)
+        return WorkloadState(exists=True, message=f"Deployment {v.ingest_name}: {have}/{want} replicas ready")
+
+    def delete_version(self, spec: IndexSpec, v: VersionRef) -> bool:
+        a = self._delete(DEPLOYMENTS, v.namespace, v.ingest_name)
+        b = self._delete(KSERVE, v.namespace, v.embedder_name)
+        return a and b
+
+    # -- configuration the rollout reads
+    def read_config_map(self, name: str, key: str) -> str:
+        cm = self.core.read_namespaced_config_map(name, self.owner["metadata"]["namespace"])
+        data = cm.data or {}
+        if key not in data:
+            raise LookupError(f"ConfigMap {name} has no key {key!r} (keys: {sorted(data)})")
+        return data[key]
+
+    def milvus_token(self, spec: IndexSpec) -> str:
+        if not spec.token_secret:
+            return ""
+        sec = self.core.read_namespaced_secret(spec.token_secret[0], self.owner["metadata"]["namespace"])
+        raw = (sec.data or {}).get(spec.token_secret[1])
+        if raw is None:
+            raise LookupError(f"Secret {spec.token_secret[0]} has no key {spec.token_secret[1]!r}")
+        return base64.b64decode(raw).decode()
+
+
+def _label_value(text: str) -> str:
+    import re
+    v = re.sub(r"[^A-Za-z0-9._-]", "-", text)[:63].strip("-._")
+    return v or "x"

@@ -1,0 +1,83 @@
+"""The CRD: its OpenAPI schema accepts the documented objects and refuses bad ones with the
+messages a person sees from ``kubectl apply``; the typed spec's defaults are the schema's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from vsearch.operators import crd
+from vsearch.operators.spec import IndexSpec
+
+GOOD = {"apiVersion": "vsearch.io/v1alpha1", "kind": "SearchIndex", "metadata": {"name": "shop"},
+        "spec": {"catalog": {"bootstrap": "kafka:9092", "topic": "catalog.images"},
+                 "milvus": {"uri": "http://milvus:19530", "tokenSecretRef": {"name": "milvus"},
+                            "index": {"type": "DISKANN", "params": {}}},
+                 "model": {"name": "resnet-tiny", "version": "2", "uri": "s3://models/resnet-tiny/2"},
+                 "embedder": {"image": "vsearch:0.1", "replicas": 2, "nodeSelector": {"gpu": "yes"},
+                              "tolerations": [{"key": "gpu", "operator": "Exists"}],
+                              "resources": {"limits": {"cpu": "2"}}},
+                 "ingest": {"image": "vsearch:0.1", "batchSize": 128},
+                 "rollout": {"requireApproval": True, "retentionSeconds": 3600,
+                             "backfill": {"idleSeconds": 30},
+                             "gate": {"sampleSize": 100, "golden": {"configMapRef": {"name": "golden"},
+                                                                     "margin": 0.01}}}}}
+
+
+def bad(path: str, value):
+    obj = copy.deepcopy(GOOD)
+    *parents, last = path.split(".")
+    node = obj
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is KeyError:
+        node.pop(last)
+    else:
+        node[last] = value
+    return obj
+
+
+def test_the_documented_object_is_valid_and_printer_columns_are_declared():
+    crd.validate(GOOD)
+    version = crd.crd()["spec"]["versions"][0]
+    assert crd.crd()["metadata"]["name"] == "searchindexes.vsearch.io" and version["name"] == "v1alpha1"
+    assert crd.crd()["spec"]["scope"] == "Namespaced" and version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Serving", "Candidate", "Phase", "Age"]
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("spec.model.version", KeyError, "spec.model.version: Required value"),
+    ("spec.catalog", KeyError, "spec.catalog: Required value"),
+    ("spec.milvus.index.type", "ANNOY", "spec.milvus.index.type: Unsupported value: 'ANNOY': supported values: "
+                                        "'HNSW', 'DISKANN', 'IVF_FLAT', 'FLAT', 'AUTOINDEX'"),
+    ("spec.embedder.replicas", 101, "spec.embedder.replicas: Invalid value: 101: should be less than or equal to 100"),
+    ("spec.rollout.retentionSeconds", -1, "spec.rollout.retentionSeconds: Invalid value: -1: should be greater"),
+    ("spec.rollout.gate.golden.margin", 2, "spec.rollout.gate.golden.margin: Invalid value: 2"),
+    ("spec.model.uri", "ftp://x", "spec.model.uri: Invalid value: 'ftp://x': should match"),
+    ("spec.milvus.uri", "milvus:19530", "spec.milvus.uri: Invalid value: 'milvus:19530'"),
+    ("spec.catalog.bootstrap", "kafka", "spec.catalog.bootstrap: Invalid value: 'kafka'"),
+    ("spec.rollout.requireApproval", "yes", "spec.rollout.requireApproval: Invalid value: 'yes': must be of type boolean"),
+    ("spec.model.colour", "blue", "spec.model: Additional properties are not allowed ('colour' was unexpected)"),
+])
+def test_invalid_objects_are_refused_with_a_clear_message(path, value, message):
+    with pytest.raises(crd.InvalidSearchIndex) as err:
+        crd.validate(bad(path, value))
+    assert any(e.startswith(message) for e in err.value.errors), err.value.errors
+
+
+def test_the_typed_spec_defaults_are_the_schemas():
+    spec = IndexSpec.from_dict({"catalog": {"bootstrap": "k:1"}, "milvus": {"uri": "http://m:1"},
+                                "model": {"name": "m", "version": "1", "uri": "/m"}})
+    props = crd.schema()["properties"]["spec"]["properties"]
+    ro = props["rollout"]["properties"]
+    assert spec.topic == props["catalog"]["properties"]["topic"]["default"]
+    assert spec.alias == props["milvus"]["properties"]["alias"]["default"]
+    assert spec.index_type == props["milvus"]["properties"]["index"]["properties"]["type"]["default"]
+    assert spec.policy.retention_s == ro["retentionSeconds"]["default"]
+    assert spec.policy.max_retries == ro["maxRetries"]["default"]
+    assert spec.policy.require_approval == ro["requireApproval"]["default"]
+    assert spec.policy.idle_s == ro["backfill"]["properties"]["idleSeconds"]["default"]
+    assert spec.policy.gate.sample_size == ro["gate"]["properties"]["sampleSize"]["default"]
+    assert spec.policy.gate.min_self_score == ro["gate"]["properties"]["minSelfScore"]["default"]
+    assert spec.ingest.batch_size == props["ingest"]["properties"]["batchSize"]["default"]

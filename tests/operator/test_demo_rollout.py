@@ -1,0 +1,62 @@
+"""``vsearch demo --rollout MODEL_DIR --check``: the demo on local processes, then a blue-green
+rollout of another model (another embedding size) through the operator's own rollout logic on
+local processes (:class:`vsearch.local_workloads.LocalWorkloads`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.search.test_demo import leftover_processes, small_catalog
+
+
+def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir, rollout_models):
+    catalog = small_catalog(tmp_path)
+    data_dir = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "vsearch", "demo", "--catalog", str(catalog), "--model-dir",
+                          str(tiny_model_dir), "--rollout", str(rollout_models["2"]), "--check",
+                          "--http-port", "0", "--data-dir", str(data_dir), "--ready-timeout", "240"],
+                         capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    for phase in ("[Deploying]", "[Backfilling]", "[Verifying]", "[Switching]", "[Switched]"):
+        assert phase in out, out[-3000:]
+    assert "gate: Passed" in out
+    assert "answered by tiny_a__2 (images__tiny_a__2)" in out, out[-2000:]
+    assert not leftover_processes(str(data_dir))
+
+
+def test_demo_rollout_exits_3_when_the_gate_refuses_and_blue_keeps_serving(tmp_path):
+    """A random-initialised candidate against a golden set built from the catalog's classes,
+    served blue by the trained default model."""
+    import shutil
+
+    from vsearch.predictor.model import default_model_dir, init_model_dir
+    from vsearch.samples import caltech_photos
+
+    photos = caltech_photos(n_classes=5, per_class=6)
+    if not photos:
+        import pytest
+        pytest.skip("needs the Caltech-101 subset in ../shared/data for classes to judge by")
+    catalog = tmp_path / "catalog"
+    ids = []
+    for path, label in photos:
+        (catalog / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, catalog / label / path.name)
+        ids.append((f"{label}/{path.stem}", label))
+    rows = ["query,candidate,grade"]
+    for qid, qlbl in ids[::3]:
+        rows += [f"catalog:{qid},{cid},1" for cid, lbl in ids if lbl == qlbl and cid != qid]
+    golden = tmp_path / "golden.csv"
+    golden.write_text("\n".join(rows) + "\n")
+    random_dir = tmp_path / "random"
+    init_model_dir("resnet-tiny", random_dir, name="vsearch-default", version="random", seed=7)
+    data_dir = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "vsearch", "demo", "--catalog", str(catalog), "--model-dir",
+                          str(default_model_dir()), "--rollout", str(random_dir), "--golden", str(golden),
+                          "--check", "--http-port", "0", "--data-dir", str(data_dir), "--ready-timeout", "240"],
+                         capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 3, out[-4000:]
+    assert "gate: Failed" in out and "rollout refused" in out and "still serves" in out, out[-3000:]
+    assert not leftover_processes(str(data_dir))

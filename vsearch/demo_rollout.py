@@ -1,0 +1,71 @@
+"""``vsearch demo --rollout MODEL_DIR``: once the demo's catalog is searchable, roll MODEL_DIR out
+blue-green through the operator's own rollout logic (:mod:`vsearch.operators.rollout`) on local processes
+(:class:`vsearch.local_workloads.LocalWorkloads`): its embedder, its collection, its ingest
+consumer replaying the catalog topic, the quality gate, one alias switch, while the web page
+keeps answering. Exit codes (with ``--check``): 0 the new version serves, 3 the gate refused it
+(blue still serving), 1 any other error."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+GATE_REFUSED = 3
+
+
+def rollout_spec(*, bootstrap: str, milvus_uri: str, alias: str, name: str, version: str, uri: str,
+                 golden: str | None = None, idle_s: float = 3.0, sample: int = 50,
+                 batch_size: int = 256) -> dict:
+    gate: dict = {"sampleSize": sample}
+    if golden:
+        gate["golden"] = {"uri": str(Path(golden).resolve()), "margin": 0.02}
+    return {"catalog": {"bootstrap": bootstrap, "topic": "catalog.images"},
+            "milvus": {"uri": milvus_uri, "alias": alias, "index": {"type": "HNSW"}},
+            "model": {"name": name, "version": version, "uri": uri},
+            "ingest": {"batchSize": batch_size},
+            "rollout": {"retentionSeconds": 3600, "backfill": {"idleSeconds": idle_s}, "gate": gate}}
+
+
+def serving_status(*, model: str, version: str, uri: str, collection: str, group: str, embedder_url: str) -> dict:
+    """Status of a SearchIndex that adopts the version the demo already serves."""
+    from .operators.rollout import iso
+    return {"phase": "Ready", "serving": {"model": model, "version": version, "modelUri": uri,
+                                          "collection": collection, "consumerGroup": group,
+                                          "embedderUrl": embedder_url, "since": iso(time.time())}}
+
+
+def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dict, search_url: str,
+                log_dir: Path, golden: str | None = None, timeout: float = 600, keep=None,
+                file_roots: str = "") -> int:
+    from .local_workloads import LocalRollout, LocalWorkloads
+    from .operators.rollout import FAILED, READY
+    from .predictor.model import read_meta
+
+    meta = read_meta(model_dir)
+    cur = serving["serving"]
+    version = meta.version if (meta.name, meta.version) != (cur["model"], cur["version"]) else f"{meta.version}-b"
+    print(f"\nrolling out {meta.name} version {version} ({meta.family}, {meta.embedding_dim}-d) from {model_dir}; "
+          f"serving: {cur['model']} {cur['version']} ({cur['collection']})", flush=True)
+    spec = rollout_spec(bootstrap=bootstrap, milvus_uri=milvus_uri, alias="images", name=cur["model"],
+                        version=cur["version"], uri=cur["modelUri"], golden=golden)
+    # the catalog's file:// images may be read from file_roots (ingest reads none by default)
+    workloads = LocalWorkloads(log_dir, ingest_extra=("--batch-ms", "200", "--file-roots", file_roots))
+    if keep is not None:
+        keep.append(workloads)
+    ro = LocalRollout(spec, workloads, status=serving)
+    ro.step()                                          # adopt what serves
+    ro.set_model(meta.name, version, str(Path(model_dir).resolve()))
+    t0 = time.monotonic()
+    out = ro.run_until(lambda s: s.get("phase") in (READY, FAILED) and not s.get("candidate")
+                       and ((s.get("serving") or {}).get("version") == version or s.get("phase") == FAILED),
+                       timeout)
+    st = out.status
+    gate = st.get("gate") or {}
+    print(f"gate: {gate.get('verdict')} {json.dumps({k: gate.get(k) for k in ('selfConsistency', 'golden') if gate.get(k)})}")
+    if st["phase"] == FAILED:
+        print(f"rollout refused: {st.get('message')}; {cur['version']} still serves", flush=True)
+        return GATE_REFUSED if st.get("reason") == "GateFailed" else 1
+    print(f"{version} serves after {time.monotonic() - t0:.1f}s: alias images -> {st['serving']['collection']}",
+          flush=True)
+    return 0

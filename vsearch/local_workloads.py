@@ -1,0 +1,131 @@
+"""The workload layer on local processes (``vsearch demo --rollout``, benchmarks): the same
+:class:`operators.workloads.Workloads` interface as the Kubernetes one, so the rollout logic
+(:mod:`operators.rollout`) is one code path; here a model version's embedder is a
+``vsearch serve embedder`` process and its ingest a ``vsearch ingest`` process on free ports.
+
+:class:`LocalRollout` drives :func:`operators.rollout.reconcile` over an in-memory object the way
+kopf's timer does over a Kubernetes one."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+from .operators.workloads import Workloads, WorkloadState, embedder_args, ingest_args
+from .services import Service, free_port, http_ok, vsearch_argv
+
+log = logging.getLogger(__name__)
+
+
+class LocalWorkloads(Workloads):
+    def __init__(self, log_dir: str | Path, *, threads: int = 1, ingest_extra=()):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.threads, self.ingest_extra = threads, tuple(ingest_extra)
+        self.procs: dict[str, tuple[Service, str]] = {}          # name -> (process, ready URL)
+
+    def _ensure(self, name: str, argv_of, ready_path: str) -> WorkloadState:
+        have = self.procs.get(name)
+        if have is not None and not have[0].alive():
+            log.warning("%s exited (%s); restarting it:\n%s", name, have[0].proc.returncode, have[0].log_tail(10))
+            have = None
+        if have is None:
+            port = free_port()
+            svc = Service(name, vsearch_argv(*argv_of(port)), port=port, log_path=self.log_dir / f"{name}.log")
+            self.procs[name] = have = (svc, f"http://127.0.0.1:{port}")
+            return WorkloadState(exists=True, message=f"started {name}")
+        svc, url = have
+        if http_ok(url + ready_path):
+            return WorkloadState(exists=True, ready=True, url=url)
+        return WorkloadState(exists=True, message=f"{name} starting")
+
+    def ensure_embedder(self, spec, v) -> WorkloadState:
+        path = v.uri[len("file://"):] if v.uri.startswith("file://") else v.uri
+        if not Path(path).is_dir():
+            return WorkloadState(exists=False, failed=True, message=f"model directory {path} does not exist "
+                                 "(local runs take a path or file:// URI)")
+        return self._ensure(v.embedder_name, lambda port: embedder_args(
+            path, port=port, max_batch=spec.ingest.batch_size,
+            extra=("--threads", str(self.threads), *spec.embedder.args)),
+            "/v2/models/embedder/ready")
+
+    def ensure_ingest(self, spec, v, embedder_url: str) -> WorkloadState:
+        return self._ensure(v.ingest_name, lambda port: [*ingest_args(spec, v, embedder_url, metrics_port=port),
+                                                         *self.ingest_extra], "/metrics")
+
+    def delete_version(self, spec, v) -> bool:
+        for name in (v.ingest_name, v.embedder_name):
+            have = self.procs.pop(name, None)
+            if have is not None:
+                have[0].stop()
+        return True
+
+    def close(self) -> None:
+        for svc, _ in reversed(list(self.procs.values())):
+            svc.stop()
+        self.procs.clear()
+
+
+class LocalRollout:
+    """An in-memory SearchIndex reconciled by the operator's own rollout logic."""
+
+    def __init__(self, spec: dict, workloads: Workloads, *, name: str = "demo", namespace: str = "local",
+                 status: dict | None = None, store=None, printer=print):
+        from .core.fetch import Fetcher
+        from .core.store import MilvusStore
+        from .operators.kafka_groups import KafkaGroups
+        from .operators.rollout import Env
+        from .operators.spec import IndexSpec
+        from .predictor.client import EmbedderClient
+
+        self.name, self.namespace, self.printer = name, namespace, printer
+        self.body = {"apiVersion": "vsearch.io/v1alpha1", "kind": "SearchIndex",
+                     "metadata": {"name": name, "namespace": namespace, "generation": 1, "annotations": {}},
+                     "spec": copy.deepcopy(spec), "status": copy.deepcopy(status or {})}
+        ispec = IndexSpec.from_dict(spec)
+        clients: dict[str, EmbedderClient] = {}
+        self.env = Env(workloads=workloads,
+                       store=store or MilvusStore(ispec.milvus_uri, timeout=30, index=ispec.index_config()),
+                       groups=KafkaGroups(ispec.bootstrap),
+                       embedder=lambda url: clients.setdefault(url, EmbedderClient(url, timeout=60)),
+                       fetcher=Fetcher())
+
+    @property
+    def status(self) -> dict:
+        return self.body["status"]
+
+    def set_model(self, name: str, version: str, uri: str) -> None:
+        self.body["spec"]["model"] = {"name": name, "version": version, "uri": uri}
+        self.body["metadata"]["generation"] += 1
+
+    def annotate(self, key: str, value: str) -> None:
+        self.body["metadata"]["annotations"][key] = value
+
+    def step(self):
+        from .operators.rollout import reconcile
+        out = reconcile(self.name, self.namespace, self.body, self.env)
+        self.body["status"] = out.status
+        for _kind, reason, message in out.events:
+            self.printer(f"  [{reason}] {message}")
+        return out
+
+    def run_until(self, done, timeout: float, poll: float = 0.5, on_tick=None):
+        """Step until ``done(status)``; returns the last outcome (TimeoutError after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        last_msg = None
+        while True:
+            out = self.step()
+            if done(out.status):
+                return out
+            msg = out.status.get("message")
+            if on_tick is not None:
+                on_tick(out)
+            elif msg != last_msg and out.phase == "Backfilling":
+                self.printer(f"    {msg}")
+            last_msg = msg
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout not done after {timeout:.0f}s: {out.status.get('phase')}: "
+                                   f"{out.status.get('message')}")
+            time.sleep(poll if out.requeue > 0 or out.error else 0.05)
