@@ -57,6 +57,8 @@ def register(sub) -> None:
              help="pairs only: Milvus URI of the current index to mine hard negatives from (needs --init)")
     add_flag(p, "--hard-negatives-collection", default="images", help="collection or alias to search")
     add_flag(p, "--hard-negatives-k", default=10, type=int, help="neighbours searched per query")
+    add_flag(p, "--no-whiten", default=False, type=bool,
+             help="export without the PCA-whitening fitted on the training images")
     add_flag(p, "--no-eval", default=False, type=bool,
              help="skip evaluating the exported model on the held-out split")
     add_flag(p, "--no-progress", default=False, type=bool, help="no progress bar")
@@ -102,7 +104,8 @@ def _train(args) -> int:
             holdout=args.holdout, split_seed=args.split_seed, seed=args.seed, workers=args.workers,
             threads=args.threads, device=args.device, amp=not args.no_amp,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
-            stop_after=args.stop_after,
+            stop_after=args.stop_after, evaluate=kind == "simclr" and not args.no_eval,
+            whiten=not args.no_whiten,
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k)
@@ -111,13 +114,11 @@ def _train(args) -> int:
             print(f"stopped after {args.stop_after} steps; continue with --resume")
             return 0
         print(f"exported {out}")
-        if kind == "simclr" and args.holdout > 0 and not args.no_eval:
-            from trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
-            report = evaluate_models([str(out)], args.data, split="held-out", holdout=args.holdout,
-                                     split_seed=args.split_seed, baselines=["raw-pixels", "random-init"])
-            store_in_meta(str(out), report)
-            write_outputs(report, out / "evaluation")
-            print(format_table(report))
+        report = out / "evaluation" / "report.json"
+        if cfg.evaluate and report.exists():
+            import json
+            from trainer.evaluate import format_table
+            print(format_table(json.loads(report.read_text())))
     except (DataError, ValueError, OSError) as exc:
         print(f"vsearch train: {exc}", file=sys.stderr)
         return 2
