@@ -32,7 +32,7 @@ def register(sub) -> None:
              help="input size of a new model (arch default otherwise)")
     add_flag(p, "--name", default=None, help="model name in the metadata")
     add_flag(p, "--version", default=None, help="model version (default: UTC time stamp)")
-    add_flag(p, "--epochs", default=10.0, type=float, help="passes over the data")
+    add_flag(p, "--epochs", default=20.0, type=float, help="passes over the data")
     add_flag(p, "--max-steps", default=None, type=int, help="optimiser steps (overrides --epochs)")
     add_flag(p, "--batch-size", default=128, type=int, help="images (or pairs) per micro-batch")
     add_flag(p, "--accum-steps", default=1, type=int, help="micro-batches per optimiser step")
@@ -57,8 +57,8 @@ def register(sub) -> None:
              help="pairs only: Milvus URI of the current index to mine hard negatives from (needs --init)")
     add_flag(p, "--hard-negatives-collection", default="images", help="collection or alias to search")
     add_flag(p, "--hard-negatives-k", default=10, type=int, help="neighbours searched per query")
-    add_flag(p, "--no-whiten", default=False, type=bool,
-             help="export without the PCA-whitening fitted on the training images")
+    add_flag(p, "--whiten", default=False, type=bool,
+             help="fit a PCA-whitening on the training images and serve it as part of the model")
     add_flag(p, "--no-eval", default=False, type=bool,
              help="skip evaluating the exported model on the held-out split")
     add_flag(p, "--no-progress", default=False, type=bool, help="no progress bar")
@@ -105,7 +105,7 @@ def _train(args) -> int:
             threads=args.threads, device=args.device, amp=not args.no_amp,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
             stop_after=args.stop_after, evaluate=kind == "simclr" and not args.no_eval,
-            whiten=not args.no_whiten,
+            whiten=args.whiten,
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k)

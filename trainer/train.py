@@ -47,7 +47,7 @@ class TrainConfig:
     image_size: int | None = None      # input size for a new model (arch default otherwise)
     name: str | None = None
     version: str | None = None         # default: UTC time stamp
-    epochs: float = 10
+    epochs: float = 20
     max_steps: int | None = None       # optimiser steps; overrides epochs
     batch_size: int = 128              # images per micro-batch (SimCLR: 2 views each)
     accum_steps: int = 1               # micro-batches per optimiser step
@@ -74,7 +74,7 @@ class TrainConfig:
     hard_negatives_collection: str = "images"
     hard_negatives_k: int = 10               # neighbours searched per query
     progress: bool = True
-    whiten: bool = True                # fit the served PCA-whitening on the training images
+    whiten: bool = False               # fit the served PCA-whitening on the training images
     whiten_shrinkage: float = 1.0
     whiten_max_images: int = 20_000
     evaluate: bool = True              # with holdout > 0: held-out figures vs the baselines
@@ -346,9 +346,9 @@ def catalog_sources(cfg: TrainConfig, dataset) -> list[str]:
 
 
 def fit_catalog_whitening(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, images) -> None:
-    """Refit the served whitening on the catalog's training images (serving view, no
-    augmentation), or drop it with ``whiten=False``. An ``--init`` model's whitening was fitted
-    to its old features, so it is always replaced."""
+    """Fit the served whitening on the catalog's training images (serving view, no
+    augmentation) with ``whiten=True``; otherwise export without one. An ``--init`` model's
+    whitening was fitted to its old features, so it is never carried over."""
     from trainer.evaluate import net_embedder
     net.whitening = None
     if not cfg.whiten or len(images) < 2:

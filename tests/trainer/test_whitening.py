@@ -65,3 +65,15 @@ def test_saving_a_network_without_whitening_drops_a_stale_file(whitened_dir, tmp
     save_model_dir(net, meta, d)
     assert not (d / WHITENING_FILE).exists() and read_meta(d).whitening is None
     assert load_model_dir(d)[0].whitening is None
+
+
+def test_fine_tuning_never_carries_the_old_whitening_over(whitened_dir, photo_folder, tmp_path):
+    from trainer.train import TrainConfig, train
+    kw = dict(data=str(photo_folder), init=str(whitened_dir), max_steps=1, batch_size=8, workers=0,
+              threads=2, progress=False, version="ft")
+    plain = train(TrainConfig(out=str(tmp_path / "plain"), **kw))
+    assert read_meta(plain).whitening is None and load_model_dir(plain)[0].whitening is None
+    refit = train(TrainConfig(out=str(tmp_path / "refit"), whiten=True, **kw))
+    old, new = load_model_dir(whitened_dir)[0].whitening, load_model_dir(refit)[0].whitening
+    assert read_meta(refit).whitening["fitted_on"].startswith("32 training images")
+    assert not torch.allclose(old.mean, new.mean)
