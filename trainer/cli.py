@@ -57,8 +57,10 @@ def register(sub) -> None:
              help="pairs only: Milvus URI of the current index to mine hard negatives from (needs --init)")
     add_flag(p, "--hard-negatives-collection", default="images", help="collection or alias to search")
     add_flag(p, "--hard-negatives-k", default=10, type=int, help="neighbours searched per query")
-    add_flag(p, "--whiten", default=False, type=bool,
-             help="fit a PCA-whitening on the training images and serve it as part of the model")
+    add_flag(p, "--no-whiten", default=False, type=bool,
+             help="export without the PCA-whitening fitted on the training images")
+    add_flag(p, "--whiten-shrinkage", default=3.0, type=float,
+             help="whitening shrinkage: this multiple of the mean eigenvalue is added to each")
     add_flag(p, "--no-eval", default=False, type=bool,
              help="skip evaluating the exported model on the held-out split")
     add_flag(p, "--no-progress", default=False, type=bool, help="no progress bar")
@@ -105,7 +107,7 @@ def _train(args) -> int:
             threads=args.threads, device=args.device, amp=not args.no_amp,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
             stop_after=args.stop_after, evaluate=kind == "simclr" and not args.no_eval,
-            whiten=args.whiten,
+            whiten=not args.no_whiten, whiten_shrinkage=args.whiten_shrinkage,
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k)

@@ -74,8 +74,8 @@ class TrainConfig:
     hard_negatives_collection: str = "images"
     hard_negatives_k: int = 10               # neighbours searched per query
     progress: bool = True
-    whiten: bool = False               # fit the served PCA-whitening on the training images
-    whiten_shrinkage: float = 1.0
+    whiten: bool = True                # fit the served PCA-whitening on the training images
+    whiten_shrinkage: float = 3.0      # x the mean eigenvalue, added to each (0 = full whitening)
     whiten_max_images: int = 20_000
     evaluate: bool = True              # with holdout > 0: held-out figures vs the baselines
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -347,8 +347,8 @@ def catalog_sources(cfg: TrainConfig, dataset) -> list[str]:
 
 def fit_catalog_whitening(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, images) -> None:
     """Fit the served whitening on the catalog's training images (serving view, no
-    augmentation) with ``whiten=True``; otherwise export without one. An ``--init`` model's
-    whitening was fitted to its old features, so it is never carried over."""
+    augmentation), or export without one with ``whiten=False``. An ``--init`` model's whitening
+    was fitted to its old features, so it is never carried over."""
     from trainer.evaluate import net_embedder
     net.whitening = None
     if not cfg.whiten or len(images) < 2:

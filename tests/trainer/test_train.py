@@ -102,7 +102,7 @@ def test_cli_trains_from_scratch_evaluates_the_held_out_split_and_the_export_ser
     proc = subprocess.run(
         vsearch_argv("train", "--data", str(photo_folder), "--out", str(out), "--arch", "resnet-tiny",
                      "--image-size", "32", "--max-steps", "3", "--batch-size", "8", "--holdout", "0.25",
-                     "--workers", "0", "--threads", "2", "--version", "7", "--no-progress", "--whiten"),
+                     "--workers", "0", "--threads", "2", "--version", "7", "--no-progress"),
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "map@r" in proc.stdout and "raw-pixels" in proc.stdout and "random-init" in proc.stdout
@@ -153,10 +153,10 @@ def test_warmup_then_cosine_schedule():
     assert all(f(s) >= f(s + 1) for s in range(4, 14))
 
 
-def test_fine_tuning_is_compared_with_the_model_it_started_from_and_whitens_only_when_asked(
+def test_fine_tuning_is_compared_with_the_model_it_started_from_and_can_skip_whitening(
         photo_folder, tiny_model_dir, tmp_path):
     out = train(config(photo_folder, tmp_path / "ft", tiny_model_dir, max_steps=2, batch_size=8,
-                       holdout=0.25))
+                       holdout=0.25, whiten=False))
     meta = read_meta(out)
     assert meta.whitening is None and not (out / "whitening.safetensors").exists()
     assert list(meta.evaluation["other_models"]) == ["tiny-resnet18:1"]
