@@ -11,7 +11,11 @@
 The network is the predictor's :class:`~predictor.model.EmbeddingNet` (the serving network);
 SimCLR adds a projection head that is dropped at export. ``--out`` becomes a model directory
 that ``vsearch serve embedder --model-dir`` loads as it is, with ``train_log.jsonl`` (one JSON
-line per logged step) and ``checkpoints/last.pt`` beside the weights.
+line per logged step) and ``checkpoints/last.pt`` beside the weights. At export a PCA-whitening
+of the pooled features is fitted on the training images and served as part of the model
+(``--no-whiten`` to leave it out); with ``--holdout`` the export is scored on the held-out
+split against raw pixels, random init and the ``--init`` model, and the verdict ("beats" /
+"DOES NOT BEAT") goes to the run log, the metadata and stdout.
 """
 
 from __future__ import annotations
