@@ -22,7 +22,8 @@ of raw pixels, the random-init network, the untouched MODEL and the fine-tuned o
 minutes the fine-tune took; plus MODEL on the Caltech-101 held-out split it was trained for.
 
 Latency: one query embed (JPEG bytes -> L2-normalised vector, ``Embedder.embed_bytes`` on one
-photo, the optimised serving path) per model, median and 90th percentile over 200 photos.
+photo, the optimised serving path) per model, median and 90th percentile over 3 x 200
+photos, the models taking turns photo by photo.
 
     python -m bench.trainer --part quality,latency [--model-dir models/default]
         [--collections digits,shapes,textures,scenes] [--compare-dir OLD_MODEL_DIR]
@@ -37,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from predictor.model import DEFAULT_MODEL_DIR, Embedder, build_model
@@ -162,35 +164,28 @@ def print_quality(rows: list[dict]) -> None:
 
 # --------------------------------------------------------------------------- latency
 
-def query_latency(model_dir: Path, photos: list[bytes], threads: int = 1) -> tuple[float, float]:
-    """Median and p90 milliseconds of one query embed (bytes -> vector) on the serving path."""
-    emb = Embedder(model_dir, threads=threads, decode_workers=1)
-    try:
-        for p in photos[:10]:
-            emb.embed_bytes([p])                                   # warm-up
-        ms = []
-        for p in photos:
-            t0 = time.perf_counter()
-            emb.embed_bytes([p])
-            ms.append(1000 * (time.perf_counter() - t0))
-    finally:
-        emb.close()
-    ms.sort()
-    return ms[len(ms) // 2], ms[int(0.9 * len(ms))]
-
-
-def latency_rows(model_dirs: list[Path], threads: int = 1, n: int = 200) -> list[tuple]:
+def latency_rows(model_dirs: list[Path], threads: int = 1, n: int = 200, rounds: int = 3) -> list[tuple]:
+    """(model_dir, median ms, p90 ms) of one query embed (bytes -> vector) on the serving path.
+    The models take turns photo by photo, so a busy neighbour on a shared machine slows them
+    alike; each model's figure is over ``rounds`` x ``n`` queries."""
     from bench.embedder import load_photos
     photos = load_photos(n)
-    rows = []
-    for _ in range(2):                    # two rounds, interleaved; the better of each is kept
-        for d in model_dirs:
-            rows.append((d, *query_latency(d, photos, threads)))
-    best = {}
-    for d, med, p90 in rows:
-        if d not in best or med < best[d][0]:
-            best[d] = (med, p90)
-    return [(d, *best[d]) for d in model_dirs]
+    embedders = [Embedder(d, threads=threads, decode_workers=1) for d in model_dirs]
+    ms: list[list[float]] = [[] for _ in model_dirs]
+    try:
+        for emb in embedders:
+            for p in photos[:10]:
+                emb.embed_bytes([p])                                   # warm-up
+        for _ in range(rounds):
+            for p in photos:
+                for i, emb in enumerate(embedders):
+                    t0 = time.perf_counter()
+                    emb.embed_bytes([p])
+                    ms[i].append(1000 * (time.perf_counter() - t0))
+    finally:
+        for emb in embedders:
+            emb.close()
+    return [(d, float(np.median(m)), float(np.percentile(m, 90))) for d, m in zip(model_dirs, ms)]
 
 
 def main(argv=None) -> int:
