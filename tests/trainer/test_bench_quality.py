@@ -26,3 +26,13 @@ def test_quality_rows_compare_four_models_per_collection(tiny_model_dir, tmp_pat
 def test_latency_rows_time_one_query_embed(tiny_model_dir):
     [(d, median, p90)] = latency_rows([tiny_model_dir], n=12, rounds=1)
     assert d == tiny_model_dir and 0 < median <= p90 and math.isfinite(p90)
+
+
+def test_posthoc_variants_print_one_row_each(photo_folder, tiny_model_dir, capsys):
+    from bench import posthoc
+    assert posthoc.main(["--data", str(photo_folder), "--model-dir", str(tiny_model_dir),
+                         "--shrinkage", "1", "--sizes", "80", "--layers", "--raw", "--threads", "1"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "mAP@R" in l]
+    # raw (plain, whitened); at 64 px: last stage avg, GeM, stage 1 (the tiny net has 2 stages)
+    # avg, each plain and whitened; at 80 px: last stage avg plain and whitened
+    assert len(lines) == 2 + 3 * 2 + 2 and "whitened (shrinkage 1)" in lines[1]
