@@ -1,4 +1,6 @@
-"""Trainer throughput: SimCLR training images/s (2 views per photo count as 2 images) of the
+"""Trainer throughput, retrieval quality and query latency.
+
+Throughput: SimCLR training images/s (2 views per photo count as 2 images) of the
 default backbone, for
 
 - bare:      forward + NT-Xent + backward + AdamW step on pre-made random tensors (the ceiling),
@@ -6,26 +8,41 @@ default backbone, for
 - loop w=0:  the real training loop (trainer.train) with augmentation in the training process,
 - loop w=1:  the same with one data-loader process preparing the next batches.
 
-    python -m bench.trainer [--arch resnet-tiny] [--image-size 96] [--batch 64] [--steps 6]
+    python -m bench.trainer [--arch resnet-small] [--image-size 64] [--batch 64] [--steps 6]
 
 Runs on the CPU, and on CUDA too when present. The ratio loop/bare shows what the data
 pipeline and the loop cost on top of the network itself. Each figure is the best of
 ``--repeat`` rounds (the rounds interleave the variants, so a busy neighbour on a shared
 machine hits them alike).
+
+Quality: for each collection of :mod:`bench.collections` (images unlike Caltech-101), the
+documented fine-tuning recipe ``vsearch train --init MODEL --data <collection> --holdout 0.3``
+(the code defaults, nothing else set) and, on the 30 % held out, mAP@R, recall@1 and nDCG@10
+of raw pixels, the random-init network, the untouched MODEL and the fine-tuned one, with the
+minutes the fine-tune took; plus MODEL on the Caltech-101 held-out split it was trained for.
+
+Latency: one query embed (JPEG bytes -> L2-normalised vector, ``Embedder.embed_bytes`` on one
+photo, the optimised serving path) per model, median and 90th percentile over 3 x 200
+photos, the models taking turns photo by photo.
+
+    python -m bench.trainer --part quality,latency [--model-dir models/default]
+        [--collections digits,shapes,textures,scenes] [--compare-dir OLD_MODEL_DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from vsearch.predictor.model import build_model
-from vsearch.samples import photos
+from vsearch.predictor.model import Embedder, build_model, default_model_dir, set_torch_threads
+from vsearch.samples import CALTECH, photos
 from vsearch.trainer.augment import SimCLRAugment, training_image
 from vsearch.trainer.losses import nt_xent
 from vsearch.trainer.train import ProjectionHead, TrainConfig, train
@@ -82,23 +99,126 @@ def bench_loop(folder: Path, out: Path, arch: str, size: int, batch: int, steps:
                       max_steps=steps + 1, workers=workers, device=device, log_every=1,
                       progress=False, checkpoint_every=10_000)
     train(cfg)
-    import json
     rates = [json.loads(line) for line in open(out / "train_log.jsonl")]
     rates = [r["images_per_s"] for r in rates if r["event"] == "step"][1:]
     return sum(rates) / len(rates)
 
 
+# --------------------------------------------------------------------------- quality
+
+ROLES = {"raw-pixels": "raw pixels 32x32", "random-init": "random init"}
+
+
+def _row(collection, role, result, minutes=None):
+    m = result["metrics"]
+    return {"collection": collection, "model": role, "name": result["name"], "map@r": m["map@r"],
+            "recall@1": m["recall@1"], "ndcg@10": m["ndcg@10"], "minutes": minutes}
+
+
+def quality_rows(model_dir: Path, collections: list[str], root: Path,
+                 epochs: float | None = None) -> list[dict]:
+    """Caltech-101 held-out for ``model_dir``, then per collection: raw pixels, random init, the
+    untouched model and the model fine-tuned with the default recipe (``epochs`` shortens it,
+    for tests)."""
+    from bench import collections as coll
+    from vsearch.trainer.evaluate import evaluate_models
+    rows = []
+    if (CALTECH / "labels.csv").exists():
+        rep = evaluate_models([str(model_dir)], str(CALTECH), split="held-out", holdout=0.3,
+                              baselines=["raw-pixels", "random-init"])
+        for r in rep["results"]:
+            rows.append(_row("caltech101", ROLES.get(r["kind"], "default model"), r))
+        rows[-3]["verdict"] = rep["verdicts"][0]["beats_baselines"]
+    for name in collections:
+        folder = coll.write(name, root / "collections" / name)
+        out = root / "finetuned" / name
+        t0 = time.time()
+        recipe = {"epochs": epochs} if epochs else {}
+        train(TrainConfig(data=str(folder), out=str(out), init=str(model_dir), holdout=0.3,
+                          workers=1, progress=False, **recipe))
+        rep = json.loads((out / "evaluation" / "report.json").read_text())   # the trainer's own
+        minutes = (time.time() - t0 - rep["wall_s"]) / 60                      # evaluation left out
+        res = {r["kind"] if r["kind"] != "model" else ("fine-tuned" if r["model_dir"] == str(out)
+                                                        else "default"): r for r in rep["results"]}
+        v = rep["verdicts"][0]
+        rows += [_row(name, "raw pixels 32x32", res["raw-pixels"]),
+                 _row(name, "random init", res["random-init"]),
+                 _row(name, "default model", res["default"]),
+                 {**_row(name, "fine-tuned (default recipe)", res["fine-tuned"], minutes),
+                  "verdict": v["beats_all"]}]
+    return rows
+
+
+def print_quality(rows: list[dict]) -> None:
+    print(f"\n{'collection':<11} {'model':<28} {'mAP@R':>7} {'R@1':>7} {'nDCG@10':>7} {'minutes':>7}  beats all?")
+    for r in rows:
+        mins = "" if r["minutes"] is None else f"{r['minutes']:.1f}"
+        verdict = {True: "yes", False: "NO", None: ""}[r.get("verdict")]
+        print(f"{r['collection']:<11} {r['model']:<28} {r['map@r']:>7.4f} {r['recall@1']:>7.4f} "
+              f"{r['ndcg@10']:>7.4f} {mins:>7}  {verdict}")
+
+
+# --------------------------------------------------------------------------- latency
+
+def latency_rows(model_dirs: list[Path], threads: int = 1, n: int = 200, rounds: int = 3) -> list[tuple]:
+    """(model_dir, median ms, p90 ms) of one query embed (bytes -> vector) on the serving path.
+    The models take turns photo by photo, so a busy neighbour on a shared machine slows them
+    alike; each model's figure is over ``rounds`` x ``n`` queries."""
+    from bench.embedder import load_photos
+    photos = load_photos(n)
+    set_torch_threads(threads)
+    embedders = [Embedder(d, decode_workers=1) for d in model_dirs]
+    ms: list[list[float]] = [[] for _ in model_dirs]
+    try:
+        for emb in embedders:
+            for p in photos[:10]:
+                emb.embed_bytes([p])                                   # warm-up
+        for _ in range(rounds):
+            for p in photos:
+                for i, emb in enumerate(embedders):
+                    t0 = time.perf_counter()
+                    emb.embed_bytes([p])
+                    ms[i].append(1000 * (time.perf_counter() - t0))
+    finally:
+        for emb in embedders:
+            emb.close()
+    return [(d, float(np.median(m)), float(np.percentile(m, 90))) for d, m in zip(model_dirs, ms)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet-tiny")
-    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--part", default="throughput,quality,latency")
+    p.add_argument("--arch", default="resnet-small")
+    p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=64, help="photos per step (x2 views)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is kept")
+    p.add_argument("--model-dir", default=str(default_model_dir()), help="model to evaluate and fine-tune")
+    p.add_argument("--collections", default="digits,shapes,textures,scenes")
+    p.add_argument("--compare-dir", action="append", default=[], help="more models for the latency table")
+    p.add_argument("--keep", default=None, help="keep collections and fine-tuned models in this folder")
     args = p.parse_args(argv)
+    parts = {x.strip() for x in args.part.split(",")}
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "throughput" in parts:
+        throughput(args)
+    if "quality" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.time()
+            rows = quality_rows(Path(args.model_dir), [c for c in args.collections.split(",") if c],
+                                Path(args.keep or tmp))
+            print_quality(rows)
+            print(f"quality: {(time.time() - t0) / 60:.1f} minutes in all")
+    if "latency" in parts:
+        print(f"\n{'model':<40} {'median ms':>10} {'p90 ms':>8}   (one query embed, 1 torch thread)")
+        for d, med, p90 in latency_rows([Path(args.model_dir)] + [Path(d) for d in args.compare_dir]):
+            print(f"{str(d):<40} {med:>10.2f} {p90:>8.2f}")
+    return 0
+
+
+def throughput(args) -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"arch {args.arch}, {args.image_size} px, batch {args.batch} photos = {2 * args.batch} views, "
           f"{args.steps} steps, torch threads {torch.get_num_threads()}, best of {args.repeat}")
@@ -126,7 +246,6 @@ def main(argv=None) -> int:
     print(f"{'device':<7} {'what':<28} {'images/s':>10} {'vs bare':>8}")
     for dev, what, r, ratio in rows:
         print(f"{dev:<7} {what:<28} {r:>10.1f} {'' if ratio is None else f'{ratio:.2f}x':>8}")
-    return 0
 
 
 if __name__ == "__main__":

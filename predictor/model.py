@@ -3,7 +3,9 @@
 A model directory is the Hugging Face ``save_pretrained`` layout (``config.json`` +
 ``model.safetensors``) plus ``vsearch_model.json``, the metadata: name, version, family,
 embedding dimension, input size, normalisation, pooling and, once evaluated, its offline
-evaluation. Supported families: ResNet, ViT, DINOv2 and CLIP vision (with projection); any
+evaluation. An optional ``whitening.safetensors`` holds a PCA-whitening of the pooled
+features fitted on a catalog (:func:`fit_whitening`); the loader attaches it to the network, so
+serving, indexing and evaluation apply it alike. Supported families: ResNet, ViT, DINOv2 and CLIP vision (with projection); any
 directory of those saved with ``save_pretrained`` loads, with the metadata derived from its
 config and ``preprocessor_config.json`` when ``vsearch_model.json`` is absent.
 
@@ -34,6 +36,7 @@ from ..core import store as core_store
 from .preprocess import Box, InvalidImage, Limits, PreprocessConfig, bytes_to_array, stack
 
 METADATA_FILE = "vsearch_model.json"
+WHITENING_FILE = "whitening.safetensors"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,6 +68,7 @@ class ModelMeta:
     arch: str | None = None
     evaluation: dict | None = None
     training: dict | None = None
+    whitening: dict | None = None    # {"file": WHITENING_FILE, "fitted_on": ..., "shrinkage": ...}
     extra: dict = field(default_factory=dict)
 
     @property
@@ -149,20 +153,54 @@ def pool(outputs, pooling: str) -> torch.Tensor:
     raise ModelDirError(f"unknown pooling {pooling!r}: expected pooler, cls, mean or image_embeds")
 
 
-class EmbeddingNet(nn.Module):
-    """Backbone + pooling. ``forward`` gives un-normalised features and stays differentiable so
-    the trainer uses exactly the serving network; ``embed`` adds the L2 normalisation."""
+class Whitening(nn.Module):
+    """PCA-whitening of L2-normalised features: ``(normalize(x) - mean) @ proj`` (D -> D)."""
 
-    def __init__(self, backbone: nn.Module, pooling: str):
+    def __init__(self, mean: torch.Tensor, proj: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("proj", proj.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(x.float(), dim=-1) - self.mean) @ self.proj
+
+
+def fit_whitening(features: np.ndarray | torch.Tensor, shrinkage: float = 1.0) -> Whitening:
+    """Fit :class:`Whitening` on catalog features [N, D] (float64 eigendecomposition).
+
+    ``shrinkage`` adds that multiple of the mean eigenvalue to every eigenvalue before the
+    inverse square root (0 = full whitening; larger is closer to plain centring), which keeps
+    the noisy low-variance directions of a small catalog from dominating."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    if x.dim() != 2 or len(x) < 2:
+        raise ValueError(f"whitening needs features [N >= 2, D], got {tuple(x.shape)}")
+    x = F.normalize(x, dim=-1)
+    mean = x.mean(0)
+    cov = (x - mean).t() @ (x - mean) / (len(x) - 1)
+    eigval, eigvec = torch.linalg.eigh(cov)
+    eigval = eigval.clamp(min=0) + shrinkage * eigval.clamp(min=0).mean() + 1e-12
+    return Whitening(mean, eigvec / eigval.sqrt())
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone + pooling (+ optional whitening). ``forward`` gives the un-normalised pooled
+    features and stays differentiable, so the trainer trains exactly the serving network;
+    ``embed`` adds the whitening, when the model has one, and the L2 normalisation."""
+
+    def __init__(self, backbone: nn.Module, pooling: str, whitening: Whitening | None = None):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        self.whitening = whitening
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return pool(self.backbone(pixel_values=pixel_values), self.pooling)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.forward(pixel_values).float(), dim=-1)
+        x = self.forward(pixel_values).float()
+        if self.whitening is not None:
+            x = self.whitening(x)
+        return F.normalize(x, dim=-1)
 
 
 # --------------------------------------------------------------------------- architectures
@@ -177,6 +215,10 @@ def _arch_configs():
         "resnet-tiny": (lambda **o: ResNetConfig(**{
             "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256], "depths": [1, 1, 1, 1],
             "layer_type": "basic", **o}), dict(image_size=128, resize_size=146, mean=IMAGENET_MEAN,
+                                              std=IMAGENET_STD, pooling="pooler")),
+        "resnet-small": (lambda **o: ResNetConfig(**{
+            "embedding_size": 48, "hidden_sizes": [48, 96, 192, 384], "depths": [1, 1, 1, 1],
+            "layer_type": "basic", **o}), dict(image_size=64, resize_size=73, mean=IMAGENET_MEAN,
                                               std=IMAGENET_STD, pooling="pooler")),
         "vit-small": (lambda **o: ViTConfig(**{
             "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
@@ -197,7 +239,7 @@ def _arch_configs():
     }
 
 
-ARCHS = ("resnet18", "resnet-tiny", "vit-small", "dinov2-small", "clip-vit-b32")
+ARCHS = ("resnet18", "resnet-tiny", "resnet-small", "vit-small", "dinov2-small", "clip-vit-b32")
 
 
 def build_model(arch: str, *, name: str | None = None, version: str = "0",
@@ -229,10 +271,18 @@ def build_model(arch: str, *, name: str | None = None, version: str = "0",
 
 
 def save_model_dir(net: EmbeddingNet, meta: ModelMeta, out: str | os.PathLike) -> Path:
-    """Write a model directory: ``save_pretrained`` layout + ``vsearch_model.json``."""
+    """Write a model directory: ``save_pretrained`` layout + ``vsearch_model.json`` (+ the
+    whitening, when the network has one)."""
+    from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     net.backbone.save_pretrained(out, safe_serialization=True)
+    if net.whitening is not None:
+        save_file({k: v.contiguous() for k, v in net.whitening.state_dict().items()}, out / WHITENING_FILE)
+        meta.whitening = {**(meta.whitening or {}), "file": WHITENING_FILE}
+    else:
+        (out / WHITENING_FILE).unlink(missing_ok=True)
+        meta.whitening = None
     write_meta(out, meta)
     return out
 
@@ -303,9 +353,23 @@ def load_model_dir(model_dir: str | os.PathLike, *, random_init: bool = False,
     if random_init:
         torch.manual_seed(seed)
         backbone = model_cls(config.vision_config if config.model_type == "clip" else config, **kwargs)
-    else:
-        backbone = model_cls.from_pretrained(model_dir, **kwargs)
-    return EmbeddingNet(backbone, meta.pooling), meta
+        return EmbeddingNet(backbone, meta.pooling), meta
+    backbone = model_cls.from_pretrained(model_dir, **kwargs)
+    return EmbeddingNet(backbone, meta.pooling, load_whitening(model_dir, meta)), meta
+
+
+def load_whitening(model_dir: str | os.PathLike, meta: ModelMeta) -> Whitening | None:
+    if not meta.whitening:
+        return None
+    from safetensors.torch import load_file
+    path = Path(model_dir) / meta.whitening.get("file", WHITENING_FILE)
+    if not path.exists():
+        raise ModelDirError(f"{model_dir}: the metadata names a whitening but {path.name} is missing")
+    t = load_file(path)
+    if t["proj"].shape != (meta.embedding_dim, meta.embedding_dim):
+        raise ModelDirError(f"{path} is {tuple(t['proj'].shape)}, expected "
+                            f"{meta.embedding_dim}x{meta.embedding_dim}")
+    return Whitening(t["mean"], t["proj"])
 
 
 # --------------------------------------------------------------------------- the embedder

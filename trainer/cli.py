@@ -33,7 +33,7 @@ def register(sub) -> None:
              help="input size of a new model (arch default otherwise)")
     pf.add("--name", default=None, help="model name in the metadata")
     pf.add("--version", default=None, help="model version (default: UTC time stamp)")
-    pf.add("--epochs", default=10.0, type=float, help="passes over the data")
+    pf.add("--epochs", default=20.0, type=float, help="passes over the data")
     pf.add("--max-steps", default=None, type=int, help="optimiser steps (overrides --epochs)")
     pf.add("--batch-size", default=128, type=int, help="images (or pairs) per micro-batch")
     pf.add("--accum-steps", default=1, type=int, help="micro-batches per optimiser step")
@@ -58,6 +58,10 @@ def register(sub) -> None:
              help="pairs only: Milvus URI of the current index to mine hard negatives from (needs --init)")
     pf.add("--hard-negatives-collection", default="images", help="collection or alias to search")
     pf.add("--hard-negatives-k", default=10, type=int, help="neighbours searched per query")
+    pf.add("--no-whiten", default=False, type=bool,
+           help="export without the PCA-whitening fitted on the training images")
+    pf.add("--whiten-shrinkage", default=3.0, type=float,
+           help="whitening shrinkage: this multiple of the mean eigenvalue is added to each")
     pf.add("--no-eval", default=False, type=bool,
              help="skip evaluating the exported model on the held-out split")
     pf.add("--no-progress", default=False, type=bool, help="no progress bar")
@@ -106,7 +110,8 @@ def _train(args) -> int:
             holdout=args.holdout, split_seed=args.split_seed, seed=args.seed, workers=args.workers,
             device=args.device, amp=not args.no_amp,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
-            stop_after=args.stop_after,
+            stop_after=args.stop_after, evaluate=kind == "simclr" and not args.no_eval,
+            whiten=not args.no_whiten, whiten_shrinkage=args.whiten_shrinkage,
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k)
@@ -115,13 +120,12 @@ def _train(args) -> int:
             print(f"stopped after {args.stop_after} steps; continue with --resume")
             return 0
         print(f"exported {out}")
-        if kind == "simclr" and args.holdout > 0 and not args.no_eval:
-            from .evaluate import evaluate_models, format_table, store_in_meta, write_outputs
-            report = evaluate_models([str(out)], args.data, split="held-out", holdout=args.holdout,
-                                     split_seed=args.split_seed, baselines=["raw-pixels", "random-init"])
-            store_in_meta(str(out), report)
-            write_outputs(report, out / "evaluation")
-            print(format_table(report))
+        report = out / "evaluation" / "report.json"
+        if cfg.evaluate and report.exists():
+            import json
+
+            from .evaluate import format_table
+            print(format_table(json.loads(report.read_text())))
     except (DataError, ValueError, OSError) as exc:
         print(f"vsearch train: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,11 @@ ranked for each query). Several ``--model-dir`` and the baselines are compared i
 * ``raw-pixels``: the image shrunk to 32x32 (the serving resize + centre crop), flattened;
 * ``random-init``: the first model's architecture with fresh random weights.
 
+Every model is compared with each baseline, and the first model with the other models too (a
+fine-tune with the model it started from), on mAP@R, recall@1 and nDCG@10: the verdict says
+plainly whether it beats them (:func:`verdicts`) and is printed under the table, written to
+``report.json`` and stored in the model's metadata (``evaluation.verdict``) for the rollout gate.
+
 Output: a table on stdout, ``report.json`` and ``report.png`` (recall@k and precision-recall).
 From code, :func:`evaluate_models` returns the same report; the metric functions themselves
 are in :mod:`trainer.metrics` (``evaluate_embeddings``, ``evaluate_judgments``,
@@ -38,6 +43,7 @@ from .data import DataError, _resolve, list_images, read_source, select_split
 log = logging.getLogger(__name__)
 
 BASELINES = ("raw-pixels", "random-init")
+VERDICT_METRICS = ("map@r", "recall@1", "ndcg@10")
 RAW_PIXELS = PreprocessConfig(image_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
@@ -174,9 +180,36 @@ def evaluate_models(model_dirs: Sequence[str], data: str, *, ks: Sequence[int] =
             rep = metrics.evaluate_embeddings(emb, labels, ks)
             rep["embed_s"] = round(time.time() - t, 2)
             results.append({"name": c.name, "kind": c.kind, "model_dir": c.model_dir, **rep})
-    return {"data": data_info, "ks": list(ks), "ties": "pessimistic",
-            "evaluated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "wall_s": round(time.time() - t0, 1), "results": results}
+    report = {"data": data_info, "ks": list(ks), "ties": "pessimistic",
+              "evaluated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "wall_s": round(time.time() - t0, 1), "results": results}
+    report["verdicts"] = verdicts(report)
+    return report
+
+
+def verdicts(report: dict) -> list[dict]:
+    """For each model of the report: does it beat each baseline (and, for the first model, the
+    other models) on every one of :data:`VERDICT_METRICS`? A model that is not better on all
+    of them does not beat that reference, and the text says so."""
+    models = [r for r in report["results"] if r["kind"] == "model"]
+    baselines = [r for r in report["results"] if r["kind"] != "model"]
+    out = []
+    for i, m in enumerate(models):
+        refs = baselines + (models[1:] if i == 0 else [])
+        against, lines = {}, []
+        for ref in refs:
+            cmp = {k: {"model": m["metrics"].get(k), "reference": ref["metrics"].get(k)}
+                   for k in VERDICT_METRICS if k in m["metrics"] and k in ref["metrics"]}
+            beats = bool(cmp) and all(c["model"] > c["reference"] for c in cmp.values())
+            against[ref["name"]] = {"kind": ref["kind"], "beats": beats, "metrics": cmp}
+            figures = ", ".join(f"{k} {c['model']:.4f} vs {c['reference']:.4f}" for k, c in cmp.items())
+            lines.append(f"{m['name']} {'beats' if beats else 'DOES NOT BEAT'} {ref['name']} ({figures})")
+        beats_baselines = all(a["beats"] for a in against.values() if a["kind"] != "model")
+        out.append({"model": m["name"], "model_dir": m["model_dir"], "metrics": list(VERDICT_METRICS),
+                    "beats_baselines": beats_baselines if baselines else None,
+                    "beats_all": all(a["beats"] for a in against.values()) if against else None,
+                    "against": against, "text": "\n".join(lines)})
+    return out
 
 
 def table_columns(ks: Sequence[int]) -> list[str]:
@@ -195,6 +228,7 @@ def format_table(report: dict) -> str:
     first = report["results"][0] if report["results"] else {}
     lines.append(f"queries: {first.get('queries_evaluated', 0)} evaluated, "
                  f"{first.get('queries_without_relevant', 0)} without a relevant item (left out)")
+    lines += [v["text"] for v in report.get("verdicts") or verdicts(report) if v["text"]]
     return "\n".join(lines)
 
 
@@ -233,6 +267,10 @@ def plot_report(report: dict, path: str | Path) -> Path:
 def summary_for_meta(report: dict, result: dict) -> dict:
     """The compact evaluation stored in a model's ``vsearch_model.json``."""
     base = {r["kind"]: r["metrics"] for r in report["results"] if r["kind"] != "model"}
+    others = {r["name"]: r["metrics"] for r in report["results"]
+              if r["kind"] == "model" and r is not result}
+    verdict = next((v for v in report.get("verdicts") or verdicts(report)
+                    if v["model_dir"] == result["model_dir"]), None)
     out = {"data": {k: v for k, v in report["data"].items() if k != "unreadable"},
            "evaluated": report["evaluated"], "ties": report["ties"],
            "queries_evaluated": result["queries_evaluated"],
@@ -240,6 +278,10 @@ def summary_for_meta(report: dict, result: dict) -> dict:
            "metrics": result["metrics"]}
     if base:
         out["baselines"] = base
+    if others:
+        out["other_models"] = others
+    if verdict:
+        out["verdict"] = {k: verdict[k] for k in ("metrics", "beats_baselines", "beats_all", "against", "text")}
     return out
 
 

@@ -11,7 +11,11 @@
 The network is the predictor's :class:`~vsearch.predictor.model.EmbeddingNet` (the serving network);
 SimCLR adds a projection head that is dropped at export. ``--out`` becomes a model directory
 that ``vsearch serve embedder --model-dir`` loads as it is, with ``train_log.jsonl`` (one JSON
-line per logged step) and ``checkpoints/last.pt`` beside the weights.
+line per logged step) and ``checkpoints/last.pt`` beside the weights. At export a PCA-whitening
+of the pooled features is fitted on the training images and served as part of the model
+(``--no-whiten`` to leave it out); with ``--holdout`` the export is scored on the held-out
+split against raw pixels, random init and the ``--init`` model, and the verdict ("beats" /
+"DOES NOT BEAT") goes to the run log, the metadata and stdout.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ import torch
 from torch import nn
 
 from ..core import jsonsafe
-from ..predictor.model import EmbeddingNet, ModelMeta, build_model, load_model_dir, save_model_dir
+from ..predictor.model import (
+    EmbeddingNet,
+    ModelMeta,
+    build_model,
+    fit_whitening,
+    load_model_dir,
+    save_model_dir,
+)
 from .augment import AugmentConfig, PairAugment, SimCLRAugment
 from .data import (
     DataError,
@@ -59,7 +70,7 @@ class TrainConfig:
     image_size: int | None = None      # input size for a new model (arch default otherwise)
     name: str | None = None
     version: str | None = None         # default: UTC time stamp
-    epochs: float = 10
+    epochs: float = 20
     max_steps: int | None = None       # optimiser steps; overrides epochs
     batch_size: int = 128              # images per micro-batch (SimCLR: 2 views each)
     accum_steps: int = 1               # micro-batches per optimiser step
@@ -85,6 +96,10 @@ class TrainConfig:
     hard_negatives_collection: str = "images"
     hard_negatives_k: int = 10               # neighbours searched per query
     progress: bool = True
+    whiten: bool = True                # fit the served PCA-whitening on the training images
+    whiten_shrinkage: float = 3.0      # x the mean eigenvalue, added to each (0 = full whitening)
+    whiten_max_images: int = 20_000
+    evaluate: bool = True              # with holdout > 0: held-out figures vs the baselines
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -336,10 +351,57 @@ def train(cfg: TrainConfig) -> Path:
         "resumed_at_steps": resumes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    fit_catalog_whitening(cfg, net, meta, [cache[s] for s in catalog_sources(cfg, dataset)])
     save_model_dir(net, meta, out)
     runlog.write("exported", out=portable_path(str(out)), version=meta.version, final_loss=last_loss)
     log.info("exported %s (version %s, final loss %.4f)", out, meta.version, last_loss)
+    if kind == "simclr" and cfg.holdout > 0 and cfg.evaluate:
+        evaluate_export(cfg, out, runlog)
     return out
+
+
+def catalog_sources(cfg: TrainConfig, dataset) -> list[str]:
+    """The training images the whitening is fitted on (a seeded sample of a large catalog)."""
+    sources = (list(dataset.sources) if hasattr(dataset, "sources")
+               else list(dict.fromkeys(s for p in dataset.pairs for s in p)))
+    if len(sources) > cfg.whiten_max_images:
+        sources = random.Random(cfg.seed).sample(sources, cfg.whiten_max_images)
+    return sources
+
+
+def fit_catalog_whitening(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, images) -> None:
+    """Fit the served whitening on the catalog's training images (serving view, no
+    augmentation), or export without one with ``whiten=False``. An ``--init`` model's whitening
+    was fitted to its old features, so it is never carried over."""
+    from .evaluate import net_embedder
+    net.whitening = None
+    if not cfg.whiten or len(images) < 2:
+        return
+    features = net_embedder(net, meta.preprocess)(images)
+    net.whitening = fit_whitening(features, cfg.whiten_shrinkage)
+    meta.whitening = {"fitted_on": f"{len(images)} training images ({cfg.data})",
+                      "shrinkage": cfg.whiten_shrinkage}
+
+
+def evaluate_export(cfg: TrainConfig, out: Path, runlog: RunLog) -> dict | None:
+    """Held-out figures of the export against raw pixels, random init and the ``--init``
+    model, stored in its metadata and ``out/evaluation``; the verdict goes to the run log."""
+    from .evaluate import evaluate_models, store_in_meta, verdicts, write_outputs
+    dirs = [str(out)] + ([str(cfg.init)] if cfg.init else [])
+    try:
+        report = evaluate_models(dirs, cfg.data, split="held-out", holdout=cfg.holdout,
+                                 split_seed=cfg.split_seed, baselines=["raw-pixels", "random-init"],
+                                 )
+    except DataError as exc:
+        runlog.write("evaluation", skipped=str(exc))
+        log.warning("held-out evaluation skipped: %s", exc)
+        return None
+    store_in_meta(out, report)
+    write_outputs(report, out / "evaluation")
+    v = verdicts(report)[0]
+    runlog.write("evaluation", metrics=report["results"][0]["metrics"], verdict=v)
+    (log.info if v["beats_baselines"] else log.warning)("%s", v["text"])
+    return report
 
 
 def _mine(cfg: TrainConfig, pairs):

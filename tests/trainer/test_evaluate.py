@@ -98,3 +98,40 @@ def test_splits(photo_folder, tiny_model_dir, split, expected):
     report = evaluate_models([str(tiny_model_dir)], str(photo_folder), ks=(1,), split=split,
                              holdout=0.25, split_seed=0)
     assert report["results"][0]["queries"] == expected
+
+
+def _result(name, kind, map_r, r1, ndcg):
+    return {"name": name, "kind": kind, "model_dir": name if kind == "model" else None,
+            "metrics": {"map@r": map_r, "recall@1": r1, "ndcg@10": ndcg}}
+
+
+def test_the_verdict_needs_every_metric_to_be_better():
+    from vsearch.trainer.evaluate import verdicts
+    report = {"results": [_result("new", "model", 0.09, 0.02, 0.15),
+                          _result("old", "model", 0.08, 0.03, 0.14),
+                          _result("raw-pixels 32x32", "raw-pixels", 0.04, 0.017, 0.085),
+                          _result("random-init", "random-init", 0.02, 0.01, 0.05)]}
+    first, second = verdicts(report)
+    assert first["beats_baselines"] is True and first["beats_all"] is False   # worse recall@1 than old
+    assert "new DOES NOT BEAT old (map@r 0.0900 vs 0.0800, recall@1 0.0200 vs 0.0300" in first["text"]
+    assert "new beats raw-pixels 32x32" in first["text"]
+    assert set(second["against"]) == {"raw-pixels 32x32", "random-init"}     # later models: baselines only
+    report["results"][2]["metrics"]["ndcg@10"] = 0.2                          # pixels now win one metric
+    assert verdicts(report)[0]["beats_baselines"] is False
+
+
+def test_evaluate_prints_the_verdict_and_stores_it_for_the_gate(photo_folder, tiny_model_dir, tmp_path, capsys):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    rc = main(["evaluate", "--model-dir", str(d), "--data", str(photo_folder), "--k", "1,10",
+               "--baselines", "raw-pixels,random-init", "--out", str(tmp_path / "rep"), "--write-meta"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    ev = read_meta(d).evaluation
+    v = ev["verdict"]
+    assert set(v["against"]) == {"raw-pixels 32x32", "random-init resnet18"}
+    for name, a in v["against"].items():
+        assert a["beats"] == all(ev["metrics"][k] > ev["baselines"][a["kind"]][k] for k in v["metrics"])
+        assert f"{'beats' if a['beats'] else 'DOES NOT BEAT'} {name}" in printed
+    assert v["beats_baselines"] == all(a["beats"] for a in v["against"].values())

@@ -116,6 +116,15 @@ def test_cli_trains_from_scratch_evaluates_the_held_out_split_and_the_export_ser
     assert meta.evaluation["queries_evaluated"] == 8
     assert set(meta.evaluation["baselines"]) == {"raw-pixels", "random-init"}
     assert (out / "evaluation" / "report.json").exists() and (out / "evaluation" / "report.png").exists()
+    # the verdict against both baselines: printed, in the metadata for the gate, in the run log
+    verdict = meta.evaluation["verdict"]
+    assert isinstance(verdict["beats_baselines"], bool)
+    assert verdict["text"] in proc.stdout
+    logged = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert logged[-1]["event"] == "evaluation" and logged[-1]["verdict"]["text"] == verdict["text"]
+    # the whitening fitted on the 24 training images is part of the served model
+    assert meta.whitening["fitted_on"].startswith("24 training images")
+    assert (out / "whitening.safetensors").exists()
 
     local = Embedder(out)
     expected = local.embed_bytes(photo_bytes[:3])
@@ -160,3 +169,15 @@ def test_resume_loads_tensors_only_never_code(photo_folder, tiny_model_dir, tmp_
     with pytest.raises(ValueError, match="more than tensors"):
         train(config(photo_folder, out, tiny_model_dir, max_steps=2, resume=True))
     assert not (tmp_path / "should-never-exist").exists()
+
+
+def test_fine_tuning_is_compared_with_the_model_it_started_from_and_can_skip_whitening(
+        photo_folder, tiny_model_dir, tmp_path):
+    out = train(config(photo_folder, tmp_path / "ft", tiny_model_dir, max_steps=2, batch_size=8,
+                       holdout=0.25, whiten=False))
+    meta = read_meta(out)
+    assert meta.whitening is None and not (out / "whitening.safetensors").exists()
+    assert list(meta.evaluation["other_models"]) == ["tiny-resnet18:1"]
+    against = meta.evaluation["verdict"]["against"]
+    assert set(against) == {"tiny-resnet18:1", "raw-pixels 32x32", "random-init resnet18"}
+    assert against["tiny-resnet18:1"]["kind"] == "model"
