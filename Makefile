@@ -49,8 +49,10 @@ VARIANT ?= cpu
 image: $(STAMP)
 	PY=$(PY) bash .ci/image.sh $(VARIANT)
 
-# values.schema.json and the values table of charts/vsearch/README.md, from values.yaml's comments.
+# values.schema.json and the values table of charts/vsearch/README.md, from values.yaml's comments;
+# the chart's copy of the operator's SearchIndex CRD (Helm installs charts/vsearch/crds/ first).
 chart-docs: $(STAMP)
+	cp operators/searchindex.yaml charts/vsearch/crds/searchindex.yaml
 	$(PY) .ci/chart_values.py charts/vsearch
 
 # manifests/ (kustomize base + overlays), rendered from the chart.
