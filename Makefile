@@ -26,13 +26,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# Everything: lint, then every test against real local services.
+# Everything: lint, then every test against real local services, in two processes (a test
+# file stays in one, with its servers).
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The quick loop while working: lint and the tests not marked slow.
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # Every benchmark prints a table with a baseline measured in the same run. bench.search at
 # 1M vectors takes about 50 minutes here: `$(PY) -m bench.search` runs 100k and 1M.
@@ -49,8 +50,10 @@ VARIANT ?= cpu
 image: $(STAMP)
 	PY=$(PY) bash .ci/image.sh $(VARIANT)
 
-# values.schema.json and the values table of charts/vsearch/README.md, from values.yaml's comments.
+# values.schema.json and the values table of charts/vsearch/README.md, from values.yaml's comments;
+# the chart's copy of the operator's SearchIndex CRD (Helm installs charts/vsearch/crds/ first).
 chart-docs: $(STAMP)
+	cp operators/searchindex.yaml charts/vsearch/crds/searchindex.yaml
 	$(PY) .ci/chart_values.py charts/vsearch
 
 # manifests/ (kustomize base + overlays), rendered from the chart.

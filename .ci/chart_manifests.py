@@ -6,7 +6,8 @@ equivalent to its output.
     python .ci/chart_manifests.py --check    # exit 1 when manifests/ is stale
 
 Each overlay's chart values are in ``manifests/overlays/<name>/chart-values.yaml``. The chart is
-rendered once per overlay (release ``vsearch`` in namespace ``vsearch``, no helm test hook). The
+rendered once per overlay (release ``vsearch`` in namespace ``vsearch``, no helm test hook, with
+the CRDs of its crds/ folder, which Helm installs before the templates). The
 objects that every overlay renders go to ``base/`` as the first overlay (``dev``) renders them
 (but for the Milvus custom resource: standalone in dev, a cluster in prod, each whole in its overlay);
 an overlay whose object differs carries a JSON 6902 patch for it (``patch-<kind>-<name>.yaml``),
@@ -63,7 +64,7 @@ def normalise(obj: dict) -> dict:
 
 
 def render(helm: str, values: Path) -> list[dict]:
-    res = subprocess.run([helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+    res = subprocess.run([helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds",
                           "-f", str(values), "--set", "tests.enabled=false"],
                          capture_output=True, text=True, timeout=120)
     if res.returncode:

@@ -15,12 +15,16 @@ if the operator is gone):
   is ``status.address.url`` (in-cluster) or ``status.url``.
 - Deployment ``<S>-<model>-<V>-ingest`` (``apps/v1``): ``vsearch ingest`` with its own consumer
   group, embedding through that InferenceService, writing the version's collection, never
-  touching the alias. Ready when ``status.readyReplicas`` reaches the replicas."""
+  touching the alias. Ready when ``status.readyReplicas`` reaches the replicas.
+
+Both run as the image's user (10001) with the `restricted` Pod Security Standard's security
+context and no service-account token."""
 
 from __future__ import annotations
 
 import abc
 import base64
+import copy
 import dataclasses
 import logging
 
@@ -33,6 +37,13 @@ DEPLOYMENTS = ("apps", "v1", "deployments")
 MODEL_MOUNT = "/mnt/models"
 EMBEDDER_PORT = 8080
 METRICS_PORT = 9100
+# The image's user (the Dockerfile's USER 10001). With these the pods meet the `restricted` Pod
+# Security Standard, which the namespace of manifests/ enforces; none of them calls the
+# Kubernetes API, so no service-account token is mounted.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "privileged": False,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 @dataclasses.dataclass
@@ -155,10 +166,12 @@ class KubernetesWorkloads(Workloads):
         container = {"name": "kserve-container", "image": w.image, "command": ["vsearch"],
                      "args": embedder_args(local_path or MODEL_MOUNT, port=EMBEDDER_PORT,
                                            max_batch=spec.ingest.batch_size, extra=w.args),
-                     "env": env, "ports": [{"containerPort": EMBEDDER_PORT, "protocol": "TCP"}]}
+                     "env": env, "ports": [{"containerPort": EMBEDDER_PORT, "protocol": "TCP"}],
+                     "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
         if w.resources:
             container["resources"] = w.resources
-        predictor = {"minReplicas": w.replicas, "maxReplicas": max(1, w.replicas), "containers": [container]}
+        predictor = {"minReplicas": w.replicas, "maxReplicas": max(1, w.replicas), "containers": [container],
+                     "securityContext": copy.deepcopy(POD_SECURITY), "automountServiceAccountToken": False}
         if w.node_selector:
             predictor["nodeSelector"] = w.node_selector
         if w.tolerations:
@@ -191,10 +204,12 @@ class KubernetesWorkloads(Workloads):
                      "args": ingest_args(spec, v, embedder_url, metrics_port=METRICS_PORT),
                      "env": self._env(spec, w),
                      "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
-                     "readinessProbe": {"httpGet": {"path": "/metrics", "port": METRICS_PORT}}}
+                     "readinessProbe": {"httpGet": {"path": "/metrics", "port": METRICS_PORT}},
+                     "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
         if w.resources:
             container["resources"] = w.resources
-        pod = {"containers": [container], "terminationGracePeriodSeconds": 60}
+        pod = {"containers": [container], "terminationGracePeriodSeconds": 60,
+               "securityContext": copy.deepcopy(POD_SECURITY), "automountServiceAccountToken": False}
         if w.node_selector:
             pod["nodeSelector"] = w.node_selector
         if w.tolerations:

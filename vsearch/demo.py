@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -181,6 +182,9 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         broker = start_broker(log_path=logs / "broker.log")
         started.append(broker)
         print("starting Milvus Lite (milvus-lite server) ...", flush=True)
+        # The broker starts empty and the catalog is published again, so the index starts empty
+        # too: a collection or alias left by an earlier run (a rollout's) would serve instead.
+        shutil.rmtree(data / "milvus", ignore_errors=True)
         milvus = start_milvus_lite_server(data / "milvus", log_path=logs / "milvus.log")
         started.append(milvus)
         print("starting the embedder ...", flush=True)

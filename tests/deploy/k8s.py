@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "vsearch"
 MANIFESTS = REPO / "manifests"
 SCHEMAS = REPO.parent / "shared" / "schemas"
-PROFILES = ("minimal", "full", "gpu")
+PROFILES = ("minimal", "full", "gpu", "no-operator")
+# The profiles without the operator (the chart's own embedder and consumer).
+STATIC_PROFILES = ("no-operator",)
 RELEASE, NAMESPACE = "vsearch", "vsearch"
 
 # Custom resources the chart renders -> the CRD file that defines them (../shared/schemas).
@@ -28,8 +30,9 @@ CRD_FILES = {
     ("kafka.strimzi.io", "KafkaTopic"): "kafka.strimzi.io_kafkatopics.yaml",
     ("monitoring.coreos.com", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
 }
-# TODO(operator): the SearchIndex CRD is not there yet; its objects cannot be validated.
-PENDING_CRDS = {("vsearch.io", "SearchIndex")}
+# The project's own CRDs: the chart's copy (tests/deploy/test_chart_operator.py checks it is
+# operators/searchindex.yaml byte for byte).
+OWN_CRDS = {("vsearch.io", "SearchIndex"): CHART / "crds" / "searchindex.yaml"}
 
 
 def run(argv, **kw) -> subprocess.CompletedProcess:
@@ -85,9 +88,13 @@ def _strict(node):
     return out
 
 
+def has_crd(group: str, kind: str) -> bool:
+    return (group, kind) in OWN_CRDS or (group, kind) in CRD_FILES
+
+
 @lru_cache(maxsize=None)
 def crd_schema(group: str, kind: str, version: str) -> dict:
-    path = SCHEMAS / CRD_FILES[(group, kind)]
+    path = OWN_CRDS.get((group, kind)) or SCHEMAS / CRD_FILES[(group, kind)]
     crd = yaml.safe_load(path.read_text())
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
@@ -159,6 +166,11 @@ def find_command(parser: argparse.ArgumentParser, args: list[str]):
         parser = subs[0].choices[word]
         words.append(word)
     return parser, words
+
+
+# The command each workload of a SearchIndex runs (operators/workloads.py: ``vsearch`` with the
+# operator's flags, then the workload's ``args``; its ``env`` as the container's).
+SEARCHINDEX_COMMANDS = {"embedder": ["serve", "embedder"], "ingest": ["ingest"]}
 
 
 def accepted_env(args: list[str]) -> set[str] | None:

@@ -88,11 +88,18 @@ class Pod:
     reported: bool = False
 
 
+def image_paths() -> dict[str, str]:
+    """Paths inside the vsearch image (the Dockerfile) -> where the same files are here."""
+    from vsearch.predictor.model import default_model_dir
+    return {"/opt/vsearch/models/default": str(default_model_dir())}
+
+
 class TestKubelet(threading.Thread):
     """Watches (by polling) the InferenceServices and Deployments of one namespace and runs each
     as a local process, like a kubelet with KServe's storage initializer: the model URI
-    (``STORAGE_URI``, a file:// URI or a path) becomes the ``--model-dir``; ports are free local
-    ones; readiness and URLs go into the objects' status. A process that dies is restarted."""
+    (``STORAGE_URI``, a file:// URI or a path) becomes the ``--model-dir``, and a path inside the
+    image (``image_paths``) the same files here; ports are free local ones; readiness and URLs go
+    into the objects' status. A process that dies is restarted."""
 
     def __init__(self, api: KubeAPI, log_dir: Path, *, poll_s: float = 0.3):
         super().__init__(name="test-kubelet", daemon=True)
@@ -168,6 +175,10 @@ class TestKubelet(threading.Thread):
                 out += [a, path]
                 i += 2
                 continue
+            if a == "--model-dir" and i + 1 < len(args) and args[i + 1] in image_paths():
+                out += [a, image_paths()[args[i + 1]]]
+                i += 2
+                continue
             out.append(a)
             i += 1
         if kind == "inferenceservices":
@@ -201,14 +212,16 @@ class TestKubelet(threading.Thread):
 
 
 class Cluster:
-    """kmock + the test kubelet + (re)startable operator processes, in one namespace."""
+    """kmock + the test kubelet + (re)startable operator processes, in one namespace. With
+    ``searchindex_crd=False`` the API serves SearchIndexes only once their CRD is created."""
 
-    def __init__(self, root: Path, namespace: str = "vs"):
+    def __init__(self, root: Path, namespace: str = "vs", *, searchindex_crd: bool = True):
         self.root, self.namespace = root, namespace
         root.mkdir(parents=True, exist_ok=True)
         port = services.free_port()
         self.kmock = services.Service("kmock", [services.sys.executable, "-m", "tests.operator.kmock_server",
-                                                "--port", str(port)], port=port,
+                                                "--port", str(port)]
+                                      + ([] if searchindex_crd else ["--without-searchindex"]), port=port,
                                       log_path=root / "kmock.log").wait_ready(30)
         self.url = f"http://127.0.0.1:{port}"
         self.api = KubeAPI(self.url, namespace)

@@ -25,6 +25,13 @@ def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir, rollou
     assert "answered by tiny_a__2 (images__tiny_a__2)" in out, out[-2000:]
     assert not leftover_processes(str(data_dir))
 
+    # the next plain demo in the same folder serves its own model again, not the rolled-out alias
+    again = subprocess.run([sys.executable, "-m", "vsearch", "demo", "--catalog", str(catalog), "--model-dir",
+                            str(tiny_model_dir), "--check", "--http-port", "0", "--data-dir", str(data_dir),
+                            "--ready-timeout", "120"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert not leftover_processes(str(data_dir))
+
 
 def test_demo_rollout_exits_3_when_the_gate_refuses_and_blue_keeps_serving(tmp_path):
     """A random-initialised candidate against a golden set built from the catalog's classes,

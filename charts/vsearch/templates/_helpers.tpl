@@ -109,9 +109,49 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- printf "%s-search" (include "vsearch.fullname" .) -}}
 {{- end -}}
 
+{{/* The operator's names (operators/spec.py) ------------------------------------------------ */}}
+
+{{/* spec.dns_name: a DNS-1123 label from the parts (lower case, runs of other characters as one
+     "-"), shortened with 8 hex digits of the sha1 of the joined parts when longer than limit.
+     Call with (dict "parts" (list ...) "limit" 45). */}}
+{{- define "vsearch.dnsName" -}}
+{{- $raw := join "-" (compact .parts) -}}
+{{- $name := regexReplaceAll "[^a-z0-9-]+" (lower $raw) "-" | trimAll "-" -}}
+{{- $name = regexReplaceAll "-+" $name "-" -}}
+{{- if gt (len $name) (int .limit) -}}
+{{- $name = printf "%s-%s" (trunc (sub (int .limit) 9 | int) $name | trimSuffix "-") (sha1sum $raw | trunc 8) -}}
+{{- end -}}
+{{- default "x" $name -}}
+{{- end -}}
+
+{{- define "vsearch.searchIndexName" -}}
+{{- default (include "vsearch.fullname" .) .Values.searchIndex.name -}}
+{{- end -}}
+
+{{/* The InferenceService the operator creates for model.name/model.version of the chart's
+     SearchIndex (VersionRef.embedder_name): "<index>-<model>-<version>-embedder", at most 45. */}}
+{{- define "vsearch.operatorEmbedderName" -}}
+{{- include "vsearch.dnsName" (dict "parts" (list (include "vsearch.searchIndexName" .) .Values.model.name (toString .Values.model.version) "embedder") "limit" 45) -}}
+{{- end -}}
+
+{{/* spec.model.uri of the SearchIndex: model.storageUri, else the default model in the image. */}}
+{{- define "vsearch.modelUri" -}}
+{{- $uri := .Values.model.storageUri -}}
+{{- if or (hasPrefix "hf://" $uri) (hasPrefix "oci://" $uri) -}}
+{{- fail (printf "model.storageUri %s: the SearchIndex accepts s3://, gs://, pvc://, http(s):// (or a path in the image); hf:// and oci:// only work with operator.enabled=false" $uri) -}}
+{{- end -}}
+{{- default "/opt/vsearch/models/default" $uri -}}
+{{- end -}}
+
 {{/* KServe RawDeployment names the predictor's Service "<isvc>-predictor" (port 80). */}}
 {{- define "vsearch.embedderUrl" -}}
 {{- printf "http://%s-predictor.%s.svc" (include "vsearch.embedderName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* The operator's embedder of model.version: the search service's fallback for collections
+     that record no embedder (the operator's collections always record theirs). */}}
+{{- define "vsearch.operatorEmbedderUrl" -}}
+{{- printf "http://%s-predictor.%s.svc" (include "vsearch.operatorEmbedderName" .) .Release.Namespace -}}
 {{- end -}}
 
 {{- define "vsearch.searchUrl" -}}
@@ -125,6 +165,43 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- $p = get (dict "DISKANN" (dict "search_list" 100) "HNSW" (dict "ef" 64)) .Values.milvus.index.type | default dict -}}
 {{- end -}}
 {{- toJson $p -}}
+{{- end -}}
+
+{{/* The embedder's resources, with the GPU of embedder.gpu. */}}
+{{- define "vsearch.embedderResources" -}}
+{{- $e := .Values.embedder -}}
+{{- $res := deepCopy $e.resources -}}
+{{- if $e.gpu.enabled -}}
+{{- $_ := set $res.limits $e.gpu.resourceName ($e.gpu.count | toString) -}}
+{{- $_ := set $res.requests $e.gpu.resourceName ($e.gpu.count | toString) -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}
+
+{{/* The embedder's variables that neither mode sets on its command line. */}}
+{{- define "vsearch.embedderTuningEnv" -}}
+- name: VSEARCH_EMBEDDER_BATCH_SIZE
+  value: {{ .Values.embedder.batchSize | quote }}
+{{- if .Values.embedder.threads }}
+- name: VSEARCH_EMBEDDER_THREADS
+  value: {{ .Values.embedder.threads | quote }}
+{{- end }}
+- name: VSEARCH_EMBEDDER_DEVICE
+  value: {{ ternary "cuda" "cpu" .Values.embedder.gpu.enabled }}
+{{- end -}}
+
+{{/* The consumer's variables that neither mode sets on its command line. */}}
+{{- define "vsearch.ingestTuningEnv" -}}
+- name: VSEARCH_INGEST_DLQ_TOPIC
+  value: {{ include "vsearch.dlqTopic" . | quote }}
+- name: VSEARCH_INGEST_PARTITIONS
+  value: {{ .Values.kafka.topics.catalog.partitions | quote }}
+- name: VSEARCH_INGEST_BATCH_MS
+  value: {{ .Values.ingest.batchMs | quote }}
+- name: VSEARCH_INGEST_FETCH_WORKERS
+  value: {{ .Values.ingest.fetchWorkers | quote }}
+- name: VSEARCH_INGEST_STOP_GRACE_S
+  value: {{ .Values.ingest.stopGraceSeconds | quote }}
 {{- end -}}
 
 {{/* The Milvus settings every component shares (shared variables, no component prefix). */}}
