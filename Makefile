@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) -m bench.embedder
 	$(PY) -m bench.ingest
 	$(PY) -m bench.trainer
+	$(PY) -m bench.rollout
 	$(PY) -m bench.search --sizes 100000
 
 # The vsearch image as an OCI archive, built without a Docker daemon (podman/buildah, runc, a

@@ -11,7 +11,7 @@
 #           (CPU torch==2.13.0 from this machine's disk; the CUDA build from the package registry)
 #   build   podman build (runtime runc, no network in the build: pip install --no-index)
 #   save    podman save --format oci-archive -> build/image/vsearch-<version>-<variant>.oci.tar
-#   smoke   podman run of the archive: `vsearch --help`, the serve/ingest help, the default model,
+#   smoke   podman run of the archive: `vsearch --help`, the serve/ingest/operator help, the default model,
 #           a non-root user, on a read-only root filesystem with every capability dropped
 #
 # Environment: FORCE_ROOTFS=1 rebuilds the base; KEEP_IMAGE=1 keeps the image in podman's store.
@@ -119,10 +119,11 @@ smoke() {
     vsearch serve search --help >/dev/null
     vsearch serve embedder --help >/dev/null
     vsearch ingest --help >/dev/null
+    vsearch operator --help >/dev/null
     vsearch model info /opt/vsearch/models/default | grep "\"name\": \"vsearch-default\"" >/dev/null
     python -c "import sys, torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); sys.exit(\"$1\" == \"cuda\" and torch.version.cuda is None)"
     ! command -v pip >/dev/null && ! command -v gcc >/dev/null && ! command -v cc >/dev/null
-    echo "smoke: vsearch --help, serve/ingest help, default model, uid $(id -u), no pip or compiler"
+    echo "smoke: vsearch --help, serve/ingest/operator help, default model, uid $(id -u), no pip or compiler"
   ' sh "$VARIANT" >&2
 }
 

@@ -16,9 +16,7 @@ The figures go into the SearchIndex status and the operator's log, pass or fail.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 import math
 import random
@@ -43,23 +41,14 @@ class GoldenSetError(ValueError):
 
 
 def parse_judgments(text: str, source: str = "judgments") -> dict[str, dict[str, float]]:
-    """``query,candidate,grade`` CSV text -> ``{query: {candidate id: grade}}``."""
-    rows = list(csv.DictReader(io.StringIO(text)))
-    if not rows or not {"query", "candidate", "grade"} <= set(rows[0]):
-        raise GoldenSetError(f"{source}: a judgments CSV needs the columns query,candidate,grade")
-    out: dict[str, dict[str, float]] = {}
-    for i, r in enumerate(rows, start=2):
-        try:
-            g = float(r["grade"])
-        except (TypeError, ValueError) as exc:
-            raise GoldenSetError(f"{source} line {i}: grade {r['grade']!r} is not a number") from exc
-        if not 0 <= g <= 5:
-            raise GoldenSetError(f"{source} line {i}: grade {g} is outside 0..5")
-        q, c = (r["query"] or "").strip(), (r["candidate"] or "").strip()
-        if not q or not c:
-            raise GoldenSetError(f"{source} line {i}: empty query or candidate")
-        out.setdefault(q, {})[c] = g
-    return out
+    """``query,candidate,grade`` CSV text -> ``{query: {candidate id: grade}}`` (the format
+    ``vsearch evaluate`` reads: ``trainer.metrics.parse_judgments``)."""
+    from ..trainer.metrics import JudgmentsError
+    from ..trainer.metrics import parse_judgments as parse
+    try:
+        return parse(text, source)
+    except JudgmentsError as exc:
+        raise GoldenSetError(str(exc)) from exc
 
 
 def _fetch(fetcher, uri: str) -> bytes:

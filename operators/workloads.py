@@ -168,14 +168,8 @@ class KubernetesWorkloads(Workloads):
                                            max_batch=spec.ingest.batch_size, extra=w.args),
                      "env": env, "ports": [{"containerPort": EMBEDDER_PORT, "protocol": "TCP"}],
                      "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
-        if w.resources:
-            container["resources"] = w.resources
-        predictor = {"minReplicas": w.replicas, "maxReplicas": max(1, w.replicas), "containers": [container],
-                     "securityContext": copy.deepcopy(POD_SECURITY), "automountServiceAccountToken": False}
-        if w.node_selector:
-            predictor["nodeSelector"] = w.node_selector
-        if w.tolerations:
-            predictor["tolerations"] = w.tolerations
+        predictor = _placed(w, container, {"minReplicas": w.replicas, "maxReplicas": max(1, w.replicas),
+                                           "containers": [container]})
         return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
                 "metadata": {"name": v.embedder_name, "namespace": v.namespace,
                              "labels": self._labels(v, "embedder"), "ownerReferences": [self._owner_ref()],
@@ -206,14 +200,7 @@ class KubernetesWorkloads(Workloads):
                      "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
                      "readinessProbe": {"httpGet": {"path": "/metrics", "port": METRICS_PORT}},
                      "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
-        if w.resources:
-            container["resources"] = w.resources
-        pod = {"containers": [container], "terminationGracePeriodSeconds": 60,
-               "securityContext": copy.deepcopy(POD_SECURITY), "automountServiceAccountToken": False}
-        if w.node_selector:
-            pod["nodeSelector"] = w.node_selector
-        if w.tolerations:
-            pod["tolerations"] = w.tolerations
+        pod = _placed(w, container, {"containers": [container], "terminationGracePeriodSeconds": 60})
         return {"apiVersion": "apps/v1", "kind": "Deployment",
                 "metadata": {"name": v.ingest_name, "namespace": v.namespace, "labels": labels,
                              "ownerReferences": [self._owner_ref()]},
@@ -258,3 +245,16 @@ def _label_value(text: str) -> str:
     import re
     v = re.sub(r"[^A-Za-z0-9._-]", "-", text)[:63].strip("-._")
     return v or "x"
+
+
+def _placed(w, container: dict, pod: dict) -> dict:
+    """``pod`` with the hardened pod security settings and the workload's resources (on
+    ``container``), node selector and tolerations."""
+    if w.resources:
+        container["resources"] = w.resources
+    pod.update(securityContext=copy.deepcopy(POD_SECURITY), automountServiceAccountToken=False)
+    if w.node_selector:
+        pod["nodeSelector"] = w.node_selector
+    if w.tolerations:
+        pod["tolerations"] = w.tolerations
+    return pod

@@ -24,7 +24,6 @@ are in :mod:`trainer.metrics` (``evaluate_embeddings``, ``evaluate_judgments``,
 from __future__ import annotations
 
 import concurrent.futures as futures
-import csv
 import logging
 import time
 from dataclasses import dataclass
@@ -117,22 +116,17 @@ def decode_all(sources: Sequence[str], workers: int = 2):
 
 
 def read_judgments(path: str | Path) -> dict[str, dict[str, float]]:
-    """``query,candidate,grade`` (grade 0..5) -> {query: {candidate: grade}}."""
+    """A judgments CSV file -> {query: {candidate: grade}}; relative image paths are resolved
+    against the file's folder."""
     path = Path(path)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"query", "candidate", "grade"} <= set(rows[0]):
-        raise DataError(f"{path}: a judgments CSV needs the columns query,candidate,grade")
+    try:
+        judged = metrics.parse_judgments(path.read_text(), str(path))
+    except metrics.JudgmentsError as exc:
+        raise DataError(str(exc)) from exc
     out: dict[str, dict[str, float]] = {}
-    for i, r in enumerate(rows, start=2):
-        try:
-            g = float(r["grade"])
-        except ValueError as exc:
-            raise DataError(f"{path} line {i}: grade {r['grade']!r} is not a number") from exc
-        if not 0 <= g <= 5:
-            raise DataError(f"{path} line {i}: grade {g} is outside 0..5")
-        q, c = _resolve(r["query"], path.parent), _resolve(r["candidate"], path.parent)
-        out.setdefault(q, {})[c] = g
+    for q, grades in judged.items():
+        for c, g in grades.items():
+            out.setdefault(_resolve(q, path.parent), {})[_resolve(c, path.parent)] = g
     return out
 
 

@@ -28,6 +28,8 @@ gives the upper bound. Candidates in ``exclude`` (the query itself) are removed.
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -240,6 +242,31 @@ def evaluate_embeddings(embeddings, labels: Sequence, ks: Sequence[int] = DEFAUL
     report["per_class_map@r"] = per_class
     report["curves"] = curves(ranked, n_rel, curve_k)
     return report
+
+
+class JudgmentsError(ValueError):
+    """A judgments CSV that cannot be used; the message names the source and the line."""
+
+
+def parse_judgments(text: str, source: str = "judgments") -> dict[str, dict[str, float]]:
+    """``query,candidate,grade`` CSV text (grade 0..5) -> ``{query: {candidate: grade}}``: the
+    format of ``vsearch evaluate`` and of the rollout gate's golden set."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows or not {"query", "candidate", "grade"} <= set(rows[0]):
+        raise JudgmentsError(f"{source}: a judgments CSV needs the columns query,candidate,grade")
+    out: dict[str, dict[str, float]] = {}
+    for i, r in enumerate(rows, start=2):
+        try:
+            g = float(r["grade"])
+        except (TypeError, ValueError) as exc:
+            raise JudgmentsError(f"{source} line {i}: grade {r['grade']!r} is not a number") from exc
+        if not 0 <= g <= 5:
+            raise JudgmentsError(f"{source} line {i}: grade {g} is outside 0..5")
+        q, c = (r["query"] or "").strip(), (r["candidate"] or "").strip()
+        if not q or not c:
+            raise JudgmentsError(f"{source} line {i}: empty query or candidate")
+        out.setdefault(q, {})[c] = g
+    return out
 
 
 def evaluate_ranked_lists(rankings: Mapping[str, Sequence[str]],

@@ -5,6 +5,7 @@ The build itself takes about 7 minutes here and is its own target (``make image`
 
 from __future__ import annotations
 
+import json
 import shutil
 import tomllib
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.deploy import k8s
 from tests.deploy.k8s import REPO
+from vsearch.predictor.model import default_model_dir, read_meta
 
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 ARCHIVE = REPO / "build" / "image" / f"vsearch-{VERSION}-cpu.oci.tar"
@@ -27,5 +29,12 @@ def test_vsearch_help_runs_from_the_image_archive(monkeypatch):
                    "--cap-drop=ALL", "--security-opt", "no-new-privileges", f"oci-archive:{ARCHIVE}", "--help"])
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: vsearch")
-    for command in ("serve", "ingest", "train"):
+    for command in ("serve", "ingest", "train", "operator"):
         assert command in res.stdout
+    # the image serves the repository's default model (the one the chart's values name)
+    info = k8s.run(["podman", "run", "--rm", "--network=host", "--read-only", "--tmpfs", "/tmp",
+                    f"oci-archive:{ARCHIVE}", "model", "info", "/opt/vsearch/models/default"])
+    assert info.returncode == 0, info.stderr
+    meta = json.loads(info.stdout)
+    repo = read_meta(default_model_dir())
+    assert (meta["name"], meta["version"], meta["embedding_dim"]) == (repo.name, repo.version, repo.embedding_dim)

@@ -212,3 +212,20 @@ def test_recall_and_precision_at_k_match_scikit_learn_on_the_top_k():
         predicted[np.argsort(-s)[:k]] = 1
         assert M.recall_at_k(ranked, k)[0] == pytest.approx(recall_score(y, predicted))
         assert M.precision_at_k(ranked, k)[0] == pytest.approx(precision_score(y, predicted))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("q,c,g\na,b,1\n", "needs the columns query,candidate,grade"),
+    ("query,candidate,grade\na,b,high\n", "line 2: grade 'high' is not a number"),
+    ("query,candidate,grade\na,b,1\na,c,7\n", "line 3: grade 7.0 is outside 0..5"),
+    ("query,candidate,grade\na, ,1\n", "line 2: empty query or candidate"),
+    ("", "needs the columns"),
+])
+def test_bad_judgments_are_refused_with_the_source_and_line(text, message):
+    with pytest.raises(M.JudgmentsError, match=message):
+        M.parse_judgments(text, "golden.csv")
+
+
+def test_judgments_parse_to_grades_per_query():
+    text = "query,candidate,grade\ncatalog:a, b ,2\ncatalog:a,c,0\nx.jpg,d,5\n"
+    assert M.parse_judgments(text) == {"catalog:a": {"b": 2.0, "c": 0.0}, "x.jpg": {"d": 5.0}}
