@@ -6,7 +6,7 @@ equivalent to its output.
     python .ci/chart_manifests.py --check    # exit 1 when manifests/ is stale
 
 Each overlay's chart values are in ``manifests/overlays/<name>/chart-values.yaml``. The chart is
-rendered once per overlay (release ``vsearch`` in namespace ``vsearch``, no helm test hook, with
+rendered once per overlay (release ``vsearch`` in namespace ``vsearch``, no helm hooks (the test and the pre-delete clean-up), with
 the CRDs of its crds/ folder, which Helm installs before the templates). The
 objects that every overlay renders go to ``base/`` as the first overlay (``dev``) renders them
 (but for the Milvus custom resource: standalone in dev, a cluster in prod, each whole in its overlay);
@@ -65,7 +65,7 @@ def normalise(obj: dict) -> dict:
 
 def render(helm: str, values: Path) -> list[dict]:
     res = subprocess.run([helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds",
-                          "-f", str(values), "--set", "tests.enabled=false"],
+                          "-f", str(values), "--set", "tests.enabled=false", "--no-hooks"],
                          capture_output=True, text=True, timeout=120)
     if res.returncode:
         raise SystemExit(f"helm template with {values} failed:\n{res.stderr}")

@@ -6,7 +6,9 @@ http(s)://
 - The URI is parsed once, with urllib3's parser (the one the connection is made from, so no
   second parser can read another host out of it); user info (``user@``) and anything but a
   plain host and port in the authority are refused.
-- The host is resolved once; every address must be globally routable (no loopback, private,
+- The host is resolved once, within what is left of ``total_timeout`` (the lookup runs on a
+  small pool of resolver threads; a resolver that hangs costs one of them, never the caller);
+  every address must be globally routable (no loopback, private,
   link-local, shared 100.64.0.0/10, multicast, reserved, NAT64/6to4 forms of those) unless
   ``allow_private`` or ``allow_networks`` say otherwise; the connection is made to the
   address that was checked (Host header and TLS server name stay the name), so a second
@@ -314,10 +316,10 @@ class Fetcher:
 
     # --- http(s):// ---------------------------------------------------------------------------
 
-    def _target(self, uri: str):
+    def _target(self, uri: str, deadline: float):
         """``(scheme, host, port, request path, address)`` of an http(s) URI, every check done:
         one parse (urllib3's, the one the request is made from), no user info, a valid host
-        name, resolved once, every address allowed."""
+        name, resolved once before ``deadline`` (a ``time.monotonic()``), every address allowed."""
         try:
             url = parse_url(uri)
         except (LocationParseError, ValueError) as exc:
@@ -342,10 +344,7 @@ class Fetcher:
                 ascii_host = host.encode("idna").decode("ascii")
             except UnicodeError as exc:
                 raise Refused(f"{_short(uri)}: {host[:80]!r} is not a valid host name") from exc
-            try:
-                infos = socket.getaddrinfo(ascii_host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-            except (socket.gaierror, UnicodeError, OSError) as exc:
-                raise FetchError(f"host {host[:80]!r} does not resolve", transient=True) from exc
+            infos = _resolve(ascii_host, port, deadline)
             addresses = list(dict.fromkeys(ipaddress.ip_address(i[4][0].split("%", 1)[0]) for i in infos))
             host = ascii_host
         for ip in addresses:
@@ -414,7 +413,7 @@ class Fetcher:
     def _hop(self, uri: str, deadline: float, expired: threading.Event) -> bytes | str:
         """One URI: its bytes, or the next URI of a redirect."""
         cfg = self.config
-        scheme, host, port, path, addresses = self._target(uri)
+        scheme, host, port, path, addresses = self._target(uri, deadline)
         default_port = 443 if scheme == "https" else 80
         headers = {"Host": host if port == default_port else f"{host}:{port}",
                    "User-Agent": "vsearch-fetch/1", "Accept": "image/*,*/*;q=0.5",
@@ -523,6 +522,30 @@ class Fetcher:
             for pool in self._pools.values():
                 pool.close()
             self._pools.clear()
+
+
+# Name lookups run here, so that one can be abandoned at the fetch's deadline (getaddrinfo
+# cannot be interrupted). A hung resolver holds one of these threads until it answers; when
+# all are held, further lookups wait their turn and time out with the same reason.
+_RESOLVERS = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch-dns")
+
+
+def _resolve(host: str, port: int, deadline: float) -> list:
+    """``socket.getaddrinfo`` of ``host`` for TCP, or :class:`FetchError` (transient) when it
+    fails or has not answered by ``deadline``."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise FetchError(f"no time left to resolve host {host[:80]!r}", transient=True)
+    lookup = _RESOLVERS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM,
+                               proto=socket.IPPROTO_TCP)
+    try:
+        return lookup.result(timeout=remaining)
+    except futures.TimeoutError as exc:
+        lookup.cancel()
+        raise FetchError(f"host {host[:80]!r} did not resolve within {remaining:.3g}s",
+                         transient=True) from exc
+    except (socket.gaierror, UnicodeError, OSError) as exc:
+        raise FetchError(f"host {host[:80]!r} does not resolve", transient=True) from exc
 
 
 def check_uri_text(uri) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from ..core.config import Flags
 
@@ -29,6 +30,74 @@ def register(sub) -> None:
           help="use kopf peering (needs the KopfPeering CRDs); default: standalone")
     p.set_defaults(handler=_operator)
 
+    d = sub.add_parser("delete-index", help="delete a SearchIndex and wait until the operator has cleaned up",
+                       description="Deletes the SearchIndex NAME and waits until it is gone: its finalizer "
+                                   "has the operator remove every version's embedder, consumer, Milvus "
+                                   "collection and consumer group, and the alias. The chart runs this as its "
+                                   "pre-delete hook, so that `helm uninstall` does not remove the operator "
+                                   "first. Exit 0 when the SearchIndex is gone (or was never there), 1 when "
+                                   "it is still there after --timeout (nothing is forced: the operator's "
+                                   "log says why).")
+    d.add_argument("name", help="the SearchIndex's name")
+    f = Flags(d, "DELETE_INDEX")
+    f.add("--namespace", "-n", default="default", help="its namespace")
+    f.add("--kubeconfig", default=None,
+          help="kubeconfig file (default: the in-cluster service account, else $KUBECONFIG / ~/.kube/config)")
+    f.add("--timeout", default=600.0, type=float, help="seconds to wait for the operator's clean-up")
+    d.set_defaults(handler=_delete_index)
+
+
+def _load_kube_config(kubeconfig: str | None) -> None:
+    import kubernetes
+
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig
+        kubernetes.config.load_kube_config(config_file=kubeconfig)
+    else:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+
+
+def _delete_index(args) -> int:
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    from .crd import GROUP, PLURAL, VERSION
+
+    _load_kube_config(args.kubeconfig)
+    api = kubernetes.client.CustomObjectsApi()
+    where = f"SearchIndex {args.namespace}/{args.name}"
+    try:
+        api.delete_namespaced_custom_object(GROUP, VERSION, args.namespace, PLURAL, args.name)
+    except ApiException as exc:
+        if exc.status == 404:
+            print(f"{where}: not there, nothing to clean up")
+            return 0
+        raise SystemExit(f"{where}: delete refused ({exc.status} {exc.reason}): {(exc.body or '')[:300]}") from None
+    print(f"{where}: deleted; waiting up to {args.timeout:g}s for the operator's clean-up", flush=True)
+    deadline, said = time.monotonic() + args.timeout, None
+    while True:
+        try:
+            obj = api.get_namespaced_custom_object(GROUP, VERSION, args.namespace, PLURAL, args.name)
+        except ApiException as exc:
+            if exc.status == 404:
+                print(f"{where}: gone (workloads, collections, consumer groups and alias removed)")
+                return 0
+            news = f"cannot read it ({exc.status} {exc.reason}), retrying"
+        else:
+            news = f"finalizers {obj['metadata'].get('finalizers') or []}, phase " \
+                   f"{(obj.get('status') or {}).get('phase', '-')}"
+        if news != said:
+            print(f"{where}: {news}", flush=True)
+            said = news
+        if time.monotonic() >= deadline:
+            print(f"{where}: still there after {args.timeout:g}s ({news}); is the operator running? "
+                  "(`helm uninstall --no-hooks` skips this wait and leaves the clean-up undone)", flush=True)
+            return 1
+        time.sleep(1.0)
+
 
 def _operator(args) -> int:
     import kopf
@@ -38,14 +107,7 @@ def _operator(args) -> int:
 
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)     # "Timer succeeded" every tick
     kubeconfig = args.kubeconfig
-    if kubeconfig:
-        os.environ["KUBECONFIG"] = kubeconfig
-        kubernetes.config.load_kube_config(config_file=kubeconfig)
-    else:
-        try:
-            kubernetes.config.load_incluster_config()
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+    _load_kube_config(kubeconfig)
     handlers.set_api_client(kubernetes.client.ApiClient())
 
     @kopf.on.login()

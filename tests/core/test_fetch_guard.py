@@ -200,6 +200,31 @@ def test_a_host_that_trickles_is_cut_off_at_the_total_deadline(outside):
             assert time.monotonic() - start < 3.0
 
 
+def test_a_resolver_that_hangs_is_abandoned_at_the_total_deadline(monkeypatch, outside):
+    """getaddrinfo cannot be interrupted: the lookup is given up at the deadline and the fetch
+    fails as transient. The fake resolver answers only after the fetch has returned, with an
+    address that would be refused, so an unbounded lookup would fail this test with another
+    reason (after 30 s), not pass it."""
+    released = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == "hangs.example":
+            released.wait(30)
+            return real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        with guarded(total_timeout=0.5) as f:
+            with pytest.raises(FetchError, match="did not resolve within") as exc:
+                f.fetch("http://hangs.example/x.jpg")
+            assert exc.value.transient
+            assert f.fetch(f"{outside.url}/ok.jpg") == b"IMAGE"   # the next fetch is served
+    finally:
+        released.set()
+
+
 def test_the_size_limit_holds_whatever_the_headers_say(outside):
     def lying(handler):
         handler.send_response(200)

@@ -173,6 +173,11 @@ def is_test_hook(obj) -> bool:
     return (obj["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"
 
 
+def is_hook(obj) -> bool:
+    """A Helm hook (the test Pod, the pre-delete Job): it runs to completion, serves nothing."""
+    return bool((obj["metadata"].get("annotations") or {}).get("helm.sh/hook"))
+
+
 @pytest.mark.parametrize("profile", ALL_RENDERS)
 def test_every_pod_is_hardened(rendered, profile):
     seen = 0
@@ -197,7 +202,7 @@ def test_every_pod_is_hardened(rendered, profile):
                     assert r in (res.get(part) or {}), f"{cw}: resources.{part}.{r}"
             tag = k8s.image_tag(c["image"])
             assert "@sha256:" in c["image"] or (tag and tag != "latest"), f"{cw}: image {c['image']} not pinned"
-            if not is_test_hook(obj):
+            if not is_hook(obj):
                 component = labels.get("app.kubernetes.io/component")
                 for probe, path in PROBES[component].items():
                     assert c.get(probe, {}).get("httpGet", {}).get("path") == path, \
@@ -232,7 +237,7 @@ def test_standard_labels_everywhere(rendered, profile):
 def test_every_long_running_workload_has_a_disruption_budget(rendered, profile):
     pdbs = [o for o in rendered[profile] if o["kind"] == "PodDisruptionBudget"]
     for obj, where, _spec, labels in workloads(rendered[profile]):
-        if is_test_hook(obj) or labels.get("app.kubernetes.io/component") == "operator":
+        if is_hook(obj) or labels.get("app.kubernetes.io/component") == "operator":
             continue   # the operator is one Recreate replica: a budget would block node drains
         matching = [p for p in pdbs if all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items())]
         assert len(matching) == 1, f"{where}: {len(matching)} PodDisruptionBudgets select it"
@@ -286,7 +291,8 @@ def test_the_chart_sets_only_variables_the_command_accepts(rendered, profile):
     if profile in STATIC_PROFILES:
         assert checked == {("serve", "search"), ("serve", "embedder"), ("ingest",)}, checked
     else:
-        assert checked == {("serve", "search"), ("operator",), ("serve", "embedder"), ("ingest",)}, checked
+        hooked = {("delete-index",)} if any(is_hook(o) and o["kind"] == "Job" for o in rendered[profile]) else set()
+        assert checked == {("serve", "search"), ("operator",), ("serve", "embedder"), ("ingest",)} | hooked, checked
 
 
 def test_the_contract_check_sees_a_variable_the_operator_does_not_accept(rendered):

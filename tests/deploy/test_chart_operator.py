@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import time
 
 import pytest
@@ -171,7 +172,10 @@ def test_notes_tell_how_to_roll_out_and_uninstall(tools):
     notes = res.stdout.split("NOTES:", 1)[1]
     assert "kubectl -n vsearch get searchindex vsearch" in notes
     assert "--set-string model.version=NEW" in notes and "vsearch.io/approve" not in notes
-    assert "kubectl -n vsearch delete searchindex vsearch --wait" in notes
+    assert "`helm uninstall` first deletes the SearchIndex and waits up to 240 s" in notes
+    off = k8s.run([tools.helm, "install", "vsearch", CHART, "-n", NAMESPACE, "--dry-run=client",
+                   "-f", profile_file("minimal"), "--set", "searchIndex.deleteOnUninstall=false"])
+    assert "kubectl -n vsearch delete searchindex vsearch --wait" in off.stdout.split("NOTES:", 1)[1]
     # what the notes and READMEs say about the version: --set-string works, a number is refused
     ok = tools.template(profile_file("minimal"), extra=["--set-string", "model.version=3"])
     assert one(k8s.load_all(ok.stdout), "SearchIndex")["spec"]["model"]["version"] == "3"
@@ -196,7 +200,7 @@ def test_the_operators_role_is_exactly_rbac_yaml(rendered):
     for profile in OPERATOR_PROFILES:
         objs = rendered[profile]
         assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ClusterRoleBinding")
-        role = one(objs, "Role")
+        role = one(objs, "Role", "vsearch-operator")
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"wildcard in {field}: {rule}"
@@ -214,8 +218,9 @@ def test_the_role_check_sees_a_missing_or_extra_rule():
 
 def test_a_role_and_binding_per_watched_namespace(tools):
     objs = tools.render("minimal", set_values=["operator.watchNamespaces={shop,images}"])
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(objs, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(objs, "RoleBinding")}
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(objs, "Role") if r["metadata"]["name"] == "vsearch-operator"}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(objs, "RoleBinding")
+                if b["metadata"]["name"] == "vsearch-operator"}
     assert set(roles) == set(bindings) == {"shop", "images"}
     for ns, b in bindings.items():
         assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": roles[ns]["metadata"]["name"]}
@@ -299,6 +304,51 @@ def assert_restricted(where: str, pod: dict) -> None:
         assert sc.get("allowPrivilegeEscalation") is False, where
         assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
         assert not sc.get("privileged"), where
+
+
+HOOK = "vsearch-delete-index"
+
+
+def hook_objects(objs) -> list[dict]:
+    return [o for o in objs if (o["metadata"].get("annotations") or {}).get("helm.sh/hook") == "pre-delete"]
+
+
+def test_uninstall_deletes_the_searchindex_first_with_a_hook_that_may_do_only_that(rendered, monkeypatch):
+    """The pre-delete hook: its RBAC before its Job (weights), all removed once it succeeded,
+    a Role that may only get and delete this release's SearchIndex, and a Job that runs
+    `vsearch delete-index` on it in the release's namespace within its deadline."""
+    for profile in OPERATOR_PROFILES:
+        objs = rendered[profile]
+        hooks = {(o["kind"], o["metadata"]["name"]): o for o in hook_objects(objs)}
+        assert set(hooks) == {(k, HOOK) for k in ("ServiceAccount", "Role", "RoleBinding", "Job")}, profile
+        weights = {k: int(o["metadata"]["annotations"]["helm.sh/hook-weight"]) for (k, _), o in hooks.items()}
+        assert max(w for k, w in weights.items() if k != "Job") < weights["Job"], weights
+        for o in hooks.values():
+            assert o["metadata"]["annotations"]["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+            assert o["metadata"]["namespace"] == NAMESPACE
+        index = one(objs, "SearchIndex")
+        assert hooks[("Role", HOOK)]["rules"] == [{"apiGroups": ["vsearch.io"], "resources": ["searchindexes"],
+                                                   "resourceNames": [index["metadata"]["name"]],
+                                                   "verbs": ["get", "delete"]}]
+        binding = hooks[("RoleBinding", HOOK)]
+        assert binding["roleRef"]["name"] == HOOK and binding["subjects"][0]["name"] == HOOK
+        job = hooks[("Job", HOOK)]
+        pod = job["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == HOOK and pod["restartPolicy"] == "Never"
+        (c,) = pod["containers"]
+        args = parsed(c["args"], env_of(c), monkeypatch)
+        assert args.handler.__name__ == "_delete_index"
+        assert (args.name, args.namespace) == (index["metadata"]["name"], NAMESPACE)
+        assert job["spec"]["activeDeadlineSeconds"] > args.timeout == 240.0 < 300   # helm's default --timeout
+        for version in ("1.29", "1.37"):
+            for o in hooks.values():
+                k8s.validate_builtin(o, version)
+    # off, or without a SearchIndex: no hook
+    assert not hook_objects(rendered["no-operator"])
+
+
+def test_the_hook_can_be_turned_off(tools):
+    assert not hook_objects(tools.render("minimal", set_values=["searchIndex.deleteOnUninstall=false"]))
 
 
 @pytest.mark.parametrize("profile", OPERATOR_PROFILES)
@@ -466,3 +516,23 @@ def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, km
     finally:
         search.stop()
     print(f"chart -> Ready in {took:.1f}s")
+
+    # `helm uninstall`: the pre-delete hook's command, as its Job runs it (the test kubeconfig
+    # instead of its service account), deletes the SearchIndex and returns once the operator
+    # has removed the workloads, the collection and the alias
+    hook_job = one(hook_objects(objs), "Job")
+    hc = hook_job["spec"]["template"]["spec"]["containers"][0]
+    hook_argv = services.vsearch_argv(*hc["args"], "--kubeconfig", str(cluster.kubeconfig))
+    res = subprocess.run(hook_argv, env={**os.environ, **env_of(hc)}, capture_output=True, text=True,
+                         timeout=hook_job["spec"]["activeDeadlineSeconds"])
+    assert res.returncode == 0, res.stdout + res.stderr + cluster.operator.log_tail(40)
+    assert "gone" in res.stdout, res.stdout
+    assert cluster.api.get("searchindexes", name) is None
+    assert cluster.api.list("inferenceservices") == [] and cluster.api.list("deployments") == []
+    from vsearch.core.store import MilvusStore
+    with MilvusStore(milvus_server_uri) as store:
+        assert store.describe_alias(alias) is None
+        assert v.collection not in set(store.list_collections(include_tombstones=True))
+    # run again (a retried Job): nothing left to delete is a success too
+    again = subprocess.run(hook_argv, env={**os.environ, **env_of(hc)}, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "not there" in again.stdout, again.stdout + again.stderr
