@@ -11,6 +11,10 @@
    path and by the serving path (the serving version's embedder and collection); candidate
    nDCG@10 and recall@10 (``trainer.metrics.evaluate_ranked_lists``) must not be below the
    serving version's by more than ``margin``.
+3. Offline verdict (``requireOfflineVerdict``): the candidate's embedder reports the model it
+   serves (``GET /vsearch/v1/model``, from its ``vsearch_model.json``); its ``evaluation.verdict``
+   (written by ``vsearch train --holdout`` or ``vsearch evaluate --write-meta``) must say that it
+   beats its baselines. A model never evaluated fails this check.
 
 The figures go into the SearchIndex status and the operator's log, pass or fail."""
 
@@ -130,6 +134,32 @@ def _num(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
 
 
+def offline_verdict(path: VersionPath) -> tuple[dict, str | None]:
+    """The candidate model's own offline evaluation, as its embedder reports it: ``(figures for
+    the status, the reason it fails or None)``."""
+    info = path.embedder.model_info()
+    if info is None:
+        return {"reported": False}, (f"offline verdict: the embedder of {path.name} does not report its model "
+                                     "(GET /vsearch/v1/model: 404; an image older than the operator?)")
+    model = f"{info.get('name')}:{info.get('version')}"
+    ev = info.get("evaluation") or {}
+    verdict = ev.get("verdict") or {}
+    beats = verdict.get("beats_baselines")
+    figures = {"model": model, "beatsBaselines": beats, "evaluated": ev.get("evaluated"),
+               "data": (ev.get("data") or {}).get("source"),
+               "metrics": {m: _num((ev.get("metrics") or {}).get(m)) for m in verdict.get("metrics") or ()},
+               "against": sorted(verdict.get("against") or ())}
+    if not ev:
+        return figures, (f"offline verdict: {model} was never evaluated (train it with --holdout, or run "
+                         "`vsearch evaluate --model-dir DIR --data ... --write-meta` before publishing)")
+    if beats is None:
+        return figures, f"offline verdict: {model}'s evaluation has no verdict against baselines"
+    if not beats:
+        lost = [line for line in (verdict.get("text") or "").splitlines() if "DOES NOT BEAT" in line]
+        return figures, f"offline verdict: {'; '.join(lost) or model + ' does not beat its baselines'}"
+    return figures, None
+
+
 def run_gate(store, candidate: VersionPath, serving: VersionPath | None, gate, *, fetcher,
              judgments: dict | None = None) -> dict:
     """Both checks; returns ``{"verdict": "Passed" | "Failed", "reasons": [...], "selfConsistency":
@@ -159,6 +189,11 @@ def run_gate(store, candidate: VersionPath, serving: VersionPath | None, gate, *
                     reasons.append(f"golden set: candidate {metric} {c:.4f} is below the serving "
                                    f"version's {s:.4f} by more than the margin {margin}")
         result["golden"] = golden
+    if gate.require_offline_verdict:
+        figures, reason = offline_verdict(candidate)
+        result["offline"] = figures
+        if reason:
+            reasons.append(reason)
     result["verdict"] = "Failed" if reasons else "Passed"
     result["reasons"] = reasons
     return result

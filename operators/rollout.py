@@ -385,7 +385,7 @@ class Step:
                       measuredAt=iso(self.now))
         s["gate"] = result
         log.info("%s/%s quality gate of %s: %s %s", self.namespace, self.name, cand.version,
-                 result["verdict"], {k: v for k, v in result.items() if k in ("selfConsistency", "golden")})
+                 result["verdict"], {k: v for k, v in result.items() if k in ("selfConsistency", "golden", "offline")})
         if result["verdict"] != "Passed":
             raise Fail("GateFailed", f"quality gate refused {cand.version}: " + "; ".join(result["reasons"]))
         summary = _gate_summary(result)
@@ -535,6 +535,9 @@ def _gate_summary(result: dict) -> str:
         parts.append(f"nDCG@10 {c['ndcg@10']}, recall@10 {c['recall@10']}")
         if g.get("serving"):
             parts.append(f"serving {g['serving']['ndcg@10']}/{g['serving']['recall@10']}")
+    off = result.get("offline")
+    if off:
+        parts.append(f"offline verdict of {off.get('model')}: beats baselines")
     return ", ".join(parts) or "no checks configured"
 
 

@@ -48,6 +48,7 @@ class Gate:
     min_self_score: float = 0.99
     min_self_consistency: float = 1.0
     golden: Golden | None = None
+    require_offline_verdict: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,8 @@ class IndexSpec:
                             config_map_key=(gd.get("configMapRef") or {}).get("key", "judgments.csv"),
                             uri=gd.get("uri"), margin=float(gd.get("margin", 0.02)))
         gate = Gate(sample_size=int(g.get("sampleSize", 50)), min_self_score=float(g.get("minSelfScore", 0.99)),
-                    min_self_consistency=float(g.get("minSelfConsistency", 1.0)), golden=golden)
+                    min_self_consistency=float(g.get("minSelfConsistency", 1.0)), golden=golden,
+                    require_offline_verdict=bool(g.get("requireOfflineVerdict", False)))
         policy = Policy(require_approval=bool(ro.get("requireApproval", False)),
                         retention_s=int(ro.get("retentionSeconds", 86400)),
                         max_retries=int(ro.get("maxRetries", 5)),

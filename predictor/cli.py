@@ -89,7 +89,7 @@ def _serve_embedder(args) -> int:
     from .embedder_server import REJECTED, EmbedderModel
     model = EmbedderModel(args.model_name, args.model_dir, max_batch=args.max_batch, device=args.device,
                           batch_size=args.batch_size, limits=limits_from(args), max_queue=args.max_queue)
-    run_model_server(model, http_port=args.http_port, workers=args.workers,
+    run_model_server(model, http_port=args.http_port, workers=args.workers, add_routes=model.add_routes,
                      on_bad_request=REJECTED.labels("request").inc, max_body_bytes=args.max_body_bytes,
                      api_key=args.api_key or None, on_reject=lambda _status: REJECTED.labels("request").inc())
     return 0

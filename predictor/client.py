@@ -61,6 +61,20 @@ class EmbedderClient:
             self._dim = int(shape[-1])
         return self._dim
 
+    def model_info(self) -> dict | None:
+        """The served model's identity and offline evaluation (``GET /vsearch/v1/model``), or
+        None from an embedder that has no such route (404)."""
+        url = f"{self.url}/vsearch/v1/model"
+        try:
+            resp = self._session.get(url, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise EmbedderUnavailable(f"embedder at {self.url} unreachable: {exc}") from exc
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 300:
+            raise EmbedderUnavailable(f"embedder at {url} answered {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
     @property
     def version(self) -> str | None:
         return self._version

@@ -18,7 +18,8 @@ model is loaded is a 503 (``ModelNotReady``), and so is one that finds ``max_que
 already waiting (``Busy``, with ``Retry-After``); the server keeps serving. Raw image bytes
 through the binary tensor extension (tritonclient's and KServe's clients' default) work like
 base64 in JSON (``serving.RequestGuard``). Readiness
-``/v2/models/<name>/ready``, liveness ``/v2/health/live``, metrics ``/metrics``.
+``/v2/models/<name>/ready``, liveness ``/v2/health/live``, metrics ``/metrics``; the served model's
+identity and offline evaluation ``GET /vsearch/v1/model``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,23 @@ class EmbedderModel(kserve.Model):
                  self.embedder.device)
         self.ready = True
         return self.ready
+
+    def info(self) -> dict:
+        """What ``GET /vsearch/v1/model`` answers: the served model's identity and its offline
+        evaluation from ``vsearch_model.json`` (``evaluation``: figures, baselines and the
+        verdict; null when it was never evaluated). The rollout gate reads the verdict."""
+        if self.embedder is None:
+            raise ModelNotReady(self.name)
+        m = self.embedder.meta
+        return {"name": m.name, "version": m.version, "family": m.family, "embedding_dim": self.embedder.dim,
+                "image_size": m.image_size, "evaluation": m.evaluation}
+
+    def add_routes(self, app) -> None:
+        """The model's own route beside KServe's V1/V2 ones (behind the same API key)."""
+        @app.get("/vsearch/v1/model", tags=["vsearch"],
+                 summary="the served model: name, version, dimension and its offline evaluation")
+        async def model_info():
+            return self.info()
 
     def _count_pass(self, rows: int) -> None:
         FORWARD_PASSES.labels(self.name).inc()

@@ -149,12 +149,12 @@ def test_rollout_values_reach_the_searchindex(tools):
     objs = k8s.load_all(tools.template(profile_file("minimal"), set_values=[
         "searchIndex.rollout.requireApproval=true", "searchIndex.rollout.retentionSeconds=600",
         "searchIndex.rollout.backfill.idleSeconds=5", "searchIndex.rollout.gate.sampleSize=200",
-        "searchIndex.rollout.gate.golden.configMap=golden"],
+        "searchIndex.rollout.gate.golden.configMap=golden", "searchIndex.rollout.gate.requireOfflineVerdict=true"],
         extra=["--set-json", "searchIndex.rollout.gate.golden.margin=0.01"]).stdout)   # --set reads 0.01 as text
     index = one(objs, "SearchIndex")
     policy = IndexSpec.from_dict(index["spec"]).policy
     assert policy.require_approval is True and policy.retention_s == 600 and policy.idle_s == 5
-    assert policy.gate.sample_size == 200
+    assert policy.gate.sample_size == 200 and policy.gate.require_offline_verdict is True
     assert (policy.gate.golden.config_map, policy.gate.golden.config_map_key, policy.gate.golden.margin) == \
         ("golden", "judgments.csv", 0.01)
     assert not k8s.validate_custom(index)
@@ -435,7 +435,7 @@ def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, km
         # one replica: the test kubelet runs one process per Deployment; the catalog is local files
         "ingest": {"replicas": 1, "batchSize": 64, "extraArgs": ["--file-roots", "/"]},
         "operator": {"interval": 1.0},
-        "searchIndex": {"rollout": {"backfill": {"idleSeconds": 3}, "gate": {"sampleSize": 6}}},
+        "searchIndex": {"rollout": {"backfill": {"idleSeconds": 3}, "gate": {"sampleSize": 6, "requireOfflineVerdict": True}}},
     }))
     t0 = time.monotonic()
     objs = k8s.load_all(tools.template(profile_file("minimal"), values, extra=["--include-crds"]).stdout)
@@ -475,6 +475,8 @@ def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, km
     assert st["serving"]["version"] == "1" and st["serving"]["collection"] == v.collection
     assert st["serving"]["consumerGroup"] == v.group
     assert st["gate"]["verdict"] == "Passed" and st["gate"]["selfConsistency"]["found"] == len(items)
+    # the image's default model carries a passing offline verdict, read from its embedder
+    assert st["gate"]["offline"]["beatsBaselines"] is True and st["gate"]["offline"]["model"].endswith(":2")
     conds = {cd["type"]: cd["status"] for cd in st["conditions"]}
     assert conds["Ready"] == "True" and st["observedGeneration"] == 1
 

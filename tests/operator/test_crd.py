@@ -80,4 +80,5 @@ def test_the_typed_spec_defaults_are_the_schemas():
     assert spec.policy.idle_s == ro["backfill"]["properties"]["idleSeconds"]["default"]
     assert spec.policy.gate.sample_size == ro["gate"]["properties"]["sampleSize"]["default"]
     assert spec.policy.gate.min_self_score == ro["gate"]["properties"]["minSelfScore"]["default"]
+    assert spec.policy.gate.require_offline_verdict is ro["gate"]["properties"]["requireOfflineVerdict"]["default"]
     assert spec.ingest.batch_size == props["ingest"]["properties"]["batchSize"]["default"]
