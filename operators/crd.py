@@ -48,8 +48,11 @@ def _to_jsonschema(node):
 
 
 def _path(error) -> str:
-    parts = [str(p) for p in error.absolute_path]
-    return ".".join(parts) or "(the object)"
+    """The field path as the API server writes it: ``spec.ingest.imagePullSecrets[0].name``."""
+    out = ""
+    for p in error.absolute_path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(the object)"
 
 
 def validate(obj: dict) -> None:

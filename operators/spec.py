@@ -24,6 +24,10 @@ class Workload:
     env: list = dataclasses.field(default_factory=list)
     args: list = dataclasses.field(default_factory=list)
     batch_size: int = 256
+    affinity: dict = dataclasses.field(default_factory=dict)
+    service_account: str | None = None
+    image_pull_secrets: list = dataclasses.field(default_factory=list)    # [{"name": ...}]
+    runtime_class: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Workload":
@@ -31,7 +35,10 @@ class Workload:
         return cls(image=d.get("image", cls.image), replicas=int(d.get("replicas", 1)),
                    resources=dict(d.get("resources") or {}), node_selector=dict(d.get("nodeSelector") or {}),
                    tolerations=list(d.get("tolerations") or []), env=list(d.get("env") or []),
-                   args=[str(a) for a in d.get("args") or []], batch_size=int(d.get("batchSize", 256)))
+                   args=[str(a) for a in d.get("args") or []], batch_size=int(d.get("batchSize", 256)),
+                   affinity=dict(d.get("affinity") or {}), service_account=d.get("serviceAccountName") or None,
+                   image_pull_secrets=[{"name": str(s["name"])} for s in d.get("imagePullSecrets") or []],
+                   runtime_class=d.get("runtimeClassName") or None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -249,7 +249,8 @@ def _label_value(text: str) -> str:
 
 def _placed(w, container: dict, pod: dict) -> dict:
     """``pod`` with the hardened pod security settings and the workload's resources (on
-    ``container``), node selector and tolerations."""
+    ``container``), node selector, tolerations, affinity, service account, pull secrets and
+    runtime class."""
     if w.resources:
         container["resources"] = w.resources
     pod.update(securityContext=copy.deepcopy(POD_SECURITY), automountServiceAccountToken=False)
@@ -257,4 +258,12 @@ def _placed(w, container: dict, pod: dict) -> dict:
         pod["nodeSelector"] = w.node_selector
     if w.tolerations:
         pod["tolerations"] = w.tolerations
+    if w.affinity:
+        pod["affinity"] = w.affinity
+    if w.service_account:
+        pod["serviceAccountName"] = w.service_account
+    if w.image_pull_secrets:
+        pod["imagePullSecrets"] = w.image_pull_secrets
+    if w.runtime_class:
+        pod["runtimeClassName"] = w.runtime_class
     return pod

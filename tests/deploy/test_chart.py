@@ -503,8 +503,6 @@ TEMPLATE_REFUSALS = [
     ("no-operator", ["embedder.gpu.enabled=true", "image.digest=sha256:" + "0" * 64], "embedder.gpu.imageDigest is required"),
     ("minimal", ["embedder.gpu.enabled=true", "image.digest=sha256:" + "0" * 64], "embedder.gpu.imageDigest is required"),
     # what the SearchIndex cannot carry is refused rather than dropped
-    ("minimal", ["embedder.gpu.runtimeClassName=nvidia"], "embedder.gpu.runtimeClassName is not applied to the operator's"),
-    ("minimal", ["ingest.affinity.podAntiAffinity.x=y"], "ingest.affinity are not applied to the operator's"),
     ("minimal", ["model.storageUri=hf://org/model"], "hf:// and oci:// only work with operator.enabled=false"),
     ("minimal", ["ingest.stopGraceSeconds=55"], "ingest.stopGraceSeconds must be at most 50 with the operator"),
     ("minimal", ["searchIndex.rollout.gate.golden.configMap=golden", "searchIndex.rollout.gate.golden.uri=/g.csv"],

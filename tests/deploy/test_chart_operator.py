@@ -10,6 +10,7 @@ search service, started with the chart's environment, answers from."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import time
@@ -365,6 +366,40 @@ def test_the_operators_workloads_from_the_charts_searchindex_are_valid(rendered,
         assert_restricted(f"{profile}: {where}", pod)
         c = pod["containers"][0]
         assert c["resources"] == (index["spec"]["embedder"] if "predictor" in where else index["spec"]["ingest"])["resources"]
+
+
+def test_the_operators_pods_get_the_charts_account_pull_secrets_affinity_and_runtime_class(tools, crd_schemas):
+    """What the chart's own embedder and consumer get, the operator's get too, through the
+    SearchIndex: the chart's ServiceAccount, its pull secrets, each part's affinity and the GPU
+    runtime class; valid against the CRD and, on the created objects, KServe's and 1.29/1.37's."""
+    anti = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+        "weight": 50, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                          "labelSelector": {"matchLabels": {"vsearch.io/component": "ingest"}}}}]}}
+    node = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu.example/class", "operator": "In", "values": ["h100", "h200"]}]}]}}}
+    objs = k8s.load_all(tools.template(profile_file("gpu"), set_values=[
+        "embedder.gpu.runtimeClassName=nvidia", "imagePullSecrets={registry-credentials}",
+        "serviceAccount.name=vsearch-models"], extra=["--set-json", f"embedder.affinity={json.dumps(node)}",
+                                                      "--set-json", f"ingest.affinity={json.dumps(anti)}"]).stdout)
+    index = one(objs, "SearchIndex")
+    assert not k8s.validate_custom(index), k8s.validate_custom(index)
+    assert one(objs, "ServiceAccount", "vsearch-models")
+    isvc, deployment = operator_bodies(index)
+    embedder_pod = isvc["spec"]["predictor"]
+    ingest_pod = deployment["spec"]["template"]["spec"]
+    for pod in (embedder_pod, ingest_pod):
+        assert pod["serviceAccountName"] == "vsearch-models"
+        assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+        assert pod["automountServiceAccountToken"] is False
+    assert embedder_pod["affinity"] == node and embedder_pod["runtimeClassName"] == "nvidia"
+    assert ingest_pod["affinity"] == anti and "runtimeClassName" not in ingest_pod
+    assert not k8s.validate_custom(isvc), k8s.validate_custom(isvc)
+    for version in ("1.29", "1.37"):
+        k8s.validate_builtin(deployment, version)
+    # without GPUs the runtime class is not applied (as for the chart's own embedder)
+    plain = one(k8s.load_all(tools.template(profile_file("minimal"), set_values=[
+        "embedder.gpu.runtimeClassName=nvidia"]).stdout), "SearchIndex")
+    assert "runtimeClassName" not in plain["spec"]["embedder"]
 
 
 @pytest.mark.parametrize("profile", OPERATOR_PROFILES)

@@ -59,6 +59,10 @@ def test_the_documented_object_is_valid_and_printer_columns_are_declared():
     ("spec.catalog.bootstrap", "kafka", "spec.catalog.bootstrap: Invalid value: 'kafka'"),
     ("spec.rollout.requireApproval", "yes", "spec.rollout.requireApproval: Invalid value: 'yes': must be of type boolean"),
     ("spec.model.colour", "blue", "spec.model: Additional properties are not allowed ('colour' was unexpected)"),
+    ("spec.embedder.runtimeClassName", "Nvidia GPU", "spec.embedder.runtimeClassName: Invalid value: 'Nvidia GPU': should match"),
+    ("spec.ingest.imagePullSecrets", [{"secret": "x"}], "spec.ingest.imagePullSecrets[0].name: Required value"),
+    ("spec.rollout.gate.requireOfflineVerdict", "yes",
+     "spec.rollout.gate.requireOfflineVerdict: Invalid value: 'yes': must be of type boolean"),
 ])
 def test_invalid_objects_are_refused_with_a_clear_message(path, value, message):
     with pytest.raises(crd.InvalidSearchIndex) as err:
@@ -82,3 +86,21 @@ def test_the_typed_spec_defaults_are_the_schemas():
     assert spec.policy.gate.min_self_score == ro["gate"]["properties"]["minSelfScore"]["default"]
     assert spec.policy.gate.require_offline_verdict is ro["gate"]["properties"]["requireOfflineVerdict"]["default"]
     assert spec.ingest.batch_size == props["ingest"]["properties"]["batchSize"]["default"]
+
+
+def test_the_readmes_searchindex_is_valid_and_reads_as_written():
+    """The annotated example in the README's "The SearchIndex resource" section."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: SearchIndex" in b
+                and "catalog:" in b and "rollout:" in b]
+    obj = yaml.safe_load(block)
+    crd.validate(obj)
+    spec = IndexSpec.from_dict(obj["spec"])
+    assert spec.embedder.service_account == "vsearch-models" and spec.embedder.runtime_class == "nvidia"
+    assert spec.embedder.image_pull_secrets == [{"name": "registry-credentials"}]
+    assert spec.policy.gate.require_offline_verdict is False and spec.policy.gate.golden.margin == 0.02

@@ -272,6 +272,18 @@ seccompProfile:
   mountPath: /var/lib/vsearch
 {{- end -}}
 
+{{/* The operator's workloads run as the chart's ServiceAccount with its pull secrets, like
+     the chart's own (fields of a SearchIndex workload: serviceAccountName, imagePullSecrets). */}}
+{{- define "vsearch.searchIndexPodIdentity" -}}
+serviceAccountName: {{ include "vsearch.serviceAccountName" . | quote }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "vsearch.imagePullSecrets" -}}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
