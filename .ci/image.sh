@@ -120,10 +120,11 @@ smoke() {
     vsearch serve embedder --help >/dev/null
     vsearch ingest --help >/dev/null
     vsearch operator --help >/dev/null
+    vsearch delete-index --help >/dev/null
     vsearch model info /opt/vsearch/models/default | grep "\"name\": \"vsearch-default\"" >/dev/null
     python -c "import sys, torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); sys.exit(\"$1\" == \"cuda\" and torch.version.cuda is None)"
     ! command -v pip >/dev/null && ! command -v gcc >/dev/null && ! command -v cc >/dev/null
-    echo "smoke: vsearch --help, serve/ingest/operator help, default model, uid $(id -u), no pip or compiler"
+    echo "smoke: vsearch --help, serve/ingest/operator/delete-index help, default model, uid $(id -u), no pip or compiler"
   ' sh "$VARIANT" >&2
 }
 

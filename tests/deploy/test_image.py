@@ -29,7 +29,7 @@ def test_vsearch_help_runs_from_the_image_archive(monkeypatch):
                    "--cap-drop=ALL", "--security-opt", "no-new-privileges", f"oci-archive:{ARCHIVE}", "--help"])
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: vsearch")
-    for command in ("serve", "ingest", "train", "operator"):
+    for command in ("serve", "ingest", "train", "operator", "delete-index"):
         assert command in res.stdout
     # the image serves the repository's default model (the one the chart's values name)
     info = k8s.run(["podman", "run", "--rm", "--network=host", "--read-only", "--tmpfs", "/tmp",
