@@ -254,16 +254,8 @@ def _placed(w, container: dict, pod: dict) -> dict:
     if w.resources:
         container["resources"] = w.resources
     pod.update(securityContext=copy.deepcopy(POD_SECURITY), automountServiceAccountToken=False)
-    if w.node_selector:
-        pod["nodeSelector"] = w.node_selector
-    if w.tolerations:
-        pod["tolerations"] = w.tolerations
-    if w.affinity:
-        pod["affinity"] = w.affinity
-    if w.service_account:
-        pod["serviceAccountName"] = w.service_account
-    if w.image_pull_secrets:
-        pod["imagePullSecrets"] = w.image_pull_secrets
-    if w.runtime_class:
-        pod["runtimeClassName"] = w.runtime_class
+    placement = {"nodeSelector": w.node_selector, "tolerations": w.tolerations, "affinity": w.affinity,
+                 "serviceAccountName": w.service_account, "imagePullSecrets": w.image_pull_secrets,
+                 "runtimeClassName": w.runtime_class}
+    pod.update({field: value for field, value in placement.items() if value})
     return pod
