@@ -28,13 +28,8 @@ import torch
 from PIL import Image
 
 from vsearch.predictor.model import Embedder, init_model_dir, load_model_dir
-from vsearch.samples import photos
+from vsearch.samples import photos as sample_photos
 from vsearch.services import start_embedder
-
-
-def load_photos(n: int) -> list[bytes]:
-    """Real Caltech-101 photos beside the checkout, or generated ones when they are absent."""
-    return photos(n, step=7)
 
 
 def rate(n: int, seconds: float) -> float:
@@ -120,7 +115,7 @@ def main(argv=None) -> int:
     model_dir = args.model_dir or os.path.join(tmp.name, "resnet18")
     if not args.model_dir:
         init_model_dir("resnet18", model_dir, name="resnet18-bench")
-    photos = load_photos(args.images)
+    photos = sample_photos(args.images)
     emb = Embedder(model_dir)
     print(f"model {emb.meta.name} ({emb.meta.family}, {emb.meta.image_size}px, {emb.dim}-d); "
           f"{len(photos)} photos; torch threads {torch.get_num_threads()}; device {emb.device}")

@@ -31,6 +31,7 @@ from vsearch.core.kafka import GROUP_SETTINGS, ensure_topics, send_and_confirm
 from vsearch.core.store import MilvusStore, collection_name
 from vsearch.ingest.consumer import IngestConsumer, IngestSettings
 from vsearch.ingest.events import encode, encode_key, upsert_event
+from vsearch.samples import photos as sample_photos
 
 
 class PrecomputedEmbedder:
@@ -41,11 +42,6 @@ class PrecomputedEmbedder:
 
     def embed_bytes(self, blobs, crops=None) -> np.ndarray:
         return np.stack([self.table[hashlib.sha1(b).hexdigest()] for b in blobs])
-
-
-def load_photos(n: int) -> list[bytes]:
-    from bench.embedder import load_photos as photos
-    return photos(n)
 
 
 def produce(bootstrap: str, topic: str, events: list[dict]) -> dict:
@@ -215,7 +211,7 @@ def main(argv=None) -> int:
     from vsearch.samples import TINY
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    photos = load_photos(64)
+    photos = sample_photos(64)
     folder = tmp / "photos"
     folder.mkdir()
     uris = []

@@ -25,6 +25,7 @@ from vsearch.predictor.preprocess import image_to_array, stack
 from vsearch.trainer import metrics
 from vsearch.trainer.data import list_images, split_holdout
 from vsearch.trainer.evaluate import decode_all, raw_pixel_embed
+from vsearch.trainer.train import load_checkpoint
 
 
 def stage_features(net, cfg, images, batch: int = 128) -> list[torch.Tensor]:
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         return 0
     if args.checkpoint:
         net, meta = build_model(args.arch, image_size=args.image_size)
-        ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(args.checkpoint)
         net.load_state_dict({k[4:]: v for k, v in ck["modules"].items() if k.startswith("net.")})
         name = f"{args.checkpoint} (step {ck['step']})"
     else:

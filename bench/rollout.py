@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--data-dir", default=".bench/rollout")
     ap.add_argument("--candidate", default="tiny-vit", choices=("tiny-vit", "resnet-tiny"),
-                    help="v2: a tiny ViT (32-d, 64 px) or resnet-tiny (the default model's "
-                         "architecture, random init, 256-d, 96 px)")
+                    help="v2: a tiny ViT (32-d, 64 px) or resnet-tiny (the first default model's "
+                         "backbone, random init, 256-d, 128 px)")
     ap.add_argument("--search-threads", type=int, default=2, help="search loop threads during the rollout")
     ap.add_argument("--idle-seconds", type=float, default=15.0,
                     help="backfill idle time (above a consumer-group rebalance pause: Tansu's session timeout is 6 s)")
@@ -109,11 +109,12 @@ def main(argv=None) -> int:
     from vsearch.core.kafka import ensure_topics, send_and_confirm
     from vsearch.core.store import MilvusStore
     from vsearch.demo_rollout import rollout_spec
-    from vsearch.ingest.events import encode, encode_key
+    from vsearch.ingest.events import encode, encode_key, upsert_event
     from vsearch.local_workloads import LocalRollout, LocalWorkloads
     from vsearch.operators.rollout import READY
     from vsearch.predictor.client import EmbedderClient
     from vsearch.predictor.model import init_model_dir
+    from vsearch.samples import TINY
 
     def on_term(*_):
         raise KeyboardInterrupt
@@ -122,12 +123,9 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=root))
     v1, v2 = work / "v1", work / "v2"
-    init_model_dir("resnet18", v1, name="bench", version="1", image_size=64,
-                   config_overrides=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    init_model_dir("resnet18", v1, name="bench", version="1", **TINY["resnet18"])
     if args.candidate == "tiny-vit":
-        init_model_dir("vit-small", v2, name="bench", version="2", image_size=64,
-                       config_overrides=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, patch_size=16))
+        init_model_dir("vit-small", v2, name="bench", version="2", **TINY["vit-small"])
     else:
         init_model_dir("resnet-tiny", v2, name="bench", version="2")
     print(f"generating {args.items} unique images ...", flush=True)
@@ -139,8 +137,8 @@ def main(argv=None) -> int:
         milvus = services.start_milvus_lite_server(work / "milvus", log_path=work / "milvus.log")
         started.append(milvus)
         ensure_topics(broker.bootstrap, {"catalog.images": 2}, compact={"catalog.images"})
-        recs = [(encode_key(f"i{n}"), encode({"schema": 1, "op": "upsert", "id": f"i{n}", "uri": p.as_uri(),
-                                              "ts": 1_700_000_000_000 + n})) for n, p in enumerate(paths)]
+        recs = [(encode_key(f"i{n}"), encode(upsert_event(f"i{n}", uri=p.as_uri(), ts=1_700_000_000_000 + n)))
+                for n, p in enumerate(paths)]
         send_and_confirm(broker.bootstrap, "catalog.images", recs)
         spec = rollout_spec(bootstrap=broker.bootstrap, milvus_uri=milvus.uri, alias="images", name="bench",
                             version="1", uri=str(v1), idle_s=args.idle_seconds,
@@ -152,12 +150,9 @@ def main(argv=None) -> int:
         ro.run_until(lambda s: s.get("phase") == READY, 3600)
         print(f"v1 serving after {time.monotonic() - t0:.0f}s", flush=True)
 
-        port = services.free_port()
-        search = services.Service("search", services.vsearch_argv(
-            "serve", "search", "--embedder-url", ro.status["serving"]["embedderUrl"], "--milvus-uri", milvus.uri,
-            "--http-port", str(port), "--query-store", "", "--dedup-distance", "0"), port=port,
-            log_path=work / "search.log",
-            ready=lambda: services.http_ok(f"http://127.0.0.1:{port}/v2/models/visual-search/ready")).wait_ready(120)
+        search = services.start_search(
+            "--embedder-url", ro.status["serving"]["embedderUrl"], "--milvus-uri", milvus.uri,
+            "--query-store", "", "--dedup-distance", "0", log_path=work / "search.log")
         started.append(search)
         probe = [(f"i{n}", paths[n].read_bytes()) for n in range(0, args.items, max(1, args.items // 200))]
         warm = Loop(search.url, probe, threads=1).start()
@@ -210,7 +205,7 @@ def main(argv=None) -> int:
         print()
         print("| measurement | result | baseline (same run) | ratio |")
         print("| --- | --- | --- | --- |")
-        what = "tiny ViT 32-d, 64 px" if args.candidate == "tiny-vit" else "resnet-tiny 256-d, 96 px"
+        what = "tiny ViT 32-d, 64 px" if args.candidate == "tiny-vit" else "resnet-tiny 256-d, 128 px"
         print(f"| reindex throughput ({n2} items, {what}), backfill start -> caught up | {reindex:.1f} items/s | "
               f"candidate embedder alone {alone:.1f} img/s | {reindex / alone:.2f} |")
         print(f"| reindex throughput once the consumer runs (first item -> caught up) | {steady:.1f} items/s | "

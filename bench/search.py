@@ -35,8 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def synthetic(n: int, dim: int, seed: int, clusters: int = 1000, spread: float = 0.75) -> np.ndarray:
     """Clustered unit vectors: cluster centre + Gaussian noise of ``spread`` x the centre's scale."""
@@ -136,8 +134,8 @@ def bench_ann(store, name: str, queries: np.ndarray, truth: np.ndarray, k: int, 
 
 def photos(n: int) -> list[bytes]:
     """Real photos for the end-to-end queries: Caltech-101 when present, else scikit-image's."""
-    caltech = REPO.parent / "shared" / "data" / "caltech101"
-    files = sorted(caltech.rglob("*.jpg"))[::11][:n] if caltech.exists() else []
+    from vsearch.samples import caltech_files
+    files = caltech_files(n, 11)
     if files:
         return [f.read_bytes() for f in files]
     import skimage.data
@@ -159,15 +157,10 @@ def photos(n: int) -> list[bytes]:
 def bench_e2e(milvus_uri: str, alias: str, model_dir: Path, n: int, workdir: Path):
     import requests
 
-    from vsearch.services import Service, free_port, http_ok, vsearch_argv
+    from vsearch.services import start_search
 
-    port = free_port()
-    svc = Service("search", vsearch_argv("serve", "search", "--model-dir", str(model_dir),
-                                         "--milvus-uri", milvus_uri, "--alias", alias,
-                                         "--http-port", str(port), "--query-store", ""),
-                  port=port, log_path=workdir / "search.log",
-                  ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/models/visual-search/ready"))
-    svc.wait_ready(300)
+    svc = start_search("--model-dir", str(model_dir), "--milvus-uri", milvus_uri, "--alias", alias,
+                       "--query-store", "", log_path=workdir / "search.log", timeout=300)
     try:
         imgs = photos(n)
         session = requests.Session()

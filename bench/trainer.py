@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from vsearch.predictor.model import Embedder, build_model, default_model_dir, set_torch_threads
-from vsearch.samples import CALTECH, photos
+from vsearch.samples import CALTECH
+from vsearch.samples import photos as sample_photos
 from vsearch.trainer.augment import SimCLRAugment, training_image
 from vsearch.trainer.losses import nt_xent
 from vsearch.trainer.train import ProjectionHead, TrainConfig, train
@@ -52,7 +53,7 @@ def photo_folder(tmp: Path, n: int) -> Path:
     """A folder of n real photos (Caltech-101 when present, generated ones otherwise)."""
     folder = tmp / "photos" / "all"
     folder.mkdir(parents=True)
-    for i, data in enumerate(photos(n, step=5)):
+    for i, data in enumerate(sample_photos(n, step=5)):
         (folder / f"{i:04d}.jpg").write_bytes(data)
     return folder.parent
 
@@ -164,8 +165,7 @@ def latency_rows(model_dirs: list[Path], threads: int = 1, n: int = 200, rounds:
     """(model_dir, median ms, p90 ms) of one query embed (bytes -> vector) on the serving path.
     The models take turns photo by photo, so a busy neighbour on a shared machine slows them
     alike; each model's figure is over ``rounds`` x ``n`` queries."""
-    from bench.embedder import load_photos
-    photos = load_photos(n)
+    photos = sample_photos(n)
     set_torch_threads(threads)
     embedders = [Embedder(d, decode_workers=1) for d in model_dirs]
     ms: list[list[float]] = [[] for _ in model_dirs]

@@ -117,6 +117,16 @@ def start_embedder(model_dir: str | os.PathLike, *, port: int | None = None,
     return svc.wait_ready(timeout)
 
 
+def start_search(*args: str, port: int | None = None, log_path=None, env: dict | None = None,
+                 timeout: float = 120.0) -> Service:
+    """``vsearch serve search ARGS`` on a free port, ready once its model reports ready."""
+    port = port or free_port()
+    svc = Service("search", vsearch_argv("serve", "search", *args, "--http-port", str(port)), port=port,
+                  ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/models/visual-search/ready"),
+                  log_path=log_path, env=env)
+    return svc.wait_ready(timeout)
+
+
 # --- Kafka-protocol broker (Tansu) and Milvus ------------------------------------------------
 
 def tansu_binary() -> Path:

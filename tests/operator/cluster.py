@@ -19,7 +19,6 @@ from vsearch import services
 
 log = logging.getLogger(__name__)
 
-API_GROUP = "/apis/vsearch.io/v1alpha1"
 PATHS = {
     "searchindexes": "/apis/vsearch.io/v1alpha1/namespaces/{ns}/searchindexes",
     "inferenceservices": "/apis/serving.kserve.io/v1beta1/namespaces/{ns}/inferenceservices",
@@ -106,9 +105,7 @@ class TestKubelet(threading.Thread):
         self.api, self.log_dir, self.poll_s = api, log_dir, poll_s
         self.pods: dict[tuple[str, str], Pod] = {}
         self._stop_evt = threading.Event()
-        self.started_argv: list[list[str]] = []
         self.starts: dict[str, int] = {}           # object name -> processes started for it
-        self.errors: list[str] = []
 
     def stop(self) -> None:
         self._stop_evt.set()
@@ -122,7 +119,6 @@ class TestKubelet(threading.Thread):
             try:
                 self.sync()
             except Exception as exc:  # noqa: BLE001  (keep going, like a kubelet)
-                self.errors.append(repr(exc))
                 log.warning("test kubelet: %s", exc)
             self._stop_evt.wait(self.poll_s)
 
@@ -136,7 +132,7 @@ class TestKubelet(threading.Thread):
                 pod = self.pods.get(key)
                 if pod is not None and pod.uid != meta.get("uid"):
                     pod.service.stop(10)                    # deleted and re-created: a new pod
-                    pod = self.pods.pop(key)
+                    self.pods.pop(key)
                     pod = None
                 if pod is None:
                     self.pods[key] = self.run_pod(kind, obj)
@@ -189,7 +185,6 @@ class TestKubelet(threading.Thread):
             out += ["--retry-max-s", "1", "--batch-ms", "200"]
             ready = "/metrics"
         argv = services.vsearch_argv(*out)
-        self.started_argv.append(argv)
         self.starts[meta["name"]] = self.starts.get(meta["name"], 0) + 1
         svc = services.Service(f"{kind}/{meta['name']}", argv, port=port, env=env,
                                log_path=self.log_dir / f"{meta['name']}.log")
@@ -264,7 +259,7 @@ class Cluster:
             obj = self.index(name)
             if predicate(obj.get("status") or {}):
                 return obj
-            if self.operator is not None and not self.operator.alive() and not getattr(self, "_expect_exit", False):
+            if self.operator is not None and not self.operator.alive():
                 break
             time.sleep(0.2)
         tail = self.operator.log_tail(60) if self.operator else ""

@@ -42,15 +42,38 @@ def catalog_files(folder: Path, n_classes: int = 4, per_class: int = 4) -> list[
     return out
 
 
+def golden_csv(labelled: list[tuple[str, str]], every: int) -> str:
+    """A judgments CSV over ``(id, label)`` items: every ``every``-th item is a query whose
+    relevant candidates are the other items of its label (grade 1)."""
+    rows = ["query,candidate,grade"]
+    for qid, qlbl in labelled[::every]:
+        rows += [f"catalog:{qid},{cid},1" for cid, lbl in labelled if lbl == qlbl and cid != qid]
+    return "\n".join(rows) + "\n"
+
+
+def model_copy(src: Path, dest: Path, version: str, change=None) -> Path:
+    """A copy of the model directory ``src`` as ``version`` (``change(meta)`` edits its metadata)."""
+    import shutil
+
+    from vsearch.predictor.model import read_meta, write_meta
+    shutil.copytree(src, dest)
+    meta = read_meta(dest)
+    meta.version = version
+    if change:
+        change(meta)
+    write_meta(dest, meta)
+    return dest
+
+
 def upsert_record(item_id: str, path: Path, label: str, ts: int):
-    from vsearch.ingest.events import encode, encode_key
-    return (encode_key(item_id), encode({"schema": 1, "op": "upsert", "id": item_id, "uri": path.resolve().as_uri(),
-                                         "metadata": {"label": label}, "ts": ts}))
+    from vsearch.ingest.events import encode, encode_key, upsert_event
+    return (encode_key(item_id), encode(upsert_event(item_id, uri=path.resolve().as_uri(),
+                                                     metadata={"label": label}, ts=ts)))
 
 
 def delete_record(item_id: str, ts: int):
-    from vsearch.ingest.events import encode, encode_key
-    return (encode_key(item_id), encode({"schema": 1, "op": "delete", "id": item_id, "ts": ts}))
+    from vsearch.ingest.events import delete_event, encode, encode_key
+    return (encode_key(item_id), encode(delete_event(item_id, ts=ts)))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.operator.conftest import golden_csv
 from tests.search.test_demo import leftover_processes, small_catalog
 
 
@@ -51,11 +52,8 @@ def test_demo_rollout_exits_3_when_the_gate_refuses_and_blue_keeps_serving(tmp_p
         (catalog / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, catalog / label / path.name)
         ids.append((f"{label}/{path.stem}", label))
-    rows = ["query,candidate,grade"]
-    for qid, qlbl in ids[::3]:
-        rows += [f"catalog:{qid},{cid},1" for cid, lbl in ids if lbl == qlbl and cid != qid]
     golden = tmp_path / "golden.csv"
-    golden.write_text("\n".join(rows) + "\n")
+    golden.write_text(golden_csv(ids, every=3))
     random_dir = tmp_path / "random"
     init_model_dir("resnet-tiny", random_dir, name="vsearch-default", version="random", seed=7)
     data_dir = tmp_path / "demo"

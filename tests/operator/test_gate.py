@@ -5,11 +5,9 @@ object (which kmock, unlike an API server, accepts) is reported, never acted on.
 
 from __future__ import annotations
 
-import shutil
-
 from tests.ingest.catalog import publish
 from tests.operator.cluster import searchindex
-from tests.operator.conftest import catalog_files, unique, upsert_record
+from tests.operator.conftest import catalog_files, golden_csv, model_copy, unique, upsert_record
 from vsearch.core.store import MilvusStore
 from vsearch.predictor.model import default_model_dir
 
@@ -19,24 +17,19 @@ REPO_MODEL = default_model_dir()
 
 def test_gate_refuses_a_random_model_then_approval_switches_a_good_one(tmp_path, cluster, broker,
                                                                        milvus_standalone_uri):
-    from vsearch.predictor.model import init_model_dir, read_meta, write_meta
+    from vsearch.predictor.model import init_model_dir
 
     topic, alias, name = unique("catalog-gate-"), unique("gate_"), "gated"
     items = catalog_files(tmp_path / "photos", n_classes=5, per_class=4)
     publish(broker, topic, [upsert_record(i, p, lbl, BASE_TS + n) for n, (i, p, lbl) in enumerate(items)],
             partitions=1)
     # golden set: each of ten items should find the other photos of its class
-    rows = ["query,candidate,grade"]
-    for qid, _, qlbl in items[::2]:
-        rows += [f"catalog:{qid},{cid},1" for cid, _, lbl in items if lbl == qlbl and cid != qid]
+    golden = golden_csv([(i, lbl) for i, _, lbl in items], every=2)
     cluster.api.create("configmaps", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "golden"},
-                                      "data": {"judgments.csv": "\n".join(rows) + "\n"}})
+                                      "data": {"judgments.csv": golden}})
     random_dir, good_dir = tmp_path / "random", tmp_path / "good"
     init_model_dir("resnet-tiny", random_dir, name="default", version="2", seed=7)
-    shutil.copytree(REPO_MODEL, good_dir)
-    meta = read_meta(good_dir)
-    meta.version = "3"
-    write_meta(good_dir, meta)
+    model_copy(REPO_MODEL, good_dir, "3")
 
     gate = {"sampleSize": 20, "golden": {"configMapRef": {"name": "golden"}, "margin": 0.0}}
     cluster.start_operator()

@@ -5,28 +5,17 @@ the gate reads what the embedder reports over HTTP (``GET /vsearch/v1/model``)."
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import requests
 
+from tests.operator.conftest import model_copy
 from vsearch.operators.gate import VersionPath, run_gate
 from vsearch.operators.spec import Gate
 from vsearch.predictor.client import EmbedderClient
-from vsearch.predictor.model import default_model_dir, read_meta, write_meta
+from vsearch.predictor.model import default_model_dir, read_meta
 from vsearch.services import start_embedder
 
 REPO_MODEL = default_model_dir()
-
-
-def model_copy(tmp_path, tag: str, change) -> str:
-    out = tmp_path / tag
-    shutil.copytree(REPO_MODEL, out)
-    meta = read_meta(out)
-    meta.version = tag
-    change(meta)
-    write_meta(out, meta)
-    return str(out)
 
 
 def losing(meta):
@@ -43,8 +32,8 @@ def never_evaluated(meta):
 @pytest.fixture(scope="module")
 def embedders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("verdicts")
-    dirs = {"good": model_copy(tmp, "good", lambda m: None), "losing": model_copy(tmp, "losing", losing),
-            "unevaluated": model_copy(tmp, "unevaluated", never_evaluated)}
+    dirs = {tag: model_copy(REPO_MODEL, tmp / tag, tag, change)
+            for tag, change in (("good", None), ("losing", losing), ("unevaluated", never_evaluated))}
     started = {}
     try:
         for tag, d in dirs.items():

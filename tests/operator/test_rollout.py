@@ -36,11 +36,9 @@ def test_blue_green_rollout_kill_restart_rollback_and_delete(tmp_path, cluster, 
     assert conds["Ready"]["observedGeneration"] == 1 == st["observedGeneration"]
 
     # the search service, embedding with whichever version built the collection the alias names
-    search = services.Service("search", services.vsearch_argv(
-        "serve", "search", "--embedder-url", st["serving"]["embedderUrl"], "--milvus-uri", milvus_server_uri,
-        "--alias", alias, "--http-port", str(port := services.free_port()), "--query-store", "",
-        "--dedup-distance", "0"), port=port, log_path=tmp_path / "search.log",
-        ready=lambda: services.http_ok(f"http://127.0.0.1:{port}/v2/models/visual-search/ready")).wait_ready(120)
+    search = services.start_search(
+        "--embedder-url", st["serving"]["embedderUrl"], "--milvus-uri", milvus_server_uri, "--alias", alias,
+        "--query-store", "", "--dedup-distance", "0", log_path=tmp_path / "search.log")
     stable = [(i, p.read_bytes()) for i, p, _ in items[2:12]]
     loop = SearchLoop(search.url, stable, threads=3).start()
     try:
