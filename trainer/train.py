@@ -250,11 +250,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume:
         if not ckpt_path.exists():
             raise DataError(f"--resume: no checkpoint at {ckpt_path}")
-        try:                              # tensors and plain data only: loading runs no code
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise DataError(f"--resume: {ckpt_path} holds more than tensors and plain data; "
-                            f"refusing to load it ({str(exc).splitlines()[0][:200]})") from exc
+        ck = load_checkpoint(ckpt_path, device)
         modules.load_state_dict(ck["modules"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -360,6 +356,16 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
+def load_checkpoint(path: Path, device="cpu") -> dict:
+    """A training checkpoint (``modules``, ``opt``, ``sched``, ``scaler``, ``step``, ...):
+    tensors and plain data only, so loading runs no code; anything else is a DataError."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"--resume: {path} holds more than tensors and plain data; "
+                        f"refusing to load it ({str(exc).splitlines()[0][:200]})") from exc
+
+
 def catalog_sources(cfg: TrainConfig, dataset) -> list[str]:
     """The training images the whitening is fitted on (a seeded sample of a large catalog)."""
     sources = (list(dataset.sources) if hasattr(dataset, "sources")
@@ -386,7 +392,7 @@ def fit_catalog_whitening(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, 
 def evaluate_export(cfg: TrainConfig, out: Path, runlog: RunLog) -> dict | None:
     """Held-out figures of the export against raw pixels, random init and the ``--init``
     model, stored in its metadata and ``out/evaluation``; the verdict goes to the run log."""
-    from .evaluate import evaluate_models, store_in_meta, verdicts, write_outputs
+    from .evaluate import evaluate_models, store_in_meta, write_outputs
     dirs = [str(out)] + ([str(cfg.init)] if cfg.init else [])
     try:
         report = evaluate_models(dirs, cfg.data, split="held-out", holdout=cfg.holdout,
@@ -398,7 +404,7 @@ def evaluate_export(cfg: TrainConfig, out: Path, runlog: RunLog) -> dict | None:
         return None
     store_in_meta(out, report)
     write_outputs(report, out / "evaluation")
-    v = verdicts(report)[0]
+    v = report["verdicts"][0]
     runlog.write("evaluation", metrics=report["results"][0]["metrics"], verdict=v)
     (log.info if v["beats_baselines"] else log.warning)("%s", v["text"])
     return report
