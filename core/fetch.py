@@ -73,6 +73,8 @@ from urllib3.exceptions import (
 )
 from urllib3.util import Timeout, parse_url
 
+from .config import csv_list
+
 PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 414, 451}
 RETRY_HTTP = (429, 500, 502, 503, 504)
 REDIRECT_HTTP = (301, 302, 303, 307, 308)
@@ -126,7 +128,7 @@ class FetchConfig:
 
 def parse_networks(text: str) -> tuple[str, ...]:
     """``"10.0.0.0/8, fd00::/8"`` -> the CIDRs, each checked (``ValueError`` naming a bad one)."""
-    out = tuple(p.strip() for p in str(text or "").split(",") if p.strip())
+    out = csv_list(text)
     for net in out:
         ipaddress.ip_network(net, strict=False)
     return out

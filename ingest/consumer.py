@@ -514,11 +514,10 @@ class IngestConsumer:
     def prepare_batch(self, records: Sequence, in_flight: dict[str, int] | None = None) -> "PreparedBatch":
         """Everything before the writes: validate, version check, fetch, embed, newest per id.
         ``in_flight``: ``{id: ts}`` of writes not yet finished (they count as stored)."""
-        from kafka.structs import TopicPartition
         started = time.monotonic()
         offsets: dict = {}
         for r in records:
-            tp = TopicPartition(r.topic, r.partition)
+            tp = _tp(r)
             offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
         result = BatchResult(offsets=offsets)
         dead: list[tuple[object, str, str]] = []

@@ -74,7 +74,7 @@ class CatalogEvent(BaseModel):
     ts: Annotated[int, Field(ge=0, lt=2**63)]
     uri: Annotated[str, AfterValidator(_check_uri)] | None = None
     image_b64: Annotated[str, AfterValidator(_check_b64)] | None = None
-    metadata: Annotated[dict, AfterValidator(check_metadata)] = Field(default_factory=dict)
+    metadata: dict = Field(default_factory=dict)      # checked by validate() first (check_metadata)
     visibility: Literal["public", "private"] = "public"
     _image: bytes | None = PrivateAttr(default=None)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..core.images import image_files
-from ..core.kafka import ensure_topics, producer
+from ..core.kafka import ensure_topics, send_and_confirm
 from .events import BadEvent, delete_event, encode, encode_key, now_ms, upsert_event
 
 log = logging.getLogger(__name__)
@@ -63,21 +63,21 @@ def publish_events(bootstrap: str, topic: str, events: Iterable[dict], *, progre
     number sent. Raises the first send error (after kafka-python's own retries)."""
     if create_topic:
         ensure_topics(bootstrap, {topic: partitions}, compact={topic})
-    out = producer(bootstrap, "vsearch-publish", linger_ms=10, batch_size=256 * 1024)
-    futures = []
-    try:
-        items = events
-        if progress:
-            from tqdm import tqdm
-            items = tqdm(events, total=total, unit="event", desc=f"publish {topic}")
+    items = events
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(events, total=total, unit="event", desc=f"publish {topic}")
+    sent = 0
+
+    def records():                       # sent as they are read, as the progress bar shows
+        nonlocal sent
         for ev in items:
-            futures.append(out.send(topic, key=encode_key(ev["id"]), value=encode(ev)))
-        out.flush(timeout=timeout_s)
-        for f in futures:
-            f.get(timeout=timeout_s)
-    finally:
-        out.close(timeout=5)
-    return len(futures)
+            sent += 1
+            yield encode_key(ev["id"]), encode(ev)
+
+    send_and_confirm(bootstrap, topic, records(), timeout=timeout_s, client_id="vsearch-publish",
+                     linger_ms=10, batch_size=256 * 1024)
+    return sent
 
 
 def run(args) -> int:
