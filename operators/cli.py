@@ -6,9 +6,14 @@ import logging
 import os
 import time
 
-from ..core.config import Flags
+from ..core.config import Flags, csv_list
 
 log = logging.getLogger(__name__)
+
+
+def _add_kubeconfig(f: Flags) -> None:
+    f.add("--kubeconfig", default=None,
+          help="kubeconfig file (default: the in-cluster service account, else $KUBECONFIG / ~/.kube/config)")
 
 
 def register(sub) -> None:
@@ -17,8 +22,7 @@ def register(sub) -> None:
                                    "rolls out model versions blue-green: embedder, backfill, quality "
                                    "gate, one alias switch, rollback, retention, clean-up.")
     f = Flags(p, "OPERATOR")
-    f.add("--kubeconfig", default=None,
-          help="kubeconfig file (default: the in-cluster service account, else $KUBECONFIG / ~/.kube/config)")
+    _add_kubeconfig(f)
     f.add("--namespaces", default="", help="watch these namespaces (comma-separated; empty: all namespaces)")
     p.add_argument("--namespace", "-n", action="append", default=None, dest="namespace",
                    help="watch this namespace too (repeatable)")
@@ -41,8 +45,7 @@ def register(sub) -> None:
     d.add_argument("name", help="the SearchIndex's name")
     f = Flags(d, "DELETE_INDEX")
     f.add("--namespace", "-n", default="default", help="its namespace")
-    f.add("--kubeconfig", default=None,
-          help="kubeconfig file (default: the in-cluster service account, else $KUBECONFIG / ~/.kube/config)")
+    _add_kubeconfig(f)
     f.add("--timeout", default=600.0, type=float, help="seconds to wait for the operator's clean-up")
     d.set_defaults(handler=_delete_index)
 
@@ -121,7 +124,7 @@ def _operator(args) -> int:
         from prometheus_client import start_http_server
         start_http_server(args.metrics_port)
         log.info("metrics on :%d/metrics", args.metrics_port)
-    namespaces = [n.strip() for n in args.namespaces.split(",") if n.strip()] + list(args.namespace or [])
+    namespaces = list(csv_list(args.namespaces)) + list(args.namespace or [])
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     log.info("vsearch operator: %s, interval %.1fs", f"namespaces {namespaces}" if namespaces else "all namespaces",
              args.interval)

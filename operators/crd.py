@@ -84,18 +84,3 @@ def validate(obj: dict) -> None:
             errors.append(f"{where}: {err.message}")
     if errors:
         raise InvalidSearchIndex(errors)
-
-
-def with_defaults(spec: dict) -> dict:
-    """``spec`` with the schema's defaults filled in (what the API server stores)."""
-    def fill(node_schema: dict, value):
-        if not isinstance(value, dict) or node_schema.get("type") != "object":
-            return value
-        out = dict(value)
-        for key, sub in (node_schema.get("properties") or {}).items():
-            if key not in out and "default" in sub:
-                out[key] = copy.deepcopy(sub["default"])
-            if key in out:
-                out[key] = fill(sub, out[key])
-        return out
-    return fill(schema()["properties"]["spec"], spec)

@@ -44,18 +44,8 @@ class GoldenSetError(ValueError):
     pass
 
 
-def parse_judgments(text: str, source: str = "judgments") -> dict[str, dict[str, float]]:
-    """``query,candidate,grade`` CSV text -> ``{query: {candidate id: grade}}`` (the format
-    ``vsearch evaluate`` reads: ``trainer.metrics.parse_judgments``)."""
-    from ..trainer.metrics import JudgmentsError
-    from ..trainer.metrics import parse_judgments as parse
-    try:
-        return parse(text, source)
-    except JudgmentsError as exc:
-        raise GoldenSetError(str(exc)) from exc
-
-
-def _fetch(fetcher, uri: str) -> bytes:
+def fetch(fetcher, uri: str) -> bytes:
+    """The bytes at ``uri``; a plain absolute path is a ``file://`` URI."""
     if uri.startswith("/"):
         uri = "file://" + uri
     return fetcher.fetch(uri)
@@ -77,7 +67,7 @@ def self_consistency(store, path: VersionPath, *, sample_size: int, min_score: f
         blobs, kept = [], []
         for r in chunk:
             try:
-                blobs.append(_fetch(fetcher, r["uri"]))
+                blobs.append(fetch(fetcher, r["uri"]))
                 kept.append(r)
             except Exception as exc:  # noqa: BLE001  (a vanished image is not the model's fault)
                 unreadable += 1
@@ -116,7 +106,7 @@ def ranked_lists(store, path: VersionPath, queries: list[str], fetcher, *, k: in
             uri = rows[item]["uri"]
         else:
             uri = q
-        vec = path.embedder.embed_bytes([_fetch(fetcher, uri)])
+        vec = path.embedder.embed_bytes([fetch(fetcher, uri)])
         hits = store.search(path.collection, vec, k=k, filter=VISIBLE, output_fields=())[0]
         out[q] = [h["id"] for h in hits]
     return out

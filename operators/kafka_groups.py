@@ -5,43 +5,61 @@ deletion when the version is retired."""
 from __future__ import annotations
 
 import logging
+import threading
 
 log = logging.getLogger(__name__)
 
 
 class KafkaGroups:
+    """One admin client per bootstrap, kept between calls (the operator asks every tick) and
+    made again after an error."""
+
     def __init__(self, bootstrap: str, timeout_s: float = 10.0):
         self.bootstrap, self.timeout_s = bootstrap, timeout_s
+        self._client = None
+        self._lock = threading.Lock()
 
-    def _admin(self):
+    def _call(self, fn):
         from kafka.admin import KafkaAdminClient
-        return KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="vsearch-operator",
-                                request_timeout_ms=int(self.timeout_s * 1000))
+        with self._lock:
+            if self._client is None:
+                self._client = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="vsearch-operator",
+                                                request_timeout_ms=int(self.timeout_s * 1000))
+            try:
+                return fn(self._client)
+            except Exception:
+                self._close()                 # a broken connection is not reused
+                raise
+
+    def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001  (closing a broken client)
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
 
     def committed(self, group: str) -> dict[str, int]:
         """``{"topic/partition": committed offset}`` of ``group`` (empty before its first commit)."""
-        admin = self._admin()
-        try:
-            got = admin.list_group_offsets(group).get(group, {})
-            return {f"{tp.topic}/{tp.partition}": int(om.offset) for tp, om in got.items() if om.offset >= 0}
-        finally:
-            admin.close()
+        got = self._call(lambda admin: admin.list_group_offsets(group).get(group, {}))
+        return {f"{tp.topic}/{tp.partition}": int(om.offset) for tp, om in got.items() if om.offset >= 0}
 
     def delete(self, group: str) -> bool:
         """Delete ``group``; True when it is gone (or never existed)."""
         from kafka.errors import KafkaError
-        admin = self._admin()
         try:
-            result = admin.delete_groups([group])          # {group: "OK" | error name}
-            items = result.items() if isinstance(result, dict) else result
-            for _gid, res in items:
-                name = res if isinstance(res, str) else type(res).__name__
-                if name not in ("OK", "GroupIdNotFoundError"):
-                    log.warning("deleting consumer group %s: %s", group, name)
-                    return False
-            return True
+            result = self._call(lambda admin: admin.delete_groups([group]))   # {group: "OK" | error name}
         except KafkaError as exc:
             log.warning("deleting consumer group %s: %s", group, exc)
             return False
-        finally:
-            admin.close()
+        items = result.items() if isinstance(result, dict) else result
+        for _gid, res in items:
+            name = res if isinstance(res, str) else type(res).__name__
+            if name not in ("OK", "GroupIdNotFoundError"):
+                log.warning("deleting consumer group %s: %s", group, name)
+                return False
+        return True

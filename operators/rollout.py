@@ -367,7 +367,8 @@ class Step:
         return WAIT
 
     def verifying(self, cand: VersionRef) -> float:
-        from .gate import VersionPath, parse_judgments, run_gate
+        from ..trainer.metrics import parse_judgments
+        from .gate import VersionPath, run_gate
         s, spec, c = self.status, self.spec, self.status["candidate"]
         gate = spec.policy.gate
         judgments = None
@@ -399,10 +400,8 @@ class Step:
     def read_golden(self, golden) -> str:
         if golden.config_map:
             return self.env.workloads.read_config_map(golden.config_map, golden.config_map_key)
-        uri = golden.uri
-        if uri.startswith("/"):
-            uri = "file://" + uri
-        return self.env.fetcher.fetch(uri).decode()
+        from .gate import fetch
+        return fetch(self.env.fetcher, golden.uri).decode()
 
     def awaiting(self, cand: VersionRef) -> float:
         approved = self.annotations.get(APPROVE_ANNOTATION)

@@ -48,7 +48,6 @@ CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "
 
 @dataclasses.dataclass
 class WorkloadState:
-    exists: bool
     ready: bool = False
     url: str | None = None
     message: str = ""
@@ -180,14 +179,14 @@ class KubernetesWorkloads(Workloads):
         obj = self._get(KSERVE, v.namespace, v.embedder_name)
         if obj is None:
             self._create(KSERVE, v.namespace, self.embedder_body(spec, v))
-            return WorkloadState(exists=True, message=f"created InferenceService {v.embedder_name}")
+            return WorkloadState(message=f"created InferenceService {v.embedder_name}")
         st = obj.get("status") or {}
         ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), None)
         url = (st.get("address") or {}).get("url") or st.get("url")
         if ready and ready.get("status") == "True" and url:
-            return WorkloadState(exists=True, ready=True, url=url.rstrip("/"))
+            return WorkloadState(ready=True, url=url.rstrip("/"))
         msg = (ready or {}).get("message") or (ready or {}).get("reason") or "InferenceService not ready yet"
-        return WorkloadState(exists=True, message=f"InferenceService {v.embedder_name}: {msg}")
+        return WorkloadState(message=f"InferenceService {v.embedder_name}: {msg}")
 
     # -- ingest
     def ingest_body(self, spec: IndexSpec, v: VersionRef, embedder_url: str) -> dict:
@@ -211,12 +210,12 @@ class KubernetesWorkloads(Workloads):
         obj = self._get(DEPLOYMENTS, v.namespace, v.ingest_name)
         if obj is None:
             self._create(DEPLOYMENTS, v.namespace, self.ingest_body(spec, v, embedder_url))
-            return WorkloadState(exists=True, message=f"created Deployment {v.ingest_name}")
+            return WorkloadState(message=f"created Deployment {v.ingest_name}")
         want = int((obj.get("spec") or {}).get("replicas", 1))
         have = int((obj.get("status") or {}).get("readyReplicas") or 0)
         if have >= max(1, want):
-            return WorkloadState(exists=True, ready=True)
-        return WorkloadState(exists=True, message=f"Deployment {v.ingest_name}: {have}/{want} replicas ready")
+            return WorkloadState(ready=True)
+        return WorkloadState(message=f"Deployment {v.ingest_name}: {have}/{want} replicas ready")
 
     def delete_version(self, spec: IndexSpec, v: VersionRef) -> bool:
         a = self._delete(DEPLOYMENTS, v.namespace, v.ingest_name)

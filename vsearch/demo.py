@@ -192,11 +192,12 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         started.append(embedder)
 
         collection = collection_name(meta.name, meta.version)
+        group = f"ingest-{collection}"                 # the consumer's group, retired after a rollout
         metrics_port = free_port()
         print(f"starting the catalog consumer (collection {collection}) ...", flush=True)
         consumer = Service("consumer", vsearch_argv(
             "ingest", "--bootstrap", broker.bootstrap, "--embedder-url", embedder.url,
-            "--collection", collection, "--alias", "images", "--milvus-uri", milvus.uri,
+            "--collection", collection, "--group", group, "--alias", "images", "--milvus-uri", milvus.uri,
             "--model-name", meta.name, "--model-version", meta.version,
             "--metrics-port", str(metrics_port), "--partitions", "1", "--file-roots", str(image_root)),
             port=metrics_port, log_path=logs / "consumer.log")
@@ -235,7 +236,7 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
                              search_url=search.url, log_dir=logs, golden=golden, keep=started_rollouts,
                              file_roots=str(image_root),
                              serving=serving_status(model=meta.name, version=meta.version, uri=str(model),
-                                                    collection=collection, group=f"ingest-{collection}",
+                                                    collection=collection, group=group,
                                                     embedder_url=embedder.url))
             if check:
                 if rc == 0:

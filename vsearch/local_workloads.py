@@ -35,16 +35,16 @@ class LocalWorkloads(Workloads):
             port = free_port()
             svc = Service(name, vsearch_argv(*argv_of(port)), port=port, log_path=self.log_dir / f"{name}.log")
             self.procs[name] = have = (svc, f"http://127.0.0.1:{port}")
-            return WorkloadState(exists=True, message=f"started {name}")
+            return WorkloadState(message=f"started {name}")
         svc, url = have
         if http_ok(url + ready_path):
-            return WorkloadState(exists=True, ready=True, url=url)
-        return WorkloadState(exists=True, message=f"{name} starting")
+            return WorkloadState(ready=True, url=url)
+        return WorkloadState(message=f"{name} starting")
 
     def ensure_embedder(self, spec, v) -> WorkloadState:
         path = v.uri[len("file://"):] if v.uri.startswith("file://") else v.uri
         if not Path(path).is_dir():
-            return WorkloadState(exists=False, failed=True, message=f"model directory {path} does not exist "
+            return WorkloadState(failed=True, message=f"model directory {path} does not exist "
                                  "(local runs take a path or file:// URI)")
         return self._ensure(v.embedder_name, lambda port: embedder_args(
             path, port=port, max_batch=spec.ingest.batch_size,
@@ -89,7 +89,7 @@ class LocalRollout:
         self.env = Env(workloads=workloads,
                        store=store or MilvusStore(ispec.milvus_uri, timeout=30, index=ispec.index_config()),
                        groups=KafkaGroups(ispec.bootstrap),
-                       embedder=lambda url: clients.setdefault(url, EmbedderClient(url, timeout=60)),
+                       embedder=lambda url: clients.get(url) or clients.setdefault(url, EmbedderClient(url, timeout=60)),
                        fetcher=Fetcher())
 
     @property
