@@ -73,7 +73,7 @@ class EmbedderModel(kserve.Model):
         # Concurrent requests share forward passes of up to max(batch_size, max_batch) rows.
         self.batcher = MicroBatcher(self.embedder.embed_arrays,
                                     max_rows=max(self.batch_size, self.max_batch),
-                                    on_pass=self._count_pass, max_pending=self.max_queue)
+                                    on_pass=self._count_pass)      # predict() bounds the queue
         meta = self.embedder.meta
         log.info("loaded %s version %s (%s, dim %d, input %d) from %s on %s", meta.name,
                  meta.version, meta.family, meta.embedding_dim, meta.image_size, self.model_dir,

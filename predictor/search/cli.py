@@ -8,12 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from ...core.config import Flags, add_kafka_flag
+from ...core.config import Flags, add_kafka_flag, csv_list
 from ...core.store import add_milvus_flags
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in str(text or "").split(",") if p.strip())
 
 
 def register_serve(serve_sub) -> None:
@@ -100,15 +96,15 @@ def _serve_search(args) -> int:
     from .settings import SearchSettings
     settings = SearchSettings(
         alias=args.alias, k_default=args.k_default, k_max=args.k_max, overfetch=args.overfetch,
-        dedup_distance=args.dedup_distance, filter_fields=_csv(args.filter_fields),
+        dedup_distance=args.dedup_distance, filter_fields=csv_list(args.filter_fields),
         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
         milvus_timeout=args.milvus_timeout,
         query_store=args.query_store or None, query_store_max_bytes=args.query_store_max_mb * 1024 * 1024,
         allow_url_queries=args.allow_url_queries, allow_private_urls=args.allow_private_urls,
         url_timeout=args.url_timeout, api_key=args.api_key or None,
         click_secret=args.click_secret or None, click_token_ttl_s=args.click_token_ttl,
-        cors_origins=_csv(args.cors_origins),
-        image_roots=tuple(Path(r).resolve() for r in _csv(args.image_roots)),
+        cors_origins=csv_list(args.cors_origins),
+        image_roots=tuple(Path(r).resolve() for r in csv_list(args.image_roots)),
         allow_private_image_urls=args.allow_private_image_urls,
         model_version=args.model_version)
 
@@ -119,7 +115,6 @@ def _serve_search(args) -> int:
     set_torch_threads(args.threads)
     set_decoder_pixel_limit(args.max_pixels)
     from ...core.store import MilvusStore
-    from .metrics import REJECTED
     from .model import SearchModel
     from .routes import add_routes
     model = SearchModel(lambda: build_service(settings, MilvusStore.from_args(args), model_dir=model_dir,
@@ -130,7 +125,7 @@ def _serve_search(args) -> int:
     try:
         run_model_server(model, http_port=args.http_port,
                          add_routes=lambda app: add_routes(app, lambda: model.service, settings),
-                         api_key=settings.api_key, on_reject=lambda status: REJECTED.labels(str(status)).inc(),
+                         api_key=settings.api_key,     # rejections are counted by the routes' middleware
                          # base64 of the largest upload, plus room for the form or JSON around it
                          max_body_bytes=settings.max_upload_bytes * 4 // 3 + 256 * 1024)
     finally:

@@ -27,8 +27,8 @@ from ..preprocess import Box
 log = logging.getLogger(__name__)
 
 
-def _suffix(data: bytes) -> str:
-    kind = web_media_type(data)
+def _suffix(kind: tuple[str, str] | None) -> str:
+    """The file suffix of a ``web_media_type`` answer."""
     return kind[1] if kind else ".img"           # what the trainer and /images can read by name
 
 
@@ -66,8 +66,8 @@ class QueryStore:
 
         from ...core.objects import s3_client
         bucket, prefix = self.s3
-        key = "/".join(p for p in (prefix, time.strftime("%Y/%m/%d", time.gmtime()), digest + _suffix(data)) if p)
         kind = web_media_type(data)
+        key = "/".join(p for p in (prefix, time.strftime("%Y/%m/%d", time.gmtime()), digest + _suffix(kind)) if p)
         try:
             s3_client().put_object(Bucket=bucket, Key=key, Body=data,
                                    ContentType=kind[0] if kind else "application/octet-stream")
@@ -77,7 +77,7 @@ class QueryStore:
         return f"s3://{bucket}/{key}"
 
     def _put_file(self, data: bytes, digest: str) -> str | None:
-        path = self.root / digest[:2] / f"{digest}{_suffix(data)}"
+        path = self.root / digest[:2] / f"{digest}{_suffix(web_media_type(data))}"
         if path.exists():
             return path.resolve().as_uri()
         try:
@@ -114,8 +114,9 @@ class QueryStore:
 
 def query_hashes(image: bytes, crop: Box | None) -> tuple[str, str]:
     """(hash of the image bytes, hash of the query = bytes + crop)."""
-    image_hash = hashlib.sha256(image).hexdigest()
+    h = hashlib.sha256(image)
+    image_hash = h.hexdigest()
     if crop is None:
         return image_hash, image_hash
-    box = ",".join(f"{v:.6f}" for v in crop)
-    return image_hash, hashlib.sha256(image + b"|crop=" + box.encode()).hexdigest()
+    h.update(b"|crop=" + ",".join(f"{v:.6f}" for v in crop).encode())     # = sha256(image + crop part)
+    return image_hash, h.hexdigest()

@@ -17,7 +17,6 @@ read. Errors are ``{"error": reason}`` with the status of their kind.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -125,7 +124,7 @@ def add_routes(app, get_service: Callable[[], SearchService | None], settings: S
 
 
 async def _form_fields(request: Request, settings: SearchSettings) -> dict[str, Any]:
-    """The fields of a search form, the image file as base64 (as a JSON body would carry it)."""
+    """The fields of a search form, as a JSON body would carry them (the image file as its bytes)."""
     try:
         form = await request.form(max_files=1, max_fields=10)
     except Exception as exc:  # noqa: BLE001  (Starlette's multipart parser raises several kinds)
@@ -141,7 +140,7 @@ async def _form_fields(request: Request, settings: SearchSettings) -> dict[str, 
             raise TooLarge(f"image is over the limit of {settings.max_upload_bytes} bytes")
         if not data:
             raise BadQuery("the uploaded image file is empty")
-        fields["image"] = base64.b64encode(data).decode()
+        fields["image"] = data                     # the parser takes bytes as they are
     elif isinstance(upload, str) and upload:
         raise BadQuery("form field 'image' must be a file upload (multipart/form-data)")
     for key in ("crop", "k", "filter", "url"):

@@ -19,6 +19,7 @@ import secrets
 import time
 import zlib
 
+from ...core import search_events
 from .errors import BadQuery
 
 VERSION = b"v1"
@@ -49,7 +50,7 @@ class TokenSigner:
         return hmac.new(self.key, VERSION + b"." + body, hashlib.sha256).digest()
 
     def sign(self, impression: dict) -> str:
-        body = zlib.compress(json.dumps(impression, separators=(",", ":"), sort_keys=True).encode(), 6)
+        body = zlib.compress(search_events.encode(impression), 6)
         return f"{VERSION.decode()}.{_b64(body)}.{_b64(self._mac(body))}"
 
     def verify(self, token) -> dict:
