@@ -27,9 +27,9 @@ import requests
 import torch
 from PIL import Image
 
+from vsearch.local.samples import photos as sample_photos
+from vsearch.local.services import start_embedder
 from vsearch.predictor.model import Embedder, init_model_dir, load_model_dir
-from vsearch.samples import photos as sample_photos
-from vsearch.services import start_embedder
 
 
 def rate(n: int, seconds: float) -> float:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vsearch import services
 from vsearch.core.kafka import GROUP_SETTINGS, ensure_topics, send_and_confirm
 from vsearch.core.store import MilvusStore, collection_name
 from vsearch.ingest.consumer import IngestConsumer, IngestSettings
 from vsearch.ingest.events import encode, encode_key, upsert_event
-from vsearch.samples import photos as sample_photos
+from vsearch.local import services
+from vsearch.local.samples import photos as sample_photos
 
 
 class PrecomputedEmbedder:
@@ -207,8 +207,8 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    from vsearch.local.samples import TINY
     from vsearch.predictor.model import Embedder, init_model_dir
-    from vsearch.samples import TINY
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     photos = sample_photos(64)

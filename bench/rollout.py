@@ -3,7 +3,7 @@
 A catalog of unique generated JPEGs (every item is re-embedded: nothing precomputed, no two
 images alike) is published to a real Tansu broker and served by v1 (a tiny ResNet, 16-d) from a
 ``milvus-lite server``; then v2 (a tiny ViT, 32-d) is rolled out through the operator's own
-rollout logic on local processes (``vsearch.local_workloads``) while a search loop runs.
+rollout logic on local processes (``vsearch.local.workloads``) while a search loop runs.
 
 Reports: reindex throughput (candidate items / time from the backfill's start until its count
 reached the serving count) against the candidate embedder's own throughput measured in the same
@@ -105,16 +105,16 @@ def main(argv=None) -> int:
 
     import signal
 
-    from vsearch import services
     from vsearch.core.kafka import ensure_topics, send_and_confirm
     from vsearch.core.store import MilvusStore
-    from vsearch.demo_rollout import rollout_spec
     from vsearch.ingest.events import encode, encode_key, upsert_event
-    from vsearch.local_workloads import LocalRollout, LocalWorkloads
+    from vsearch.local import services
+    from vsearch.local.demo_rollout import rollout_spec
+    from vsearch.local.samples import TINY
+    from vsearch.local.workloads import LocalRollout, LocalWorkloads
     from vsearch.operators.rollout import READY
     from vsearch.predictor.client import EmbedderClient
     from vsearch.predictor.model import init_model_dir
-    from vsearch.samples import TINY
 
     def on_term(*_):
         raise KeyboardInterrupt

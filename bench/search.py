@@ -134,14 +134,14 @@ def bench_ann(store, name: str, queries: np.ndarray, truth: np.ndarray, k: int, 
 
 def photos(n: int) -> list[bytes]:
     """Real photos for the end-to-end queries: Caltech-101 when present, else scikit-image's."""
-    from vsearch.samples import caltech_files
+    from vsearch.local.samples import caltech_files
     files = caltech_files(n, 11)
     if files:
         return [f.read_bytes() for f in files]
     import skimage.data
     from PIL import Image
 
-    from vsearch.samples import SKIMAGE_PHOTOS, _to_rgb_uint8
+    from vsearch.local.samples import SKIMAGE_PHOTOS, _to_rgb_uint8
     out = []
     for name in SKIMAGE_PHOTOS:
         try:
@@ -157,7 +157,7 @@ def photos(n: int) -> list[bytes]:
 def bench_e2e(milvus_uri: str, alias: str, model_dir: Path, n: int, workdir: Path):
     import requests
 
-    from vsearch.services import start_search
+    from vsearch.local.services import start_search
 
     svc = start_search("--model-dir", str(model_dir), "--milvus-uri", milvus_uri, "--alias", alias,
                        "--query-store", "", log_path=workdir / "search.log", timeout=300)
@@ -211,7 +211,7 @@ def bench_faiss(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, e
 
 
 def start_backend(kind: str, workdir: Path):
-    from vsearch.services import start_milvus_lite_server, start_milvus_standalone
+    from vsearch.local.services import start_milvus_lite_server, start_milvus_standalone
     if kind == "lite":
         return start_milvus_lite_server(workdir / "milvus-lite", log_path=workdir / "milvus-lite.log",
                                         timeout=120)

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vsearch.local.samples import CALTECH
+from vsearch.local.samples import photos as sample_photos
 from vsearch.predictor.model import Embedder, build_model, default_model_dir, set_torch_threads
-from vsearch.samples import CALTECH
-from vsearch.samples import photos as sample_photos
 from vsearch.trainer.augment import SimCLRAugment, training_image
 from vsearch.trainer.losses import nt_xent
 from vsearch.trainer.train import ProjectionHead, TrainConfig, train

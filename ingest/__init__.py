@@ -1,2 +1,7 @@
 """Catalog ingest: the catalog event schema (``events``), the Kafka consumer that keeps one
 Milvus collection equal to the catalog topic (``consumer``) and ``vsearch publish``."""
+
+# This folder is the package vsearch.ingest (vsearch/ingest links here). Imported under any other name
+# (`import ingest` from the checkout's root) it would be a second copy whose classes differ.
+if __name__ != "vsearch.ingest":
+    raise ImportError(f"import vsearch.ingest, not {__name__}: the folder ingest/ is installed as vsearch.ingest")

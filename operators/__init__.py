@@ -6,9 +6,14 @@ rollouts with a quality gate, one alias switch, rollback, retention and clean-up
 - ``rollout.py``: the state machine (pure, idempotent steps; all state on the object's status).
 - ``gate.py``: the quality gate (self-consistency, golden set).
 - ``workloads.py``: the workload-layer interface and its Kubernetes implementation
-  (``vsearch.local_workloads`` has the local-process one).
+  (``vsearch.local.workloads`` has the local-process one).
 - ``kafka_groups.py``: committed offsets and deletion of a version's consumer group.
 - ``handlers.py`` / ``cli.py``: kopf handlers and ``vsearch operator``.
 - ``failpoints.py``: crash points for the tests.
 
 Nothing below this package imports it."""
+
+# This folder is the package vsearch.operators (vsearch/operators links here). Imported under any other name
+# (`import operators` from the checkout's root) it would be a second copy whose classes differ.
+if __name__ != "vsearch.operators":
+    raise ImportError(f"import vsearch.operators, not {__name__}: the folder operators/ is installed as vsearch.operators")

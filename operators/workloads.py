@@ -2,7 +2,7 @@
 logic (:mod:`operators.rollout`) talks only to :class:`Workloads`; this module has the
 Kubernetes implementation (a KServe InferenceService running ``vsearch serve embedder`` and a
 Deployment running ``vsearch ingest`` per version, owned by the SearchIndex), and
-``vsearch.local_workloads`` the one that runs local processes (``vsearch demo --rollout``).
+``vsearch.local.workloads`` the one that runs local processes (``vsearch demo --rollout``).
 
 Kubernetes objects made for version V of SearchIndex S (labels ``vsearch.io/searchindex=S``,
 ``vsearch.io/model-version=V``, owner reference to S, so deleting S garbage-collects them even

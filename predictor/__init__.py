@@ -1,3 +1,8 @@
 """The predictor: image preprocessing (``preprocess``) and the embedding model (``model``),
 used alike by serving, indexing and training; the KServe embedder (``embedder_server``) and its
 client (``client``); the search service (``search/``)."""
+
+# This folder is the package vsearch.predictor (vsearch/predictor links here). Imported under any other name
+# (`import predictor` from the checkout's root) it would be a second copy whose classes differ.
+if __name__ != "vsearch.predictor":
+    raise ImportError(f"import vsearch.predictor, not {__name__}: the folder predictor/ is installed as vsearch.predictor")

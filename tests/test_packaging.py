@@ -3,8 +3,12 @@ top of site-packages), every Python package of the tree listed, the default mode
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -30,3 +34,31 @@ def test_the_default_model_ships_inside_the_package():
     assert (model / "config.json").exists() and read_meta(model).embedding_dim > 0
     data = CONFIG["package-data"]["vsearch.models.default"]
     assert all(any(p.match(pattern) for pattern in data) for p in model.iterdir() if p.is_file())
+
+
+def test_the_link_tree_is_the_installed_layout():
+    """vsearch/<part> links to the folder pyproject.toml installs as vsearch.<part>: editors and type
+    checkers read the same tree as the interpreter."""
+    for name, folder in CONFIG["package-dir"].items():
+        in_tree = REPO.joinpath(*name.split("."))
+        assert in_tree.resolve() == (REPO / folder).resolve(), f"{in_tree} must lead to {folder}/"
+
+
+@pytest.mark.parametrize("part", ["core", "predictor", "ingest", "trainer", "operators", "models"])
+def test_a_folder_imported_by_its_bare_name_fails_loudly(part):
+    out = subprocess.run([sys.executable, "-c", f"import {part}"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0
+    assert f"import vsearch.{part}, not {part}" in out.stderr
+
+
+def test_the_checkout_imports_without_the_install_hook(tmp_path):
+    """With the editable install's import hook taken away and only the checkout on the path,
+    ``vsearch.core.store`` is the file vsearch/core/store.py: what a static tool resolves."""
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)];"
+            f"sys.path.insert(0, {str(REPO)!r});"
+            "import vsearch.core.store, vsearch.ingest.events, vsearch.local.services;"
+            "print(vsearch.core.store.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == REPO / "vsearch" / "core" / "store.py"

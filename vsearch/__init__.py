@@ -1,10 +1,12 @@
 """vsearch: Kubernetes-native visual search.
 
-Installed, every part of the platform lives under this package: ``vsearch.core`` (the shared
-core), ``vsearch.predictor``, ``vsearch.ingest``, ``vsearch.trainer``, ``vsearch.operators``
-and ``vsearch.models`` (the default model). This folder itself is the top of the house: the
-``vsearch`` command line (``cli``) and what runs the whole platform on one machine
-(``services``, ``samples``, ``demo``); nothing below imports it.
+This folder is the installed package. Its sub-packages are links to the folders at the top of
+the checkout, one per part of the architecture: ``vsearch.core`` -> ``core/`` (the shared core),
+``vsearch.predictor`` -> ``predictor/``, ``vsearch.ingest`` -> ``ingest/``,
+``vsearch.trainer`` -> ``trainer/``, ``vsearch.operators`` -> ``operators/`` and
+``vsearch.models`` -> ``models/`` (the default model). What lives here for real is the top of
+the house: the ``vsearch`` command line (``cli``) and ``local/``, what runs the whole platform on
+one machine (demo, tests, benchmarks); nothing below imports it.
 """
 
 __version__ = "0.1.0"

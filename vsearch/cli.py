@@ -63,7 +63,7 @@ def register_demo(sub) -> None:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .local.demo import run_demo
     return run_demo(model_dir=args.model_dir, catalog=args.catalog, data_dir=args.data_dir,
                     port=args.http_port, timeout=args.ready_timeout, check=args.check,
                     rollout=args.rollout, golden=args.golden)

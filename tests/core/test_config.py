@@ -12,7 +12,7 @@ import pytest
 
 from vsearch.cli import command_env_vars, command_parser, main
 from vsearch.core.config import env_name
-from vsearch.services import vsearch_argv
+from vsearch.local.services import vsearch_argv
 
 
 def test_variable_names():

@@ -457,7 +457,7 @@ def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, km
                                                              milvus_server_uri):
     from tests.ingest.catalog import publish
     from tests.operator.conftest import catalog_files, unique, upsert_record
-    from vsearch import services
+    from vsearch.local import services
 
     cluster = kmock_cluster
     model, topic, alias = unique("chart-e2e-"), unique("catalog-chart-"), unique("chart_")

@@ -12,9 +12,9 @@ import random
 import time
 from pathlib import Path
 
-from vsearch import services
 from vsearch.core.store import MilvusStore
 from vsearch.ingest.events import encode, encode_key
+from vsearch.local import services
 
 BASE_TS = 1_700_000_000_000
 

@@ -19,8 +19,8 @@ from tests.ingest.catalog import (
     start_consumer,
     wait_committed,
 )
-from vsearch import services
 from vsearch.core.store import MilvusStore, collection_name
+from vsearch.local import services
 
 
 def names(tag: str):

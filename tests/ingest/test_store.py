@@ -178,7 +178,7 @@ def test_bad_input_is_refused_before_sending(store, coll):
 
 
 def test_unreachable_server_raises_store_unavailable():
-    from vsearch.services import free_port
+    from vsearch.local.services import free_port
     s = MilvusStore(f"http://127.0.0.1:{free_port()}", timeout=2)
     with pytest.raises(StoreUnavailable):
         s.list_collections()

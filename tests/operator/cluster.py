@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from vsearch import services
+from vsearch.local import services
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.operator.cluster import Cluster
-from vsearch.samples import TINY, caltech_photos, generated_photos
+from vsearch.local.samples import TINY, caltech_photos, generated_photos
 
 
 @pytest.fixture(scope="session")

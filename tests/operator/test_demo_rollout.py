@@ -1,6 +1,6 @@
 """``vsearch demo --rollout MODEL_DIR --check``: the demo on local processes, then a blue-green
 rollout of another model (another embedding size) through the operator's own rollout logic on
-local processes (:class:`vsearch.local_workloads.LocalWorkloads`)."""
+local processes (:class:`vsearch.local.workloads.LocalWorkloads`)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def test_demo_rollout_exits_3_when_the_gate_refuses_and_blue_keeps_serving(tmp_p
     served blue by the trained default model."""
     import shutil
 
+    from vsearch.local.samples import caltech_photos
     from vsearch.predictor.model import default_model_dir, init_model_dir
-    from vsearch.samples import caltech_photos
 
     photos = caltech_photos(n_classes=5, per_class=6)
     if not photos:

@@ -9,11 +9,11 @@ import pytest
 import requests
 
 from tests.operator.conftest import model_copy
+from vsearch.local.services import start_embedder
 from vsearch.operators.gate import VersionPath, run_gate
 from vsearch.operators.spec import Gate
 from vsearch.predictor.client import EmbedderClient
 from vsearch.predictor.model import default_model_dir, read_meta
-from vsearch.services import start_embedder
 
 REPO_MODEL = default_model_dir()
 

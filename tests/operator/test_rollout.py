@@ -11,8 +11,8 @@ import time
 from tests.ingest.catalog import publish
 from tests.operator.cluster import searchindex
 from tests.operator.conftest import SearchLoop, catalog_files, delete_record, unique, upsert_record
-from vsearch import services
 from vsearch.core.store import MilvusStore
+from vsearch.local import services
 from vsearch.operators.kafka_groups import KafkaGroups
 
 BASE_TS = 1_700_000_000_000

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from vsearch.local.services import vsearch_argv
 from vsearch.predictor.model import METADATA_FILE, Embedder, ModelDirError, build_model, load_model_dir, read_meta
-from vsearch.services import vsearch_argv
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit-small", "dinov2-small", "clip-vit-b32"])

@@ -148,7 +148,7 @@ def test_errors_never_echo_the_request(embedder_url):
 @pytest.fixture(scope="module")
 def guarded_embedder(tiny_model_dir, tmp_path_factory):
     """An embedder with a key, a small body limit and a one-image queue."""
-    from vsearch.services import start_embedder
+    from vsearch.local.services import start_embedder
     log = tmp_path_factory.mktemp("guarded") / "embedder.log"
     svc = start_embedder(tiny_model_dir, log_path=log, extra=(
         "--threads", "1", "--api-key", "k-123", "--max-body-bytes", "200000", "--max-queue", "1",

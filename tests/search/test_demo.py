@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from vsearch.samples import caltech_photos, generated_photos
+from vsearch.local.samples import caltech_photos, generated_photos
 
 
 def small_catalog(tmp_path) -> Path:

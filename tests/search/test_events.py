@@ -9,9 +9,9 @@ import sys
 import time
 
 from vsearch.core import search_events
+from vsearch.local.services import free_port, start_broker
 from vsearch.predictor.search.ctr import ctr_table, read_events
 from vsearch.predictor.search.event_log import EventLog
-from vsearch.services import free_port, start_broker
 
 
 def impression(qid, mv="m__1", n=3):

@@ -13,8 +13,8 @@ import requests
 
 from tests.fixtures.search import start_search_server
 from vsearch.core.store import MilvusStore, collection_name
-from vsearch.samples import TINY
-from vsearch.services import free_port, start_embedder
+from vsearch.local.samples import TINY
+from vsearch.local.services import free_port, start_embedder
 
 
 def build(uri: str, model_dir, photos: dict[str, bytes], root, embedder_url: str) -> str:

@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from tests.fixtures.search import start_search_server
+from vsearch.local.services import start_s3_server
 from vsearch.predictor.search.query_store import QueryStore
-from vsearch.services import start_s3_server
 
 
 def test_a_folder_store_stays_within_its_quota_oldest_first(tmp_path, photo_bytes):

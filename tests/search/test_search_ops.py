@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.fixtures.search import start_search_server
-from vsearch.services import free_port, start_milvus_lite_server
+from vsearch.local.services import free_port, start_milvus_lite_server
 
 KEY = "s3cret-key"
 

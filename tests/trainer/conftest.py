@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from vsearch.samples import CALTECH, caltech_photos
+from vsearch.local.samples import CALTECH, caltech_photos
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vsearch.local.samples import CALTECH
 from vsearch.predictor.model import Embedder, read_meta
-from vsearch.samples import CALTECH
 from vsearch.trainer.evaluate import evaluate_models
 
 DEFAULT = Path(__file__).resolve().parents[2] / "models" / "default"

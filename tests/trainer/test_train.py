@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from vsearch.cli import main
+from vsearch.local.services import start_embedder, vsearch_argv
 from vsearch.predictor.client import EmbedderClient
 from vsearch.predictor.model import Embedder, load_model_dir, read_meta
-from vsearch.services import start_embedder, vsearch_argv
 from vsearch.trainer.train import TrainConfig, lr_lambda, train
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from .operators.workloads import Workloads, WorkloadState, embedder_args, ingest_args
+from ..operators.workloads import Workloads, WorkloadState, embedder_args, ingest_args
 from .services import Service, free_port, http_ok, vsearch_argv
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,12 @@ class LocalRollout:
 
     def __init__(self, spec: dict, workloads: Workloads, *, name: str = "demo", namespace: str = "local",
                  status: dict | None = None, store=None, printer=print):
-        from .core.fetch import Fetcher
-        from .core.store import MilvusStore
-        from .operators.kafka_groups import KafkaGroups
-        from .operators.rollout import Env
-        from .operators.spec import IndexSpec
-        from .predictor.client import EmbedderClient
+        from ..core.fetch import Fetcher
+        from ..core.store import MilvusStore
+        from ..operators.kafka_groups import KafkaGroups
+        from ..operators.rollout import Env
+        from ..operators.spec import IndexSpec
+        from ..predictor.client import EmbedderClient
 
         self.name, self.namespace, self.printer = name, namespace, printer
         self.body = {"apiVersion": "vsearch.io/v1alpha1", "kind": "SearchIndex",
@@ -104,7 +104,7 @@ class LocalRollout:
         self.body["metadata"]["annotations"][key] = value
 
     def step(self):
-        from .operators.rollout import reconcile
+        from ..operators.rollout import reconcile
         out = reconcile(self.name, self.namespace, self.body, self.env)
         self.body["status"] = out.status
         for _kind, reason, message in out.events:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .core.images import image_files
+from ..core.images import image_files
 from .samples import write_sample_catalog
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def write_catalog_csv(items: list[dict], path: Path) -> None:
 
 def resolve_model(model_dir: str | None, data_dir: Path) -> tuple[Path, bool]:
     """(model directory, whether it is a random-initialised stand-in)."""
-    from .predictor.model import default_model_dir, init_model_dir
+    from ..predictor.model import default_model_dir, init_model_dir
 
     if model_dir:
         if not (Path(model_dir) / "config.json").exists():
@@ -131,8 +131,8 @@ def wait_searchable(url: str, items: list[dict], timeout: float, services=()) ->
 def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_dir: str = ".demo",
              port: int = 8000, timeout: float = 300.0, check: bool = False, rollout: str | None = None,
              golden: str | None = None) -> int:
-    from .core.store import collection_name
-    from .predictor.model import read_meta
+    from ..core.store import collection_name
+    from ..predictor.model import read_meta
     from .services import (
         Service,
         free_port,
@@ -284,7 +284,7 @@ def _check(url: str, bootstrap: str, items: list[dict]) -> int:
     read back from search.events."""
     import requests
 
-    from .predictor.search.ctr import read_events
+    from ..predictor.search.ctr import read_events
 
     public = [it for it in items if it["visibility"] == "public"]
     probe = next((it for it in public if it["id"] == "astronaut-original"), public[0])

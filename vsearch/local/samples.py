@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 # ../shared/data/caltech101 beside the checkout (VSEARCH_CALTECH_DIR elsewhere).
 CALTECH = Path(os.environ.get("VSEARCH_CALTECH_DIR",
-                              Path(__file__).resolve().parents[1].parent / "shared" / "data" / "caltech101"))
+                              Path(__file__).resolve().parents[2].parent / "shared" / "data" / "caltech101"))
 
 # Tiny configurations of each supported family: same classes and code path as the full ones.
 TINY = {

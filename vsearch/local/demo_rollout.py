@@ -1,6 +1,6 @@
 """``vsearch demo --rollout MODEL_DIR``: once the demo's catalog is searchable, roll MODEL_DIR out
 blue-green through the operator's own rollout logic (:mod:`vsearch.operators.rollout`) on local processes
-(:class:`vsearch.local_workloads.LocalWorkloads`): its embedder, its collection, its ingest
+(:class:`vsearch.local.workloads.LocalWorkloads`): its embedder, its collection, its ingest
 consumer replaying the catalog topic, the quality gate, one alias switch, while the web page
 keeps answering. Exit codes (with ``--check``): 0 the new version serves, 3 the gate refused it
 (blue still serving), 1 any other error."""
@@ -29,7 +29,7 @@ def rollout_spec(*, bootstrap: str, milvus_uri: str, alias: str, name: str, vers
 
 def serving_status(*, model: str, version: str, uri: str, collection: str, group: str, embedder_url: str) -> dict:
     """Status of a SearchIndex that adopts the version the demo already serves."""
-    from .operators.rollout import iso
+    from ..operators.rollout import iso
     return {"phase": "Ready", "serving": {"model": model, "version": version, "modelUri": uri,
                                           "collection": collection, "consumerGroup": group,
                                           "embedderUrl": embedder_url, "since": iso(time.time())}}
@@ -38,9 +38,9 @@ def serving_status(*, model: str, version: str, uri: str, collection: str, group
 def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dict, search_url: str,
                 log_dir: Path, golden: str | None = None, timeout: float = 600, keep=None,
                 file_roots: str = "") -> int:
-    from .local_workloads import LocalRollout, LocalWorkloads
-    from .operators.rollout import FAILED, READY
-    from .predictor.model import read_meta
+    from ..operators.rollout import FAILED, READY
+    from ..predictor.model import read_meta
+    from .workloads import LocalRollout, LocalWorkloads
 
     meta = read_meta(model_dir)
     cur = serving["serving"]
