@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.fixtures.servers",
     "tests.fixtures.services",
     "tests.fixtures.search",
+    "tests.fixtures.operators",
 ]
 
 

@@ -139,7 +139,7 @@ def test_the_default_model_values_name_the_model_inside_the_image():
 
 def test_the_rollout_defaults_are_the_crds(rendered):
     """The chart writes every rollout setting; by default they are the CRD's own defaults (the
-    operator's typed spec has the schema's defaults, tests/operator/test_crd.py)."""
+    operator's typed spec has the schema's defaults, tests/operators/test_crd.py)."""
     spec = one(rendered["minimal"], "SearchIndex")["spec"]
     assert set(spec["rollout"]) == {"requireApproval", "retentionSeconds", "maxRetries", "deployTimeoutSeconds",
                                     "backfill", "gate"}
@@ -442,9 +442,9 @@ def test_the_operators_consumers_are_scraped(rendered):
 
 @pytest.fixture
 def kmock_cluster(tmp_path):
-    """tests/operator's stand-in cluster (kmock over HTTP and the test kubelet) in the chart's
+    """tests/operators's stand-in cluster (kmock over HTTP and the test kubelet) in the chart's
     namespace, serving SearchIndexes only once their CRD is applied."""
-    from tests.operator.cluster import Cluster
+    from tests.fixtures.cluster import Cluster
     c = Cluster(tmp_path / "cluster", namespace=NAMESPACE, searchindex_crd=False)
     try:
         yield c
@@ -455,8 +455,8 @@ def kmock_cluster(tmp_path):
 @pytest.mark.slow
 def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, kmock_cluster, broker,
                                                              milvus_server_uri):
-    from tests.ingest.catalog import publish
-    from tests.operator.conftest import catalog_files, unique, upsert_record
+    from tests.fixtures.catalog import publish
+    from tests.fixtures.operators import catalog_files, unique, upsert_record
     from vsearch.local import services
 
     cluster = kmock_cluster

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.ingest.catalog import (
+from tests.fixtures.catalog import (
     build_scenario,
     committed,
     metric,

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from tests.ingest.catalog import committed, read_topic
+from tests.fixtures.catalog import committed, read_topic
 from vsearch.core.fetch import FetchConfig, Fetcher
 from vsearch.core.kafka import ensure_topics
 from vsearch.core.store import MilvusStore
@@ -194,7 +194,7 @@ def test_a_rebalance_mid_batch_with_two_consumers_loses_and_resurrects_nothing(
     exactly the newest event per id, deletes included."""
     import logging
 
-    from tests.ingest.catalog import build_scenario, milvus_state, publish
+    from tests.fixtures.catalog import build_scenario, milvus_state, publish
     from vsearch.predictor.model import Embedder
 
     caplog.set_level(logging.INFO, logger="vsearch.ingest.consumer")

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from tests.ingest.catalog import read_topic
+from tests.fixtures.catalog import read_topic
 from vsearch.cli import main
 from vsearch.ingest.events import decode
 

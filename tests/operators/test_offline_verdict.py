@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.operator.conftest import model_copy
+from tests.fixtures.operators import model_copy
 from vsearch.local.services import start_embedder
 from vsearch.operators.gate import VersionPath, run_gate
 from vsearch.operators.spec import Gate

@@ -5,9 +5,9 @@ object (which kmock, unlike an API server, accepts) is reported, never acted on.
 
 from __future__ import annotations
 
-from tests.ingest.catalog import publish
-from tests.operator.cluster import searchindex
-from tests.operator.conftest import catalog_files, golden_csv, model_copy, unique, upsert_record
+from tests.fixtures.catalog import publish
+from tests.fixtures.cluster import searchindex
+from tests.fixtures.operators import catalog_files, golden_csv, model_copy, unique, upsert_record
 from vsearch.core.store import MilvusStore
 from vsearch.predictor.model import default_model_dir
 

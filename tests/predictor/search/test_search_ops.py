@@ -125,7 +125,7 @@ def test_a_click_is_accepted_by_any_replica_that_shares_the_secret(search_catalo
                                                                    milvus_server_uri, broker, tmp_path):
     """Two replicas behind one Service keep no memory of searches: replica B logs the click on a
     search replica A answered, from the signed token; a replica with another secret refuses it."""
-    from tests.search.test_search_e2e import wait_for_events
+    from tests.predictor.search.test_search_e2e import wait_for_events
 
     def replica(name, secret):
         return start_search_server(milvus_uri=milvus_server_uri, alias=search_catalog.alias,

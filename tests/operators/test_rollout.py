@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 
-from tests.ingest.catalog import publish
-from tests.operator.cluster import searchindex
-from tests.operator.conftest import SearchLoop, catalog_files, delete_record, unique, upsert_record
+from tests.fixtures.catalog import publish
+from tests.fixtures.cluster import searchindex
+from tests.fixtures.operators import SearchLoop, catalog_files, delete_record, unique, upsert_record
 from vsearch.core.store import MilvusStore
 from vsearch.local import services
 from vsearch.operators.kafka_groups import KafkaGroups
