@@ -172,8 +172,8 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- $e := .Values.embedder -}}
 {{- $res := deepCopy $e.resources -}}
 {{- if $e.gpu.enabled -}}
-{{- $_ := set $res.limits $e.gpu.resourceName ($e.gpu.count | toString) -}}
-{{- $_ := set $res.requests $e.gpu.resourceName ($e.gpu.count | toString) -}}
+{{- $_ := set $res.limits $e.gpu.resourceName ($e.gpu.count | int64 | toString) -}}
+{{- $_ := set $res.requests $e.gpu.resourceName ($e.gpu.count | int64 | toString) -}}
 {{- end -}}
 {{- toYaml $res -}}
 {{- end -}}
@@ -181,10 +181,10 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{/* The embedder's variables that neither mode sets on its command line. */}}
 {{- define "vsearch.embedderTuningEnv" -}}
 - name: VSEARCH_EMBEDDER_BATCH_SIZE
-  value: {{ .Values.embedder.batchSize | quote }}
+  value: {{ .Values.embedder.batchSize | int64 | quote }}
 {{- if .Values.embedder.threads }}
 - name: VSEARCH_EMBEDDER_THREADS
-  value: {{ .Values.embedder.threads | quote }}
+  value: {{ .Values.embedder.threads | int64 | quote }}
 {{- end }}
 - name: VSEARCH_EMBEDDER_DEVICE
   value: {{ ternary "cuda" "cpu" .Values.embedder.gpu.enabled }}
@@ -195,13 +195,13 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 - name: VSEARCH_INGEST_DLQ_TOPIC
   value: {{ include "vsearch.dlqTopic" . | quote }}
 - name: VSEARCH_INGEST_PARTITIONS
-  value: {{ .Values.kafka.topics.catalog.partitions | quote }}
+  value: {{ .Values.kafka.topics.catalog.partitions | int64 | quote }}
 - name: VSEARCH_INGEST_BATCH_MS
-  value: {{ .Values.ingest.batchMs | quote }}
+  value: {{ .Values.ingest.batchMs | int64 | quote }}
 - name: VSEARCH_INGEST_FETCH_WORKERS
-  value: {{ .Values.ingest.fetchWorkers | quote }}
+  value: {{ .Values.ingest.fetchWorkers | int64 | quote }}
 - name: VSEARCH_INGEST_STOP_GRACE_S
-  value: {{ .Values.ingest.stopGraceSeconds | quote }}
+  value: {{ .Values.ingest.stopGraceSeconds | int64 | quote }}
 {{- end -}}
 
 {{/* The Milvus settings every component shares (shared variables, no component prefix). */}}
@@ -209,7 +209,7 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 - name: VSEARCH_MILVUS_URI
   value: {{ include "vsearch.milvusUri" . | quote }}
 - name: VSEARCH_MILVUS_TIMEOUT
-  value: {{ .Values.milvus.timeout | quote }}
+  value: {{ .Values.milvus.timeout | int64 | quote }}
 {{- with .Values.milvus.auth.existingSecret }}
 - name: VSEARCH_MILVUS_TOKEN
   valueFrom:
