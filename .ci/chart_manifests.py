@@ -69,7 +69,14 @@ def render(helm: str, values: Path) -> list[dict]:
                          capture_output=True, text=True, timeout=120)
     if res.returncode:
         raise SystemExit(f"helm template with {values} failed:\n{res.stderr}")
-    return [normalise(d) for d in yaml.safe_load_all(res.stdout) if d]
+    objs = [normalise(d) for d in yaml.safe_load_all(res.stdout) if d]
+    secrets = [o["metadata"]["name"] for o in objs if o["kind"] == "Secret"]
+    if secrets:
+        # The chart makes the search API key when none is named; a committed manifest must not
+        # carry one (nor a new random key on every run).
+        raise SystemExit(f"{values} renders the Secret(s) {secrets}: name existing Secrets instead "
+                         "(search.apiKey.existingSecret)")
+    return objs
 
 
 def file_name(obj: dict) -> str:

@@ -292,3 +292,24 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* Security defaults ------------------------------------------------------------------------ */}}
+
+{{/* The Secret holding the search API key: search.apiKey.existingSecret, else (with
+     search.apiKey.required) the one the chart creates (templates/search-apikey-secret.yaml);
+     empty: no key. */}}
+{{- define "vsearch.apiKeySecret" -}}
+{{- if .Values.search.apiKey.existingSecret -}}
+{{- .Values.search.apiKey.existingSecret -}}
+{{- else if .Values.search.apiKey.required -}}
+{{- printf "%s-api-key" (include "vsearch.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secrets the operator may read (operator.allowedSecrets and the Milvus token's), sorted,
+     comma-separated; empty: none. */}}
+{{- define "vsearch.operatorSecrets" -}}
+{{- $names := .Values.operator.allowedSecrets | default list -}}
+{{- with .Values.milvus.auth.existingSecret }}{{ $names = append $names . }}{{ end -}}
+{{- join "," ($names | uniq | sortAlpha) -}}
+{{- end -}}
