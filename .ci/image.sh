@@ -9,7 +9,8 @@
 #           mmdebstrap from this machine's apt sources, imported as localhost/vsearch-base:bookworm
 #   wheels  every Python package the image needs, as wheels, into build/image/wheels-<variant>/
 #           (CPU torch==2.13.0 from this machine's disk; the CUDA build from the package registry)
-#   build   podman build (runtime runc, no network in the build: pip install --no-index)
+#   build   podman build (runtime runc, no network in the build: BASE and WHEELS given, so the
+#           Dockerfile installs from the wheels with pip --no-index and needs no apt)
 #   save    podman save --format oci-archive -> build/image/vsearch-<version>-<variant>.oci.tar
 #   smoke   podman run of the archive: `vsearch --help`, the serve/ingest/operator help, the default model,
 #           a non-root user, on a read-only root filesystem with every capability dropped
@@ -99,6 +100,7 @@ wheels() {
 build() {
   podman build --quiet --runtime runc --network=none \
     --build-arg BASE="$BASE_IMAGE" --build-arg TORCH_VARIANT="$VARIANT" --build-arg VERSION="$VERSION" \
+    --build-arg WHEELS="$OUT/wheels-$VARIANT" \
     -f Dockerfile -t "$IMAGE" . >/dev/null
 }
 
@@ -121,6 +123,7 @@ smoke() {
     vsearch ingest --help >/dev/null
     vsearch operator --help >/dev/null
     vsearch delete-index --help >/dev/null
+    test -s /usr/share/doc/vsearch/LICENSE
     vsearch model info /opt/vsearch/models/default | grep "\"name\": \"vsearch-default\"" >/dev/null
     python -c "import sys, torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); sys.exit(\"$1\" == \"cuda\" and torch.version.cuda is None)"
     ! command -v pip >/dev/null && ! command -v gcc >/dev/null && ! command -v cc >/dev/null
