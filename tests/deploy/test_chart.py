@@ -134,6 +134,14 @@ def test_operator_profiles_set_no_value_the_operator_ignores():
         assert not wrong, f"ci/{profile}-values.yaml sets {wrong}, which the operator ignores"
 
 
+def test_the_default_milvus_is_the_version_the_store_layer_runs_against():
+    """The chart's Milvus image is the server version the suite's Milvus tests start (the `milvus`
+    package of the test extra), not one never run here."""
+    pin = re.search(r'"milvus==([0-9.]+)"', (REPO / "pyproject.toml").read_text())[1]
+    image = yaml.safe_load((CHART / "values.yaml").read_text())["milvus"]["cluster"]["image"]
+    assert image == f"milvusdb/milvus:v{pin}", image
+
+
 def test_operator_and_searchindex_are_on_by_default():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["operator"]["enabled"] is True and values["searchIndex"]["create"] is True
