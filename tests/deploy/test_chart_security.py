@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
+import sys
 
 import pytest
 import yaml
 
 from tests.deploy import k8s
-from tests.deploy.k8s import CHART, NAMESPACE, profile_file
+from tests.deploy.k8s import CHART, NAMESPACE, REPO, profile_file
 from tests.deploy.test_chart_operator import operator_bodies
 
 
@@ -56,12 +59,73 @@ def test_without_a_secret_the_chart_generates_the_key(tools):
     assert again != key
 
 
-def test_upgrades_keep_the_generated_key():
-    """On a cluster the template reads its Secret back with `lookup` and keeps the key (helm
-    template cannot show it: lookup answers nothing without a cluster, and none was run here)."""
-    text = (CHART / "templates" / "search-apikey-secret.yaml").read_text()
-    assert 'lookup "v1" "Secret" .Release.Namespace $name' in text
-    assert "index $existing.data $key" in text
+# kmock as helm's `--dry-run=server` needs it: a Kubernetes version the chart accepts, and the core
+# group's discovery as client-go reads it (kmock answers "/v1" for "v1"; Secrets with their verbs).
+KMOCK_FOR_HELM = """
+import asyncio, sys
+from kmock import ResourceInfo
+from tests.fixtures import kmock_server as ks
+class ForHelm(ks.FaithfulEmulator):
+    async def _serve_server_version(self, request):
+        return {"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}
+    async def _serve_version(self, request):
+        out = await super()._serve_version(request)
+        out["groupVersion"] = out["groupVersion"].lstrip("/")
+        return out
+ks.FaithfulEmulator = ForHelm
+ks.RESOURCES["v1/secrets"] = ResourceInfo(kind="Secret", singular="secret", namespaced=True, verbs=ks.VERBS)
+asyncio.run(ks.serve(int(sys.argv[1])))
+"""
+
+
+def test_upgrades_keep_the_generated_key(tools, tmp_path):
+    """Helm's `lookup` against an API server (kmock, the suite's in-memory one): with no Secret
+    the chart makes a new key; once the release's Secret exists, a render keeps its key. The
+    chart is reduced to that template and the helpers (kmock serves too few kinds for the rest)."""
+    from tests.fixtures.cluster import KubeAPI
+    from vsearch.local import services
+
+    script = tmp_path / "kmock_for_helm.py"
+    script.write_text(KMOCK_FOR_HELM)
+    port = services.free_port()
+    kmock = services.Service("kmock", [sys.executable, str(script), str(port)], port=port,
+                             env={**os.environ, "PYTHONPATH": str(REPO)},
+                             log_path=tmp_path / "kmock.log").wait_ready(30)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        kubeconfig = tmp_path / "kubeconfig.yaml"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: kmock, cluster: {{server: '{url}'}}}}]\n"
+            "users: [{name: tester, user: {token: test-token}}]\n"
+            f"contexts: [{{name: test, context: {{cluster: kmock, user: tester, namespace: {NAMESPACE}}}}}]\n"
+            "current-context: test\n")
+        chart = tmp_path / "vsearch"
+        shutil.copytree(CHART, chart)
+        for p in (chart / "templates").rglob("*"):
+            if p.is_file() and p.name not in ("_helpers.tpl", "search-apikey-secret.yaml"):
+                p.unlink()
+
+        def rendered_key() -> str:
+            res = k8s.run([tools.helm, "template", "vsearch", chart, "-n", NAMESPACE, "--skip-crds",
+                           "-f", profile_file("minimal"), "--dry-run=server", "--disable-openapi-validation",
+                           "--kubeconfig", kubeconfig])
+            assert res.returncode == 0, res.stderr
+            (secret,) = k8s.load_all(res.stdout)
+            return base64.b64decode(secret["data"]["api-key"]).decode()
+
+        first = rendered_key()
+        assert len(first) == 40 and rendered_key() != first        # no Secret yet: a new key each time
+        kept = "K" * 40
+        KubeAPI(url, NAMESPACE).create("secrets", {
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "vsearch-api-key", "namespace": NAMESPACE,
+                         "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                         "annotations": {"meta.helm.sh/release-name": "vsearch", "meta.helm.sh/release-namespace": NAMESPACE}},
+            "data": {"api-key": base64.b64encode(kept.encode()).decode()}})
+        assert rendered_key() == kept
+    finally:
+        kmock.stop()
 
 
 def test_an_existing_secret_is_used_and_none_generated(tools):
