@@ -282,3 +282,9 @@ def test_turning_the_policies_off_is_said_in_the_notes(tools):
     res = k8s.run([tools.helm, "install", "vsearch", CHART, "-n", NAMESPACE, "--dry-run=client",
                    "-f", profile_file("minimal"), "--set", "networkPolicy.enabled=false"])
     assert "WARNING: networkPolicy.enabled=false" in res.stdout.split("NOTES:", 1)[1]
+
+
+def test_serverless_with_the_policies_is_warned_about(tools):
+    res = k8s.run([tools.helm, "install", "vsearch", CHART, "-n", NAMESPACE, "--dry-run=client",
+                   "-f", profile_file("minimal"), "--set", "search.deploymentMode=Serverless"])
+    assert "WARNING: search.deploymentMode=Serverless with networkPolicy.enabled" in res.stdout.split("NOTES:", 1)[1]
