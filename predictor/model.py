@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import jsonsafe
-from ..core import store as core_store
+from ..core import jsonsafe, naming
 from .preprocess import Box, InvalidImage, Limits, PreprocessConfig, bytes_to_array, stack
 
 METADATA_FILE = "vsearch_model.json"
@@ -79,7 +78,7 @@ class ModelMeta:
     @property
     def model_id(self) -> str:
         """``name__version`` sanitised: the model version written into search events."""
-        return core_store.model_id(self.name, self.version)
+        return naming.model_id(self.name, self.version)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

@@ -29,7 +29,7 @@ from .event_log import EventLog
 from .index import CatalogIndex, CollectionGone, Target
 from .metrics import CLICKS, IMPRESSIONS, LATENCY, SEARCHES
 from .query_store import QueryStore, query_hashes
-from .request import FilterSpec, Query, filter_expr
+from .request import FilterSpec, Query
 from .rerank import Candidate, rerank
 from .settings import SearchSettings
 from .tokens import TokenSigner
@@ -181,11 +181,10 @@ class SearchService:
                       collection: str | None = None) -> list[Candidate]:
         """ANN + re-rank, fetching more candidates while re-ranking leaves fewer than k;
         ``collection``: search that concrete collection (default: the alias)."""
-        expr = filter_expr(spec or {})
         limit = min(self.settings.max_candidates, max(k, int(math.ceil(k * self.settings.overfetch)) + 10))
         while True:
             with LATENCY.labels("ann").time():
-                cands = self.index.search(vector, limit, expr, collection=collection)
+                cands = self.index.search(vector, limit, spec, collection=collection)
             with LATENCY.labels("rerank").time():
                 results = rerank(cands, k, self.settings.dedup_distance)
             if len(results) >= k or len(cands) < limit or limit >= self.settings.max_candidates:
