@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from vsearch.core.kafka import GROUP_SETTINGS, ensure_topics, send_and_confirm
-from vsearch.core.store import MilvusStore, collection_name
+from vsearch.core.naming import collection_name
+from vsearch.core.store import MilvusStore
 from vsearch.ingest.consumer import IngestConsumer, IngestSettings
 from vsearch.ingest.events import encode, encode_key, upsert_event
 from vsearch.local import services

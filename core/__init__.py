@@ -1,5 +1,7 @@
 """The shared core of the platform, below every component: configuration (``config``), the one
-Milvus access layer (``store``), Kafka plumbing (``kafka``), the search-event schema
+Milvus access layer (``store``; its error kinds ``store_errors``, the names of collections and
+model versions ``naming``, the limits of a row ``rows``), the bisect helper that finds what a
+batch call refuses (``bisection``), Kafka plumbing (``kafka``), the search-event schema
 (``search_events``), image files and the one guarded fetcher of image URIs (``images``,
 ``fetch``). It imports nothing from the components above it."""
 

@@ -113,3 +113,20 @@ def add_kafka_flag(flags: Flags, **kwargs) -> None:
     """``--kafka-bootstrap`` (also ``--bootstrap``), shared: ``VSEARCH_KAFKA_BOOTSTRAP``."""
     flags.add("--kafka-bootstrap", "--bootstrap", dest="kafka_bootstrap", shared=True,
               **{"default": "127.0.0.1:9092", "help": "Kafka bootstrap servers HOST:PORT", **kwargs})
+
+
+def add_milvus_flags(flags: Flags) -> None:
+    """The Milvus flags every command that talks to Milvus shares, read by
+    :meth:`vsearch.core.store.MilvusStore.from_args`; their variables have no component:
+    ``VSEARCH_MILVUS_URI``."""
+    flags.add("--milvus-uri", default="./vsearch.db", shared=True,
+              help="Milvus: a file path ending in .db (Milvus Lite) or http://host:port")
+    flags.add("--milvus-token", default="", shared=True, secret=True,
+              help="Milvus token (user:password or an API key), if the server needs one")
+    flags.add("--milvus-timeout", default=10.0, type=float, shared=True, help="seconds per Milvus call")
+    flags.add("--index-type", default="HNSW", shared=True,
+              help="HNSW (Milvus Lite/standalone), DISKANN (cluster), IVF_FLAT or FLAT")
+    flags.add("--index-params", default="", shared=True, help='index build parameters, JSON, e.g. {"M": 16}')
+    flags.add("--search-params", default="", shared=True,
+              help='search parameters, JSON, e.g. {"ef": 64} or {"search_list": 100}')
+    flags.add("--metric", default="COSINE", shared=True, help="COSINE or IP")

@@ -16,24 +16,28 @@ collection that serves. Deleted ids are remembered with their delete time in a s
 collection ``<collection>__tombstones`` so that an out-of-order older upsert cannot bring a
 deleted item back (see :meth:`MilvusStore.versions` and :meth:`MilvusStore.delete`).
 
-Errors, by what the caller should do about them (classified from pymilvus' exception types and
-Milvus' error codes, never from message text): bad input raises ``ValueError`` before any call;
-a server that cannot be reached, times out or sheds load raises :class:`StoreUnavailable` (a
-``ConnectionError``: retry with backoff); a collection or alias that does not exist raises
-:class:`StoreNotFound`; a request Milvus refuses as invalid raises :class:`StoreRefused` (also a
-``ValueError``: sending it again cannot help); anything else raises :class:`StoreError` with the
-server's reason and code.
+Errors, by what the caller should do about them (:mod:`vsearch.core.store_errors`): bad input
+the store checks itself raises a plain ``ValueError`` before any call; a server that cannot be
+reached, times out or sheds load raises :class:`StoreUnavailable` (a ``ConnectionError``:
+retry with backoff); a collection or alias that does not exist raises :class:`StoreNotFound`
+(:meth:`MilvusStore.describe_alias` answers None instead); a request Milvus or pymilvus' own
+checks refuse raises :class:`StoreRefused` (also a ``ValueError``: sending it again cannot
+help); anything else raises :class:`StoreError` with the server's reason and code.
+
+Filters: :func:`filter_expr` writes every boolean expression the platform sends (metadata
+matches, the visibility rule), in the forms all three servers above accept.
 
 Example::
 
     store = MilvusStore("/tmp/vs.db")                       # or "http://127.0.0.1:19530"
-    name = collection_name("resnet18", "3")                 # images__resnet18__3
+    name = collection_name("resnet18", "3")                 # images__resnet18__3 (core.naming)
     store.ensure_collection(name, dim=512)
     store.ensure_alias("images", name)                      # first version serves by default
     store.upsert(name, [{"id": "a", "embedding": vec, "uri": "file:///a.jpg",
                          "metadata": {"label": "cat"}, "visibility": "public",
                          "updated_at": 1700000000000}])
-    hits = store.search("images", [vec], k=10, filter='visibility == "public"')
+    hits = store.search("images", [vec], k=10, filter=filter_expr({"label": ["cat", "dog"]},
+                                                                 visible_only=True))
 """
 
 from __future__ import annotations
@@ -43,26 +47,18 @@ import json
 import logging
 import re
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .jsonsafe import json_object
+from .naming import DEFAULT_ALIAS, TOMBSTONE_SUFFIX, model_id
+from .rows import MAX_ID_BYTES, MAX_URI_BYTES, VISIBILITIES, check_id, check_metadata
+from .store_errors import NOT_LOADED, StoreError, StoreNotFound, StoreUnavailable, classify, error_code
 
 log = logging.getLogger(__name__)
 
 
-DEFAULT_ALIAS = "images"
-COLLECTION_PREFIX = "images"
-TOMBSTONE_SUFFIX = "__tombstones"
-VISIBILITIES = ("public", "private")
-# Limits of a row (the VARCHAR lengths of the schema, Milvus' JSON field size); the catalog
-# event schema validates against the same numbers.
-MAX_ID_BYTES = 512
-MAX_URI_BYTES = 4096
-MAX_METADATA_BYTES = 65_536
-MAX_METADATA_DEPTH = 32              # nesting of objects and lists inside metadata
-INT64 = (-2**63, 2**63 - 1)
 FIELDS = ("id", "embedding", "uri", "metadata", "visibility", "updated_at")
 DEFAULT_OUTPUT_FIELDS = ("uri", "metadata", "visibility")
 MODEL_RECORD_KEY = "vsearch.model"     # collection property holding the model that built it
@@ -79,114 +75,13 @@ INDEX_DEFAULTS: dict[str, tuple[dict, dict]] = {
     "AUTOINDEX": ({}, {}),
 }
 # pymilvus pings every 10 s even on idle connections; gRPC servers with default settings
-# (``milvus-lite server`` among them) answer that with GOAWAY "too_many_pings" and the next call
-# fails. Ping only while calls are in flight, and rarely.
-# gRPC servers refuse pings closer than 5 minutes apart by default and answer a client that
-# pings more often with GOAWAY "too many pings", which breaks a long-lived idle channel.
+# (``milvus-lite server`` among them) refuse pings closer than 5 minutes apart and answer with
+# GOAWAY "too_many_pings", after which the next call fails. Ping only while calls are in
+# flight, and rarely.
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 360_000, "grpc.keepalive_timeout_ms": 20_000,
                 "grpc.keepalive_permit_without_calls": 0}
 # Search parameter that must be at least k for the index type.
 _K_BOUND = {"HNSW": "ef", "DISKANN": "search_list"}
-
-
-class StoreError(RuntimeError):
-    """A Milvus call failed; the message carries the server's reason, ``code`` its error code."""
-
-    def __init__(self, message: str, code=None):
-        super().__init__(message)
-        self.code = code
-
-
-class StoreUnavailable(StoreError, ConnectionError):
-    """Milvus could not be reached, did not answer in time or sheds load: retry with backoff."""
-
-
-class StoreNotFound(StoreError):
-    """The collection or alias does not exist."""
-
-
-class StoreRefused(StoreError, ValueError):
-    """Milvus refused the request itself as invalid: sending it again cannot help."""
-
-
-# Milvus' error codes (milvus pkg/util/merr; Milvus Lite uses the older common.ErrorCode
-# numbers for some) and what they mean to a caller.
-_NOT_FOUND = {100, 1600}                       # collection not found, alias not found
-_NOT_LOADED = 101                              # collection not loaded (a restarted server)
-_UNAVAILABLE = {2, 3, 4, 8, 9}                 # unavailable, memory/request/rate limit, quota
-_REFUSED = {5, 6, 7, 1100, 1101, 1102, 1700,   # illegal argument/dimension/index type, invalid,
-            65535}                             # missing or too large parameter, field not found;
-# 65535 (merr's "undefined") is what a Milvus 2.3 server answers for request errors: an
-# expression it cannot parse, an unknown field, a query window over 16,384 rows. Its outages
-# come as gRPC UNAVAILABLE or the codes above.
-
-
-def _grpc_kind(code) -> type[StoreError] | None:
-    import grpc
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED):
-        return StoreUnavailable
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED,
-                grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION):
-        return StoreRefused
-    if code == grpc.StatusCode.NOT_FOUND:
-        return StoreNotFound
-    return None
-
-
-def classify(exc: BaseException) -> type[StoreError]:
-    """The :class:`StoreError` kind of an exception raised by pymilvus or gRPC."""
-    import grpc
-    from pymilvus import exceptions as px
-
-    if isinstance(exc, StoreError):
-        return type(exc)
-    if isinstance(exc, grpc.RpcError):
-        return _grpc_kind(exc.code()) or StoreError
-    if isinstance(exc, (px.ConnectError, px.MilvusUnavailableException)):
-        return StoreUnavailable
-    if isinstance(exc, (px.ParamError, px.DataNotMatchException, px.DataTypeNotMatchException,
-                        px.DataTypeNotSupportException, px.PrimaryKeyException,
-                        px.FieldsTypeException, px.FieldTypeException)):
-        return StoreRefused                    # pymilvus' own checks, before anything was sent
-    if isinstance(exc, px.MilvusException):
-        code = exc.code
-        if not isinstance(code, int):           # a gRPC status code after pymilvus' retries
-            return _grpc_kind(code) or StoreError
-        if code in _NOT_FOUND:
-            return StoreNotFound
-        if code in _UNAVAILABLE:
-            return StoreUnavailable
-        if code in _REFUSED:
-            return StoreRefused
-        return StoreError
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return StoreUnavailable
-    if isinstance(exc, (ValueError, TypeError)):
-        return StoreRefused
-    return StoreError
-
-
-def _code(exc: BaseException):
-    code = getattr(exc, "code", None)
-    return code() if callable(code) else code
-
-
-def sanitise(text: str) -> str:
-    """Letters, digits and underscores, starting with a letter (Milvus naming rules)."""
-    s = re.sub(r"[^0-9a-zA-Z_]", "_", str(text)).lower()
-    return s if s[:1].isalpha() else "m_" + s
-
-
-def collection_name(model_name: str, version: str | int, prefix: str = COLLECTION_PREFIX) -> str:
-    """``images__<model>__<version>``, sanitised: ``("ResNet-18", "1.2")`` -> ``images__resnet_18__1_2``."""
-    if not str(model_name).strip() or not str(version).strip():
-        raise ValueError("collection_name needs a non-empty model name and version")
-    name = f"{prefix}__{sanitise(model_name)}__{re.sub(r'[^0-9a-zA-Z_]', '_', str(version)).lower()}"
-    if len(name) > 255 - len(TOMBSTONE_SUFFIX):
-        raise ValueError(f"collection name too long ({len(name)} chars): {name[:80]}...")
-    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,20 +130,34 @@ class IndexConfig:
         return params
 
 
-def add_milvus_flags(flags) -> None:
-    """The Milvus flags every command that talks to Milvus shares (``flags`` is a
-    :class:`vsearch.core.config.Flags`); their variables have no component: ``VSEARCH_MILVUS_URI``."""
-    flags.add("--milvus-uri", default="./vsearch.db", shared=True,
-              help="Milvus: a file path ending in .db (Milvus Lite) or http://host:port")
-    flags.add("--milvus-token", default="", shared=True, secret=True,
-              help="Milvus token (user:password or an API key), if the server needs one")
-    flags.add("--milvus-timeout", default=10.0, type=float, shared=True, help="seconds per Milvus call")
-    flags.add("--index-type", default="HNSW", shared=True,
-              help="HNSW (Milvus Lite/standalone), DISKANN (cluster), IVF_FLAT or FLAT")
-    flags.add("--index-params", default="", shared=True, help='index build parameters, JSON, e.g. {"M": 16}')
-    flags.add("--search-params", default="", shared=True,
-              help='search parameters, JSON, e.g. {"ef": 64} or {"search_list": 100}')
-    flags.add("--metric", default="COSINE", shared=True, help="COSINE or IP")
+def _literal(value) -> str:
+    """A value as a Milvus expression literal: JSON quoting (so no injection), but non-ASCII
+    text as itself: Milvus' expression parser knows ``\\"`` and ``\\\\`` but not ``\\uXXXX``."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def filter_expr(match: Mapping[str, Sequence] | None = None, *, visible_only: bool = False) -> str:
+    """The boolean expression of a search, scan or count: every key of ``match`` (a metadata
+    key) equals one of its values (strings or numbers), and with ``visible_only`` the row is
+    not private. ``""`` matches everything. Values are JSON-quoted (no injection). Several
+    values of one key become ``==`` comparisons joined by ``or``: Milvus Lite (file and
+    server) refuses ``in [...]`` on a JSON field ("left side of 'in' must be a field"),
+    the 2.3 server takes either.
+
+    >>> filter_expr({"label": ["cat", "dog"]}, visible_only=True)
+    '(metadata["label"] == "cat" or metadata["label"] == "dog") and visibility != "private"'
+    """
+    parts = []
+    for key, values in (match or {}).items():
+        values = [values] if isinstance(values, (str, int, float)) else list(values)
+        if not values:
+            raise ValueError(f"filter on metadata key {key!r} needs at least one value")
+        lhs = f"metadata[{_literal(key)}]"
+        alternatives = [f"{lhs} == {_literal(v)}" for v in values]
+        parts.append(alternatives[0] if len(alternatives) == 1 else f"({' or '.join(alternatives)})")
+    if visible_only:
+        parts.append('visibility != "private"')
+    return " and ".join(parts)
 
 
 class MilvusStore:
@@ -283,7 +192,7 @@ class MilvusStore:
 
     @classmethod
     def from_args(cls, args) -> "MilvusStore":
-        """From the flags of :func:`add_milvus_flags`."""
+        """From the flags of :func:`vsearch.core.config.add_milvus_flags`."""
         return cls(args.milvus_uri, token=args.milvus_token, timeout=args.milvus_timeout,
                    index=IndexConfig.from_args(args))
 
@@ -310,8 +219,8 @@ class MilvusStore:
     def _wrap(self, op: str, exc: BaseException) -> StoreError:
         kind = classify(exc)
         if kind is StoreUnavailable:
-            return StoreUnavailable(f"Milvus at {self.uri} unavailable during {op}: {exc}", _code(exc))
-        return kind(f"Milvus {op} failed: {exc}", _code(exc))
+            return StoreUnavailable(f"Milvus at {self.uri} unavailable during {op}: {exc}", error_code(exc))
+        return kind(f"Milvus {op} failed: {exc}", error_code(exc))
 
     def _call(self, op: str, method: str, *args, timeout: float | None = None, **kwargs):
         client = self.client
@@ -324,7 +233,7 @@ class MilvusStore:
                     continue
                 # A restarted server (Milvus Lite among them) comes back with its collections
                 # released: load the collection once and try again.
-                if attempt == 0 and args and isinstance(args[0], str) and _code(exc) == _NOT_LOADED:
+                if attempt == 0 and args and isinstance(args[0], str) and error_code(exc) == NOT_LOADED:
                     log.info("Milvus collection %s is not loaded (server restarted?): loading it", args[0])
                     try:
                         client.load_collection(args[0], timeout=timeout or self.timeout)
@@ -727,11 +636,6 @@ class MilvusStore:
         return out
 
 
-def model_id(model: str, version: str) -> str:
-    """``name__version`` sanitised: the model version named in search answers and events."""
-    return sanitise(f"{model}__{version}")
-
-
 def parse_model_record(text: str) -> dict | None:
     """The model record (JSON) written by :meth:`MilvusStore.ensure_model_collection`."""
     if not text:
@@ -753,82 +657,6 @@ def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"{name!r} is not a valid Milvus collection/alias name "
                          "(letters, digits, underscores; starts with a letter or underscore)")
-
-
-def _bad_char(text: str) -> str | None:
-    """The first control character (C0, DEL, C1) or lone surrogate of ``text``, if any."""
-    for c in text:
-        o = ord(c)
-        if o < 0x20 or 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF:
-            return c
-    return None
-
-
-def check_id(i) -> str:
-    """An id a row can carry (the catalog event schema uses the same check); ``ValueError``
-    with the reason otherwise: a non-empty string of at most :data:`MAX_ID_BYTES` UTF-8
-    bytes, without control characters or lone surrogates (Milvus' expression parser cannot
-    read a newline in a key, UTF-8 cannot carry a surrogate) and without quotes or
-    backslashes (pymilvus quotes string keys with single quotes and no escaping)."""
-    if not isinstance(i, str) or not i.strip():
-        raise ValueError(f"id must be a non-empty string, got {_brief(i)}")
-    bad = _bad_char(i)
-    if bad is not None:
-        raise ValueError(f"id {_brief(i)} contains U+{ord(bad):04X} (a control character or a lone "
-                         "surrogate), which Milvus key lookups cannot carry")
-    if len(i.encode()) > MAX_ID_BYTES:
-        raise ValueError(f"id longer than {MAX_ID_BYTES} bytes: {i[:60]!r}...")
-    if "'" in i or "\\" in i:
-        raise ValueError(f"id {i[:80]!r} contains a quote or a backslash, which Milvus key lookups cannot carry")
-    return i
-
-
-def _brief(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def check_metadata(meta) -> dict:
-    """Metadata a row can carry: a JSON object of at most :data:`MAX_METADATA_BYTES` (UTF-8)
-    and :data:`MAX_METADATA_DEPTH` levels, whose integers fit in int64, whose numbers are
-    finite and whose text (keys and values) is valid Unicode: what Milvus' JSON field
-    stores. Checked without recursion, so any depth gets its reason."""
-    meta = {} if meta is None else meta
-    if not isinstance(meta, dict):
-        raise ValueError(f"metadata must be a JSON object, got {type(meta).__name__}")
-    stack = [(meta, 1, "metadata")]
-    while stack:
-        value, depth, where = stack.pop()
-        if isinstance(value, dict):
-            if depth > MAX_METADATA_DEPTH:
-                raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels (at {where[:80]})")
-            for k, v in value.items():
-                if not isinstance(k, str):
-                    raise ValueError(f"metadata keys must be strings, got {type(k).__name__} at {where[:80]}")
-                if any(0xD800 <= ord(c) <= 0xDFFF for c in k):
-                    raise ValueError(f"metadata key at {where[:80]} contains a lone surrogate (not valid Unicode)")
-                stack.append((v, depth + 1, f"{where}.{k[:40]}"))
-        elif isinstance(value, (list, tuple)):
-            if depth > MAX_METADATA_DEPTH:
-                raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels (at {where[:80]})")
-            stack.extend((v, depth + 1, f"{where}[{n}]") for n, v in enumerate(value))
-        elif isinstance(value, bool) or value is None:
-            continue
-        elif isinstance(value, (int, np.integer)):
-            if not INT64[0] <= int(value) <= INT64[1]:
-                raise ValueError(f"{where[:80]}: integer {str(value)[:30]} does not fit in 64 bits")
-        elif isinstance(value, (float, np.floating)):
-            if not np.isfinite(value):
-                raise ValueError(f"{where[:80]}: numbers must be finite, got {value}")
-        elif isinstance(value, str):
-            if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
-                raise ValueError(f"{where[:80]}: text contains a lone surrogate (not valid Unicode)")
-        else:
-            raise ValueError(f"{where[:80]}: {type(value).__name__} is not a JSON value")
-    size = len(json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode())
-    if size > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata is {size} bytes, the limit is {MAX_METADATA_BYTES}")
-    return meta
 
 
 def _check_fields(fields: Sequence[str]) -> list[str]:

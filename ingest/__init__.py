@@ -1,5 +1,7 @@
 """Catalog ingest: the catalog event schema (``events``), the Kafka consumer that keeps one
-Milvus collection equal to the catalog topic (``consumer``) and ``vsearch publish``."""
+Milvus collection equal to the catalog topic (the loop ``consumer``; ``batch`` plans a batch,
+``deadletter`` writes the dead-letter records, ``retry`` waits out outages, ``kafka_internals``
+guards the kafka-python internals of rebalances, ``metrics``) and ``vsearch publish``."""
 
 # This folder is the package vsearch.ingest (vsearch/ingest links here). Imported under any other name
 # (`import ingest` from the checkout's root) it would be a second copy whose classes differ.

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..core.config import Flags, add_kafka_flag, csv_list
-from ..core.store import add_milvus_flags
+from ..core.config import Flags, add_kafka_flag, add_milvus_flags, csv_list
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,8 @@ def _publish(args) -> int:
 
 def _ingest(args) -> int:
     from ..core.fetch import FetchConfig, Fetcher, parse_networks
-    from ..core.store import MilvusStore, collection_name
+    from ..core.naming import collection_name
+    from ..core.store import MilvusStore
     from ..predictor.model import set_torch_threads
     from ..predictor.preprocess import Limits, set_decoder_pixel_limit
     from .consumer import IngestConsumer, IngestSettings

@@ -11,7 +11,7 @@ A record whose value is null (a Kafka tombstone) is a delete of its key at the r
 timestamp. For each id the event with the highest ``ts`` wins (ties: the later one in the
 log); an event older than what is stored for its id is ignored. Anything else that is wrong
 raises :class:`BadEvent` with the reason, and the consumer dead-letters the record. Ids and
-metadata are held to the limits of the Milvus store (:func:`vsearch.core.store.check_id`).
+metadata are held to the limits of the Milvus store (:mod:`vsearch.core.rows`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ..core.fetch import FetchError, check_uri_text
-from ..core.store import MAX_URI_BYTES, check_id, check_metadata
+from ..core.rows import MAX_URI_BYTES, VISIBILITIES, check_id, check_metadata
 
 SCHEMA = 1
 TOPIC = "catalog.images"
 OPS = ("upsert", "delete")
-VISIBILITIES = ("public", "private")
 URI_SCHEMES = ("file://", "http://", "https://")
 MAX_INLINE_BYTES = 20 * 1024 * 1024
 

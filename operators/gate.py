@@ -26,10 +26,12 @@ import math
 import random
 import time
 
+from ..core.store import filter_expr
+
 log = logging.getLogger(__name__)
 
 K = 10
-VISIBLE = 'visibility != "private"'
+VISIBLE = filter_expr(visible_only=True)
 
 
 @dataclasses.dataclass

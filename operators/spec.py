@@ -161,7 +161,7 @@ class VersionRef:
 
     @classmethod
     def of(cls, index: str, namespace: str, model: ModelRef) -> "VersionRef":
-        from ..core.store import collection_name
+        from ..core.naming import collection_name
         coll = collection_name(model.name, model.version)
         return cls(index=index, namespace=namespace, model=model.name, version=model.version, uri=model.uri,
                    collection=coll, group=f"ingest-{namespace}-{index}-{coll}")

@@ -1,6 +1,6 @@
-"""Client of the embedder's V2 endpoint with the same interface as
-:class:`vsearch.predictor.model.Embedder` (``dim``, ``embed_bytes``), so the consumer and the search
-service embed in process or over HTTP with the same code."""
+"""Client of the embedder's V2 endpoint: the remote
+:class:`~vsearch.predictor.embedding.ImageEmbedder`, so the consumer and the search service
+embed in process or over HTTP with the same code."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import requests
 
+from .embedding import embed_isolated
 from .preprocess import Box, InvalidImage
 
 
@@ -33,6 +34,10 @@ class EmbedderClient:
             self._session.headers["X-API-Key"] = api_key
         self._dim: int | None = None
         self._version: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.url
 
     @property
     def infer_url(self) -> str:
@@ -78,6 +83,16 @@ class EmbedderClient:
     @property
     def version(self) -> str | None:
         return self._version
+
+    @property
+    def model_id(self) -> str:
+        """``<served name>__<version>`` once the endpoint answered with a version, else the name."""
+        return f"{self.model_name}__{self._version}" if self._version else self.model_name
+
+    def embed_each(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:
+        """Each image's vector, or the :class:`InvalidImage` saying why it has none (the
+        requests the embedder refuses are split until each refusal is one image's)."""
+        return embed_isolated(lambda idx: self.embed_bytes([blobs[i] for i in idx]), list(range(len(blobs))))
 
     def embed_bytes(self, blobs: Sequence[bytes], crops: Sequence[Box | None] | None = None
                     ) -> np.ndarray:

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import jsonsafe
-from ..core import store as core_store
+from ..core import jsonsafe, naming
+from .embedding import embed_isolated
 from .preprocess import Box, InvalidImage, Limits, PreprocessConfig, bytes_to_array, stack
 
 METADATA_FILE = "vsearch_model.json"
@@ -79,7 +79,7 @@ class ModelMeta:
     @property
     def model_id(self) -> str:
         """``name__version`` sanitised: the model version written into search events."""
-        return core_store.model_id(self.name, self.version)
+        return naming.model_id(self.name, self.version)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -430,10 +430,13 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 class Embedder:
-    """Images -> float32, L2-normalised embeddings, one row per image.
+    """Images -> float32, L2-normalised embeddings, one row per image: the in-process
+    :class:`~vsearch.predictor.embedding.ImageEmbedder`.
 
     Decoding and resizing run on a small thread pool (PIL releases the GIL), the forward pass
     under ``torch.inference_mode`` in batches of at most ``batch_size``."""
+
+    endpoint = None                          # the model runs in this process
 
     def __init__(self, model_dir: str | os.PathLike, *, device: str | None = None,
                  batch_size: int = 32, limits: Limits = Limits(), decode_workers: int | None = None,
@@ -505,6 +508,29 @@ class Embedder:
     def embed_bytes(self, blobs: Sequence[bytes], crops: Sequence[Box | None] | None = None
                     ) -> np.ndarray:
         return self.embed_arrays(self.preprocess_bytes(blobs, crops))
+
+    def embed_each(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:
+        """Each image's vector, or the :class:`InvalidImage` saying why it has none."""
+        arrays = self.try_preprocess(blobs)
+        ok = [i for i, a in enumerate(arrays) if not isinstance(a, InvalidImage)]
+        out: list = list(arrays)
+        if ok:
+            vectors = embed_isolated(lambda idx: self.embed_arrays(np.stack([arrays[i] for i in idx])), ok)
+            for i, v in zip(ok, vectors):
+                out[i] = v
+        return out
+
+    @property
+    def model_name(self) -> str:
+        return self.meta.name
+
+    @property
+    def version(self) -> str:
+        return self.meta.version
+
+    @property
+    def model_id(self) -> str:
+        return self.meta.model_id
 
     def embed_stream(self, items: Iterable[bytes]) -> Iterator[np.ndarray]:
         """Embed an iterable of image bytes in batches, preprocessing the next batch while the

@@ -34,7 +34,7 @@ event_like = st.fixed_dictionaries(
 @given(key=st.none() | st.binary(max_size=40), value=st.none() | st.binary(max_size=200) | event_like.map(
     lambda e: json.dumps(e).encode()), ts=st.none() | st.integers(0, 2**63 - 1))
 def test_event_decoder_only_raises_bad_event(key, value, ts):
-    from vsearch.core.store import check_id, check_metadata
+    from vsearch.core.rows import check_id, check_metadata
     from vsearch.ingest.events import BadEvent, CatalogEvent, decode
     try:
         ev = decode(key, value, ts)
@@ -124,8 +124,9 @@ def test_binary_extension_parser_only_raises_invalid_input(head, tail, length):
 @fuzz
 @given(value=json_values)
 def test_filters_parse_to_400s_or_expressions(value):
+    from vsearch.core.store import filter_expr
     from vsearch.predictor.search.errors import BadQuery
-    from vsearch.predictor.search.request import filter_expr, parse_filter
+    from vsearch.predictor.search.request import parse_filter
     try:
         spec = parse_filter({"label": value} if not isinstance(value, dict) else value, ("label", "x"))
     except BadQuery:

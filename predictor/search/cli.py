@@ -8,8 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ...core.config import Flags, add_kafka_flag, csv_list
-from ...core.store import add_milvus_flags
+from ...core.config import Flags, add_kafka_flag, add_milvus_flags, csv_list
 
 
 def register_serve(serve_sub) -> None:

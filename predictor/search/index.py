@@ -14,15 +14,15 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...core.store import MilvusStore, StoreError, StoreNotFound, StoreRefused, StoreUnavailable
+from ...core.store import MilvusStore, filter_expr
+from ...core.store_errors import StoreError, StoreNotFound, StoreRefused, StoreUnavailable
 from .errors import BadQuery, NotFound, SearchError, Unavailable
 from .rerank import Candidate
 
-VISIBLE = 'visibility != "private"'
 log = logging.getLogger(__name__)
 
 
@@ -78,11 +78,12 @@ class CatalogIndex:
             log.error("Milvus failed (%s): %s", what, str(exc)[:500])
             raise SearchError(f"Milvus failed to {what}") from exc
 
-    def search(self, vector: np.ndarray, limit: int, expr: str = "", *,
+    def search(self, vector: np.ndarray, limit: int, match: Mapping[str, Sequence] | None = None, *,
                collection: str | None = None) -> list[Candidate]:
-        """Top ``limit`` visible rows of ``collection`` (default: the alias). Raises
+        """Top ``limit`` visible rows of ``collection`` (default: the alias) whose metadata
+        matches ``match`` (``{key: [values]}``, any value per key). Raises
         :class:`CollectionGone` when a named collection no longer exists."""
-        flt = f"({expr}) and {VISIBLE}" if expr else VISIBLE
+        flt = filter_expr(match, visible_only=True)
         name = collection or self.alias
 
         def search():

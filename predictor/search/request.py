@@ -3,7 +3,6 @@ instance, KServe V2 inputs), checked field by field into one :class:`Query`."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -52,7 +51,8 @@ def parse_k(value: Any, settings: SearchSettings) -> int:
 
 def parse_filter(value: Any, allowed: Iterable[str]) -> FilterSpec:
     """``{"label": "cat"}`` or ``{"label": ["cat", "dog"], "source": "x"}`` (JSON text or an
-    object): every named metadata field must match one of its values."""
+    object): every named metadata field must match one of its values (the store's
+    :func:`~vsearch.core.store.filter_expr` writes the expression)."""
     try:
         value = json_object(value, 'filter (such as {"label": "cat"})')
     except ValueError as exc:
@@ -79,24 +79,6 @@ def parse_filter(value: Any, allowed: Iterable[str]) -> FilterSpec:
                 raise BadQuery(f"filter field {key!r}: integers must fit in 64 bits")
         out[key] = values
     return out
-
-
-def _literal(value) -> str:
-    """A value as a Milvus expression literal: JSON quoting (so no injection), but non-ASCII
-    text as itself: Milvus' expression parser knows ``\\"`` and ``\\\\`` but not ``\\uXXXX``."""
-    return json.dumps(value, ensure_ascii=False)
-
-
-def filter_expr(spec: FilterSpec, metadata_field: str = "metadata") -> str:
-    """A Milvus boolean expression for a parsed filter (values JSON-quoted: no injection)."""
-    parts = []
-    for key, values in spec.items():
-        lhs = f'{metadata_field}[{_literal(key)}]'
-        if len(values) == 1:
-            parts.append(f"{lhs} == {_literal(values[0])}")
-        else:
-            parts.append(f"{lhs} in [{', '.join(_literal(v) for v in values)}]")
-    return " and ".join(parts)
 
 
 def query_from_fields(fields: Any, settings: SearchSettings, fetch_url: Callable[[str], bytes],

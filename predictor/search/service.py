@@ -23,13 +23,14 @@ from ...core import search_events
 from ...core.fetch import FetchConfig, Fetcher, FetchError
 from ...core.images import web_media_type
 from ..client import EmbedderClient, EmbedderUnavailable
+from ..embedding import ImageEmbedder
 from ..preprocess import Box, InvalidImage
 from .errors import BadQuery, NotFound, TooLarge, Unavailable
 from .event_log import EventLog
 from .index import CatalogIndex, CollectionGone, Target
 from .metrics import CLICKS, IMPRESSIONS, LATENCY, SEARCHES
 from .query_store import QueryStore, query_hashes
-from .request import FilterSpec, Query, filter_expr
+from .request import FilterSpec, Query
 from .rerank import Candidate, rerank
 from .settings import SearchSettings
 from .tokens import TokenSigner
@@ -41,14 +42,14 @@ class SearchService:
     """Embed -> ANN -> re-rank -> results, plus the event log. Synchronous and thread-safe;
     the HTTP layer calls it on worker threads."""
 
-    def __init__(self, embedder, index: CatalogIndex, settings: SearchSettings,
+    def __init__(self, embedder: ImageEmbedder, index: CatalogIndex, settings: SearchSettings,
                  events: EventLog | None = None, *, embedder_name: str = "embedder",
-                 embedder_api_key: str | None = None):
-        self.embedder = embedder
+                 embedder_api_key: str | None = None, embedder_timeout: float = 30.0):
         # In process (a model directory) or remote: then one client per model version's
         # endpoint, as the collection records it (``embedder`` serves collections recording none).
-        self.in_process = getattr(embedder, "meta", None) is not None
+        self.embedder = embedder
         self.embedder_name, self.embedder_api_key = embedder_name, embedder_api_key
+        self.embedder_timeout = embedder_timeout
         self._clients: dict[str, EmbedderClient] = {}
         self._clients_lock = threading.Lock()
         self.index = index
@@ -71,17 +72,14 @@ class SearchService:
         # replica with the same secret turns it into click records.
         self.tokens = TokenSigner(settings.click_secret, settings.click_token_ttl_s)
 
+    @property
+    def in_process(self) -> bool:
+        return self.embedder.endpoint is None
+
     # -- model version: what produced the ranking
     @property
     def model_version(self) -> str:
-        if self.settings.model_version:
-            return self.settings.model_version
-        meta = getattr(self.embedder, "meta", None)
-        if meta is not None:
-            return meta.model_id
-        name = getattr(self.embedder, "model_name", "embedder")
-        version = getattr(self.embedder, "version", None)
-        return f"{name}__{version}" if version else name
+        return self.settings.model_version or self.embedder.model_id
 
     def fetch_url(self, url: str) -> bytes:
         """The query image at ``url`` (URL queries), or a 400/413 saying why not."""
@@ -92,18 +90,18 @@ class SearchService:
             log.info("URL query %r refused: %s", str(url)[:200], exc)
             raise (TooLarge if exc.too_large else BadQuery)(f"url could not be used: {exc.public}") from exc
 
-    def embedder_for(self, target: Target):
+    def embedder_for(self, target: Target) -> ImageEmbedder:
         """The embedder of the model version that built ``target``'s collection, never another
         one. In process: this server's model, and only for a collection built by it (or one
         that records no model). Remote: a client of the endpoint the collection records."""
         rec = target.record
         if self.in_process:
-            meta = self.embedder.meta
-            if rec and (str(rec["model"]), str(rec["version"])) != (str(meta.name), str(meta.version)):
+            name, version = self.embedder.model_name, self.embedder.version
+            if rec and (str(rec["model"]), str(rec["version"])) != (str(name), str(version)):
                 raise Unavailable(
                     f"collection {target.collection!r} behind alias {self.index.alias!r} was built by model "
                     f"{rec['model']} version {rec['version']}, but this server embeds in process with "
-                    f"{meta.name} version {meta.version}: refusing to mix them (serve it with "
+                    f"{name} version {version}: refusing to mix them (serve it with "
                     f"--embedder-url, or --model-dir of that model)")
             return self.embedder
         url = (rec or {}).get("embedder_url") or None
@@ -113,7 +111,7 @@ class SearchService:
             client = self._clients.get(url)
             if client is None:
                 client = self._clients[url] = EmbedderClient(
-                    url, model_name=self.embedder_name, timeout=getattr(self.embedder, "timeout", 30.0),
+                    url, model_name=self.embedder_name, timeout=self.embedder_timeout,
                     api_key=self.embedder_api_key)
         return client
 
@@ -135,7 +133,7 @@ class SearchService:
             raise Unavailable(f"{which} is unreachable; retry later") from exc
         # The endpoint a collection records must still serve the version that built it.
         expected = ((target.record if target is not None else None) or {}).get("served_version")
-        served = None if self.in_process else getattr(embedder, "version", None)
+        served = None if self.in_process else embedder.version
         if expected and served is not None and str(served) != str(expected):
             raise Unavailable(f"the embedder of collection {target.collection!r} now serves model version "
                               f"{served}, not {expected} that built it: refusing to mix them")
@@ -181,11 +179,10 @@ class SearchService:
                       collection: str | None = None) -> list[Candidate]:
         """ANN + re-rank, fetching more candidates while re-ranking leaves fewer than k;
         ``collection``: search that concrete collection (default: the alias)."""
-        expr = filter_expr(spec or {})
         limit = min(self.settings.max_candidates, max(k, int(math.ceil(k * self.settings.overfetch)) + 10))
         while True:
             with LATENCY.labels("ann").time():
-                cands = self.index.search(vector, limit, expr, collection=collection)
+                cands = self.index.search(vector, limit, spec, collection=collection)
             with LATENCY.labels("rerank").time():
                 results = rerank(cands, k, self.settings.dedup_distance)
             if len(results) >= k or len(cands) < limit or limit >= self.settings.max_candidates:

@@ -8,7 +8,9 @@ import uuid
 import numpy as np
 import pytest
 
-from vsearch.core.store import IndexConfig, MilvusStore, StoreNotFound, StoreRefused, StoreUnavailable, collection_name
+from vsearch.core.naming import collection_name
+from vsearch.core.store import IndexConfig, MilvusStore, filter_expr
+from vsearch.core.store_errors import StoreNotFound, StoreRefused, StoreUnavailable
 
 DIM = 8
 
@@ -131,6 +133,34 @@ def test_search_filter_and_alias(store, coll):
         store.drop_alias(alias)
         store.drop_collection(green)
     assert store.describe_alias(alias) is None
+
+
+def test_filters_of_several_values_match_any_of_them_on_every_server(store, coll):
+    """Issue 18: a filter with several values of a key (``{"label": ["a", "b"]}``) was sent as
+    ``in [...]``, which Milvus Lite refuses on a JSON field; the store's one builder writes it
+    in a form all three servers take, text and numbers alike, quotes and non-ASCII included."""
+    rng = np.random.default_rng(7)
+    v = unit(rng, 8)
+    labels = ["cat", "dog", 'say "hi"', "猫", "cat", "dog", "bird", "cat"]
+    store.upsert(coll, [row(i, v[i], vis="private" if i == 7 else "public", label=labels[i], size=i % 3)
+                        for i in range(8)])
+
+    def ids(match, visible_only=True):
+        hits = store.search(coll, v[0], k=20, filter=filter_expr(match, visible_only=visible_only),
+                            consistency="Strong")[0]
+        return sorted(h["id"] for h in hits)
+
+    assert ids({"label": ["cat", "dog"]}) == ["img-0", "img-1", "img-4", "img-5"]      # img-7 is private
+    assert ids({"label": ["cat", "dog"]}, visible_only=False) == ["img-0", "img-1", "img-4", "img-5", "img-7"]
+    assert ids({"label": ['say "hi"', "猫"]}) == ["img-2", "img-3"]
+    assert ids({"label": ["cat"], "size": [1, 2]}) == ["img-4"]
+    assert ids({"size": [0, 2]}) == ["img-0", "img-2", "img-3", "img-5", "img-6"]
+    assert ids({"label": "bird"}) == ["img-6"]
+    assert ids({"label": ["fish", "cow"]}) == []
+    assert store.count(coll, filter=filter_expr({"label": ["cat", "bird"]})) == 4
+    assert filter_expr() == "" and filter_expr(visible_only=True) == 'visibility != "private"'
+    with pytest.raises(ValueError, match="at least one value"):
+        filter_expr({"label": []})
 
 
 def test_scan_returns_every_row(store, coll):

@@ -19,7 +19,8 @@ from tests.fixtures.catalog import (
     start_consumer,
     wait_committed,
 )
-from vsearch.core.store import MilvusStore, collection_name
+from vsearch.core.naming import collection_name
+from vsearch.core.store import MilvusStore
 from vsearch.local import services
 
 

@@ -161,7 +161,7 @@ def test_writes_that_became_stale_are_not_applied(tmp_path, tiny_model_dir, phot
     rebalance) must not overwrite it: a delete stays, a public -> private change stays."""
     import numpy as np
 
-    from vsearch.ingest.consumer import BatchResult, PreparedBatch
+    from vsearch.ingest.batch import BatchResult, PreparedBatch
     store = MilvusStore(str(tmp_path / "s.db"))
     store.ensure_collection("c_stale", 4)
     vec = np.ones(4, np.float32) / 2
@@ -203,22 +203,15 @@ def test_a_rebalance_mid_batch_with_two_consumers_loses_and_resurrects_nothing(
     ends = publish(broker, topic, sc.records, partitions=4)
     coll = f"c_rebal_{uuid.uuid4().hex[:8]}"
 
-    class SlowEmbedder:
-        def __init__(self):
-            self.inner = Embedder(tiny_model_dir)
-            self.dim = self.inner.dim
-
-        def try_preprocess(self, blobs):
-            return self.inner.try_preprocess(blobs)
-
+    class SlowEmbedder(Embedder):
         def embed_arrays(self, arrays):
             time.sleep(0.4)
-            return self.inner.embed_arrays(arrays)
+            return super().embed_arrays(arrays)
 
     def consumer(idle: float):
         return IngestConsumer(IngestSettings(bootstrap=broker, topic=topic, group=group, collection=coll,
                                              alias=None, batch_size=20, batch_ms=200, exit_when_idle_s=idle),
-                              SlowEmbedder(), MilvusStore(milvus_server_uri, timeout=30),
+                              SlowEmbedder(tiny_model_dir), MilvusStore(milvus_server_uri, timeout=30),
                               Fetcher(FetchConfig(file_roots=(tmp_path,))))
 
     a, b = consumer(8.0), consumer(8.0)

@@ -131,7 +131,7 @@ def wait_searchable(url: str, items: list[dict], timeout: float, services=()) ->
 def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_dir: str = ".demo",
              port: int = 8000, timeout: float = 300.0, check: bool = False, rollout: str | None = None,
              golden: str | None = None) -> int:
-    from ..core.store import collection_name
+    from ..core.naming import collection_name
     from ..predictor.model import read_meta
     from .services import (
         Service,

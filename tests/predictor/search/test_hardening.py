@@ -207,7 +207,7 @@ def _json(v) -> str:
 
 
 def test_filter_literals_on_the_milvus_standalone_server(milvus_standalone_uri):
-    from vsearch.predictor.search.request import filter_expr
+    from vsearch.core.store import filter_expr
     vals = ["café", "猫", "🐱", 'a"b', "back\\slash"]
     with MilvusStore(milvus_standalone_uri, timeout=30) as store:
         coll = f"c_lit_{uuid.uuid4().hex[:8]}"

@@ -12,7 +12,8 @@ import uuid
 import requests
 
 from tests.fixtures.search import start_search_server
-from vsearch.core.store import MilvusStore, collection_name
+from vsearch.core.naming import collection_name
+from vsearch.core.store import MilvusStore
 from vsearch.local.samples import TINY
 from vsearch.local.services import free_port, start_embedder
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from kserve.errors import InvalidInput
 
+from vsearch.core.store import filter_expr
 from vsearch.predictor.protocol import decode_b64, parse_box
 from vsearch.predictor.search.errors import BadQuery
 from vsearch.predictor.search.query_store import query_hashes
-from vsearch.predictor.search.request import filter_expr, parse_filter, parse_k, query_from_fields
+from vsearch.predictor.search.request import parse_filter, parse_k, query_from_fields
 from vsearch.predictor.search.rerank import Candidate, rerank
 from vsearch.predictor.search.settings import SearchSettings
 
@@ -82,7 +83,8 @@ def test_filters_name_known_fields_only_and_become_safe_expressions():
     allowed = ("label", "source")
     spec = parse_filter('{"label": ["cat", "dog"], "source": "caltech"}', allowed)
     assert spec == {"label": ["cat", "dog"], "source": ["caltech"]}
-    assert filter_expr(spec) == 'metadata["label"] in ["cat", "dog"] and metadata["source"] == "caltech"'
+    assert filter_expr(spec) == \
+        '(metadata["label"] == "cat" or metadata["label"] == "dog") and metadata["source"] == "caltech"'
     # quotes in values cannot break out of the expression
     assert filter_expr(parse_filter({"label": 'x" or 1==1 or "'}, allowed)) == \
         'metadata["label"] == "x\\" or 1==1 or \\""'

@@ -16,7 +16,8 @@ KEY = "s3cret-key"
 
 
 def index_catalog(uri: str, alias: str, catalog, dim_source) -> None:
-    from vsearch.core.store import MilvusStore, collection_name
+    from vsearch.core.naming import collection_name
+    from vsearch.core.store import MilvusStore
     from vsearch.predictor.model import Embedder, read_meta
 
     emb = Embedder(dim_source)
