@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ...core.config import Flags, add_kafka_flag, csv_list
 from ...core.store import add_milvus_flags
+from ..limits import add_server_flags, server_limits_from
 
 
 def register_serve(serve_sub) -> None:
@@ -62,6 +63,7 @@ def register_serve(serve_sub) -> None:
                 "link-local); by default only from globally routable ones")
     pf.add("--model-version", default=None,
              help="model version written into events (default: the embedder's model id)")
+    add_server_flags(pf)
     pf.add("--device", default=None, help="torch device for in-process embedding")
     pf.add("--threads", default=None, type=int, help="torch CPU threads")
     p.set_defaults(handler=_serve_search)
@@ -127,7 +129,8 @@ def _serve_search(args) -> int:
                          add_routes=lambda app: add_routes(app, lambda: model.service, settings),
                          api_key=settings.api_key,     # rejections are counted by the routes' middleware
                          # base64 of the largest upload, plus room for the form or JSON around it
-                         max_body_bytes=settings.max_upload_bytes * 4 // 3 + 256 * 1024)
+                         limits=server_limits_from(args, max_body_bytes=settings.max_upload_bytes * 4 // 3
+                                                   + 256 * 1024))
     finally:
         if model.service is not None:
             model.service.close()
