@@ -4,6 +4,7 @@ process: it alone sets process-wide state (torch threads, PIL's pixel guard, KSe
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -90,9 +91,11 @@ def _serve_embedder(args) -> int:
     from .embedder_server import REJECTED, EmbedderModel
     model = EmbedderModel(args.model_name, args.model_dir, max_batch=args.max_batch, device=args.device,
                           batch_size=args.batch_size, limits=limits_from(args), max_queue=args.max_queue)
+    limits = server_limits_from(args, max_body_bytes=args.max_body_bytes)
+    # a full batch (an image and a crop box per row: about 6 JSON values each) always fits
+    limits = dataclasses.replace(limits, max_json_values=max(limits.max_json_values, 8 * args.max_batch))
     run_model_server(model, http_port=args.http_port, add_routes=model.add_routes,
-                     on_bad_request=REJECTED.labels("request").inc,
-                     limits=server_limits_from(args, max_body_bytes=args.max_body_bytes),
+                     on_bad_request=REJECTED.labels("request").inc, limits=limits,
                      api_key=args.api_key or None, on_reject=lambda _status: REJECTED.labels("request").inc())
     return 0
 
