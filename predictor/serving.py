@@ -246,10 +246,11 @@ class RequestGuard:
                 body = await asyncio.to_thread(json.dumps, head)
                 body = body.encode()
                 scope = _with_headers(scope, {"content-type": "application/json"}, drop=(BINARY_HEADER,))
-            elif ctype.endswith("json") or (infer and ctype in _FORM_TYPES and body.lstrip()[:1] in (b"{", b"[")):
+            elif ctype.endswith("json") or body.lstrip()[:1] in (b"{", b"["):
+                # anything a route may read as JSON (Starlette's request.json() ignores the type)
                 await asyncio.to_thread(check_json_body, body, self.limits,
                                         _V2_INFER_PATH.match(path) is not None)
-                if infer:
+                if infer and ctype in _FORM_TYPES:
                     scope = _with_headers(scope, {"content-type": "application/json"})
         except InvalidInput as exc:
             return await self._answer(send, 400, str(exc.reason if hasattr(exc, "reason") else exc))

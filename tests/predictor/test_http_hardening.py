@@ -252,3 +252,12 @@ def test_caps_on_requests_and_connections_answer_503_with_retry_after(guarded):
     time.sleep(2.5)                                  # the caps are for now, not for good
     assert requests.get(f"{guarded.url}/v2/models/{NAME}/ready", timeout=5).status_code == 200
     assert infer(guarded, b"{}", {"Content-Type": "application/json"}).status_code == 400
+
+
+def test_json_is_counted_whatever_the_content_type_says(guarded):
+    """A body that a route could read as JSON is counted first, also under a form or text
+    content type (``curl -d``), so no route expands it unchecked."""
+    body = b"[" + b",".join([b"{}"] * 50_000) + b"]"
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", ""):
+        r = infer(guarded, body, {"Content-Type": ctype} if ctype else {})
+        assert r.status_code == 400 and "values" in r.json()["error"], (ctype, r.text[:200])
