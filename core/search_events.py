@@ -18,8 +18,8 @@ Delivery is at least once, and a client may replay what it sent. Every reader co
 same way, through :func:`count_clicks`: an impression once per query_id, and a click once per
 (query_id, item_id), only when that query's impression is on the log and the item was among
 its results (a search made with ``log_impression=false`` whose impression never came has no
-counted clicks). ``vsearch ctr``, the trainer's click pairs and the experiments all read
-clicks this way.
+counted clicks). ``vsearch ctr`` and the trainer's click pairs read clicks this way; a
+reader added later (an online experiment's arms) must use it too.
 """
 
 from __future__ import annotations
