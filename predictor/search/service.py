@@ -209,7 +209,12 @@ class SearchService:
             limit = min(self.settings.max_candidates, limit * 4)
 
     # -- events
-    def record_event(self, event: Any) -> dict:
+    def record_events(self, events: list) -> list[dict]:
+        """:meth:`record_event` for each of ``events`` (one catalog read per clicked item)."""
+        uris: dict[str, str | None] = {}
+        return [self.record_event(e, uris) for e in events]
+
+    def record_event(self, event: Any, uris: dict | None = None) -> dict:
         """A click (or a deferred impression) reported by a client: ``{"type": "click", "token":
         <the search's token>, "item_id": ...}``. The record is completed from the signed token,
         so the client can neither invent searches nor click results it was not shown, and any
@@ -244,21 +249,24 @@ class SearchService:
         record = {"schema": search_events.SCHEMA, "type": "click", "query_id": imp["query_id"],
                   "query_hash": imp["query_hash"], "image_hash": imp["image_hash"],
                   "query_uri": query_uri, "crop": imp["crop"], "item_id": item_id,
-                  "item_uri": self._item_uri(item_id), "rank": hit["rank"], "score": hit["score"],
+                  "item_uri": self._item_uri(item_id, {} if uris is None else uris),
+                  "rank": hit["rank"], "score": hit["score"],
                   "model_version": imp["model_version"], "collection": imp.get("collection"), "ts": now}
         self.events.emit(record)
         CLICKS.labels(imp["model_version"]).inc()
         return {"accepted": True}
 
-    def _item_uri(self, item_id: str) -> str | None:
+    def _item_uri(self, item_id: str, known: dict) -> str | None:
         """A clicked item's catalog URI (for the trainer's pairs), read when the click is
-        logged; None (and logged) when the catalog cannot say."""
-        try:
-            item = self.index.get(item_id)
-        except SearchError as exc:
-            log.warning("click on %r logged without its uri: %s", str(item_id)[:200], exc.reason)
-            return None
-        return item.uri if item is not None else None
+        logged (``known``: the ones read already); None (and logged) when the catalog cannot say."""
+        if item_id not in known:
+            try:
+                item = self.index.get(item_id)
+                known[item_id] = item.uri if item is not None else None
+            except SearchError as exc:
+                log.warning("click on %r logged without its uri: %s", str(item_id)[:200], exc.reason)
+                return None
+        return known[item_id]
 
     # -- catalog images
     def image_location(self, item_id: str) -> str:
