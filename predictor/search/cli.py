@@ -104,7 +104,6 @@ def _serve_search(args) -> int:
         alias=args.alias, k_default=args.k_default, k_max=args.k_max, overfetch=args.overfetch,
         dedup_distance=args.dedup_distance, filter_fields=csv_list(args.filter_fields),
         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
-        milvus_timeout=args.milvus_timeout,
         query_store=args.query_store or None, query_store_max_bytes=args.query_store_max_mb * 1024 * 1024,
         allow_url_queries=args.allow_url_queries, allow_private_urls=args.allow_private_urls,
         url_timeout=args.url_timeout, api_key=args.api_key or None,

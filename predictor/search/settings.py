@@ -25,7 +25,6 @@ class SearchSettings:
     filter_fields: tuple[str, ...] = ("label", "category", "source", "group")
     max_upload_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
-    milvus_timeout: float = 10.0
     query_store: str | None = None    # where query images are kept: a folder or s3://bucket/prefix
     query_store_max_bytes: int = 1024 * 1024 * 1024   # quota of a folder store
     allow_url_queries: bool = False
