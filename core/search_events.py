@@ -14,13 +14,19 @@ click:      {"schema": 1, "type": "click", "query_id": str, "query_hash": str,
 The search service also writes "image_hash" (sha256 of the uncropped query image bytes; the
 stored file at query_uri is that uncropped image, "crop" says which part was searched) in
 both, "k" and each result's "uri" in impressions, and the clicked result's "score" in clicks.
-Delivery is at least once: readers de-duplicate impressions by query_id and clicks by
-(query_id, item_id).
+Delivery is at least once, and a client may replay what it sent. Every reader counts the
+same way, through :func:`count_clicks`: an impression once per query_id, and a click once per
+(query_id, item_id), only when that query's impression is on the log and the item was among
+its results (a search made with ``log_impression=false`` whose impression never came has no
+counted clicks). ``vsearch ctr`` and the trainer's click pairs read clicks this way; a
+reader added later (an online experiment's arms) must use it too.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from typing import Iterable
 
 from .kafka import read_topic
 
@@ -63,3 +69,50 @@ def read_all(bootstrap: str, topic: str = TOPIC, *, idle_s: float = 3.0,
             yield decode(m.value)
         except BadSearchEvent as exc:
             yield BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}")
+
+
+@dataclass
+class ClickLog:
+    """What :func:`count_clicks` made of a stream of search events."""
+
+    impressions: dict[str, dict] = field(default_factory=dict)     # query_id -> its (first) impression
+    clicks: list[dict] = field(default_factory=list)                # counted clicks, in log order
+    raw_clicks: int = 0                                             # click records read
+    bad: int = 0                                                    # undecodable records
+    not_counted: dict[str, int] = field(default_factory=lambda: {
+        "duplicate": 0, "without_impression": 0, "not_in_results": 0})
+
+    def clicks_of(self, query_id: str) -> list[dict]:
+        return [c for c in self.clicks if c["query_id"] == query_id]
+
+
+def count_clicks(records: Iterable) -> ClickLog:
+    """Raw search events (dicts as :func:`decode` returns them; a :class:`BadSearchEvent` or a
+    ``{"_bad": ...}`` dict for an undecodable one) -> the impressions and the clicks that
+    count, by the rule of the module: an impression once per query_id, a click once per
+    (query_id, item_id), only with its impression on the log and the item among its results.
+    Order does not matter (a deferred impression may come after its clicks)."""
+    log = ClickLog()
+    pending: list[dict] = []
+    for rec in records:
+        if isinstance(rec, BadSearchEvent) or not isinstance(rec, dict) or "_bad" in rec:
+            log.bad += 1
+        elif rec.get("type") == "impression":
+            log.impressions.setdefault(str(rec.get("query_id")), rec)
+        elif rec.get("type") == "click":
+            log.raw_clicks += 1
+            pending.append(rec)
+    seen: set[tuple[str, str]] = set()
+    for rec in pending:
+        qid, item = str(rec.get("query_id")), str(rec.get("item_id"))
+        imp = log.impressions.get(qid)
+        if imp is None:
+            log.not_counted["without_impression"] += 1
+        elif item not in {str(r.get("id")) for r in imp.get("results") or () if isinstance(r, dict)}:
+            log.not_counted["not_in_results"] += 1
+        elif (qid, item) in seen:
+            log.not_counted["duplicate"] += 1
+        else:
+            seen.add((qid, item))
+            log.clicks.append(rec)
+    return log

@@ -4,11 +4,13 @@ process: it alone sets process-wide state (torch threads, PIL's pixel guard, KSe
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from ..core.config import Flags
 from ..core.images import image_files
+from .limits import ServerLimits, add_server_flags, server_limits_from
 from .search import cli as search_cli
 
 
@@ -46,11 +48,11 @@ def register(sub) -> None:
     f.add("--model-name", default="embedder", help="name in /v2/models/<name>")
     f.add("--http-port", default=8080, type=int, help="HTTP port")
     f.add("--max-batch", default=64, type=int, help="most images in one request")
-    f.add("--workers", default=1, type=int, help="uvicorn worker processes")
     f.add("--max-queue", default=256, type=int,
           help="most images being decoded or waiting for the model; more: 503 with Retry-After")
-    f.add("--max-body-bytes", default=64 * 1024 * 1024, type=int,
+    f.add("--max-body-bytes", default=ServerLimits.max_body_bytes, type=int,
           help="largest request body, bytes (counted as read, chunked bodies included): 413 over it")
+    add_server_flags(f)
     f.add("--api-key", default=None, secret=True,
           help="require this key (X-API-Key header or Bearer token) on every endpoint but health")
     p.set_defaults(handler=_serve_embedder)
@@ -89,8 +91,11 @@ def _serve_embedder(args) -> int:
     from .embedder_server import REJECTED, EmbedderModel
     model = EmbedderModel(args.model_name, args.model_dir, max_batch=args.max_batch, device=args.device,
                           batch_size=args.batch_size, limits=limits_from(args), max_queue=args.max_queue)
-    run_model_server(model, http_port=args.http_port, workers=args.workers, add_routes=model.add_routes,
-                     on_bad_request=REJECTED.labels("request").inc, max_body_bytes=args.max_body_bytes,
+    limits = server_limits_from(args, max_body_bytes=args.max_body_bytes)
+    # a full batch (an image and a crop box per row: about 6 JSON values each) always fits
+    limits = dataclasses.replace(limits, max_json_values=max(limits.max_json_values, 8 * args.max_batch))
+    run_model_server(model, http_port=args.http_port, add_routes=model.add_routes,
+                     on_bad_request=REJECTED.labels("request").inc, limits=limits,
                      api_key=args.api_key or None, on_reject=lambda _status: REJECTED.labels("request").inc())
     return 0
 

@@ -25,6 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+# Longest side over shortest side of what is resized (the image, or its crop). The resize makes
+# the shorter side ``resize_size``: a 1x150000 image would become 256x38,400,000 pixels.
+MAX_ASPECT_RATIO = 25
 
 
 class InvalidImage(ValueError):
@@ -224,6 +227,10 @@ def resize_center_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     ``image_size`` square."""
     w, h = img.size
     short = min(w, h)
+    if max(w, h) > MAX_ASPECT_RATIO * short:
+        raise InvalidImage(f"image (or its crop) is {w}x{h} pixels: the long side is over {MAX_ASPECT_RATIO} "
+                           f"times the short one, which the resize to {cfg.resize_size} pixels would blow up; "
+                           f"send an image (or a crop box) closer to square")
     scale = cfg.resize_size / short
     nw, nh = max(cfg.image_size, round(w * scale)), max(cfg.image_size, round(h * scale))
     if (nw, nh) != (w, h):

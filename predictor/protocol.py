@@ -24,13 +24,14 @@ from typing import Any, Iterable
 import numpy as np
 from kserve.errors import InvalidInput
 
+from .limits import ServerLimits
 from .preprocess import Box, InvalidImage, parse_crop, parse_crop_text
 
 # Datatypes of the Open Inference Protocol and their little-endian numpy dtypes.
 NUMERIC_DTYPES = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
                   "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2",
                   "FP32": "<f4", "FP64": "<f8"}
-MAX_ELEMENTS = 1 << 24               # elements of one binary tensor
+MAX_HEADER_BYTES = 1024 * 1024        # the JSON header of a binary-extension request
 
 
 def brief(value: Any, limit: int = 60) -> str:
@@ -39,23 +40,65 @@ def brief(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def binary_request_to_json(body: bytes, header_length) -> dict:
+def names_brief(names: Iterable[Any], limit: int = 5) -> str:
+    """A few of a client's names for a message (each cut short), and how many more there are:
+    an error never grows with the request."""
+    names = sorted({str(n) for n in names})
+    shown = ", ".join(brief(n, 40) for n in names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def count_json_values(body: bytes | str) -> int:
+    """An upper bound on the objects, arrays and list items a JSON text holds, counted on the
+    bytes (commas and opening brackets, strings included) before anything is parsed."""
+    if isinstance(body, str):
+        body = body.encode("utf-8", "replace")
+    return body.count(b",") + body.count(b"{") + body.count(b"[")
+
+
+def check_json_body(body: bytes, limits: ServerLimits = ServerLimits(), v2: bool = False) -> None:
+    """Refuse (``InvalidInput``) a JSON body of more than ``limits.max_json_values`` values
+    before it is parsed, and a V2 inference request (``v2``) of more than ``limits.max_inputs``
+    inputs."""
+    n = count_json_values(body)
+    if n > limits.max_json_values:
+        raise InvalidInput(f"the JSON body holds about {n} values (objects, arrays, list items); the "
+                           f"limit is {limits.max_json_values}: send fewer or split the request")
+    if v2:
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise InvalidInput("the body is not valid JSON") from None
+        inputs = parsed.get("inputs") if isinstance(parsed, dict) else None
+        if isinstance(inputs, list) and len(inputs) > limits.max_inputs:
+            raise InvalidInput(f"{len(inputs)} inputs in one request; the limit is {limits.max_inputs}")
+
+
+def binary_request_to_json(body: bytes, header_length, limits: ServerLimits = ServerLimits()) -> dict:
     """A V2 request that uses the binary tensor extension -> the same request as JSON: BYTES
     elements become ``{"b64": ...}`` (read back as the raw bytes by :func:`decode_b64`),
-    numbers become JSON numbers (an FP32 value keeps its exact float32 value). Raises
-    ``InvalidInput`` saying what is malformed (never echoing the data)."""
+    numbers become JSON numbers (an FP32 value keeps its exact float32 value). Sizes and
+    element counts are checked against ``limits`` (``max_json_values`` elements per input,
+    ``max_inputs`` inputs) before anything is built. Raises ``InvalidInput`` saying what is
+    malformed (never echoing the data)."""
     try:
         n = int(str(header_length).strip())
     except ValueError:
         raise InvalidInput("Inference-Header-Content-Length must be a number of bytes") from None
     if not 0 < n <= len(body):
         raise InvalidInput(f"Inference-Header-Content-Length is {n}, but the body has {len(body)} bytes")
+    if n > MAX_HEADER_BYTES:
+        raise InvalidInput(f"the JSON header is {n} bytes; the limit is {MAX_HEADER_BYTES}")
+    check_json_body(body[:n], limits)
+    max_elements = limits.max_json_values
     try:
         head = json.loads(body[:n])
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidInput("the JSON header of the binary request is not valid JSON") from None
     if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
         raise InvalidInput('the JSON header of the binary request must be {"inputs": [...]}')
+    if len(head["inputs"]) > limits.max_inputs:
+        raise InvalidInput(f"{len(head['inputs'])} inputs in one request; the limit is {limits.max_inputs}")
     offset = n
     for i, inp in enumerate(head["inputs"]):
         if not isinstance(inp, dict):
@@ -75,12 +118,15 @@ def binary_request_to_json(body: bytes, header_length) -> dict:
                                                   for d in shape):
             raise InvalidInput(f"input {name}: shape must be a list of non-negative integers")
         count = math.prod(shape)
-        if count > MAX_ELEMENTS:
-            raise InvalidInput(f"input {name}: {count} elements, over the limit of {MAX_ELEMENTS}")
+        if count > max_elements:
+            raise InvalidInput(f"input {name}: {count} elements, over the limit of {max_elements}")
         dtype = inp.get("datatype")
         if dtype == "BYTES":
             items, pos = [], 0
             while pos < len(raw):
+                if len(items) >= count:
+                    raise InvalidInput(f"input {name}: more BYTES elements in the binary data than "
+                                       f"shape {shape} holds ({count})")
                 if pos + 4 > len(raw):
                     raise InvalidInput(f"input {name}: a BYTES element's 4-byte length is cut off")
                 length = int.from_bytes(raw[pos:pos + 4], "little")
@@ -89,13 +135,12 @@ def binary_request_to_json(body: bytes, header_length) -> dict:
                     raise InvalidInput(f"input {name}: a BYTES element of {length} bytes overruns the tensor")
                 items.append({"b64": base64.b64encode(raw[pos:pos + length]).decode("ascii")})
                 pos += length
-                if len(items) > count:
-                    break
             data = items
         elif dtype in NUMERIC_DTYPES:
             width = np.dtype(NUMERIC_DTYPES[dtype]).itemsize
-            if len(raw) % width:
-                raise InvalidInput(f"input {name}: {len(raw)} bytes is not a whole number of {dtype} values")
+            if len(raw) != count * width:
+                raise InvalidInput(f"input {name}: {len(raw)} bytes of binary data, but shape {shape} of "
+                                   f"{dtype} needs {count * width}")
             data = np.frombuffer(raw, dtype=NUMERIC_DTYPES[dtype]).tolist()
         else:
             raise InvalidInput(f"input {name}: datatype {brief(dtype, 20)} is not one of BYTES, "
@@ -151,9 +196,9 @@ def check_count(n: int, limit: int, what: str = "images") -> None:
 
 def check_v2_inputs(req, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
-    unknown = sorted({i.name for i in req.inputs} - set(allowed))
+    unknown = {i.name for i in req.inputs} - set(allowed)
     if unknown:
-        raise InvalidInput(f"unknown input(s) {unknown}: expected {', '.join(allowed)}")
+        raise InvalidInput(f"unknown input(s) {names_brief(unknown)}: expected {', '.join(allowed)}")
 
 
 def v2_images(req, limit: int) -> list[bytes]:
@@ -204,7 +249,8 @@ def v1_instances(payload: Any, limit: int, fields: Iterable[str], example: str,
     for i, inst in enumerate(instances):
         if not isinstance(inst, dict):
             raise InvalidInput(f"instance {i}: expected an object like {example}")
-        unknown = sorted(set(inst) - fields)
+        unknown = set(inst) - fields
         if unknown:
-            raise InvalidInput(f"instance {i}: unknown field(s) {unknown}: expected {sorted(fields)}")
+            raise InvalidInput(f"instance {i}: unknown field(s) {names_brief(unknown)}: expected "
+                               f"{', '.join(sorted(fields))}")
     return instances

@@ -186,39 +186,40 @@ def read_pairs_csv(path: str | Path) -> list[tuple[str, str]]:
 
 def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_s: float = 60.0,
                            idle_s: float = 3.0) -> tuple[list[tuple[str, str]], dict]:
-    """Every click on ``search.events`` with a ``query_uri`` and an ``item_uri`` -> a pair.
+    """Every click that counts (:func:`vsearch.core.search_events.count_clicks`: once per
+    (query, item), with its impression) that has a ``query_uri`` and an ``item_uri`` -> a pair.
 
     Reads every partition from the beginning until no record has arrived for ``idle_s``
     (end offsets are not trusted: some Kafka-protocol brokers report them wrongly), within
     ``timeout_s``. Nothing is committed. Returns the pairs and counts of what was skipped and
     why, so nothing is dropped unseen."""
     topic = topic or search_events.TOPIC
-    stats = {"events": 0, "clicks": 0, "pairs": 0, "bad_events": 0, "clicks_without_uris": 0}
-    pairs: list[tuple[str, str]] = []
+    records = []
     try:
         for rec in search_events.read_all(bootstrap, topic, idle_s=idle_s, timeout_s=timeout_s,
                                           client_id="vsearch-trainer"):
-            stats["events"] += 1
             if isinstance(rec, search_events.BadSearchEvent):
-                stats["bad_events"] += 1
                 log.warning("skipping bad search event %s", rec)
-                continue
-            if rec["type"] != "click":
-                continue
-            stats["clicks"] += 1
-            if not rec.get("query_uri") or not rec.get("item_uri"):
-                stats["clicks_without_uris"] += 1
-                continue
-            try:
-                query = with_crop(rec["query_uri"], rec.get("crop"))
-            except InvalidImage:
-                stats["bad_events"] += 1
-                continue
-            pairs.append((query, rec["item_uri"]))
+            records.append(rec)
     except LookupError as exc:
         raise DataError(str(exc)) from exc
     except TimeoutError as exc:
         raise DataError(f"{exc}; raise the timeout") from exc
+    clicks = search_events.count_clicks(records)
+    stats = {"events": len(records), "clicks": clicks.raw_clicks, "counted_clicks": len(clicks.clicks),
+             "clicks_not_counted": sum(clicks.not_counted.values()), "pairs": 0, "bad_events": clicks.bad,
+             "clicks_without_uris": 0}
+    pairs: list[tuple[str, str]] = []
+    for rec in clicks.clicks:
+        if not rec.get("query_uri") or not rec.get("item_uri"):
+            stats["clicks_without_uris"] += 1
+            continue
+        try:
+            query = with_crop(rec["query_uri"], rec.get("crop"))
+        except InvalidImage:
+            stats["bad_events"] += 1
+            continue
+        pairs.append((query, rec["item_uri"]))
     stats["pairs"] = len(pairs)
     return pairs, stats
 

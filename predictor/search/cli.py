@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 from ...core.config import Flags, add_kafka_flag, add_milvus_flags, csv_list
+from ..limits import add_server_flags, server_limits_from
+from .settings import DEFAULT_QUERY_STORE, SearchSettings
+
+D = SearchSettings()          # every default below comes from here
 
 
 def register_serve(serve_sub) -> None:
@@ -23,44 +27,47 @@ def register_serve(serve_sub) -> None:
     pf.add("--embedder-name", default="embedder", help="the embedder's model name")
     pf.add("--embedder-api-key", default=None, secret=True, help="the embedder's API key, if it needs one")
     add_milvus_flags(pf)
-    pf.add("--alias", default="images", help="the Milvus alias (or collection) that serves")
+    pf.add("--alias", default=D.alias, help="the Milvus alias (or collection) that serves")
     pf.add("--http-port", default=8000, type=int, help="HTTP port")
     add_kafka_flag(pf, default=None,
                    help="Kafka bootstrap servers for search events (impressions, clicks); off when unset")
-    pf.add("--query-store", default=".vsearch/queries",
+    pf.add("--query-store", default=DEFAULT_QUERY_STORE,
            help="where query images are kept by content hash (events point at them): a folder, or "
                 "s3://bucket/prefix for several replicas (AWS_ENDPOINT_URL and AWS credentials from the "
                 "environment); empty: not kept")
-    pf.add("--query-store-max-mb", default=1024, type=int,
+    pf.add("--query-store-max-mb", default=D.query_store_max_bytes // (1024 * 1024), type=int,
            help="quota of a folder query store; past it the oldest images go (S3: a lifecycle rule)")
-    pf.add("--k-default", default=20, type=int, help="results when the query gives no k")
-    pf.add("--k-max", default=100, type=int, help="largest k accepted")
-    pf.add("--dedup-distance", default=0.02, type=float,
+    pf.add("--k-default", default=D.k_default, type=int, help="results when the query gives no k")
+    pf.add("--k-max", default=D.k_max, type=int, help="largest k accepted")
+    pf.add("--dedup-distance", default=D.dedup_distance, type=float,
              help="cosine distance under which two results count as near-duplicates (0: off)")
-    pf.add("--overfetch", default=3.0, type=float, help="candidates fetched per wanted result")
-    pf.add("--filter-fields", default="label,category,source,group",
+    pf.add("--overfetch", default=D.overfetch, type=float, help="candidates fetched per wanted result")
+    pf.add("--filter-fields", default=",".join(D.filter_fields),
              help="metadata fields a query may filter on (comma-separated)")
-    pf.add("--max-upload-bytes", default=20 * 1024 * 1024, type=int, help="largest query image")
-    pf.add("--max-pixels", default=40_000_000, type=int, help="largest query image in pixels")
+    pf.add("--max-upload-bytes", default=D.max_upload_bytes, type=int, help="largest query image")
+    pf.add("--max-pixels", default=D.max_pixels, type=int, help="largest query image in pixels")
     pf.add("--api-key", default=None, secret=True,
            help="require this key (X-API-Key header or Bearer token) on every endpoint but health")
     pf.add("--click-secret", default=None, secret=True,
            help="signs the token of each search, with which any replica logs its clicks: the same "
                 "on every replica (unset: a random one, clicks reach only the replica that answered)")
-    pf.add("--click-token-ttl", default=86_400.0, type=float, help="seconds a search's token can log clicks")
-    pf.add("--cors-origins", default="", help="origins allowed by CORS (comma-separated, * for any)")
-    pf.add("--allow-url-queries", default=False, type=bool, help="accept image URLs as queries")
-    pf.add("--allow-private-urls", default=False, type=bool,
+    pf.add("--click-token-ttl", default=D.click_token_ttl_s, type=float, help="seconds a search's token can log clicks")
+    pf.add("--cors-origins", default=",".join(D.cors_origins), help="origins allowed by CORS (comma-separated, * for any)")
+    pf.add("--allow-url-queries", default=D.allow_url_queries, type=bool, help="accept image URLs as queries")
+    pf.add("--allow-private-urls", default=D.allow_private_urls, type=bool,
              help="let URL queries reach private, loopback and link-local addresses")
-    pf.add("--url-timeout", default=5.0, type=float, help="seconds to download a query URL")
+    pf.add("--url-timeout", default=D.url_timeout, type=float, help="seconds to download a query URL")
     pf.add("--image-roots", default="",
            help="serve file:// catalog images only from these folders (comma-separated; empty: "
                 "file:// catalog images are not served)")
-    pf.add("--allow-private-image-urls", default=False, type=bool,
+    pf.add("--allow-private-image-urls", default=D.allow_private_image_urls, type=bool,
            help="let /images fetch http(s) catalog images from any address (loopback, private, "
                 "link-local); by default only from globally routable ones")
-    pf.add("--model-version", default=None,
+    pf.add("--weak-match-score", default=D.weak_match_score, type=float,
+           help="the web page says nothing in the catalog is close when the best score is under this")
+    pf.add("--model-version", default=D.model_version,
              help="model version written into events (default: the embedder's model id)")
+    add_server_flags(pf)
     pf.add("--device", default=None, help="torch device for in-process embedding")
     pf.add("--threads", default=None, type=int, help="torch CPU threads")
     p.set_defaults(handler=_serve_search)
@@ -92,12 +99,10 @@ def _serve_search(args) -> int:
             print(f"vsearch serve search: give --model-dir or --embedder-url ({model_dir} is absent)",
                   file=sys.stderr)
             return 2
-    from .settings import SearchSettings
     settings = SearchSettings(
         alias=args.alias, k_default=args.k_default, k_max=args.k_max, overfetch=args.overfetch,
         dedup_distance=args.dedup_distance, filter_fields=csv_list(args.filter_fields),
         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
-        milvus_timeout=args.milvus_timeout,
         query_store=args.query_store or None, query_store_max_bytes=args.query_store_max_mb * 1024 * 1024,
         allow_url_queries=args.allow_url_queries, allow_private_urls=args.allow_private_urls,
         url_timeout=args.url_timeout, api_key=args.api_key or None,
@@ -105,7 +110,7 @@ def _serve_search(args) -> int:
         cors_origins=csv_list(args.cors_origins),
         image_roots=tuple(Path(r).resolve() for r in csv_list(args.image_roots)),
         allow_private_image_urls=args.allow_private_image_urls,
-        model_version=args.model_version)
+        model_version=args.model_version, weak_match_score=args.weak_match_score)
 
     from ..serving import hide_argv_from_kserve, run_model_server
     hide_argv_from_kserve()
@@ -126,7 +131,8 @@ def _serve_search(args) -> int:
                          add_routes=lambda app: add_routes(app, lambda: model.service, settings),
                          api_key=settings.api_key,     # rejections are counted by the routes' middleware
                          # base64 of the largest upload, plus room for the form or JSON around it
-                         max_body_bytes=settings.max_upload_bytes * 4 // 3 + 256 * 1024)
+                         limits=server_limits_from(args, max_body_bytes=settings.max_upload_bytes * 4 // 3
+                                                   + 256 * 1024))
     finally:
         if model.service is not None:
             model.service.close()

@@ -17,33 +17,26 @@ def read_events(bootstrap: str, topic: str = "search.events", idle_timeout: floa
 
 def ctr_table(records) -> dict[str, dict]:
     """Per model version: impressions, clicks, CTR (clicks / impressions) and the share of
-    searches with at least one click. Duplicates (at-least-once delivery) count once."""
-    seen_imp, seen_click = set(), set()
+    searches with at least one click, counted by :func:`search_events.count_clicks` (each
+    impression once, each click once per (query, item) and only with its impression). What
+    was not counted, and why, is in ``_clicks_not_counted``; undecodable records in
+    ``_undecodable_records``."""
+    log = search_events.count_clicks(records)
     stats: dict[str, dict] = {}
+    for imp in log.impressions.values():
+        s = stats.setdefault(str(imp.get("model_version")), {"impressions": 0, "clicks": 0})
+        s["impressions"] += 1
     clicked_queries: dict[str, set] = {}
-    bad = 0
-    for rec in records:
-        if "_bad" in rec:
-            bad += 1
-            continue
-        mv = str(rec.get("model_version"))
-        s = stats.setdefault(mv, {"impressions": 0, "clicks": 0})
-        if rec["type"] == "impression":
-            if rec["query_id"] in seen_imp:
-                continue
-            seen_imp.add(rec["query_id"])
-            s["impressions"] += 1
-        else:
-            key = (rec["query_id"], rec.get("item_id"))
-            if key in seen_click:
-                continue
-            seen_click.add(key)
-            s["clicks"] += 1
-            clicked_queries.setdefault(mv, set()).add(rec["query_id"])
+    for click in log.clicks:
+        mv = str(log.impressions[str(click["query_id"])].get("model_version"))
+        stats[mv]["clicks"] += 1
+        clicked_queries.setdefault(mv, set()).add(click["query_id"])
     for mv, s in stats.items():
         n = s["impressions"]
         s["ctr"] = round(s["clicks"] / n, 4) if n else None
         s["searches_with_click"] = round(len(clicked_queries.get(mv, ())) / n, 4) if n else None
-    if bad:
-        stats["_undecodable_records"] = {"count": bad}
+    if any(log.not_counted.values()):
+        stats["_clicks_not_counted"] = dict(log.not_counted)
+    if log.bad:
+        stats["_undecodable_records"] = {"count": log.bad}
     return stats

@@ -21,11 +21,19 @@ class EventLog:
     removes them only once Kafka acknowledged them; failures are logged, counted
     (``vsearch_search_events_send_failures_total``) and retried with exponential backoff. When
     the buffer is full the oldest record is dropped, logged and counted
-    (``vsearch_search_events_dropped_total``): memory stays bounded while Kafka is down."""
+    (``vsearch_search_events_dropped_total``): memory stays bounded while Kafka is down.
+
+    One record can never stall the ones behind it: a record over ``max_record_bytes`` (under
+    the producer's 1 MiB request limit) is dropped when it is emitted, and one Kafka refuses for
+    good (a non-retriable error such as a broker's smaller size limit) is dropped when it is
+    sent; both logged with the reason and counted (``reason="too_large"``, ``"refused"``).
+    Only retriable failures put records back."""
 
     def __init__(self, bootstrap: str | None, topic: str = search_events.TOPIC,
-                 max_buffer: int = 10_000, batch: int = 500, send_timeout: float = 10.0):
+                 max_buffer: int = 10_000, batch: int = 500, send_timeout: float = 10.0,
+                 max_record_bytes: int = 900_000):
         self.bootstrap, self.topic = bootstrap, topic
+        self.max_record_bytes = max_record_bytes
         self.max_buffer, self.batch, self.send_timeout = max_buffer, batch, send_timeout
         self._buf: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._cv = threading.Condition()
@@ -49,6 +57,9 @@ class EventLog:
             EVENTS_DROPPED.labels("disabled").inc()
             return
         item = (str(record.get("query_id", "")).encode(), search_events.encode(record))
+        if len(item[1]) > self.max_record_bytes:
+            self._drop(item, "too_large", f"{len(item[1])} bytes, over the limit of {self.max_record_bytes}")
+            return
         with self._cv:
             if len(self._buf) >= self.max_buffer:
                 self._buf.popleft()
@@ -61,6 +72,12 @@ class EventLog:
             self._buf.append(item)
             EVENTS_BUFFERED.set(len(self._buf))
             self._cv.notify()
+
+    def _drop(self, item: tuple[bytes, bytes], reason: str, why: str) -> None:
+        with self._cv:
+            self.dropped += 1
+        EVENTS_DROPPED.labels(reason).inc()
+        log.error("search event of query %s dropped (%s): %s", item[0][:64].decode("utf-8", "replace"), reason, why)
 
     def pending(self) -> int:
         with self._cv:
@@ -110,12 +127,7 @@ class EventLog:
             try:
                 if producer is None:
                     producer = self._producer()
-                futures = [producer.send(self.topic, key=k, value=v) for k, v in items]
-                producer.flush(self.send_timeout)
-                for fut in futures:
-                    fut.get(timeout=self.send_timeout)
-                self.sent += len(items)
-                EVENTS_SENT.inc(len(items))
+                self._send(producer, items)
                 backoff = 0.5
                 with self._cv:
                     self._inflight = 0
@@ -148,6 +160,39 @@ class EventLog:
                 backoff = min(backoff * 2, 30.0)
         if producer is not None:
             _close_quietly(producer, 2)
+
+
+    def _send(self, producer, items: list[tuple[bytes, bytes]]) -> None:
+        """Send ``items`` and wait for their acknowledgements. A record refused for good is
+        dropped (logged, counted, and taken out of ``items``) and the others go on; a retriable
+        failure raises (the caller puts what is left of ``items`` back)."""
+        from kafka.errors import KafkaError
+
+        sent = []
+        for item in list(items):
+            try:
+                sent.append((item, producer.send(self.topic, key=item[0], value=item[1])))
+            except KafkaError as exc:
+                if exc.retriable:
+                    raise
+                items.remove(item)
+                self._drop(item, "refused", f"{type(exc).__name__}: {exc}")
+        producer.flush(self.send_timeout)
+        acked = 0
+        try:
+            for item, fut in sent:
+                try:
+                    fut.get(timeout=self.send_timeout)
+                except KafkaError as exc:
+                    if exc.retriable:
+                        raise
+                    self._drop(item, "refused", f"{type(exc).__name__}: {exc}")
+                else:
+                    acked += 1
+                items.remove(item)           # acknowledged or refused: not to be sent again
+        finally:
+            self.sent += acked
+            EVENTS_SENT.inc(acked)
 
 
 def _close_quietly(producer, timeout: float) -> None:

@@ -14,5 +14,6 @@ EVENTS_SENT = Counter("vsearch_search_events_sent_total", "Search events acknowl
 EVENTS_FAILED = Counter("vsearch_search_events_send_failures_total",
                         "Failed attempts to send search events (they stay buffered and are retried)")
 EVENTS_DROPPED = Counter("vsearch_search_events_dropped_total",
-                         "Search events dropped because the buffer was full", ["reason"])
+                         "Search events dropped: buffer_full (Kafka unreachable for long), too_large "
+                         "(over the record limit), refused (Kafka refused the record for good)", ["reason"])
 EVENTS_BUFFERED = Gauge("vsearch_search_events_buffered", "Search events waiting to be sent")

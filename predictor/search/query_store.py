@@ -61,6 +61,37 @@ class QueryStore:
             return self._put_file(data, digest)
         return None
 
+    def ref_of(self, uri: str | None) -> str | None:
+        """A stored image's name inside the store (below its folder, or its bucket and prefix):
+        what a search token carries instead of the URI. A ``catalog:<id>`` query keeps its URI."""
+        if not uri:
+            return None
+        if uri.startswith("catalog:"):
+            return uri
+        if self.s3:
+            base = f"s3://{self.s3[0]}/" + (f"{self.s3[1]}/" if self.s3[1] else "")
+            return uri[len(base):] if uri.startswith(base) else None
+        if self.root:
+            base = self.root.resolve().as_uri() + "/"
+            return urllib.parse.unquote(uri[len(base):]) if uri.startswith(base) else None
+        return None
+
+    def uri_of(self, ref: str | None) -> str | None:
+        """The URI of a stored image from its :meth:`ref_of` name (None when the store is off
+        or the name is not one of its names)."""
+        if not ref or not isinstance(ref, str):
+            return None
+        if ref.startswith("catalog:"):
+            return ref
+        parts = ref.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in ref:
+            return None
+        if self.s3:
+            return "/".join(["s3:/", self.s3[0], *([self.s3[1]] if self.s3[1] else []), ref])
+        if self.root:
+            return (self.root.resolve() / ref).as_uri()
+        return None
+
     def _put_s3(self, data: bytes, digest: str) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError
 

@@ -12,7 +12,7 @@ from kserve.errors import InvalidInput
 
 from ...core.jsonsafe import json_object
 from ..preprocess import Box
-from ..protocol import brief, check_v2_inputs, decode_b64, parse_box, v1_instances, v2_crops, v2_images
+from ..protocol import brief, check_v2_inputs, decode_b64, names_brief, parse_box, v1_instances, v2_crops, v2_images
 from .errors import BadQuery
 from .settings import SearchSettings
 
@@ -88,7 +88,7 @@ def query_from_fields(fields: Any, settings: SearchSettings, fetch_url: Callable
         raise BadQuery(f"{where}expected an object with 'image' (base64)")
     unknown = set(fields) - set(QUERY_FIELDS)
     if unknown:
-        raise BadQuery(f"{where}unknown field(s) {sorted(unknown)}: expected {sorted(QUERY_FIELDS)}")
+        raise BadQuery(f"{where}unknown field(s) {names_brief(unknown)}: expected {', '.join(QUERY_FIELDS)}")
     sources = [f for f in ("image", "image_b64", "url") if fields.get(f) not in (None, "")]
     if len(sources) != 1:
         raise BadQuery(f"{where}give exactly one of image (base64), image_b64 or url")

@@ -3,6 +3,7 @@ of each group of near-duplicates, at most k."""
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -20,8 +21,15 @@ class Candidate:
     vector: np.ndarray | None = None
 
     def result(self) -> dict:
-        return {"id": self.id, "score": round(float(self.score), 6), "uri": self.uri,
+        """What a client sees: the catalog's own ``uri`` stays inside (it may name a bucket, a
+        host or a path); ``uri`` is where this service serves the image (``GET /images/<id>``)."""
+        return {"id": self.id, "score": round(float(self.score), 6), "uri": image_path(self.id),
                 "metadata": self.metadata}
+
+
+def image_path(item_id: str) -> str:
+    """The path of an item's image on the search service (relative to its base URL)."""
+    return "/images/" + urllib.parse.quote(str(item_id), safe="")
 
 
 def rerank(candidates: Sequence[Candidate], k: int, dedup_distance: float) -> list[Candidate]:

@@ -4,13 +4,14 @@
                         {"image_b64", "crop", "k", "filter", "url"} -> {"query_id", "results": [...]}
     GET  /images/<id>   the catalog image (file:// under --image-roots, http(s) fetched through the
                         guarded fetcher: served from this origin, never redirected)
-    POST /events        {"type": "click", "query_id", "item_id"} (and deferred impressions)
+    POST /events        {"type": "click", "token", "item_id"} (and deferred impressions)
     GET  /api/config    what the web page needs to know
     GET  /              the web page (``web/``)
 
-The API key (when configured: ``serving.run_model_server``) is a FastAPI security dependency
-of every route, KServe's included, except the exact health and readiness routes and the static
-page; it shows in the OpenAPI page. The body limit is ``serving.RequestGuard``'s, on the bytes
+The handlers live on one ``APIRouter`` (:data:`router`); :func:`add_routes` puts it on the app.
+The API key (when configured: ``serving.run_model_server``) is checked by ``serving.RequestGuard``
+before any body is read, on every route, KServe's included, except the exact health and
+readiness routes and the static page; it shows in the OpenAPI page. The body limit is ``serving.RequestGuard``'s, on the bytes
 read. Errors are ``{"error": reason}`` with the status of their kind.
 """
 
@@ -21,11 +22,12 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
+from ..protocol import names_brief
 from .errors import BadQuery, SearchError, TooLarge, Unavailable
 from .metrics import REJECTED
 from .request import query_from_fields
@@ -36,91 +38,110 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 FORM_FIELDS = ("image", "crop", "k", "filter", "url", "log_impression")
+
+def _settings(request: Request) -> SearchSettings:
+    return request.app.state.search_settings
+
+
+def _service(request: Request) -> SearchService:
+    svc = request.app.state.search_service()
+    if svc is None:
+        raise Unavailable("the search model is still loading")
+    return svc
+
+
+async def _search_error(_request, exc: SearchError):
+    if exc.status >= 500:
+        log.warning("search failed (%d): %s", exc.status, exc.reason)
+    return JSONResponse({"error": exc.reason}, status_code=exc.status)
+
+
+async def _count_rejections(request: Request, call_next):
+    response = await call_next(request)
+    if response.status_code >= 400:
+        REJECTED.labels(str(response.status_code)).inc()
+    return response
+
+
+router = APIRouter(tags=["search"])
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+
+@router.get("/api/config", summary="What the web page needs to know")
+async def config(request: Request, settings: SearchSettings = Depends(_settings)):
+    svc = request.app.state.search_service()
+    return {"k_default": settings.k_default, "k_max": settings.k_max,
+            "filter_fields": list(settings.filter_fields),
+            "max_upload_bytes": settings.max_upload_bytes,
+            "model_version": svc.model_version if svc else None,
+            "model": svc.model_of() if svc else None,
+            "weak_match_score": settings.weak_match_score,
+            "url_queries": settings.allow_url_queries, "api_key_required": bool(settings.api_key)}
+
+
+@router.post("/search", summary="Search with an image (multipart or JSON)",
+             description="multipart/form-data: `image` (file), optional `crop` (x0,y0,x1,y1 "
+                         "normalised), `k`, `filter` (JSON object), `url` (when URL queries are "
+                         "on). Or a JSON body {image_b64, crop, k, filter, url}. Answers "
+                         '{"query_id", "model_version", "model": {name, version}, "results": '
+                         "[{id, score, uri (this service's /images/<id>), metadata}], \"token\"}.")
+async def search(request: Request, svc: SearchService = Depends(_service),
+                 settings: SearchSettings = Depends(_settings)):
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise BadQuery(f"body is not valid JSON: {str(exc)[:200]}") from exc
+    elif ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        body = await _form_fields(request, settings)
+    else:
+        raise BadQuery("send multipart/form-data with an 'image' file, or a JSON body with image_b64")
+    query = await asyncio.to_thread(query_from_fields, body, settings, svc.fetch_url)
+    return await asyncio.to_thread(svc.search, query)
+
+
+@router.get("/images/{item_id:path}", summary="The catalog image of a result")
+async def image(item_id: str, svc: SearchService = Depends(_service)):
+    data, media_type = await asyncio.to_thread(svc.catalog_image, item_id)
+    return Response(data, media_type=media_type, headers={
+        "cache-control": "max-age=300", "x-content-type-options": "nosniff",
+        "content-security-policy": "default-src 'none'; sandbox"})
+
+
+@router.post("/events", summary="Record clicks (and deferred impressions)",
+             description='{"type": "click", "token": ..., "item_id": ...} or a list of such '
+                         'objects; {"type": "impression", "token": ...} logs the impression of '
+                         "a search made with log_impression=false.")
+async def events(request: Request, svc: SearchService = Depends(_service)):
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadQuery(f"body is not valid JSON: {str(exc)[:200]}") from exc
+    items = body if isinstance(body, list) else [body]
+    if not 1 <= len(items) <= 100:
+        raise BadQuery("send 1 to 100 events")
+    return {"events": await asyncio.to_thread(svc.record_events, items)}     # reads the catalog
+
+
 def add_routes(app, get_service: Callable[[], SearchService | None], settings: SearchSettings) -> None:
-    """Add the routes and CORS to KServe's app (before KServe adds its own routes, so that
-    ``/`` is the web page)."""
-
-    async def search_error(_request, exc: SearchError):
-        if exc.status >= 500:
-            log.warning("search failed (%d): %s", exc.status, exc.reason)
-        return JSONResponse({"error": exc.reason}, status_code=exc.status)
-
-    app.add_exception_handler(SearchError, search_error)
-
-    @app.middleware("http")
-    async def count_rejections(request: Request, call_next):
-        response = await call_next(request)
-        if response.status_code >= 400:
-            REJECTED.labels(str(response.status_code)).inc()
-        return response
-
+    """Add :data:`router`, the page's static files, the error handler, the rejection counter
+    and CORS to KServe's app (before KServe adds its own routes, so that ``/`` is the web
+    page). The handlers find the service and the settings on ``app.state``."""
+    app.state.search_service = get_service
+    app.state.search_settings = settings
+    app.add_exception_handler(SearchError, _search_error)
+    app.middleware("http")(_count_rejections)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["content-type", "x-api-key", "authorization"])
-
-    def service() -> SearchService:
-        svc = get_service()
-        if svc is None:
-            raise Unavailable("the search model is still loading")
-        return svc
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
-
+    app.include_router(router)
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
-
-    @app.get("/api/config", tags=["search"], summary="What the web page needs to know")
-    async def config():
-        svc = get_service()
-        return {"k_default": settings.k_default, "k_max": settings.k_max,
-                "filter_fields": list(settings.filter_fields),
-                "max_upload_bytes": settings.max_upload_bytes,
-                "model_version": svc.model_version if svc else None,
-                "url_queries": settings.allow_url_queries, "api_key_required": bool(settings.api_key)}
-
-    @app.post("/search", tags=["search"], summary="Search with an image (multipart or JSON)",
-              description="multipart/form-data: `image` (file), optional `crop` (x0,y0,x1,y1 "
-                          "normalised), `k`, `filter` (JSON object), `url` (when URL queries are "
-                          "on). Or a JSON body {image_b64, crop, k, filter, url}. Answers "
-                          '{"query_id", "model_version", "results": [{id, score, uri, metadata}]}.')
-    async def search(request: Request):
-        svc = service()
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("application/json"):
-            try:
-                body = await request.json()
-            except ValueError as exc:
-                raise BadQuery(f"body is not valid JSON: {exc}") from exc
-        elif ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            body = await _form_fields(request, settings)
-        else:
-            raise BadQuery("send multipart/form-data with an 'image' file, or a JSON body with image_b64")
-        query = await asyncio.to_thread(query_from_fields, body, settings, svc.fetch_url)
-        return await asyncio.to_thread(svc.search, query)
-
-    @app.get("/images/{item_id:path}", tags=["search"], summary="The catalog image of a result")
-    async def image(item_id: str):
-        data, media_type = await asyncio.to_thread(service().catalog_image, item_id)
-        return Response(data, media_type=media_type, headers={
-            "cache-control": "max-age=300", "x-content-type-options": "nosniff",
-            "content-security-policy": "default-src 'none'; sandbox"})
-
-    @app.post("/events", tags=["search"], summary="Record clicks (and deferred impressions)",
-              description='{"type": "click", "query_id": ..., "item_id": ...} or a list of such '
-                          'objects; {"type": "impression", "query_id": ...} logs the impression of '
-                          "a search made with log_impression=false.")
-    async def events(request: Request):
-        svc = service()
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise BadQuery(f"body is not valid JSON: {exc}") from exc
-        items = body if isinstance(body, list) else [body]
-        if not 1 <= len(items) <= 100:
-            raise BadQuery("send 1 to 100 events")
-        return {"events": [svc.record_event(e) for e in items]}
 
 
 async def _form_fields(request: Request, settings: SearchSettings) -> dict[str, Any]:
@@ -131,7 +152,7 @@ async def _form_fields(request: Request, settings: SearchSettings) -> dict[str, 
         raise BadQuery(f"could not read the form: {exc}") from exc
     unknown = set(form.keys()) - set(FORM_FIELDS)
     if unknown:
-        raise BadQuery(f"unknown form field(s) {sorted(unknown)}: expected image, crop, k, filter, url")
+        raise BadQuery(f"unknown form field(s) {names_brief(unknown)}: expected {', '.join(FORM_FIELDS)}")
     fields: dict[str, Any] = {}
     upload = form.get("image")
     if upload is not None and not isinstance(upload, str):

@@ -25,7 +25,8 @@ from ...core.images import web_media_type
 from ..client import EmbedderClient, EmbedderUnavailable
 from ..embedding import ImageEmbedder
 from ..preprocess import Box, InvalidImage
-from .errors import BadQuery, NotFound, TooLarge, Unavailable
+from ..protocol import names_brief
+from .errors import BadQuery, NotFound, SearchError, TooLarge, Unavailable
 from .event_log import EventLog
 from .index import CatalogIndex, CollectionGone, Target
 from .metrics import CLICKS, IMPRESSIONS, LATENCY, SEARCHES
@@ -80,6 +81,18 @@ class SearchService:
     @property
     def model_version(self) -> str:
         return self.settings.model_version or self.embedder.model_id
+
+    def model_of(self, target: Target | None = None) -> dict:
+        """``{"name", "version"}`` of the model that built ``target``'s collection (its record),
+        else of this server's embedder: what a person reads (the web page's header)."""
+        rec = target.record if target is not None else None
+        if rec and rec.get("model") is not None:
+            return {"name": str(rec["model"]), "version": str(rec.get("version", ""))}
+        meta = getattr(self.embedder, "meta", None)
+        if meta is not None:
+            return {"name": str(meta.name), "version": str(meta.version)}
+        return {"name": str(getattr(self.embedder, "model_name", self.embedder_name)),
+                "version": str(getattr(self.embedder, "version", "") or "")}
 
     def fetch_url(self, url: str) -> bytes:
         """The query image at ``url`` (URL queries), or a 400/413 saying why not."""
@@ -164,15 +177,18 @@ class SearchService:
             "query_hash": query_hash, "image_hash": image_hash, "query_uri": query_uri,
             "crop": list(query.crop) if query.crop else None, "model_version": model_version,
             "collection": target.collection,
-            "results": [{"id": c.id, "rank": i + 1, "score": round(float(c.score), 6),
-                         "uri": c.uri} for i, c in enumerate(results)],
+            "results": [{"id": c.id, "rank": i + 1, "score": round(float(c.score), 6)}
+                        for i, c in enumerate(results)],
             "k": query.k, "ts": int(time.time() * 1000)}
         if query.log_impression:
             self.events.emit(impression)
             IMPRESSIONS.labels(model_version).inc()
         SEARCHES.labels(model_version).inc()
-        return {"query_id": query_id, "model_version": model_version, "collection": target.collection,
-                "results": [c.result() for c in results], "token": self.tokens.sign(impression),
+        # the token names the stored query image by its name in the store, never its URI
+        token = self.tokens.sign({**impression, "query_ref": self.query_store.ref_of(query_uri)})
+        return {"query_id": query_id, "model_version": model_version, "model": self.model_of(target),
+                "collection": target.collection,
+                "results": [c.result() for c in results], "token": token,
                 "took_ms": {"embed": round((t1 - t0) * 1000, 2), "search": round((t2 - t1) * 1000, 2)}}
 
     def search_vector(self, vector: np.ndarray, k: int, spec: FilterSpec | None = None,
@@ -190,7 +206,12 @@ class SearchService:
             limit = min(self.settings.max_candidates, limit * 4)
 
     # -- events
-    def record_event(self, event: Any) -> dict:
+    def record_events(self, events: list) -> list[dict]:
+        """:meth:`record_event` for each of ``events`` (one catalog read per clicked item)."""
+        uris: dict[str, str | None] = {}
+        return [self.record_event(e, uris) for e in events]
+
+    def record_event(self, event: Any, uris: dict | None = None) -> dict:
         """A click (or a deferred impression) reported by a client: ``{"type": "click", "token":
         <the search's token>, "item_id": ...}``. The record is completed from the signed token,
         so the client can neither invent searches nor click results it was not shown, and any
@@ -203,15 +224,18 @@ class SearchService:
             raise BadQuery(f"event type must be one of {', '.join(search_events.TYPES)}, got {kind!r}")
         unknown = set(event) - {"type", "token", "item_id", "query_id"}
         if unknown:
-            raise BadQuery(f"unknown event field(s) {sorted(unknown)}: expected type, token, item_id")
+            raise BadQuery(f"unknown event field(s) {names_brief(unknown)}: expected type, token, item_id")
         if "token" not in event:
             raise BadQuery("an event needs the 'token' of the search it belongs to")
         imp = self.tokens.verify(event["token"])
         if event.get("query_id") not in (None, imp["query_id"]):
             raise BadQuery("query_id does not match the token's search")
         now = int(time.time() * 1000)
+        query_uri = self.query_store.uri_of(imp.get("query_ref"))
         if kind == "impression":
-            self.events.emit({**imp, "ts": now})
+            record = {k: v for k, v in imp.items() if k != "query_ref"}
+            self.events.emit({**record, "schema": search_events.SCHEMA, "type": "impression",
+                              "query_uri": query_uri, "ts": now})
             IMPRESSIONS.labels(imp["model_version"]).inc()
             return {"accepted": True}
         item_id = event.get("item_id")
@@ -221,12 +245,25 @@ class SearchService:
         hit = match[0]
         record = {"schema": search_events.SCHEMA, "type": "click", "query_id": imp["query_id"],
                   "query_hash": imp["query_hash"], "image_hash": imp["image_hash"],
-                  "query_uri": imp["query_uri"], "crop": imp["crop"], "item_id": item_id,
-                  "item_uri": hit.get("uri"), "rank": hit["rank"], "score": hit["score"],
+                  "query_uri": query_uri, "crop": imp["crop"], "item_id": item_id,
+                  "item_uri": self._item_uri(item_id, {} if uris is None else uris),
+                  "rank": hit["rank"], "score": hit["score"],
                   "model_version": imp["model_version"], "collection": imp.get("collection"), "ts": now}
         self.events.emit(record)
         CLICKS.labels(imp["model_version"]).inc()
         return {"accepted": True}
+
+    def _item_uri(self, item_id: str, known: dict) -> str | None:
+        """A clicked item's catalog URI (for the trainer's pairs), read when the click is
+        logged (``known``: the ones read already); None (and logged) when the catalog cannot say."""
+        if item_id not in known:
+            try:
+                item = self.index.get(item_id)
+                known[item_id] = item.uri if item is not None else None
+            except SearchError as exc:
+                log.warning("click on %r logged without its uri: %s", str(item_id)[:200], exc.reason)
+                return None
+        return known[item_id]
 
     # -- catalog images
     def image_location(self, item_id: str) -> str:

@@ -1,23 +1,30 @@
-"""The search service's settings (the flags of ``vsearch serve search``)."""
+"""The search service's settings: the one home of every default of ``vsearch serve search``
+(its flags take their defaults from :class:`SearchSettings`, see ``cli.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...core.store import DEFAULT_ALIAS
+from ..preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+# Where the command keeps query images when nothing else is given (the library's default is
+# None: a SearchService built in code writes nothing unless told where).
+DEFAULT_QUERY_STORE = ".vsearch/queries"
+
 
 @dataclass
 class SearchSettings:
-    alias: str = "images"
+    alias: str = DEFAULT_ALIAS
     k_default: int = 20
     k_max: int = 100
     overfetch: float = 3.0            # candidates fetched per wanted result (re-ranking drops some)
     max_candidates: int = 2000        # most candidates asked of Milvus for one query
     dedup_distance: float = 0.02      # cosine distance under which two results are duplicates
     filter_fields: tuple[str, ...] = ("label", "category", "source", "group")
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    milvus_timeout: float = 10.0
+    max_upload_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
     query_store: str | None = None    # where query images are kept: a folder or s3://bucket/prefix
     query_store_max_bytes: int = 1024 * 1024 * 1024   # quota of a folder store
     allow_url_queries: bool = False
@@ -30,3 +37,6 @@ class SearchSettings:
     click_secret: str | None = None       # signs search tokens; the same on every replica
     click_token_ttl_s: float = 86_400.0   # how long a search's token can log clicks
     model_version: str | None = None      # override of the reported model version
+    # the web page says "nothing close" when the best score is under this (cosine similarity;
+    # depends on the model: a trained one puts related images well above it)
+    weak_match_score: float = 0.3

@@ -1,73 +1,67 @@
-"""Signed search tokens: what a replica needs to log a click (or a deferred impression) on a
-search that any replica answered, carried by the client instead of kept in a replica's memory.
+"""Search tokens: what a replica needs to log a click (or a deferred impression) on a search
+that any replica answered, carried by the client instead of kept in a replica's memory.
 
-A search answers with ``token``: its impression (query id, hashes, stored query image, crop,
-model version, the results with ranks, scores and URIs, time), compressed and signed with
-HMAC-SHA256 under the service's ``--click-secret``. ``POST /events`` sends it back with the
-clicked ``item_id``; a replica with the same secret verifies it and completes the click record
-from it, so a client can neither invent searches nor click results it was not shown.
+A search answers with ``token``: :mod:`itsdangerous` ``URLSafeTimedSerializer`` output
+(compressed JSON, a timestamp, HMAC-SHA256 under the service's ``--click-secret``, salt
+``vsearch.search-token.v2``), expiring after ``--click-token-ttl`` seconds. Signed, not
+encrypted: a client can read it, so it holds only what the answer already told the client
+(query id, the results' ids, ranks and scores, model version, collection, crop, k, time, the
+query's hashes) and ``query_ref``, the query image's name inside the query store (its content
+hash and date, never the store's folder, bucket or prefix), from which the server derives the
+stored image's URI. Catalog URIs are never in it: a click's ``item_uri`` is read from the
+catalog when the click is logged. ``POST /events`` sends the token back with the clicked
+``item_id``; a replica with the same secret verifies it, so a client can neither invent
+searches nor click results it was not shown.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import hmac
-import json
 import secrets
-import time
-import zlib
 
-from ...core import search_events
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
 from .errors import BadQuery
 
-VERSION = b"v1"
+SALT = "vsearch.search-token.v2"
+MAX_TOKEN_CHARS = 200_000
+# What a token may hold (the impression's other fields stay on the server).
+TOKEN_FIELDS = ("query_id", "query_hash", "image_hash", "query_ref", "crop", "model_version", "collection",
+                "results", "k", "ts")
+RESULT_FIELDS = ("id", "rank", "score")
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+def public_impression(impression: dict) -> dict:
+    """The part of an impression a token carries (see the module)."""
+    out = {k: impression.get(k) for k in TOKEN_FIELDS}
+    out["results"] = [{k: r.get(k) for k in RESULT_FIELDS} for r in impression.get("results") or ()]
+    return out
 
 
 class TokenSigner:
-    """``sign(impression) -> token`` and ``verify(token) -> impression``; tokens expire after
-    ``ttl_s`` seconds."""
+    """``sign(impression) -> token`` and ``verify(token) -> the token's impression``; tokens
+    expire after ``ttl_s`` seconds."""
 
     def __init__(self, secret: str | bytes | None, ttl_s: float = 86_400.0):
+        self.shared = bool(secret)
         if not secret:
             secret = secrets.token_bytes(32)        # clicks then work on this replica only
-            self.shared = False
-        else:
-            self.shared = True
-        self.key = secret.encode() if isinstance(secret, str) else bytes(secret)
         self.ttl_s = ttl_s
-
-    def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self.key, VERSION + b"." + body, hashlib.sha256).digest()
+        self._serializer = URLSafeTimedSerializer(secret, salt=SALT,
+                                                  signer_kwargs={"digest_method": hashlib.sha256})
 
     def sign(self, impression: dict) -> str:
-        body = zlib.compress(search_events.encode(impression), 6)
-        return f"{VERSION.decode()}.{_b64(body)}.{_b64(self._mac(body))}"
+        return self._serializer.dumps(public_impression(impression))
 
     def verify(self, token) -> dict:
-        if not isinstance(token, str) or token.count(".") != 2 or len(token) > 200_000:
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
             raise BadQuery("token must be the 'token' of a search this service answered")
-        version, body_text, mac_text = token.split(".")
         try:
-            body, mac = _unb64(body_text), _unb64(mac_text)
-        except (binascii.Error, ValueError) as exc:
-            raise BadQuery("token is not valid base64") from exc
-        if version.encode() != VERSION or not hmac.compare_digest(mac, self._mac(body)):
-            raise BadQuery("token was not issued by this service (or was altered)")
-        try:
-            impression = json.loads(zlib.decompress(body, bufsize=65_536))
-        except (zlib.error, ValueError) as exc:
-            raise BadQuery("token holds no search") from exc
-        age = time.time() - impression.get("ts", 0) / 1000
-        if age > self.ttl_s:
-            raise BadQuery(f"token expired ({age / 3600:.1f} h old; tokens last {self.ttl_s / 3600:.1f} h)")
+            impression = self._serializer.loads(token, max_age=self.ttl_s)
+        except SignatureExpired as exc:
+            raise BadQuery(f"token expired (tokens last {self.ttl_s / 3600:.1f} h)") from exc
+        except BadSignature as exc:
+            raise BadQuery("token was not issued by this service (or was altered)") from exc
+        if not isinstance(impression, dict) or not isinstance(impression.get("results"), list):
+            raise BadQuery("token holds no search")
         return impression

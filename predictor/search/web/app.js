@@ -39,15 +39,38 @@ async function loadConfig() {
     state.config = await resp.json();
     $("k").max = state.config.k_max;
     $("k").value = Math.min(state.config.k_default, state.config.k_max);
-    if (state.config.model_version) $("model").textContent = `model ${state.config.model_version}`;
+    showModel(state.config.model);
     if (state.config.api_key_required) $("key-row").hidden = false;
   } catch (e) {
     setStatus("The search service cannot be reached.", true);
   }
 }
 
+// The model that answered, as a person reads it (never the internal collection name).
+function showModel(model) {
+  if (!model || !model.name) return;
+  $("model").textContent = model.version ? `model ${model.name}, version ${model.version}` : `model ${model.name}`;
+}
+
+// The query panel and the results go back to empty: nothing of a previous search stays
+// next to an error about this one.
+function clearQuery() {
+  $("stage").hidden = true;
+  $("drop-hint").hidden = false;
+  $("query").removeAttribute("src");
+  clearResults();
+}
+
+function clearResults() {
+  render([]);
+  $("weak").hidden = true;
+}
+
 function useImage(blob, name) {
   if (!blob || !blob.type.startsWith("image/")) {
+    state.blob = null;
+    $("go").disabled = true;
+    clearQuery();
     setStatus(`${name || "That file"} is not an image: choose a JPEG, PNG, WebP or GIF file.`, true);
     return Promise.resolve(false);
   }
@@ -66,7 +89,9 @@ function useImage(blob, name) {
       resolve(true);
     };
     img.onerror = () => {
-      setStatus(`${state.name} could not be shown; the server may still read it.`, true);
+      // No broken-image icon: the browser cannot show it; the server says whether it can read it.
+      clearQuery();
+      setStatus(`${state.name} could not be shown as an image; asking the server…`, true);
       $("go").disabled = false;
       resolve(true);
     };
@@ -157,16 +182,28 @@ async function search() {
     const reason = await errorText(resp);
     const hint = { 400: "The query was refused", 401: "Not allowed", 413: "Too large",
                    503: "Search is unavailable right now" }[resp.status] || "Search failed";
+    clearResults();
     setStatus(`${hint}: ${reason}`, true);
     return;
   }
   const body = await resp.json();
   state.queryId = body.query_id;
   state.token = body.token;            // signed by the server: any replica logs its clicks
-  if (body.model_version) $("model").textContent = `model ${body.model_version}`;
-  render(body.results || []);
-  const n = (body.results || []).length;
+  showModel(body.model);
+  const results = body.results || [];
+  render(results);
+  const n = results.length;
   setStatus(n ? `${n} result${n === 1 ? "" : "s"}, most similar first.` : "No results: the catalog may still be filling.");
+  // Nearest is not the same as near: say so when even the best result is far.
+  const weakAt = state.config ? state.config.weak_match_score : null;
+  const best = n ? Number(results[0].score) : null;
+  if (best !== null && weakAt !== null && weakAt !== undefined && best < weakAt) {
+    $("weak").textContent = `Nothing in the catalog is close to this image: the best score is ${best.toFixed(3)} ` +
+      `(under ${Number(weakAt).toFixed(2)}). These are the least different images, not matches.`;
+    $("weak").hidden = false;
+  } else {
+    $("weak").hidden = true;
+  }
 }
 
 function render(results) {
@@ -183,7 +220,7 @@ function render(results) {
     li.dataset.id = r.id;
     li.dataset.rank = String(i + 1);
     li.dataset.score = String(r.score);
-    li.title = `${r.id}\n${r.uri || ""}\n${JSON.stringify(r.metadata || {})}`;
+    li.title = `${r.id}\n${JSON.stringify(r.metadata || {})}`;
     const thumb = document.createElement("div");
     thumb.className = "thumb";
     const img = document.createElement("img");
@@ -195,6 +232,7 @@ function render(results) {
     const id = document.createElement("span");
     id.className = "id";
     id.textContent = `${i + 1}. ${r.id}`;
+    id.title = r.id;                     // whole, also when it wraps
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = Number(r.score).toFixed(3);

@@ -76,3 +76,27 @@ def test_vsearch_ctr_reads_the_topic(tmp_path):
         table = subprocess.run([sys.executable, "-m", "vsearch", "ctr", "--bootstrap", broker.bootstrap,
                                 "--idle-timeout", "2"], capture_output=True, text=True, timeout=60)
         assert "m__1" in table.stdout and "0.500" in table.stdout
+
+
+def test_an_oversized_event_is_dropped_and_the_queue_behind_it_flows(broker):
+    """The audit's 1.38 MB impression ahead of 20 ordinary ones: it is dropped with a logged
+    reason and a count, the 20 arrive. Twice: once caught when emitted (over the log's record
+    limit), once refused by the producer itself (the log's limit raised past the producer's 1 MiB)."""
+    import uuid
+    for limit, reason in ((900_000, "too_large"), (4_000_000, "refused")):
+        topic = f"search.events.big.{uuid.uuid4().hex[:8]}"
+        events = EventLog(broker, topic=topic, send_timeout=5.0, max_record_bytes=limit)
+        try:
+            big = impression("big", n=100)
+            for r in big["results"]:
+                r["note"] = "x" * 13_800
+            assert 1_300_000 < len(search_events.encode(big)) < 1_500_000
+            events.emit(big)
+            for i in range(20):
+                events.emit(impression(f"q{i}"))
+            assert events.flush(timeout=30), (reason, events.pending(), events.last_error)
+            assert events.sent == 20 and events.dropped == 1, (reason, events.sent, events.dropped)
+            got = list(read_events(broker, topic, idle_timeout=2.0))
+            assert sorted(r["query_id"] for r in got) == sorted(f"q{i}" for i in range(20))
+        finally:
+            events.close(timeout=2)

@@ -234,3 +234,40 @@ def test_help_never_prints_secret_values(monkeypatch, capsys):
             main(argv)
         out = capsys.readouterr().out
         assert "s3cr3t" not in out and "set]" in out
+
+
+def test_every_route_of_the_search_app_needs_the_key_and_no_repository_route_is_left(hardened):
+    """Walks every route of the search app's OpenAPI document (fetched with the key): without
+    the key each answers 401 unless it is one of the exact open routes; the document and its
+    page need the key; KServe's repository routes are gone (404 with the key too) and the
+    model stays ready."""
+    from vsearch.predictor.serving import is_open
+    svc, _, _ = hardened
+    for path in ("/openapi.json", "/docs"):
+        assert get(svc, path, key=False).status_code == 401, path
+    paths = get(svc, "/openapi.json").json()["paths"]
+    assert "/search" in paths and "/events" in paths and not [p for p in paths if "repository" in p]
+    for template, methods in paths.items():
+        path = (template.replace("{model_name}", "visual-search").replace("{model_version}", "1")
+                .replace("{item_id}", "ok"))
+        for method in methods:
+            r = requests.request(method.upper(), svc.url + path, timeout=20)
+            if is_open(method.upper(), path):
+                assert r.status_code != 401, (method, path)
+            else:
+                assert r.status_code == 401, (method, path, r.status_code)
+    for path in ("/v2/repository/models/visual-search/unload", "/v2/repository/index"):
+        assert requests.post(svc.url + path, headers={"X-API-Key": KEY}, timeout=20).status_code == 404
+    assert get(svc, "/v2/models/visual-search/ready", key=False).status_code == 200
+
+
+def test_errors_about_unknown_fields_stay_short(hardened):
+    """A request naming 2,000 unknown fields (about 100 KB) gets an error of a few hundred bytes."""
+    svc, _, photos = hardened
+    many = {f"field-{i:05d}-" + "x" * 40: 1 for i in range(2_000)}
+    for path, body in (("/events", {"type": "click", "token": "t", **many}),
+                       ("/search", {"image_b64": base64.b64encode(photos[0]).decode(), **many}),
+                       ("/v1/models/visual-search:predict", {"instances": [{"image": {"b64": "x"}, **many}]})):
+        r = requests.post(svc.url + path, json=body, headers={"X-API-Key": KEY}, timeout=30)
+        assert r.status_code == 400 and "unknown" in r.text and "more" in r.text, (path, r.text[:300])
+        assert len(r.content) < 800, (path, len(r.content))

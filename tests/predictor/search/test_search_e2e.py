@@ -8,15 +8,25 @@ import io
 import json
 import time
 import urllib.parse
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from itsdangerous.encoding import base64_decode
 
 from tests.fixtures.search import MAX_UPLOAD
 from vsearch.predictor.preprocess import apply_crop, decode_image
 from vsearch.predictor.search.ctr import read_events
+
+
+def read_token(token: str) -> dict:
+    """What anyone can read of an itsdangerous token: payload.timestamp.signature, the payload
+    zlib-compressed when it starts with a dot."""
+    payload = token.rsplit(".", 2)[0]
+    raw = base64_decode(payload.lstrip("."))
+    return json.loads(zlib.decompress(raw) if payload.startswith(".") else raw)
 
 
 def ids(resp) -> list[str]:
@@ -30,8 +40,10 @@ def test_a_catalog_image_finds_itself_first_with_score_one(search_server):
         results = body["results"]
         assert results[0]["id"] == item
         assert results[0]["score"] == pytest.approx(1.0, abs=1e-3)
-        assert results[0]["uri"].startswith("file://") and results[0]["metadata"]["label"]
+        # the catalog's own uri (a file path here) stays inside: uri is where this service serves it
+        assert results[0]["uri"] == f"/images/{item}" and results[0]["metadata"]["label"]
         assert set(results[0]) == {"id", "score", "uri", "metadata"}
+        assert "file:" not in json.dumps(body) and str(search_server.catalog.root) not in json.dumps(body)
         assert 1 <= len(results) <= 5 and body["query_id"] and body["model_version"]
 
 
@@ -129,8 +141,16 @@ def test_impressions_and_clicks_land_on_search_events(search_server):
     item_path = Path(urllib.parse.urlsplit(click["item_uri"]).path)
     assert item_path.read_bytes() == cat.photos[clicked["id"]]
 
-    # Clicks must carry the search's own token and name one of its results.
+    # The token is signed, not encrypted: it names the stored query image by its name in the
+    # store (hash and date), never a path, bucket or catalog URI.
     token = body["token"]
+    readable = read_token(token)
+    assert readable["query_id"] == qid and readable["query_ref"].endswith(".jpg")
+    assert "/" not in readable["query_ref"].split("/")[-1] and str(search_server.query_store) not in json.dumps(readable)
+    assert "file:" not in json.dumps(readable) and all(set(r) == {"id", "rank", "score"} for r in readable["results"])
+    assert all("uri" not in r for r in imp["results"])
+
+    # Clicks must carry the search's own token and name one of its results.
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     for bad, reason in (({"type": "click", "item_id": clicked["id"]}, "token"),
                         ({"type": "click", "token": forged, "item_id": clicked["id"]}, "not issued by this service"),

@@ -155,3 +155,79 @@ def test_dropping_an_image_searches_with_it(page, search_server):
     pg.wait_for_function("() => { const c = document.querySelector('[data-testid=result]');"
                          " return c && c.dataset.id === 'photo-07'; }")
     assert pg.locator("[data-testid=query-image]").is_visible()
+
+
+@pytest.fixture(scope="module")
+def strict_server(search_catalog, tiny_model_dir, milvus_server_uri, tmp_path_factory):
+    """The same catalog behind a server whose "nothing is close" threshold is above any score."""
+    from tests.fixtures.search import start_search_server
+    root = tmp_path_factory.mktemp("strict-search")
+    svc = start_search_server(milvus_uri=milvus_server_uri, alias=search_catalog.alias, model_dir=tiny_model_dir,
+                              log_path=root / "search.log", extra=("--weak-match-score", "1.5",
+                                                                   "--image-roots", str(search_catalog.root)))
+    yield svc
+    svc.stop()
+
+
+def test_bad_files_clear_the_old_results_and_the_header_names_the_model(page, search_server, tmp_path):
+    """After a good search, a file the browser cannot show: no broken-image icon, the old
+    results are gone, the server's reason is shown. The header names the model and its
+    version, never the collection; ids are shown whole (they wrap)."""
+    pg, cat = page, search_server.catalog
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as first:
+        pg.set_input_files("[data-testid=file]", str(cat.files["photo-02"]))
+    answer = first.value.json()
+    pg.wait_for_selector("[data-testid=result]")
+    header = pg.inner_text("[data-testid=model]")
+    assert header == f"model {answer['model']['name']}, version {answer['model']['version']}", header
+    assert answer["collection"] not in header and "__" not in header
+    # ids whole: no card's id is cut (its box is as wide as its text), and each has its tooltip
+    cut = pg.evaluate("() => [...document.querySelectorAll('[data-testid=result] .id')]"
+                      ".filter(e => e.scrollWidth > e.clientWidth + 1 || !e.title).map(e => e.textContent)")
+    assert cut == []
+    assert not pg.locator("[data-testid=weak-hint]").is_visible()       # real matches: no hint
+
+    fake = tmp_path / "broken.jpg"
+    fake.write_bytes(b"\xff\xd8 definitely not a JPEG")
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as resp:
+        pg.set_input_files("[data-testid=file]", str(fake))
+    assert resp.value.status == 400
+    pg.wait_for_function("() => document.querySelector('[data-testid=status]').dataset.state === 'error'")
+    assert pg.locator("[data-testid=result]").count() == 0
+    assert not pg.locator("[data-testid=query-image]").is_visible()      # no broken-image icon
+    assert "image" in pg.inner_text("[data-testid=status]")
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    pg.set_input_files("[data-testid=file]", str(cat.files["photo-04"]))
+    pg.wait_for_selector("[data-testid=result]")
+    pg.set_input_files("[data-testid=file]", str(text))
+    assert pg.locator("[data-testid=result]").count() == 0 and "not an image" in pg.inner_text("[data-testid=status]")
+
+
+def test_long_ids_wrap_whole(page, search_server):
+    """A long id in a narrow card wraps instead of being cut (the page's own renderer)."""
+    pg = page
+    long_id = "catalog-item-" + "x" * 80 + "-end"
+    pg.evaluate("(id) => render([{id, score: 0.9, uri: '/images/' + id, metadata: {}}])", long_id)
+    card = pg.locator("[data-testid=result] .id").first
+    assert card.inner_text().endswith("-end") and card.get_attribute("title") == long_id
+    assert pg.evaluate("() => { const e = document.querySelector('[data-testid=result] .id');"
+                       " return e.scrollWidth <= e.clientWidth + 1; }")
+
+
+def test_a_hint_says_when_nothing_is_close(browser, strict_server, search_catalog):
+    """With the threshold a setting above every score (1.5 here), the page says nothing is close."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    try:
+        pg.goto(strict_server.url + "/")
+        config = pg.evaluate("() => fetch('/api/config').then(r => r.json())")
+        assert config["weak_match_score"] == 1.5
+        pg.wait_for_function("() => state.config !== null")          # the page read its config
+        with pg.expect_response(lambda r: r.url.endswith("/search")):
+            pg.set_input_files("[data-testid=file]", str(search_catalog.files["photo-01"]))
+        pg.wait_for_selector("[data-testid=weak-hint]:not([hidden])")
+        assert "Nothing in the catalog is close" in pg.inner_text("[data-testid=weak-hint]")
+    finally:
+        ctx.close()
