@@ -55,7 +55,7 @@ class Gate:
     min_self_score: float = 0.99
     min_self_consistency: float = 1.0
     golden: Golden | None = None
-    require_offline_verdict: bool = False
+    require_offline_verdict: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,8 @@ class IndexSpec:
     policy: Policy
 
     @classmethod
-    def from_dict(cls, spec: dict) -> "IndexSpec":
+    def from_dict(cls, spec: dict, *, namespace: str = "", index: str = "") -> "IndexSpec":
+        """The typed spec of SearchIndex ``namespace/index`` (whose names derive the default alias)."""
         cat, mil, model = spec["catalog"], spec["milvus"], spec["model"]
         idx = mil.get("index") or {}
         tok = mil.get("tokenSecretRef")
@@ -115,7 +116,7 @@ class IndexSpec:
                             uri=gd.get("uri"), margin=float(gd.get("margin", 0.02)))
         gate = Gate(sample_size=int(g.get("sampleSize", 50)), min_self_score=float(g.get("minSelfScore", 0.99)),
                     min_self_consistency=float(g.get("minSelfConsistency", 1.0)), golden=golden,
-                    require_offline_verdict=bool(g.get("requireOfflineVerdict", False)))
+                    require_offline_verdict=bool(g.get("requireOfflineVerdict", True)))
         policy = Policy(require_approval=bool(ro.get("requireApproval", False)),
                         retention_s=int(ro.get("retentionSeconds", 86400)),
                         max_retries=int(ro.get("maxRetries", 5)),
@@ -125,7 +126,7 @@ class IndexSpec:
                         count_tolerance=int(bf.get("countTolerance", 0)), gate=gate)
         return cls(bootstrap=cat["bootstrap"], topic=cat.get("topic", "catalog.images"),
                    milvus_uri=mil["uri"], token_secret=(tok["name"], tok.get("key", "token")) if tok else None,
-                   alias=mil.get("alias", "images"), index_type=idx.get("type", "HNSW"),
+                   alias=mil.get("alias") or default_alias(namespace, index), index_type=idx.get("type", "HNSW"),
                    metric=idx.get("metric", "COSINE"), index_params=dict(idx.get("params") or {}),
                    search_params=dict(idx.get("searchParams") or {}),
                    model=ModelRef(str(model["name"]), str(model["version"]), str(model["uri"])),
@@ -137,15 +138,50 @@ class IndexSpec:
         return IndexConfig(self.index_type, self.metric, self.index_params, self.search_params)
 
 
-def dns_name(*parts: str, limit: int = 63) -> str:
-    """A DNS-1123 label from ``parts`` (lower case, dashes), shortened with a hash when long."""
+def tuple_key(*parts: str) -> str:
+    """An injective encoding of ``parts`` (each as ``<length>:<text>``): ``("a-b", "c")`` and
+    ``("a", "b-c")`` differ, ``("1.0",)`` and ``("1-0",)`` too. The chart's helpers build the same."""
+    return "".join(f"{len(p)}:{p}" for p in parts)
+
+
+def name_hash(*parts: str, n: int = 8) -> str:
+    """``n`` hex digits of the sha256 of :func:`tuple_key` of ``parts``: the suffix that keeps
+    every derived name unique per tuple whatever its readable part became."""
+    return hashlib.sha256(tuple_key(*parts).encode()).hexdigest()[:n]
+
+
+def dns_name(*parts: str, limit: int = 63, suffix: str = "") -> str:
+    """A DNS-1123 label from ``parts`` (lower case, dashes), then ``-<suffix>``; the readable part
+    is shortened (with a hash of ``parts``) when the whole would be longer than ``limit``."""
     raw = "-".join(p for p in parts if p)
     name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
     name = re.sub(r"-+", "-", name)
-    if len(name) > limit:
+    room = limit - (len(suffix) + 1 if suffix else 0)
+    if len(name) > room:
         digest = hashlib.sha1(raw.encode()).hexdigest()[:8]
-        name = name[:limit - 9].rstrip("-") + "-" + digest
-    return name or "x"
+        name = name[:room - 9].rstrip("-") + "-" + digest
+    name = name or "x"
+    return f"{name}-{suffix}" if suffix else name
+
+
+def default_alias(namespace: str, index: str) -> str:
+    """The alias of a SearchIndex that names none: ``vs_<namespace>_<index>_<hash>``, one per
+    (namespace, index), so indexes sharing a Milvus never share the global ``images``."""
+    from ..core.store import sanitise
+    readable = f"{sanitise(namespace)}_{sanitise(index)}"[:200]
+    return f"vs_{readable}_{name_hash('alias', namespace, index, n=10)}"
+
+
+def collection_of(namespace: str, index: str, model: str, version: str) -> str:
+    """``images__<model>__<version>__<hash>``: readable, and unique per (namespace, index, model,
+    version) through the hash of the tuple (``1.0`` and ``1-0`` read alike, hash apart)."""
+    from ..core.store import collection_name
+    return f"{collection_name(model, version)[:180]}__{name_hash(namespace, index, model, version, n=10)}"
+
+
+def owner_of(namespace: str, index: str) -> str:
+    """How a collection's model record names the SearchIndex that owns it."""
+    return f"{namespace}/{index}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,18 +197,26 @@ class VersionRef:
 
     @classmethod
     def of(cls, index: str, namespace: str, model: ModelRef) -> "VersionRef":
-        from ..core.store import collection_name
-        coll = collection_name(model.name, model.version)
+        coll = collection_of(namespace, index, model.name, model.version)
         return cls(index=index, namespace=namespace, model=model.name, version=model.version, uri=model.uri,
-                   collection=coll, group=f"ingest-{namespace}-{index}-{coll}")
+                   collection=coll, group=f"vsearch-ingest-{coll}")
+
+    @property
+    def _suffix(self) -> str:
+        return name_hash(self.index, self.model, self.version)
 
     @property
     def embedder_name(self) -> str:
-        return dns_name(self.index, self.model, self.version, "embedder", limit=45)
+        """``<index>-<model>-<version>-<hash>-embedder`` (at most 45: KServe adds ``-predictor...``)."""
+        return dns_name(self.index, self.model, self.version, limit=45, suffix=f"{self._suffix}-embedder")
 
     @property
     def ingest_name(self) -> str:
-        return dns_name(self.index, self.model, self.version, "ingest")
+        return dns_name(self.index, self.model, self.version, suffix=f"{self._suffix}-ingest")
+
+    @property
+    def owner(self) -> str:
+        return owner_of(self.namespace, self.index)
 
     def to_status(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "modelUri": self.uri,
