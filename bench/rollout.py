@@ -152,7 +152,8 @@ def main(argv=None) -> int:
 
         search = services.start_search(
             "--embedder-url", ro.status["serving"]["embedderUrl"], "--milvus-uri", milvus.uri,
-            "--query-store", "", "--dedup-distance", "0", log_path=work / "search.log")
+            "--query-store", "", "--dedup-distance", "0", "--allowed-embedder-urls", "http://127.0.0.1:*",
+            log_path=work / "search.log")
         started.append(search)
         probe = [(f"i{n}", paths[n].read_bytes()) for n in range(0, args.items, max(1, args.items // 200))]
         warm = Loop(search.url, probe, threads=1).start()

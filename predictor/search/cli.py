@@ -62,6 +62,9 @@ def register_serve(serve_sub) -> None:
                 "link-local); by default only from globally routable ones")
     pf.add("--model-version", default=None,
              help="model version written into events (default: the embedder's model id)")
+    pf.add("--allowed-embedder-urls", default="",
+           help="embedder URLs (shell patterns, comma-separated) a collection's model record may name, "
+                "besides --embedder-url; the query image goes there (e.g. http://*-predictor.NS.svc)")
     pf.add("--device", default=None, help="torch device for in-process embedding")
     pf.add("--threads", default=None, type=int, help="torch CPU threads")
     p.set_defaults(handler=_serve_search)
@@ -106,7 +109,7 @@ def _serve_search(args) -> int:
         cors_origins=csv_list(args.cors_origins),
         image_roots=tuple(Path(r).resolve() for r in csv_list(args.image_roots)),
         allow_private_image_urls=args.allow_private_image_urls,
-        model_version=args.model_version)
+        model_version=args.model_version, allowed_embedder_urls=csv_list(args.allowed_embedder_urls))
 
     from ..serving import hide_argv_from_kserve, run_model_server
     hide_argv_from_kserve()

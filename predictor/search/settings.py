@@ -30,3 +30,6 @@ class SearchSettings:
     click_secret: str | None = None       # signs search tokens; the same on every replica
     click_token_ttl_s: float = 86_400.0   # how long a search's token can log clicks
     model_version: str | None = None      # override of the reported model version
+    # Embedder URLs a collection's model record may send queries to (shell patterns), besides
+    # --embedder-url: the record is written by whoever created the collection, so not trusted.
+    allowed_embedder_urls: tuple[str, ...] = ()

@@ -89,3 +89,20 @@ def test_operator_pods_have_a_read_only_root_filesystem_and_scratch_space():
         assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/var/lib/vsearch"}
         assert {v["name"]: v["emptyDir"] for v in pod["volumes"]}["tmp"] == {"sizeLimit": "1Gi"}
         assert pod["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("url,ok", [
+    ("http://shop-m-1-1a2b3c4d-embedder-predictor.shop.svc", True),
+    ("http://x-predictor.shop.svc.cluster.local", True),
+    ("http://attacker.example.com/x-predictor.shop.svc", False),
+    ("http://user@x-predictor.shop.svc", False),
+    ("http://x-predictor.shop.svc.attacker.example.com", False),
+    ("http://x-predictor.other.svc", False),
+    ("http://x-predictor.shop.svc/v2?q=1", False),
+])
+def test_the_search_service_sends_queries_only_to_allowed_embedders(url, ok):
+    """The other end of ownership: a collection's record names its embedder, but whoever made the
+    collection wrote it; the chart allows its namespace's predictor Services only."""
+    from vsearch.predictor.search.service import embedder_url_allowed
+    patterns = ("http://*-predictor.shop.svc", "http://*-predictor.shop.svc.cluster.local")
+    assert embedder_url_allowed(url, patterns) is ok

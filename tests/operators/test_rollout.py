@@ -48,7 +48,8 @@ def test_blue_green_rollout_kill_restart_rollback_and_delete(tmp_path, cluster, 
     # the search service, embedding with whichever version built the collection the alias names
     search = services.start_search(
         "--embedder-url", st["serving"]["embedderUrl"], "--milvus-uri", milvus_server_uri, "--alias", alias,
-        "--query-store", "", "--dedup-distance", "0", log_path=tmp_path / "search.log")
+        "--query-store", "", "--dedup-distance", "0",
+        "--allowed-embedder-urls", "http://127.0.0.1:*", log_path=tmp_path / "search.log")
     stable = [(i, p.read_bytes()) for i, p, _ in items[2:12]]
     loop = SearchLoop(search.url, stable, threads=3).start()
     try:

@@ -67,7 +67,7 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
                        timeout)
     st = out.status
     gate = st.get("gate") or {}
-    print(f"gate: {gate.get('verdict')} {json.dumps({k: gate.get(k) for k in ('selfConsistency', 'golden') if gate.get(k)})}")
+    print(f"gate: {gate.get('verdict')} {json.dumps({k: gate.get(k) for k in ('selfConsistency', 'golden', 'offline') if gate.get(k)})}")
     if st["phase"] == FAILED:
         print(f"rollout refused: {st.get('message')}; {cur['version']} still serves", flush=True)
         return GATE_REFUSED if st.get("reason") == "GateFailed" else 1
