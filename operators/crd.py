@@ -90,6 +90,30 @@ def unknown_fields(obj: dict) -> list[str]:
     return out
 
 
+def _default(node, schema: dict):
+    if not isinstance(schema, dict):
+        return
+    if isinstance(node, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key not in node and "default" in sub:
+                node[key] = copy.deepcopy(sub["default"])
+            if key in node:
+                _default(node[key], sub)
+    elif isinstance(node, list) and isinstance(schema.get("items"), dict):
+        for value in node:
+            _default(value, schema["items"])
+
+
+def apply_defaults(obj: dict) -> dict:
+    """A copy of ``obj`` with the schema's defaults filled in where a field is absent, nested
+    ones included (objects such as ``spec.rollout`` default to ``{}``, so their fields' defaults
+    apply too): what a real API server stores. The schema is the one home of every default;
+    :class:`vsearch.operators.spec.IndexSpec` reads defaulted objects only."""
+    out = copy.deepcopy(obj)
+    _default(out, schema())
+    return out
+
+
 def prune(obj: dict) -> dict:
     """A copy of ``obj`` without the fields the schema does not declare: what a real API server
     stores (and so what the operator reads) for an object sent with unknown fields."""

@@ -1,11 +1,11 @@
 """The kopf operator for ``SearchIndex`` objects: a timer that runs one idempotent step of the
-rollout (:func:`operators.rollout.reconcile`) against the actual state, a deletion handler (kopf
+rollout (:func:`vsearch.operators.rollout.reconcile`) against the actual state, a deletion handler (kopf
 adds the finalizer ``vsearch.io/cleanup``) that removes everything the object created, Milvus
 included, Kubernetes Events for every phase change, and Prometheus metrics.
 
 No handler sleeps: waiting is the next timer tick; failures that may pass raise
 ``kopf.TemporaryError(delay=...)`` (kopf's backoff), and a step that keeps failing ends the
-rollout as Failed after ``spec.rollout.maxRetries`` (see :mod:`operators.rollout`).
+rollout as Failed after ``spec.rollout.maxRetries`` (see :mod:`vsearch.operators.rollout`).
 
 Least-privilege RBAC (``operators/rbac.yaml``): searchindexes get/list/watch/patch,
 searchindexes/status get/patch, searchindexes/finalizers update (owner references that block

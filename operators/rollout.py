@@ -1,6 +1,6 @@
 """The rollout state machine of a ``SearchIndex``: blue-green reindex, quality gate, one alias
-switch, rollback and retention. One code path for the cluster (kopf, :mod:`operators.handlers`)
-and local runs (``vsearch demo --rollout``): only the :class:`~operators.workloads.Workloads`
+switch, rollback and retention. One code path for the cluster (kopf, :mod:`vsearch.operators.handlers`)
+and local runs (``vsearch demo --rollout``): only the :class:`~vsearch.operators.workloads.Workloads`
 differ.
 
 :func:`reconcile` is a pure, idempotent step: it reads the object (spec, annotations,
@@ -20,14 +20,14 @@ Phases::
 
 - Deploying: the golden set is read and checked first (no local files); then the candidate's
   embedder (InferenceService); once it answers, the collection
-  ``images__<model>__<version>__<hash>`` (:func:`operators.spec.collection_of`) is created with
+  ``images__<model>__<version>__<hash>`` (:func:`vsearch.operators.spec.collection_of`) is created with
   the configured index and the model record (model, version, embedder endpoint, the owning
   ``searchindex``), and the ingest consumer (own group) is started.
 - Backfilling: the consumer replays the compacted catalog topic from offset 0 and keeps following
   it. Complete when the candidate's count equals the serving collection's (within
   ``countTolerance``) AND the group's committed offsets have not moved for ``idleSeconds``. No
   broker end offsets or lag are used (brokers report them differently; Tansu wrongly).
-- Verifying: the quality gate (:mod:`operators.gate`); figures into ``status.gate``.
+- Verifying: the quality gate (:mod:`vsearch.operators.gate`); figures into ``status.gate``.
 - AwaitingApproval (``rollout.requireApproval``): until annotation ``vsearch.io/approve`` equals
   the candidate version.
 - Switching: one ``alter_alias`` call; serving -> previous (kept ``retentionSeconds``).
@@ -40,7 +40,7 @@ Phases::
 
 Before any of it: the object is validated against the CRD's schema (unknown fields pruned, as
 the API server does) and against what the operator's configuration grants
-(:mod:`operators.trust`): ``InvalidSpec`` / ``NotAllowed``, nothing read, connected or created.
+(:mod:`vsearch.operators.trust`): ``InvalidSpec`` / ``NotAllowed``, nothing read, connected or created.
 
 Ownership (several SearchIndexes may share a Milvus): every collection records the index that
 created it; a collection, or the collection an alias names, that another index owns is never

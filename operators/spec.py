@@ -1,4 +1,6 @@
-"""A typed view of a ``SearchIndex`` spec (defaults equal the CRD schema's; a test checks it)."""
+"""A typed view of a ``SearchIndex`` spec. Its defaults have one home, the CRD's schema: an object
+is defaulted by it (:func:`vsearch.operators.crd.apply_defaults`, as the API server does) before it
+is read here; the dataclasses' own defaults equal the schema's (a test checks it)."""
 
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ class Workload:
     runtime_class: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Workload":
-        d = d or {}
-        return cls(image=d.get("image", cls.image), replicas=int(d.get("replicas", 1)),
+    def from_dict(cls, d: dict) -> "Workload":
+        """From a defaulted workload (``spec.embedder``, ``spec.ingest``, ``spec.search``)."""
+        return cls(image=d["image"], replicas=int(d["replicas"]),
                    resources=dict(d.get("resources") or {}), node_selector=dict(d.get("nodeSelector") or {}),
                    tolerations=list(d.get("tolerations") or []), env=list(d.get("env") or []),
-                   args=[str(a) for a in d.get("args") or []], batch_size=int(d.get("batchSize", 256)),
+                   args=[str(a) for a in d.get("args") or []], batch_size=int(d.get("batchSize", cls.batch_size)),
                    affinity=dict(d.get("affinity") or {}), service_account=d.get("serviceAccountName") or None,
                    image_pull_secrets=[{"name": str(s["name"])} for s in d.get("imagePullSecrets") or []],
                    runtime_class=d.get("runtimeClassName") or None)
@@ -101,37 +103,37 @@ class IndexSpec:
 
     @classmethod
     def from_dict(cls, spec: dict, *, namespace: str = "", index: str = "") -> "IndexSpec":
-        """The typed spec of SearchIndex ``namespace/index`` (whose names derive the default alias)."""
+        """The typed spec of SearchIndex ``namespace/index`` (whose names derive the default alias),
+        defaulted by the CRD's schema first: no default is written here."""
+        from .crd import apply_defaults
+        spec = apply_defaults({"spec": spec})["spec"]
         cat, mil, model = spec["catalog"], spec["milvus"], spec["model"]
-        idx = mil.get("index") or {}
+        idx = mil["index"]
         tok = mil.get("tokenSecretRef")
-        ro = spec.get("rollout") or {}
-        bf = ro.get("backfill") or {}
-        g = ro.get("gate") or {}
+        ro = spec["rollout"]
+        bf = ro["backfill"]
+        g = ro["gate"]
         gd = g.get("golden")
         golden = None
         if gd and (gd.get("configMapRef") or gd.get("uri")):
             golden = Golden(config_map=(gd.get("configMapRef") or {}).get("name"),
-                            config_map_key=(gd.get("configMapRef") or {}).get("key", "judgments.csv"),
-                            uri=gd.get("uri"), margin=float(gd.get("margin", 0.02)))
-        gate = Gate(sample_size=int(g.get("sampleSize", 50)), min_self_score=float(g.get("minSelfScore", 0.99)),
-                    min_self_consistency=float(g.get("minSelfConsistency", 1.0)), golden=golden,
-                    require_offline_verdict=bool(g.get("requireOfflineVerdict", True)))
-        policy = Policy(require_approval=bool(ro.get("requireApproval", False)),
-                        retention_s=int(ro.get("retentionSeconds", 86400)),
-                        max_retries=int(ro.get("maxRetries", 5)),
-                        deploy_timeout_s=int(ro.get("deployTimeoutSeconds", 1800)),
-                        idle_s=float(bf.get("idleSeconds", 30)),
-                        backfill_timeout_s=int(bf.get("timeoutSeconds", 86400)),
-                        count_tolerance=int(bf.get("countTolerance", 0)), gate=gate)
-        return cls(bootstrap=cat["bootstrap"], topic=cat.get("topic", "catalog.images"),
-                   milvus_uri=mil["uri"], token_secret=(tok["name"], tok.get("key", "token")) if tok else None,
-                   alias=mil.get("alias") or default_alias(namespace, index), index_type=idx.get("type", "HNSW"),
-                   metric=idx.get("metric", "COSINE"), index_params=dict(idx.get("params") or {}),
+                            config_map_key=(gd.get("configMapRef") or {}).get("key", Golden.config_map_key),
+                            uri=gd.get("uri"), margin=float(gd["margin"]))
+        gate = Gate(sample_size=int(g["sampleSize"]), min_self_score=float(g["minSelfScore"]),
+                    min_self_consistency=float(g["minSelfConsistency"]), golden=golden,
+                    require_offline_verdict=bool(g["requireOfflineVerdict"]))
+        policy = Policy(require_approval=bool(ro["requireApproval"]), retention_s=int(ro["retentionSeconds"]),
+                        max_retries=int(ro["maxRetries"]), deploy_timeout_s=int(ro["deployTimeoutSeconds"]),
+                        idle_s=float(bf["idleSeconds"]), backfill_timeout_s=int(bf["timeoutSeconds"]),
+                        count_tolerance=int(bf["countTolerance"]), gate=gate)
+        return cls(bootstrap=cat["bootstrap"], topic=cat["topic"],
+                   milvus_uri=mil["uri"], token_secret=(tok["name"], tok["key"]) if tok else None,
+                   alias=mil.get("alias") or default_alias(namespace, index), index_type=idx["type"],
+                   metric=idx["metric"], index_params=dict(idx.get("params") or {}),
                    search_params=dict(idx.get("searchParams") or {}),
                    model=ModelRef(str(model["name"]), str(model["version"]), str(model["uri"])),
-                   embedder=Workload.from_dict(spec.get("embedder")), ingest=Workload.from_dict(spec.get("ingest")),
-                   search=Workload.from_dict(spec.get("search")), policy=policy)
+                   embedder=Workload.from_dict(spec["embedder"]), ingest=Workload.from_dict(spec["ingest"]),
+                   search=Workload.from_dict(spec["search"]), policy=policy)
 
     def index_config(self):
         from ..core.store import IndexConfig

@@ -19,7 +19,7 @@ anything or creates anything.
 
 The operator never reads a local file named by a SearchIndex: the golden set comes from a
 ConfigMap or an ``http(s)://`` URL, its queries are ``catalog:<id>`` or ``http(s)://`` (see
-:mod:`operators.gate`); catalog images the gate embeds are read under ``--catalog-file-roots``
+:mod:`vsearch.operators.gate`); catalog images the gate embeds are read under ``--catalog-file-roots``
 only (default: none; the tests and the demo name their photo folders)."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Trust:
 
     # -- the whole spec
     def refusals(self, namespace: str, spec) -> list[str]:
-        """What ``spec`` (an :class:`operators.spec.IndexSpec`) asks for that this operator does
+        """What ``spec`` (an :class:`vsearch.operators.spec.IndexSpec`) asks for that this operator does
         not grant, one sentence each naming the flag that would allow it."""
         out = []
         if spec.token_secret and not self.secret_allowed(namespace, spec.token_secret[0]):

@@ -1,5 +1,5 @@
 """The workload layer: what runs a model version's embedder and ingest consumer. The rollout
-logic (:mod:`operators.rollout`) talks only to :class:`Workloads`; this module has the
+logic (:mod:`vsearch.operators.rollout`) talks only to :class:`Workloads`; this module has the
 Kubernetes implementation (a KServe InferenceService running ``vsearch serve embedder`` and a
 Deployment running ``vsearch ingest`` per version, owned by the SearchIndex), and
 ``vsearch.local.workloads`` the one that runs local processes (``vsearch demo --rollout``).
@@ -20,7 +20,7 @@ if the operator is gone):
 Both run as the image's user (10001) with the `restricted` Pod Security Standard's security
 context, a read-only root filesystem (writable: an emptyDir at ``/tmp`` for caches and one at
 ``/var/lib/vsearch``, as the chart's pods) and no service-account token. Names carry a hash of
-(index, model, version) (:class:`operators.spec.VersionRef`), so no two versions share one."""
+(index, model, version) (:class:`vsearch.operators.spec.VersionRef`), so no two versions share one."""
 
 from __future__ import annotations
 

@@ -149,3 +149,20 @@ def test_the_default_alias_is_per_index():
     assert one.alias.startswith("vs_team_a_shop_") and one.alias != two.alias and one.alias != "images"
     assert IndexSpec.from_dict(GOOD["spec"] | {"milvus": {"uri": "http://m:1", "alias": "images"}},
                                namespace="x", index="y").alias == "images"
+
+
+def test_the_schema_is_the_one_home_of_the_defaults():
+    """The typed spec reads objects defaulted by the schema (as the API server stores them): a
+    minimal object and one with every default written out read the same, and the dataclasses'
+    own defaults are the schema's."""
+    from vsearch.operators.spec import Gate, Policy, Workload
+    minimal = {"catalog": {"bootstrap": "k:1"}, "milvus": {"uri": "http://m:1"},
+               "model": {"name": "m", "version": "1", "uri": "/m"}}
+    full = crd.apply_defaults({"spec": minimal})["spec"]
+    assert full["rollout"]["gate"]["requireOfflineVerdict"] is True and full["ingest"]["batchSize"] == 256
+    assert full["milvus"]["index"] == {"type": "HNSW", "metric": "COSINE"} and "alias" not in full["milvus"]
+    a = IndexSpec.from_dict(minimal, namespace="n", index="i")
+    assert a == IndexSpec.from_dict(full, namespace="n", index="i")
+    assert a.policy == Policy() and a.policy.gate == Gate() and a.embedder == Workload() == a.search
+    assert a.ingest == Workload()
+    crd.validate({"spec": full})
