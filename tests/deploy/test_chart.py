@@ -506,7 +506,7 @@ TEMPLATE_REFUSALS = [
     # what the SearchIndex cannot carry is refused rather than dropped
     ("minimal", ["model.storageUri=hf://org/model"], "hf:// and oci:// only work with operator.enabled=false"),
     ("minimal", ["ingest.stopGraceSeconds=55"], "ingest.stopGraceSeconds must be at most 50 with the operator"),
-    ("minimal", ["searchIndex.rollout.gate.golden.configMap=golden", "searchIndex.rollout.gate.golden.uri=/g.csv"],
+    ("minimal", ["searchIndex.rollout.gate.golden.configMap=golden", "searchIndex.rollout.gate.golden.uri=https://eval.example/g.csv"],
      "give configMap or uri, not both"),
     ("minimal", ["operator.metricsPort=8080"], "operator.healthPort and operator.metricsPort must differ"),
 ]
