@@ -5,6 +5,8 @@ object (which kmock, unlike an API server, accepts) is reported, never acted on.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.fixtures.catalog import publish
 from tests.fixtures.cluster import searchindex
 from tests.fixtures.operators import catalog_files, golden_csv, model_copy, unique, upsert_record
@@ -20,6 +22,8 @@ def collection(version: str) -> str:
     return VersionRef.of("gated", "vs", ModelRef("default", version, "")).collection
 
 
+# several minutes on a loaded 2-core machine (421 s and 290 s measured at load 8)
+@pytest.mark.timeout(900)
 def test_gate_refuses_a_random_model_then_approval_switches_a_good_one(tmp_path, cluster, broker,
                                                                        milvus_standalone_uri):
     from vsearch.predictor.model import init_model_dir
