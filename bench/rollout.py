@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     from vsearch.local.samples import TINY
     from vsearch.local.workloads import LocalRollout, LocalWorkloads
     from vsearch.operators.rollout import READY
+    from vsearch.operators.trust import Trust
     from vsearch.predictor.client import EmbedderClient
     from vsearch.predictor.model import init_model_dir
 
@@ -143,16 +144,20 @@ def main(argv=None) -> int:
         spec = rollout_spec(bootstrap=broker.bootstrap, milvus_uri=milvus.uri, alias="images", name="bench",
                             version="1", uri=str(v1), idle_s=args.idle_seconds,
                             sample=50)
+        # the benchmark's models are random-initialised (no offline verdict): it measures the mechanics
+        spec["rollout"]["gate"]["requireOfflineVerdict"] = False
         workloads = LocalWorkloads(work / "logs", ingest_extra=("--batch-ms", "200", "--file-roots", str(root)))
         started.append(workloads)
-        ro = LocalRollout(spec, workloads, printer=lambda m: print(m, flush=True))
+        ro = LocalRollout(spec, workloads, printer=lambda m: print(m, flush=True),
+                          trust=Trust(milvus_hosts=("127.0.0.1",), catalog_file_roots=(str(root),)))
         t0 = time.monotonic()
         ro.run_until(lambda s: s.get("phase") == READY, 3600)
         print(f"v1 serving after {time.monotonic() - t0:.0f}s", flush=True)
 
         search = services.start_search(
             "--embedder-url", ro.status["serving"]["embedderUrl"], "--milvus-uri", milvus.uri,
-            "--query-store", "", "--dedup-distance", "0", log_path=work / "search.log")
+            "--query-store", "", "--dedup-distance", "0", "--allowed-embedder-urls", "http://127.0.0.1:*",
+            log_path=work / "search.log")
         started.append(search)
         probe = [(f"i{n}", paths[n].read_bytes()) for n in range(0, args.items, max(1, args.items // 200))]
         warm = Loop(search.url, probe, threads=1).start()

@@ -7,6 +7,7 @@ import os
 import time
 
 from ..core.config import Flags, csv_list
+from .trust import add_flags as add_trust_flags
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def register(sub) -> None:
           help="serve kopf's /healthz (liveness and readiness) on this port")
     f.add("--peering", default=False, type=bool,
           help="use kopf peering (needs the KopfPeering CRDs); default: standalone")
+    add_trust_flags(f)
     p.set_defaults(handler=_operator)
 
     d = sub.add_parser("delete-index", help="delete a SearchIndex and wait until the operator has cleaned up",
@@ -110,8 +112,11 @@ def _operator(args) -> int:
 
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)     # "Timer succeeded" every tick
     kubeconfig = args.kubeconfig
+    from .trust import Trust
+
     _load_kube_config(kubeconfig)
-    handlers.set_api_client(kubernetes.client.ApiClient())
+    trust = Trust.from_args(args)
+    memo = handlers.operator_memo(kubernetes.client.ApiClient(), trust)
 
     @kopf.on.login()
     def login(**kwargs):
@@ -128,6 +133,9 @@ def _operator(args) -> int:
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     log.info("vsearch operator: %s, interval %.1fs", f"namespaces {namespaces}" if namespaces else "all namespaces",
              args.interval)
+    log.info("allowed: secrets %s, Milvus hosts %s, images %s, service accounts %s; catalog file roots %s",
+             list(trust.secrets), list(trust.milvus_hosts), list(trust.images), list(trust.service_accounts),
+             list(trust.catalog_file_roots))
     kopf.run(standalone=not args.peering, clusterwide=not namespaces, namespaces=namespaces,
-             liveness_endpoint=liveness)
+             liveness_endpoint=liveness, memo=memo)
     return 0

@@ -3,7 +3,15 @@ the YAML beside this file, its OpenAPI schema, and validation of objects against
 
 A real API server validates (and defaults) every object against the schema on admission; the
 in-memory test API (kmock) does not, so the operator validates again on every reconcile and
-:func:`validate` gives the same messages a person reads in ``kubectl apply``'s refusal."""
+:func:`validate` gives the same messages a person reads in ``kubectl apply``'s refusal.
+
+Unknown fields: the schema is structural (a real API server refuses ``additionalProperties``
+beside ``properties``), so the server *prunes* fields the schema does not declare (with
+``fieldValidation=Strict``, kubectl's default since 1.27, it refuses them instead: ``unknown
+field "spec.model.colour"``). The operator relies on pruning: :func:`prune` drops the same
+fields before the object is read (on kmock, which stores anything, too), and
+:func:`unknown_fields` lists them in the strict server's words. :func:`validate` accepts
+exactly what a server accepts under ``fieldValidation=Warn``."""
 
 from __future__ import annotations
 
@@ -45,6 +53,76 @@ def _to_jsonschema(node):
     if isinstance(node, list):
         return [_to_jsonschema(v) for v in node]
     return node
+
+
+def _walk_unknown(node, schema: dict, path: str, out: list[str], drop: bool):
+    """Unknown keys of ``node`` under ``schema`` (recorded in ``out``; removed when ``drop``)."""
+    if not isinstance(schema, dict):
+        return
+    if isinstance(node, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields"):
+            return
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        if props is not None:
+            for key in list(node):
+                sub = f"{path}.{key}" if path else key
+                if key in props:
+                    _walk_unknown(node[key], props[key], sub, out, drop)
+                else:
+                    out.append(sub)
+                    if drop:
+                        del node[key]
+        elif isinstance(extra, dict):
+            for key, value in node.items():
+                _walk_unknown(value, extra, f"{path}.{key}" if path else key, out, drop)
+    elif isinstance(node, list) and isinstance(schema.get("items"), dict):
+        for i, value in enumerate(node):
+            _walk_unknown(value, schema["items"], f"{path}[{i}]", out, drop)
+
+
+def unknown_fields(obj: dict) -> list[str]:
+    """Fields of ``obj`` the schema does not declare, as a strict server names them
+    (``spec.model.colour``); ``metadata`` is the API server's own and not looked into."""
+    out: list[str] = []
+    body = {k: v for k, v in obj.items() if k != "metadata"}
+    _walk_unknown(body, schema(), "", out, drop=False)
+    return out
+
+
+def _default(node, schema: dict):
+    if not isinstance(schema, dict):
+        return
+    if isinstance(node, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key not in node and "default" in sub:
+                node[key] = copy.deepcopy(sub["default"])
+            if key in node:
+                _default(node[key], sub)
+    elif isinstance(node, list) and isinstance(schema.get("items"), dict):
+        for value in node:
+            _default(value, schema["items"])
+
+
+def apply_defaults(obj: dict) -> dict:
+    """A copy of ``obj`` with the schema's defaults filled in where a field is absent, nested
+    ones included (objects such as ``spec.rollout`` default to ``{}``, so their fields' defaults
+    apply too): what a real API server stores. The schema is the one home of every default;
+    :class:`vsearch.operators.spec.IndexSpec` reads defaulted objects only."""
+    out = copy.deepcopy(obj)
+    _default(out, schema())
+    return out
+
+
+def prune(obj: dict) -> dict:
+    """A copy of ``obj`` without the fields the schema does not declare: what a real API server
+    stores (and so what the operator reads) for an object sent with unknown fields."""
+    out = copy.deepcopy(obj)
+    meta = out.pop("metadata", None)
+    _walk_unknown(out, schema(), "", [], drop=True)
+    if meta is not None:
+        out["metadata"] = meta
+    return out
 
 
 def _path(error) -> str:

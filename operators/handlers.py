@@ -1,11 +1,11 @@
 """The kopf operator for ``SearchIndex`` objects: a timer that runs one idempotent step of the
-rollout (:func:`operators.rollout.reconcile`) against the actual state, a deletion handler (kopf
+rollout (:func:`vsearch.operators.rollout.reconcile`) against the actual state, a deletion handler (kopf
 adds the finalizer ``vsearch.io/cleanup``) that removes everything the object created, Milvus
 included, Kubernetes Events for every phase change, and Prometheus metrics.
 
 No handler sleeps: waiting is the next timer tick; failures that may pass raise
 ``kopf.TemporaryError(delay=...)`` (kopf's backoff), and a step that keeps failing ends the
-rollout as Failed after ``spec.rollout.maxRetries`` (see :mod:`operators.rollout`).
+rollout as Failed after ``spec.rollout.maxRetries`` (see :mod:`vsearch.operators.rollout`).
 
 Least-privilege RBAC (``operators/rbac.yaml``): searchindexes get/list/watch/patch,
 searchindexes/status get/patch, searchindexes/finalizers update (owner references that block
@@ -14,17 +14,20 @@ and secrets get (golden sets, the Milvus token); events create/patch."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import threading
 import time
+from pathlib import Path
 
 import kopf
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import rollout
-from .crd import GROUP, PLURAL, VERSION
+from .crd import GROUP, PLURAL, VERSION, prune
 from .spec import IndexSpec
+from .trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -38,45 +41,72 @@ STEP_SECONDS = Histogram("vsearch_operator_step_seconds", "Time of one reconcile
 BACKFILL_INDEXED = Gauge("vsearch_operator_candidate_indexed_items", "Items in the candidate collection",
                          ["namespace", "name"])
 
-_api_client = None
-_cache: dict = {}
-_cache_lock = threading.Lock()
+class Clients:
+    """Clients kept between steps (Milvus, Kafka admin, embedders), at most ``size``, the least
+    recently used closed first; lives in the operator's ``kopf.Memo``."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, make):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = self._items[key] = make()
+            while len(self._items) > self.size:
+                _, old = self._items.popitem(last=False)
+                close = getattr(old, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as exc:  # noqa: BLE001  (closing an evicted client)
+                        log.debug("closing an evicted client: %s", exc)
+            return value
 
 
-def set_api_client(api_client) -> None:
-    global _api_client
-    _api_client = api_client
+def operator_memo(api_client, trust: Trust) -> kopf.Memo:
+    """The operator's shared state for kopf (``kopf.run(memo=...)``; each handler gets it as
+    ``memo``): the Kubernetes API client, the allow-lists, the fetchers and the client cache."""
+    from ..core.fetch import FetchConfig, Fetcher
+    roots = tuple(Path(r) for r in trust.catalog_file_roots)
+    catalog = Fetcher(FetchConfig(schemes=("file", "http", "https") if roots else ("http", "https"),
+                                  file_roots=roots, allow_networks=trust.fetch_allow_networks))
+    queries = Fetcher(FetchConfig(schemes=("http", "https"), file_roots=(),
+                                  allow_networks=trust.fetch_allow_networks))
+    return kopf.Memo(api_client=api_client, trust=trust, fetcher=catalog, query_fetcher=queries,
+                     clients=Clients())
 
 
-def _cached(key, make):
-    with _cache_lock:
-        if key not in _cache:
-            _cache[key] = make()
-        return _cache[key]
-
-
-def build_env(body: dict) -> rollout.Env:
-    """The reconcile environment for one object: its workloads, Milvus and Kafka (clients cached)."""
-    from ..core.fetch import Fetcher
+def build_env(body: dict, memo: kopf.Memo) -> rollout.Env:
+    """The reconcile environment for one object: its workloads, Milvus and Kafka (clients kept
+    in ``memo.clients``). Nothing is read or connected for an object the operator's
+    configuration does not allow (the step reports why)."""
     from ..core.store import MilvusStore
     from ..predictor.client import EmbedderClient
     from .kafka_groups import KafkaGroups
     from .workloads import KubernetesWorkloads
 
-    workloads = KubernetesWorkloads(_api_client, owner=body)
+    clients: Clients = memo.clients
+    workloads = KubernetesWorkloads(memo.api_client, owner=body)
     store = groups = None
     try:
-        spec = IndexSpec.from_dict(body["spec"])
-        token = workloads.milvus_token(spec)
-        idx = spec.index_config()
-        store = _cached(("store", spec.milvus_uri, token, repr(idx)),
-                        lambda: MilvusStore(spec.milvus_uri, token=token, timeout=30, index=idx))
-        groups = _cached(("groups", spec.bootstrap), lambda: KafkaGroups(spec.bootstrap))
+        meta = body.get("metadata") or {}
+        spec = IndexSpec.from_dict(prune({"spec": body["spec"]})["spec"], namespace=meta.get("namespace", ""),
+                                   index=meta.get("name", ""))
+        if not memo.trust.refusals(meta.get("namespace", ""), spec):
+            token = workloads.milvus_token(spec)
+            idx = spec.index_config()
+            store = clients.get(("store", spec.milvus_uri, token, repr(idx)),
+                                lambda: MilvusStore(spec.milvus_uri, token=token, timeout=30, index=idx))
+            groups = clients.get(("groups", spec.bootstrap), lambda: KafkaGroups(spec.bootstrap))
     except Exception as exc:  # noqa: BLE001  (an invalid spec: the step reports it)
         log.debug("no environment for an invalid spec: %s", exc)
     return rollout.Env(workloads=workloads, store=store, groups=groups,
-                       embedder=lambda url: _cached(("embedder", url), lambda: EmbedderClient(url, timeout=60)),
-                       fetcher=_cached("fetcher", Fetcher))
+                       embedder=lambda url: clients.get(("embedder", url), lambda: EmbedderClient(url, timeout=60)),
+                       fetcher=memo.fetcher, query_fetcher=memo.query_fetcher, trust=memo.trust)
 
 
 def plain(body) -> dict:
@@ -100,12 +130,12 @@ def apply_status(patch, old: dict, new: dict) -> None:
             patch.status[key] = None
 
 
-def step(name: str, namespace: str, body: dict, patch, env: rollout.Env | None = None) -> rollout.Outcome:
+def step(name: str, namespace: str, body: dict, patch, env: rollout.Env) -> rollout.Outcome:
     """One reconcile step for a kopf handler: run it, write the status, post the Events."""
     obj = plain(body)
     phase = (obj.get("status") or {}).get("phase") or rollout.PENDING
     t0 = time.monotonic()
-    outcome = rollout.reconcile(name, namespace, obj, env or build_env(obj))
+    outcome = rollout.reconcile(name, namespace, obj, env)
     STEP_SECONDS.labels(phase).observe(time.monotonic() - t0)
     RECONCILES.labels(phase, "error" if outcome.error else "ok").inc()
     apply_status(patch, obj.get("status") or {}, outcome.status)
@@ -136,18 +166,18 @@ def register(interval: float = 5.0) -> None:
         settings.networking.request_timeout = 30
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, initial_delay=0.1, id="rollout")
-    def rollout_timer(name, namespace, body, meta, patch, **_):
+    def rollout_timer(name, namespace, body, meta, patch, memo, **_):
         if meta.get("deletionTimestamp"):
             return
-        outcome = step(name, namespace, body, patch)
+        outcome = step(name, namespace, body, patch, build_env(plain(body), memo))
         if outcome.error:
             raise kopf.TemporaryError(outcome.error, delay=max(interval, 2.0))
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup")
-    def cleanup(name, namespace, body, **_):
+    def cleanup(name, namespace, body, memo, **_):
         obj = plain(body)
         try:
-            done, left = rollout.cleanup(name, namespace, obj, build_env(obj))
+            done, left = rollout.cleanup(name, namespace, obj, build_env(obj, memo))
         except Exception as exc:  # noqa: BLE001
             raise kopf.TemporaryError(f"cleaning up {namespace}/{name}: {exc}", delay=5) from exc
         if not done:

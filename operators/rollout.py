@@ -1,6 +1,6 @@
 """The rollout state machine of a ``SearchIndex``: blue-green reindex, quality gate, one alias
-switch, rollback and retention. One code path for the cluster (kopf, :mod:`operators.handlers`)
-and local runs (``vsearch demo --rollout``): only the :class:`~operators.workloads.Workloads`
+switch, rollback and retention. One code path for the cluster (kopf, :mod:`vsearch.operators.handlers`)
+and local runs (``vsearch demo --rollout``): only the :class:`~vsearch.operators.workloads.Workloads`
 differ.
 
 :func:`reconcile` is a pure, idempotent step: it reads the object (spec, annotations,
@@ -18,14 +18,16 @@ Phases::
                    \\____________\\______________\\______________/ -> Failed (serving untouched)
     Ready -> RollingBack -> Ready        (alias back to the retained previous version)
 
-- Deploying: the candidate's embedder (InferenceService); once it answers, the collection
-  ``images__<model>__<version>`` is created with the configured index and the model record
-  (model, version, embedder endpoint), and the ingest consumer (own group) is started.
+- Deploying: the golden set is read and checked first (no local files); then the candidate's
+  embedder (InferenceService); once it answers, the collection
+  ``images__<model>__<version>__<hash>`` (:func:`vsearch.operators.spec.collection_of`) is created with
+  the configured index and the model record (model, version, embedder endpoint, the owning
+  ``searchindex``), and the ingest consumer (own group) is started.
 - Backfilling: the consumer replays the compacted catalog topic from offset 0 and keeps following
   it. Complete when the candidate's count equals the serving collection's (within
   ``countTolerance``) AND the group's committed offsets have not moved for ``idleSeconds``. No
   broker end offsets or lag are used (brokers report them differently; Tansu wrongly).
-- Verifying: the quality gate (:mod:`operators.gate`); figures into ``status.gate``.
+- Verifying: the quality gate (:mod:`vsearch.operators.gate`); figures into ``status.gate``.
 - AwaitingApproval (``rollout.requireApproval``): until annotation ``vsearch.io/approve`` equals
   the candidate version.
 - Switching: one ``alter_alias`` call; serving -> previous (kept ``retentionSeconds``).
@@ -35,6 +37,16 @@ Phases::
   the previous version: the alias moves back to the retained previous collection.
 - Failed: the reason in ``status.reason``/``message``; the candidate is cleaned up; the target
   that failed is not retried until the spec names another one (terminal, never re-queued).
+
+Before any of it: the object is validated against the CRD's schema (unknown fields pruned, as
+the API server does) and against what the operator's configuration grants
+(:mod:`vsearch.operators.trust`): ``InvalidSpec`` / ``NotAllowed``, nothing read, connected or created.
+
+Ownership (several SearchIndexes may share a Milvus): every collection records the index that
+created it; a collection, or the collection an alias names, that another index owns is never
+adopted (``CollectionTaken``), switched away from (``AliasTaken``) or dropped. A collection
+without an owner is this index's only when its status names it (the demo adopts the version it
+already serves that way).
 """
 
 from __future__ import annotations
@@ -44,11 +56,17 @@ import dataclasses
 import datetime
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from . import failpoints
-from .crd import InvalidSearchIndex, validate
-from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef
+from .crd import InvalidSearchIndex, prune, validate
+from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef, owner_of
+from .trust import Trust
+
+if TYPE_CHECKING:
+    from ..core.store import MilvusStore
+    from .kafka_groups import KafkaGroups
+    from .workloads import Workloads
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +78,35 @@ HISTORY = 10
 FAST, WAIT, SLOW = 0.0, 2.0, 10.0      # seconds until the next look
 
 
+class Fetches(Protocol):
+    """What the gate reads images with (:class:`vsearch.core.fetch.Fetcher`)."""
+
+    def fetch(self, uri: str) -> bytes: ...
+
+
+class Embeds(Protocol):
+    """An embedder client (:class:`vsearch.predictor.client.EmbedderClient`)."""
+
+    dim: int
+
+    def embed_bytes(self, images: list[bytes]): ...
+
+    def model_info(self) -> dict | None: ...
+
+
 @dataclasses.dataclass
 class Env:
-    """What a reconcile step acts on. ``store`` is a :class:`vsearch.store.MilvusStore` for the
-    spec's Milvus and index; ``groups`` an :class:`operators.kafka_groups.KafkaGroups`;
-    ``embedder`` makes an embedder client for a URL; ``fetcher`` reads catalog images."""
-    workloads: object
-    store: object
-    groups: object
-    embedder: Callable[[str], object]
-    fetcher: object
+    """What a reconcile step acts on: the workload layer, the spec's Milvus (``store``; None when
+    the object was refused before connecting), its Kafka consumer groups, embedder clients by
+    URL, the fetchers of catalog images (``fetcher``) and of golden-set URLs (``query_fetcher``,
+    ``http(s)://`` only), and what the operator's configuration grants (``trust``)."""
+    workloads: "Workloads"
+    store: "MilvusStore | None"
+    groups: "KafkaGroups | None"
+    embedder: Callable[[str], Embeds]
+    fetcher: Fetches
+    query_fetcher: Fetches
+    trust: Trust = dataclasses.field(default_factory=Trust)
     now: Callable[[], float] = time.time
 
 
@@ -141,18 +178,53 @@ class Step:
     def note(self, message: str) -> None:
         self.status["message"] = message
 
+    def known(self) -> set[str]:
+        """Collections this object's status names as its own."""
+        s = self.status
+        return {v["collection"] for v in [s.get("candidate"), s.get("serving"), s.get("previous"),
+                                          *(s.get("retired") or [])] if v and v.get("collection")}
+
+    def owner_of(self, collection: str) -> str | None:
+        """The index that owns ``collection`` by its model record: ``"ns/name"``, this index's own
+        name for an unowned collection its status names, ``""`` for any other unowned one, None
+        when it does not exist."""
+        store = self.env.store
+        if not store.has_collection(collection):
+            return None
+        owner = (store.model_record(collection) or {}).get("searchindex") or ""
+        if not owner and collection in self.known():
+            return self.owner
+        return owner
+
+    def check_alias(self) -> None:
+        """The alias names nothing, or a collection this index owns: else ``AliasTaken``."""
+        target = self.env.store.describe_alias(self.spec.alias)
+        if target and self.owner_of(target) not in (self.owner, None):
+            raise Fail("AliasTaken", f"alias {self.spec.alias} names {target}, which SearchIndex "
+                                     f"{self.owner_of(target) or '(none: not made by the operator)'} owns; "
+                                     "set spec.milvus.alias to one of this index's own")
+
     # -- the pass
+    def refuse(self, reason: str, message: str) -> Outcome:
+        """Neither act nor touch anything: the object is invalid or asks for what is not granted."""
+        if self.status.get("reason") != reason or self.status.get("message") != message:
+            self.status.update(phase=self.status.get("phase") if self.status.get("serving") else FAILED)
+            self.status["reason"], self.status["message"] = reason, message
+            self.event("Warning", reason, message)
+        return self.finish(SLOW)
+
     def run(self) -> Outcome:
         try:
             validate({"spec": self.body.get("spec")})
-            spec = IndexSpec.from_dict(self.body["spec"])
+            spec = IndexSpec.from_dict(prune({"spec": self.body["spec"]})["spec"], namespace=self.namespace,
+                                       index=self.name)
         except (InvalidSearchIndex, KeyError, TypeError, ValueError) as exc:
-            if self.status.get("reason") != "InvalidSpec" or self.status.get("message") != str(exc):
-                self.status.update(phase=self.status.get("phase") if self.status.get("serving") else FAILED)
-                self.status["reason"], self.status["message"] = "InvalidSpec", f"invalid spec: {exc}"
-                self.event("Warning", "InvalidSpec", f"invalid spec: {exc}")
-            return self.finish(SLOW)
+            return self.refuse("InvalidSpec", f"invalid spec: {exc}")
+        refused = self.env.trust.refusals(self.namespace, spec)
+        if refused:
+            return self.refuse("NotAllowed", "not allowed by the operator's configuration: " + "; ".join(refused))
         self.spec = spec
+        self.owner = owner_of(self.namespace, self.name)
         phase = self.status.get("phase") or PENDING
         try:
             if phase in ROLLOUT_PHASES:
@@ -258,14 +330,20 @@ class Step:
         return True
 
     def retire(self, v: VersionRef) -> bool:
-        """Delete a version that does not serve: workloads, collection, consumer group."""
+        """Delete a version that does not serve: workloads, collection (only if this index owns
+        it), consumer group."""
         store = self.env.store
         if store.describe_alias(self.spec.alias) == v.collection:
             log.error("refusing to delete %s: alias %s serves it", v.collection, self.spec.alias)
             return True
         gone = self.env.workloads.delete_version(self.spec, v)
         if gone:
-            store.drop_collection(v.collection)
+            owner = self.owner_of(v.collection)
+            if owner == self.owner:
+                store.drop_collection(v.collection)
+            elif owner is not None:
+                self.event("Warning", "NotOwned", f"kept collection {v.collection}: SearchIndex "
+                                                  f"{owner or '(none)'} owns it, not {self.owner}")
             self.env.groups.delete(v.group)
         return gone
 
@@ -289,6 +367,13 @@ class Step:
 
     def deploying(self, cand: VersionRef) -> float:
         spec, c = self.spec, self.status["candidate"]
+        if spec.policy.gate.golden and not c.get("goldenChecked"):
+            self.golden_judgments()                  # refused before anything is deployed
+            c["goldenChecked"] = True
+        owner = self.owner_of(cand.collection)
+        if owner not in (None, self.owner):
+            raise Fail("CollectionTaken", f"collection {cand.collection} exists and SearchIndex "
+                                          f"{owner or '(none: not made by the operator)'} owns it")
         st = self.env.workloads.ensure_embedder(spec, cand)
         started = parse_iso(c.get("startedAt")) or self.now
         if st.failed:
@@ -307,13 +392,14 @@ class Step:
             raise StepError(f"the embedder of {cand.version} at {st.url} does not answer: {exc}") from exc
         record = {"model": cand.model, "version": cand.version, "embedder_url": st.url,
                   "served_version": str(getattr(client, "version", "") or ""), "model_uri": cand.uri,
-                  "searchindex": f"{self.namespace}/{self.name}"}
+                  "searchindex": self.owner}
         try:
             created = self.env.store.ensure_model_collection(cand.collection, dim, record)
         except ValueError as exc:
             raise Fail("CollectionMismatch", str(exc)) from exc
         rec = self.env.store.model_record(cand.collection)
-        if rec is not None and (rec.get("model"), rec.get("version")) != (cand.model, cand.version):
+        if rec is not None and ((rec.get("model"), rec.get("version")) != (cand.model, cand.version)
+                                or rec.get("searchindex") != self.owner):
             raise Fail("CollectionMismatch", f"collection {cand.collection} exists, built by {rec}")
         c.update(embedderUrl=st.url, dim=dim)
         ist = self.env.workloads.ensure_ingest(spec, cand, st.url)
@@ -367,13 +453,10 @@ class Step:
         return WAIT
 
     def verifying(self, cand: VersionRef) -> float:
-        from ..trainer.metrics import parse_judgments
         from .gate import VersionPath, run_gate
         s, spec, c = self.status, self.spec, self.status["candidate"]
         gate = spec.policy.gate
-        judgments = None
-        if gate.golden:
-            judgments = parse_judgments(self.read_golden(gate.golden), "golden set")
+        judgments = self.golden_judgments() if gate.golden else None
         serving = s.get("serving")
         cand_path = VersionPath(cand.version, cand.collection, self.env.embedder(c["embedderUrl"]))
         serv_path = None
@@ -381,7 +464,7 @@ class Step:
             serv_path = VersionPath(serving["version"], serving["collection"],
                                     self.env.embedder(serving["embedderUrl"]))
         result = run_gate(self.env.store, cand_path, serv_path, gate, fetcher=self.env.fetcher,
-                          judgments=judgments)
+                          query_fetcher=self.env.query_fetcher, judgments=judgments)
         result.update(candidate=cand.version, serving=serving["version"] if serving else None,
                       measuredAt=iso(self.now))
         s["gate"] = result
@@ -397,11 +480,25 @@ class Step:
         self.go(SWITCHING, f"gate passed ({summary}); switching alias {spec.alias} to {cand.collection}")
         return FAST
 
-    def read_golden(self, golden) -> str:
+    def golden_judgments(self) -> dict:
+        """The golden set, parsed and checked (``GoldenSetRefused`` when a query names a local
+        file or another scheme; the CRD allows only ``http(s)://`` for ``golden.uri``)."""
+        from ..trainer.metrics import parse_judgments
+        from .gate import GoldenSetError, check_golden_queries
+        golden = self.spec.policy.gate.golden
         if golden.config_map:
-            return self.env.workloads.read_config_map(golden.config_map, golden.config_map_key)
-        from .gate import fetch
-        return fetch(self.env.fetcher, golden.uri).decode()
+            text = self.env.workloads.read_config_map(golden.config_map, golden.config_map_key)
+        else:
+            if not golden.uri.lower().startswith(("http://", "https://")):
+                raise Fail("GoldenSetRefused", f"golden.uri {golden.uri[:200]!r}: http(s):// only "
+                                               "(the operator reads no local files)")
+            text = self.env.query_fetcher.fetch(golden.uri).decode()
+        judgments = parse_judgments(text, "golden set")
+        try:
+            check_golden_queries(judgments)
+        except GoldenSetError as exc:
+            raise Fail("GoldenSetRefused", str(exc)) from exc
+        return judgments
 
     def awaiting(self, cand: VersionRef) -> float:
         approved = self.annotations.get(APPROVE_ANNOTATION)
@@ -418,6 +515,7 @@ class Step:
         if not emb.ready:
             self.note(f"waiting for the embedder of {cand.version} before switching: {emb.message}")
             return WAIT
+        self.check_alias()
         before = self.env.store.switch_alias(spec.alias, cand.collection)     # one alter_alias call
         failpoints.hit("after-alias-switch")
         old = s.get("serving")
@@ -447,6 +545,7 @@ class Step:
         if not emb.ready:
             self.note(f"waiting for the embedder of {prev['version']} before rolling back: {emb.message}")
             return WAIT
+        self.check_alias()
         self.env.store.switch_alias(spec.alias, prev["collection"])
         failpoints.hit("after-rollback-switch")
         s["serving"] = {**{k: v for k, v in prev.items() if k != "retainUntil"}, "since": iso(self.now)}
@@ -476,9 +575,19 @@ def cleanup(name: str, namespace: str, body: dict, env: Env) -> tuple[bool, list
     refs = [VersionRef.from_status(name, namespace, v) for v in versions if v]
     if not refs:
         return True, []                      # nothing was created (e.g. an invalid object)
-    spec = IndexSpec.from_dict(body["spec"])
+    spec = IndexSpec.from_dict(prune({"spec": body["spec"]})["spec"], namespace=namespace, index=name)
     store = env.store
-    mine = {r.collection for r in refs}
+    if store is None:       # the operator's allow-lists no longer grant this index's Milvus
+        return False, ["its Milvus, which the operator's configuration does not allow (now): nothing deleted"]
+    me = owner_of(namespace, name)
+
+    def owned(collection: str) -> bool:
+        """Recorded as this index's, or unowned and named by this index's status."""
+        if not store.has_collection(collection):
+            return False
+        return ((store.model_record(collection) or {}).get("searchindex") or me) == me
+
+    mine = {r.collection for r in refs if owned(r.collection)}
     left = []
     if store.describe_alias(spec.alias) in mine:
         store.drop_alias(spec.alias)
@@ -486,7 +595,10 @@ def cleanup(name: str, namespace: str, body: dict, env: Env) -> tuple[bool, list
         if not env.workloads.delete_version(spec, r):
             left.append(f"workloads of {r.version}")
             continue
-        store.drop_collection(r.collection)
+        if r.collection in mine:
+            store.drop_collection(r.collection)
+        else:
+            log.warning("%s/%s: kept collection %s, which another index owns", namespace, name, r.collection)
         if not env.groups.delete(r.group):
             left.append(f"consumer group {r.group}")
     return not left, left

@@ -1,4 +1,6 @@
-"""A typed view of a ``SearchIndex`` spec (defaults equal the CRD schema's; a test checks it)."""
+"""A typed view of a ``SearchIndex`` spec. Its defaults have one home, the CRD's schema: an object
+is defaulted by it (:func:`vsearch.operators.crd.apply_defaults`, as the API server does) before it
+is read here; the dataclasses' own defaults equal the schema's (a test checks it)."""
 
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ class Workload:
     runtime_class: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Workload":
-        d = d or {}
-        return cls(image=d.get("image", cls.image), replicas=int(d.get("replicas", 1)),
+    def from_dict(cls, d: dict) -> "Workload":
+        """From a defaulted workload (``spec.embedder``, ``spec.ingest``, ``spec.search``)."""
+        return cls(image=d["image"], replicas=int(d["replicas"]),
                    resources=dict(d.get("resources") or {}), node_selector=dict(d.get("nodeSelector") or {}),
                    tolerations=list(d.get("tolerations") or []), env=list(d.get("env") or []),
-                   args=[str(a) for a in d.get("args") or []], batch_size=int(d.get("batchSize", 256)),
+                   args=[str(a) for a in d.get("args") or []], batch_size=int(d.get("batchSize", cls.batch_size)),
                    affinity=dict(d.get("affinity") or {}), service_account=d.get("serviceAccountName") or None,
                    image_pull_secrets=[{"name": str(s["name"])} for s in d.get("imagePullSecrets") or []],
                    runtime_class=d.get("runtimeClassName") or None)
@@ -55,7 +57,7 @@ class Gate:
     min_self_score: float = 0.99
     min_self_consistency: float = 1.0
     golden: Golden | None = None
-    require_offline_verdict: bool = False
+    require_offline_verdict: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,52 +102,88 @@ class IndexSpec:
     policy: Policy
 
     @classmethod
-    def from_dict(cls, spec: dict) -> "IndexSpec":
+    def from_dict(cls, spec: dict, *, namespace: str = "", index: str = "") -> "IndexSpec":
+        """The typed spec of SearchIndex ``namespace/index`` (whose names derive the default alias),
+        defaulted by the CRD's schema first: no default is written here."""
+        from .crd import apply_defaults
+        spec = apply_defaults({"spec": spec})["spec"]
         cat, mil, model = spec["catalog"], spec["milvus"], spec["model"]
-        idx = mil.get("index") or {}
+        idx = mil["index"]
         tok = mil.get("tokenSecretRef")
-        ro = spec.get("rollout") or {}
-        bf = ro.get("backfill") or {}
-        g = ro.get("gate") or {}
+        ro = spec["rollout"]
+        bf = ro["backfill"]
+        g = ro["gate"]
         gd = g.get("golden")
         golden = None
         if gd and (gd.get("configMapRef") or gd.get("uri")):
             golden = Golden(config_map=(gd.get("configMapRef") or {}).get("name"),
-                            config_map_key=(gd.get("configMapRef") or {}).get("key", "judgments.csv"),
-                            uri=gd.get("uri"), margin=float(gd.get("margin", 0.02)))
-        gate = Gate(sample_size=int(g.get("sampleSize", 50)), min_self_score=float(g.get("minSelfScore", 0.99)),
-                    min_self_consistency=float(g.get("minSelfConsistency", 1.0)), golden=golden,
-                    require_offline_verdict=bool(g.get("requireOfflineVerdict", False)))
-        policy = Policy(require_approval=bool(ro.get("requireApproval", False)),
-                        retention_s=int(ro.get("retentionSeconds", 86400)),
-                        max_retries=int(ro.get("maxRetries", 5)),
-                        deploy_timeout_s=int(ro.get("deployTimeoutSeconds", 1800)),
-                        idle_s=float(bf.get("idleSeconds", 30)),
-                        backfill_timeout_s=int(bf.get("timeoutSeconds", 86400)),
-                        count_tolerance=int(bf.get("countTolerance", 0)), gate=gate)
-        return cls(bootstrap=cat["bootstrap"], topic=cat.get("topic", "catalog.images"),
-                   milvus_uri=mil["uri"], token_secret=(tok["name"], tok.get("key", "token")) if tok else None,
-                   alias=mil.get("alias", "images"), index_type=idx.get("type", "HNSW"),
-                   metric=idx.get("metric", "COSINE"), index_params=dict(idx.get("params") or {}),
+                            config_map_key=(gd.get("configMapRef") or {}).get("key", Golden.config_map_key),
+                            uri=gd.get("uri"), margin=float(gd["margin"]))
+        gate = Gate(sample_size=int(g["sampleSize"]), min_self_score=float(g["minSelfScore"]),
+                    min_self_consistency=float(g["minSelfConsistency"]), golden=golden,
+                    require_offline_verdict=bool(g["requireOfflineVerdict"]))
+        policy = Policy(require_approval=bool(ro["requireApproval"]), retention_s=int(ro["retentionSeconds"]),
+                        max_retries=int(ro["maxRetries"]), deploy_timeout_s=int(ro["deployTimeoutSeconds"]),
+                        idle_s=float(bf["idleSeconds"]), backfill_timeout_s=int(bf["timeoutSeconds"]),
+                        count_tolerance=int(bf["countTolerance"]), gate=gate)
+        return cls(bootstrap=cat["bootstrap"], topic=cat["topic"],
+                   milvus_uri=mil["uri"], token_secret=(tok["name"], tok["key"]) if tok else None,
+                   alias=mil.get("alias") or default_alias(namespace, index), index_type=idx["type"],
+                   metric=idx["metric"], index_params=dict(idx.get("params") or {}),
                    search_params=dict(idx.get("searchParams") or {}),
                    model=ModelRef(str(model["name"]), str(model["version"]), str(model["uri"])),
-                   embedder=Workload.from_dict(spec.get("embedder")), ingest=Workload.from_dict(spec.get("ingest")),
-                   search=Workload.from_dict(spec.get("search")), policy=policy)
+                   embedder=Workload.from_dict(spec["embedder"]), ingest=Workload.from_dict(spec["ingest"]),
+                   search=Workload.from_dict(spec["search"]), policy=policy)
 
     def index_config(self):
         from ..core.store import IndexConfig
         return IndexConfig(self.index_type, self.metric, self.index_params, self.search_params)
 
 
-def dns_name(*parts: str, limit: int = 63) -> str:
-    """A DNS-1123 label from ``parts`` (lower case, dashes), shortened with a hash when long."""
+def tuple_key(*parts: str) -> str:
+    """An injective encoding of ``parts`` (each as ``<length>:<text>``): ``("a-b", "c")`` and
+    ``("a", "b-c")`` differ, ``("1.0",)`` and ``("1-0",)`` too. The chart's helpers build the same."""
+    return "".join(f"{len(p)}:{p}" for p in parts)
+
+
+def name_hash(*parts: str, n: int = 8) -> str:
+    """``n`` hex digits of the sha256 of :func:`tuple_key` of ``parts``: the suffix that keeps
+    every derived name unique per tuple whatever its readable part became."""
+    return hashlib.sha256(tuple_key(*parts).encode()).hexdigest()[:n]
+
+
+def dns_name(*parts: str, limit: int = 63, suffix: str = "") -> str:
+    """A DNS-1123 label from ``parts`` (lower case, dashes), then ``-<suffix>``; the readable part
+    is shortened (with a hash of ``parts``) when the whole would be longer than ``limit``."""
     raw = "-".join(p for p in parts if p)
     name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
     name = re.sub(r"-+", "-", name)
-    if len(name) > limit:
+    room = limit - (len(suffix) + 1 if suffix else 0)
+    if len(name) > room:
         digest = hashlib.sha1(raw.encode()).hexdigest()[:8]
-        name = name[:limit - 9].rstrip("-") + "-" + digest
-    return name or "x"
+        name = name[:room - 9].rstrip("-") + "-" + digest
+    name = name or "x"
+    return f"{name}-{suffix}" if suffix else name
+
+
+def default_alias(namespace: str, index: str) -> str:
+    """The alias of a SearchIndex that names none: ``vs_<namespace>_<index>_<hash>``, one per
+    (namespace, index), so indexes sharing a Milvus never share the global ``images``."""
+    from ..core.store import sanitise
+    readable = f"{sanitise(namespace)}_{sanitise(index)}"[:200]
+    return f"vs_{readable}_{name_hash('alias', namespace, index, n=10)}"
+
+
+def collection_of(namespace: str, index: str, model: str, version: str) -> str:
+    """``images__<model>__<version>__<hash>``: readable, and unique per (namespace, index, model,
+    version) through the hash of the tuple (``1.0`` and ``1-0`` read alike, hash apart)."""
+    from ..core.store import collection_name
+    return f"{collection_name(model, version)[:180]}__{name_hash(namespace, index, model, version, n=10)}"
+
+
+def owner_of(namespace: str, index: str) -> str:
+    """How a collection's model record names the SearchIndex that owns it."""
+    return f"{namespace}/{index}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,18 +199,26 @@ class VersionRef:
 
     @classmethod
     def of(cls, index: str, namespace: str, model: ModelRef) -> "VersionRef":
-        from ..core.naming import collection_name
-        coll = collection_name(model.name, model.version)
+        coll = collection_of(namespace, index, model.name, model.version)
         return cls(index=index, namespace=namespace, model=model.name, version=model.version, uri=model.uri,
-                   collection=coll, group=f"ingest-{namespace}-{index}-{coll}")
+                   collection=coll, group=f"vsearch-ingest-{coll}")
+
+    @property
+    def _suffix(self) -> str:
+        return name_hash(self.index, self.model, self.version)
 
     @property
     def embedder_name(self) -> str:
-        return dns_name(self.index, self.model, self.version, "embedder", limit=45)
+        """``<index>-<model>-<version>-<hash>-embedder`` (at most 45: KServe adds ``-predictor...``)."""
+        return dns_name(self.index, self.model, self.version, limit=45, suffix=f"{self._suffix}-embedder")
 
     @property
     def ingest_name(self) -> str:
-        return dns_name(self.index, self.model, self.version, "ingest")
+        return dns_name(self.index, self.model, self.version, suffix=f"{self._suffix}-ingest")
+
+    @property
+    def owner(self) -> str:
+        return owner_of(self.namespace, self.index)
 
     def to_status(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "modelUri": self.uri,

@@ -1,5 +1,5 @@
 """The workload layer: what runs a model version's embedder and ingest consumer. The rollout
-logic (:mod:`operators.rollout`) talks only to :class:`Workloads`; this module has the
+logic (:mod:`vsearch.operators.rollout`) talks only to :class:`Workloads`; this module has the
 Kubernetes implementation (a KServe InferenceService running ``vsearch serve embedder`` and a
 Deployment running ``vsearch ingest`` per version, owned by the SearchIndex), and
 ``vsearch.local.workloads`` the one that runs local processes (``vsearch demo --rollout``).
@@ -18,7 +18,9 @@ if the operator is gone):
   touching the alias. Ready when ``status.readyReplicas`` reaches the replicas.
 
 Both run as the image's user (10001) with the `restricted` Pod Security Standard's security
-context and no service-account token."""
+context, a read-only root filesystem (writable: an emptyDir at ``/tmp`` for caches and one at
+``/var/lib/vsearch``, as the chart's pods) and no service-account token. Names carry a hash of
+(index, model, version) (:class:`vsearch.operators.spec.VersionRef`), so no two versions share one."""
 
 from __future__ import annotations
 
@@ -43,7 +45,12 @@ METRICS_PORT = 9100
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
                 "seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "privileged": False,
+                      "readOnlyRootFilesystem": True,
                       "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+# Writable places on the read-only root filesystem (the chart's vsearch.scratchVolumes).
+SCRATCH_VOLUMES = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+                   {"name": "data", "emptyDir": {"sizeLimit": "10Gi"}}]
+SCRATCH_MOUNTS = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": "/var/lib/vsearch"}]
 
 
 @dataclasses.dataclass
@@ -252,7 +259,9 @@ def _placed(w, container: dict, pod: dict) -> dict:
     runtime class."""
     if w.resources:
         container["resources"] = w.resources
-    pod.update(securityContext=copy.deepcopy(POD_SECURITY), automountServiceAccountToken=False)
+    container["volumeMounts"] = copy.deepcopy(SCRATCH_MOUNTS)
+    pod.update(securityContext=copy.deepcopy(POD_SECURITY), automountServiceAccountToken=False,
+               volumes=copy.deepcopy(SCRATCH_VOLUMES))
     placement = {"nodeSelector": w.node_selector, "tolerations": w.tolerations, "affinity": w.affinity,
                  "serviceAccountName": w.service_account, "imagePullSecrets": w.image_pull_secrets,
                  "runtimeClassName": w.runtime_class}

@@ -68,6 +68,9 @@ def register_serve(serve_sub) -> None:
     pf.add("--model-version", default=D.model_version,
              help="model version written into events (default: the embedder's model id)")
     add_server_flags(pf)
+    pf.add("--allowed-embedder-urls", default="",
+           help="embedder URLs (shell patterns, comma-separated) a collection's model record may name, "
+                "besides --embedder-url; the query image goes there (e.g. http://*-predictor.NS.svc)")
     pf.add("--device", default=None, help="torch device for in-process embedding")
     pf.add("--threads", default=None, type=int, help="torch CPU threads")
     p.set_defaults(handler=_serve_search)
@@ -110,7 +113,8 @@ def _serve_search(args) -> int:
         cors_origins=csv_list(args.cors_origins),
         image_roots=tuple(Path(r).resolve() for r in csv_list(args.image_roots)),
         allow_private_image_urls=args.allow_private_image_urls,
-        model_version=args.model_version, weak_match_score=args.weak_match_score)
+        model_version=args.model_version, weak_match_score=args.weak_match_score,
+        allowed_embedder_urls=csv_list(args.allowed_embedder_urls))
 
     from ..serving import hide_argv_from_kserve, run_model_server
     hide_argv_from_kserve()

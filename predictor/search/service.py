@@ -10,10 +10,12 @@ Every search logs an impression and every click a click record on the Kafka topi
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import threading
 import time
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -38,6 +40,16 @@ from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
 
+
+
+def embedder_url_allowed(url: str, patterns) -> bool:
+    """Whether ``url`` (``scheme://host[:port]``, nothing else) matches one of ``patterns`` (shell
+    patterns over ``scheme://host[:port]``, e.g. ``http://*-predictor.shop.svc``)."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname or "@" in u.netloc or u.query or u.fragment \
+            or u.path not in ("", "/"):
+        return False
+    return any(fnmatch.fnmatchcase(f"{u.scheme}://{u.netloc.lower()}", p) for p in patterns)
 
 class SearchService:
     """Embed -> ANN -> re-rank -> results, plus the event log. Synchronous and thread-safe;
@@ -118,8 +130,13 @@ class SearchService:
                     f"--embedder-url, or --model-dir of that model)")
             return self.embedder
         url = (rec or {}).get("embedder_url") or None
-        if not url:
+        if not url or url.rstrip("/") == str(getattr(self.embedder, "url", "")).rstrip("/"):
             return self.embedder
+        if not embedder_url_allowed(url, self.settings.allowed_embedder_urls):
+            # whoever created the collection wrote the record: the query image (and the embedder
+            # API key) go only where this service's own configuration allows
+            raise Unavailable(f"collection {target.collection!r} records embedder {url[:200]!r}, which is not "
+                              "--embedder-url nor in --allowed-embedder-urls: refusing to send queries there")
         with self._clients_lock:
             client = self._clients.get(url)
             if client is None:

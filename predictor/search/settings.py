@@ -40,3 +40,6 @@ class SearchSettings:
     # the web page says "nothing close" when the best score is under this (cosine similarity;
     # depends on the model: a trained one puts related images well above it)
     weak_match_score: float = 0.3
+    # Embedder URLs a collection's model record may send queries to (shell patterns), besides
+    # --embedder-url: the record is written by whoever created the collection, so not trusted.
+    allowed_embedder_urls: tuple[str, ...] = ()

@@ -471,6 +471,7 @@ def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, km
     from tests.fixtures.catalog import publish
     from tests.fixtures.operators import catalog_files, unique, upsert_record
     from vsearch.local import services
+    from vsearch.local.samples import CALTECH
 
     cluster = kmock_cluster
     model, topic, alias = unique("chart-e2e-"), unique("catalog-chart-"), unique("chart_")
@@ -506,7 +507,11 @@ def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, km
     # and the test kubeconfig instead of the in-cluster service account
     c = operator_container(objs)
     health, metrics = services.free_port(), services.free_port()
-    env = {**env_of(c), "VSEARCH_OPERATOR_HEALTH_PORT": str(health), "VSEARCH_OPERATOR_METRICS_PORT": str(metrics)}
+    env = {**env_of(c), "VSEARCH_OPERATOR_HEALTH_PORT": str(health), "VSEARCH_OPERATOR_METRICS_PORT": str(metrics),
+           # the gate reads the test's local catalog photos (none by default)
+           "VSEARCH_OPERATOR_CATALOG_FILE_ROOTS": f"{tmp_path},{CALTECH}"}
+    assert env["VSEARCH_OPERATOR_ALLOWED_IMAGES"] == "registry.example/team/vsearch:,registry.example/team/vsearch@"
+    assert env["VSEARCH_OPERATOR_ALLOWED_MILVUS_HOSTS"] == milvus_server_uri.split("//")[1]
     cluster.operator = services.Service(
         "operator", services.vsearch_argv(*c["args"], "--kubeconfig", str(cluster.kubeconfig)), port=health,
         env=env, log_path=tmp_path / "operator.log",

@@ -7,23 +7,27 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.fixtures.operators import golden_csv
+from tests.fixtures.operators import golden_csv, model_copy
 from tests.local.test_demo import leftover_processes, small_catalog
 
 
-def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir, rollout_models):
+def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir):
+    """The candidate passes the default gate: a copy of the trained default model (another
+    architecture and embedding size than the tiny serving one) carrying its offline verdict."""
+    from vsearch.predictor.model import default_model_dir
     catalog = small_catalog(tmp_path)
+    candidate = model_copy(default_model_dir(), tmp_path / "candidate", "9")
     data_dir = tmp_path / "demo"
     run = subprocess.run([sys.executable, "-m", "vsearch", "demo", "--catalog", str(catalog), "--model-dir",
-                          str(tiny_model_dir), "--rollout", str(rollout_models["2"]), "--check",
+                          str(tiny_model_dir), "--rollout", str(candidate), "--check",
                           "--http-port", "0", "--data-dir", str(data_dir), "--ready-timeout", "240"],
                          capture_output=True, text=True, timeout=600)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
     for phase in ("[Deploying]", "[Backfilling]", "[Verifying]", "[Switching]", "[Switched]"):
         assert phase in out, out[-3000:]
-    assert "gate: Passed" in out
-    assert "answered by tiny_a__2 (images__tiny_a__2)" in out, out[-2000:]
+    assert "gate: Passed" in out and "offline verdict of vsearch-default:9: beats baselines" in out, out[-3000:]
+    assert "answered by vsearch_default__9 (images__vsearch_default__9__" in out, out[-2000:]
     assert not leftover_processes(str(data_dir))
 
     # the next plain demo in the same folder serves its own model again, not the rolled-out alias

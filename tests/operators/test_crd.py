@@ -58,7 +58,6 @@ def test_the_documented_object_is_valid_and_printer_columns_are_declared():
     ("spec.milvus.uri", "milvus:19530", "spec.milvus.uri: Invalid value: 'milvus:19530'"),
     ("spec.catalog.bootstrap", "kafka", "spec.catalog.bootstrap: Invalid value: 'kafka'"),
     ("spec.rollout.requireApproval", "yes", "spec.rollout.requireApproval: Invalid value: 'yes': must be of type boolean"),
-    ("spec.model.colour", "blue", "spec.model: Additional properties are not allowed ('colour' was unexpected)"),
     ("spec.embedder.runtimeClassName", "Nvidia GPU", "spec.embedder.runtimeClassName: Invalid value: 'Nvidia GPU': should match"),
     ("spec.ingest.imagePullSecrets", [{"secret": "x"}], "spec.ingest.imagePullSecrets[0].name: Required value"),
     ("spec.rollout.gate.requireOfflineVerdict", "yes",
@@ -76,7 +75,7 @@ def test_the_typed_spec_defaults_are_the_schemas():
     props = crd.schema()["properties"]["spec"]["properties"]
     ro = props["rollout"]["properties"]
     assert spec.topic == props["catalog"]["properties"]["topic"]["default"]
-    assert spec.alias == props["milvus"]["properties"]["alias"]["default"]
+    assert "default" not in props["milvus"]["properties"]["alias"]        # derived per index, below
     assert spec.index_type == props["milvus"]["properties"]["index"]["properties"]["type"]["default"]
     assert spec.policy.retention_s == ro["retentionSeconds"]["default"]
     assert spec.policy.max_retries == ro["maxRetries"]["default"]
@@ -84,7 +83,7 @@ def test_the_typed_spec_defaults_are_the_schemas():
     assert spec.policy.idle_s == ro["backfill"]["properties"]["idleSeconds"]["default"]
     assert spec.policy.gate.sample_size == ro["gate"]["properties"]["sampleSize"]["default"]
     assert spec.policy.gate.min_self_score == ro["gate"]["properties"]["minSelfScore"]["default"]
-    assert spec.policy.gate.require_offline_verdict is ro["gate"]["properties"]["requireOfflineVerdict"]["default"]
+    assert spec.policy.gate.require_offline_verdict is ro["gate"]["properties"]["requireOfflineVerdict"]["default"] is True
     assert spec.ingest.batch_size == props["ingest"]["properties"]["batchSize"]["default"]
 
 
@@ -104,3 +103,66 @@ def test_the_readmes_searchindex_is_valid_and_reads_as_written():
     assert spec.embedder.service_account == "vsearch-models" and spec.embedder.runtime_class == "nvidia"
     assert spec.embedder.image_pull_secrets == [{"name": "registry-credentials"}]
     assert spec.policy.gate.require_offline_verdict is False and spec.policy.gate.golden.margin == 0.02
+
+
+def test_the_schema_is_structural_so_unknown_fields_are_pruned_like_the_api_server_does():
+    """A real API server refuses a CRD with additionalProperties beside properties; with a
+    structural schema it prunes undeclared fields (kubectl's strict validation refuses them,
+    naming them as unknown_fields does). The operator reads the pruned object, never the field."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            assert not ("properties" in node and "additionalProperties" in node), path
+            assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+            for k, v in (node.get("properties") or {}).items():
+                walk(v, f"{path}.{k}")
+            for k in ("items", "additionalProperties"):
+                if isinstance(node.get(k), dict):
+                    walk(node[k], f"{path}.{k}")
+    walk(crd.schema(), "openAPIV3Schema")
+    root = Path(__file__).resolve().parents[2]
+    # the project's offline structural-schema check (the stop hook runs it too), where the checkout has it
+    tool = next((p for p in (root.parent / "shared", root.parents[1] / "shared", Path("/work/shared"))
+                 if (p / "tools" / "check-crds.py").exists()), None)
+    if tool is not None:
+        run = subprocess.run([sys.executable, str(tool / "tools" / "check-crds.py"), "operators/searchindex.yaml",
+                              "charts/vsearch/crds/searchindex.yaml"], cwd=root, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+    obj = bad("spec.model.colour", "blue")
+    obj["spec"]["rollout"]["gate"]["golden"]["configMapRef"]["extra"] = 1
+    obj["spec"]["milvus"]["index"]["params"] = {"M": 16, "anything": "kept"}      # preserve-unknown-fields
+    crd.validate(obj)                                      # accepted, as fieldValidation=Warn accepts it
+    assert crd.unknown_fields(obj) == ["spec.model.colour", "spec.rollout.gate.golden.configMapRef.extra"]
+    pruned = crd.prune(obj)
+    assert "colour" not in pruned["spec"]["model"] and "extra" not in pruned["spec"]["rollout"]["gate"]["golden"]["configMapRef"]
+    assert pruned["spec"]["milvus"]["index"]["params"] == {"M": 16, "anything": "kept"}
+    assert pruned["metadata"] == obj["metadata"] and crd.unknown_fields(pruned) == []
+
+
+def test_the_default_alias_is_per_index():
+    one = IndexSpec.from_dict(GOOD["spec"] | {"milvus": {"uri": "http://m:1"}}, namespace="team-a", index="shop")
+    two = IndexSpec.from_dict(GOOD["spec"] | {"milvus": {"uri": "http://m:1"}}, namespace="team-b", index="shop")
+    assert one.alias.startswith("vs_team_a_shop_") and one.alias != two.alias and one.alias != "images"
+    assert IndexSpec.from_dict(GOOD["spec"] | {"milvus": {"uri": "http://m:1", "alias": "images"}},
+                               namespace="x", index="y").alias == "images"
+
+
+def test_the_schema_is_the_one_home_of_the_defaults():
+    """The typed spec reads objects defaulted by the schema (as the API server stores them): a
+    minimal object and one with every default written out read the same, and the dataclasses'
+    own defaults are the schema's."""
+    from vsearch.operators.spec import Gate, Policy, Workload
+    minimal = {"catalog": {"bootstrap": "k:1"}, "milvus": {"uri": "http://m:1"},
+               "model": {"name": "m", "version": "1", "uri": "/m"}}
+    full = crd.apply_defaults({"spec": minimal})["spec"]
+    assert full["rollout"]["gate"]["requireOfflineVerdict"] is True and full["ingest"]["batchSize"] == 256
+    assert full["milvus"]["index"] == {"type": "HNSW", "metric": "COSINE"} and "alias" not in full["milvus"]
+    a = IndexSpec.from_dict(minimal, namespace="n", index="i")
+    assert a == IndexSpec.from_dict(full, namespace="n", index="i")
+    assert a.policy == Policy() and a.policy.gate == Gate() and a.embedder == Workload() == a.search
+    assert a.ingest == Workload()
+    crd.validate({"spec": full})

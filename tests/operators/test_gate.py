@@ -5,16 +5,25 @@ object (which kmock, unlike an API server, accepts) is reported, never acted on.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.fixtures.catalog import publish
 from tests.fixtures.cluster import searchindex
 from tests.fixtures.operators import catalog_files, golden_csv, model_copy, unique, upsert_record
 from vsearch.core.store import MilvusStore
+from vsearch.operators.spec import ModelRef, VersionRef
 from vsearch.predictor.model import default_model_dir
 
 BASE_TS = 1_700_000_000_000
 REPO_MODEL = default_model_dir()
 
 
+def collection(version: str) -> str:
+    return VersionRef.of("gated", "vs", ModelRef("default", version, "")).collection
+
+
+# several minutes on a loaded 2-core machine (421 s and 290 s measured at load 8)
+@pytest.mark.timeout(900)
 def test_gate_refuses_a_random_model_then_approval_switches_a_good_one(tmp_path, cluster, broker,
                                                                        milvus_standalone_uri):
     from vsearch.predictor.model import init_model_dir
@@ -31,6 +40,8 @@ def test_gate_refuses_a_random_model_then_approval_switches_a_good_one(tmp_path,
     init_model_dir("resnet-tiny", random_dir, name="default", version="2", seed=7)
     model_copy(REPO_MODEL, good_dir, "3")
 
+    # the default gate (requireOfflineVerdict on) plus a golden set: the repository's model and its
+    # copies carry a passing offline evaluation, the random candidate none
     gate = {"sampleSize": 20, "golden": {"configMapRef": {"name": "golden"}, "margin": 0.0}}
     cluster.start_operator()
     cluster.api.create("searchindexes", searchindex(
@@ -42,11 +53,12 @@ def test_gate_refuses_a_random_model_then_approval_switches_a_good_one(tmp_path,
     cluster.api.patch("searchindexes", name, {"spec": {"model": {"version": "2", "uri": str(random_dir)}}})
     st = cluster.wait_phase(name, "Failed", 240)["status"]
     assert st["reason"] == "GateFailed" and "golden set" in st["message"], st["message"]
+    assert "offline verdict" in st["message"] and "never evaluated" in st["message"], st["message"]
     g = st["gate"]["golden"]
     assert g["candidate"]["ndcg@10"] < g["serving"]["ndcg@10"], g
     assert st["serving"]["version"] == "1" and st["failed"]["version"] == "2"
     with MilvusStore(milvus_standalone_uri) as store:
-        assert store.describe_alias(alias) == "images__default__1"              # blue still serves
+        assert store.describe_alias(alias) == collection("1")              # blue still serves
     degraded = {c["type"]: c for c in st["conditions"]}["Degraded"]
     assert degraded["status"] == "True" and degraded["reason"] == "GateFailed"
     # the failed candidate is cleaned up; the failed target is not retried
@@ -58,12 +70,12 @@ def test_gate_refuses_a_random_model_then_approval_switches_a_good_one(tmp_path,
     st = cluster.wait_phase(name, "AwaitingApproval", 240, version="3")["status"]
     assert st["gate"]["verdict"] == "Passed" and "vsearch.io/approve=3" in st["message"]
     with MilvusStore(milvus_standalone_uri) as store:
-        assert store.describe_alias(alias) == "images__default__1"
+        assert store.describe_alias(alias) == collection("1")
     cluster.api.patch("searchindexes", name, {"metadata": {"annotations": {"vsearch.io/approve": "3"}}})
     st = cluster.wait_phase(name, "Ready", 60, version="3")["status"]
     assert st["serving"]["version"] == "3" and st["previous"]["version"] == "1"
     with MilvusStore(milvus_standalone_uri) as store:
-        assert store.describe_alias(alias) == "images__default__3"
+        assert store.describe_alias(alias) == collection("3")
     assert "Approved" in [e.get("reason") for e in cluster.events(name)]
 
     # an object the API server would refuse: kmock stores it; the operator reports, does nothing

@@ -32,8 +32,11 @@ def never_evaluated(meta):
 @pytest.fixture(scope="module")
 def embedders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("verdicts")
+    from vsearch.predictor.model import init_model_dir
     dirs = {tag: model_copy(REPO_MODEL, tmp / tag, tag, change)
             for tag, change in (("good", None), ("losing", losing), ("unevaluated", never_evaluated))}
+    init_model_dir("resnet-tiny", tmp / "random", name="vsearch-default", version="random", seed=7)
+    dirs["random"] = tmp / "random"
     started = {}
     try:
         for tag, d in dirs.items():
@@ -84,6 +87,15 @@ def test_a_model_never_evaluated_is_refused_and_says_how_to_evaluate_it(embedder
     assert "vsearch-default:unevaluated was never evaluated" in reason and "--write-meta" in reason
 
 
-def test_without_the_setting_the_verdict_is_not_consulted(embedders):
-    result = gate_of(embedders["losing"], "losing")
+def test_the_default_gate_refuses_a_random_initialised_model_and_passes_the_trained_default(embedders):
+    """Self-consistency cannot tell an untrained model (an identical image finds itself with any
+    model), so the default gate asks for the model's own offline verdict."""
+    assert Gate().require_offline_verdict is True
+    refused = gate_of(embedders["random"], "random")
+    assert refused["verdict"] == "Failed" and "vsearch-default:random was never evaluated" in refused["reasons"][0]
+    assert gate_of(embedders["good"], "good")["verdict"] == "Passed"
+
+
+def test_with_the_setting_off_the_verdict_is_not_consulted(embedders):
+    result = gate_of(embedders["losing"], "losing", require_offline_verdict=False)
     assert result["verdict"] == "Passed" and "offline" not in result

@@ -212,7 +212,9 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
             "serve", "search", "--embedder-url", embedder.url, "--milvus-uri", milvus.uri,
             "--alias", "images", "--bootstrap", broker.bootstrap, "--http-port", str(port),
             "--query-store", str(data / "queries"), "--model-version", meta.model_id,
-            "--dedup-distance", dedup, "--image-roots", str(image_root)),
+            "--dedup-distance", dedup, "--image-roots", str(image_root),
+            # the embedders a rollout starts (vsearch demo --rollout) listen on local ports
+            "--allowed-embedder-urls", "http://127.0.0.1:*"),
             port=port, log_path=logs / "search.log",
             ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/models/visual-search/ready"))
         started.append(search)

@@ -18,8 +18,8 @@ def rollout_spec(*, bootstrap: str, milvus_uri: str, alias: str, name: str, vers
                  golden: str | None = None, idle_s: float = 3.0, sample: int = 50,
                  batch_size: int = 256) -> dict:
     gate: dict = {"sampleSize": sample}
-    if golden:
-        gate["golden"] = {"uri": str(Path(golden).resolve()), "margin": 0.02}
+    if golden:                  # the CSV's text goes into the local ConfigMap "golden" (run_rollout)
+        gate["golden"] = {"configMapRef": {"name": "golden"}, "margin": 0.02}
     return {"catalog": {"bootstrap": bootstrap, "topic": "catalog.images"},
             "milvus": {"uri": milvus_uri, "alias": alias, "index": {"type": "HNSW"}},
             "model": {"name": name, "version": version, "uri": uri},
@@ -38,7 +38,9 @@ def serving_status(*, model: str, version: str, uri: str, collection: str, group
 def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dict, search_url: str,
                 log_dir: Path, golden: str | None = None, timeout: float = 600, keep=None,
                 file_roots: str = "") -> int:
+    from ..core.config import csv_list
     from ..operators.rollout import FAILED, READY
+    from ..operators.trust import Trust
     from ..predictor.model import read_meta
     from .workloads import LocalRollout, LocalWorkloads
 
@@ -49,11 +51,14 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
           f"serving: {cur['model']} {cur['version']} ({cur['collection']})", flush=True)
     spec = rollout_spec(bootstrap=bootstrap, milvus_uri=milvus_uri, alias="images", name=cur["model"],
                         version=cur["version"], uri=cur["modelUri"], golden=golden)
-    # the catalog's file:// images may be read from file_roots (ingest reads none by default)
-    workloads = LocalWorkloads(log_dir, ingest_extra=("--batch-ms", "200", "--file-roots", file_roots))
+    # the catalog's file:// images may be read from file_roots (ingest and the gate read none by default)
+    golden_maps = {"golden": {"judgments.csv": Path(golden).read_text()}} if golden else {}
+    workloads = LocalWorkloads(log_dir, ingest_extra=("--batch-ms", "200", "--file-roots", file_roots),
+                               config_maps=golden_maps)
     if keep is not None:
         keep.append(workloads)
-    ro = LocalRollout(spec, workloads, status=serving)
+    trust = Trust(milvus_hosts=("127.0.0.1", "localhost"), catalog_file_roots=tuple(csv_list(file_roots)))
+    ro = LocalRollout(spec, workloads, status=serving, trust=trust)
     ro.step()                                          # adopt what serves
     ro.set_model(meta.name, version, str(Path(model_dir).resolve()))
     t0 = time.monotonic()
@@ -62,7 +67,7 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
                        timeout)
     st = out.status
     gate = st.get("gate") or {}
-    print(f"gate: {gate.get('verdict')} {json.dumps({k: gate.get(k) for k in ('selfConsistency', 'golden') if gate.get(k)})}")
+    print(f"gate: {gate.get('verdict')} {json.dumps({k: gate.get(k) for k in ('selfConsistency', 'golden', 'offline') if gate.get(k)})}")
     if st["phase"] == FAILED:
         print(f"rollout refused: {st.get('message')}; {cur['version']} still serves", flush=True)
         return GATE_REFUSED if st.get("reason") == "GateFailed" else 1

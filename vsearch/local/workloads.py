@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class LocalWorkloads(Workloads):
-    def __init__(self, log_dir: str | Path, *, threads: int = 1, ingest_extra=()):
+    def __init__(self, log_dir: str | Path, *, threads: int = 1, ingest_extra=(),
+                 config_maps: dict[str, dict[str, str]] | None = None):
         self.log_dir = Path(log_dir)
+        self.config_maps = dict(config_maps or {})          # name -> {key: text}, like ConfigMaps
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.threads, self.ingest_extra = threads, tuple(ingest_extra)
         self.procs: dict[str, tuple[Service, str]] = {}          # name -> (process, ready URL)
@@ -62,6 +64,14 @@ class LocalWorkloads(Workloads):
                 have[0].stop()
         return True
 
+    def read_config_map(self, name: str, key: str) -> str:
+        data = self.config_maps.get(name)
+        if data is None:
+            raise LookupError(f"ConfigMap {name} not found")
+        if key not in data:
+            raise LookupError(f"ConfigMap {name} has no key {key!r} (keys: {sorted(data)})")
+        return data[key]
+
     def close(self) -> None:
         for svc, _ in reversed(list(self.procs.values())):
             svc.stop()
@@ -72,25 +82,34 @@ class LocalRollout:
     """An in-memory SearchIndex reconciled by the operator's own rollout logic."""
 
     def __init__(self, spec: dict, workloads: Workloads, *, name: str = "demo", namespace: str = "local",
-                 status: dict | None = None, store=None, printer=print):
-        from ..core.fetch import Fetcher
+                 status: dict | None = None, store=None, printer=print, trust=None):
+        """``trust``: what the object may use (:class:`vsearch.operators.trust.Trust`); by default
+        Milvus on this machine, no Secrets, and catalog images read nowhere locally."""
+        from ..core.fetch import FetchConfig, Fetcher
         from ..core.store import MilvusStore
         from ..operators.kafka_groups import KafkaGroups
         from ..operators.rollout import Env
         from ..operators.spec import IndexSpec
+        from ..operators.trust import Trust
         from ..predictor.client import EmbedderClient
 
         self.name, self.namespace, self.printer = name, namespace, printer
         self.body = {"apiVersion": "vsearch.io/v1alpha1", "kind": "SearchIndex",
                      "metadata": {"name": name, "namespace": namespace, "generation": 1, "annotations": {}},
                      "spec": copy.deepcopy(spec), "status": copy.deepcopy(status or {})}
-        ispec = IndexSpec.from_dict(spec)
+        trust = trust or Trust(milvus_hosts=("127.0.0.1", "localhost"))
+        ispec = IndexSpec.from_dict(spec, namespace=namespace, index=name)
         clients: dict[str, EmbedderClient] = {}
+        roots = tuple(Path(r) for r in trust.catalog_file_roots)
         self.env = Env(workloads=workloads,
                        store=store or MilvusStore(ispec.milvus_uri, timeout=30, index=ispec.index_config()),
                        groups=KafkaGroups(ispec.bootstrap),
                        embedder=lambda url: clients.get(url) or clients.setdefault(url, EmbedderClient(url, timeout=60)),
-                       fetcher=Fetcher())
+                       fetcher=Fetcher(FetchConfig(schemes=("file", "http", "https") if roots else ("http", "https"),
+                                                   file_roots=roots, allow_networks=trust.fetch_allow_networks)),
+                       query_fetcher=Fetcher(FetchConfig(schemes=("http", "https"), file_roots=(),
+                                                         allow_networks=trust.fetch_allow_networks)),
+                       trust=trust)
 
     @property
     def status(self) -> dict:

@@ -129,9 +129,15 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- end -}}
 
 {{/* The InferenceService the operator creates for model.name/model.version of the chart's
-     SearchIndex (VersionRef.embedder_name): "<index>-<model>-<version>-embedder", at most 45. */}}
+     SearchIndex (VersionRef.embedder_name): "<index>-<model>-<version>-<hash>-embedder", at most
+     45; <hash>: 8 hex digits of the sha256 of the tuple encoded as "<len>:<text>" per part
+     (spec.name_hash), so that joins cannot collide. */}}
 {{- define "vsearch.operatorEmbedderName" -}}
-{{- include "vsearch.dnsName" (dict "parts" (list (include "vsearch.searchIndexName" .) .Values.model.name (toString .Values.model.version) "embedder") "limit" 45) -}}
+{{- $idx := include "vsearch.searchIndexName" . -}}
+{{- $m := .Values.model.name -}}
+{{- $v := toString .Values.model.version -}}
+{{- $hash := sha256sum (printf "%d:%s%d:%s%d:%s" (len $idx) $idx (len $m) $m (len $v) $v) | trunc 8 -}}
+{{- printf "%s-%s-embedder" (include "vsearch.dnsName" (dict "parts" (list $idx $m $v) "limit" 27)) $hash -}}
 {{- end -}}
 
 {{/* spec.model.uri of the SearchIndex: model.storageUri, else the default model in the image. */}}

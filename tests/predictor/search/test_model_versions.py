@@ -48,11 +48,15 @@ def test_each_query_is_embedded_by_the_model_of_the_collection_it_searches(
     alias = f"mv_{uuid.uuid4().hex[:6]}"
     a = build(milvus_server_uri, tiny_model_dir, photos, tmp_path, a_emb.url)
     b = build(milvus_server_uri, vit, photos, tmp_path, b_emb.url)
-    dead = build(milvus_server_uri, vit, photos, tmp_path, f"http://127.0.0.1:{free_port()}")
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    dead = build(milvus_server_uri, vit, photos, tmp_path, dead_url)
+    # a record is written by whoever made the collection: its embedder must be allowed by the service
+    rogue = build(milvus_server_uri, vit, photos, tmp_path, f"http://127.0.0.1:{free_port()}")
     store = MilvusStore(milvus_server_uri)
     store.switch_alias(alias, a)
     remote = start_search_server(milvus_uri=milvus_server_uri, alias=alias, embedder_url=a_emb.url,
-                                 bootstrap=broker, log_path=tmp_path / "remote.log")
+                                 bootstrap=broker, log_path=tmp_path / "remote.log",
+                                 extra=("--allowed-embedder-urls", f"{b_emb.url},{dead_url}"))
     local = start_search_server(milvus_uri=milvus_server_uri, alias=alias, model_dir=tiny_model_dir,
                                 log_path=tmp_path / "local.log")
     q = photos["p2"]
@@ -86,6 +90,11 @@ def test_each_query_is_embedded_by_the_model_of_the_collection_it_searches(
         down = ask(remote.url)
         assert down.status_code == 503 and "unreachable" in down.json()["error"], down.text
         assert dead in down.json()["error"] and "tiny_vit__7" in down.json()["error"]
+        store.switch_alias(alias, rogue)
+        time.sleep(1.2)
+        refused = ask(remote.url)
+        assert refused.status_code == 503 and "not --embedder-url nor in --allowed-embedder-urls" in \
+            refused.json()["error"], refused.text
         store.switch_alias(alias, a)
         time.sleep(1.2)
         assert ask(local.url).json()["collection"] == a        # its own model's collection: served
@@ -97,7 +106,7 @@ def test_each_query_is_embedded_by_the_model_of_the_collection_it_searches(
     finally:
         for s in (remote, local, a_emb, b_emb):
             s.stop()
-        for c in (a, b, dead):
+        for c in (a, b, dead, rogue):
             store.drop_alias(alias) if store.describe_alias(alias) == c else None
             store.drop_collection(c)
         store.close()
