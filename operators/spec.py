@@ -169,7 +169,7 @@ def dns_name(*parts: str, limit: int = 63, suffix: str = "") -> str:
 def default_alias(namespace: str, index: str) -> str:
     """The alias of a SearchIndex that names none: ``vs_<namespace>_<index>_<hash>``, one per
     (namespace, index), so indexes sharing a Milvus never share the global ``images``."""
-    from ..core.store import sanitise
+    from ..core.naming import sanitise
     readable = f"{sanitise(namespace)}_{sanitise(index)}"[:200]
     return f"vs_{readable}_{name_hash('alias', namespace, index, n=10)}"
 
@@ -177,7 +177,7 @@ def default_alias(namespace: str, index: str) -> str:
 def collection_of(namespace: str, index: str, model: str, version: str) -> str:
     """``images__<model>__<version>__<hash>``: readable, and unique per (namespace, index, model,
     version) through the hash of the tuple (``1.0`` and ``1-0`` read alike, hash apart)."""
-    from ..core.store import collection_name
+    from ..core.naming import collection_name
     return f"{collection_name(model, version)[:180]}__{name_hash(namespace, index, model, version, n=10)}"
 
 
