@@ -23,7 +23,7 @@ RUN python3 -m venv /opt/vsearch \
  && /opt/vsearch/bin/python -c "import torch, vsearch.cli; print('torch', torch.__version__)"
 # The default model ships inside the package (vsearch.models); /opt/vsearch/models/default
 # links to it for commands that take a --model-dir.
-RUN dest="$(/opt/vsearch/bin/python -c 'from vsearch.predictor.model import default_model_dir; print(default_model_dir())')" \
+RUN dest="$(/opt/vsearch/bin/python -c 'from vsearch.predictor.model_dir import default_model_dir; print(default_model_dir())')" \
  && test -f "$dest/config.json" \
  && mkdir -p /opt/vsearch/models && ln -s "$dest" /opt/vsearch/models/default \
  && /opt/vsearch/bin/pip uninstall -y -q pip \

@@ -13,7 +13,7 @@ from .search import cli as search_cli
 
 
 def default_model_dir() -> str:
-    from .model import default_model_dir
+    from .model_dir import default_model_dir
     return str(default_model_dir())
 
 
@@ -84,7 +84,7 @@ def register(sub) -> None:
 def _serve_embedder(args) -> int:
     from .serving import hide_argv_from_kserve, run_model_server
     hide_argv_from_kserve()
-    from .model import set_torch_threads
+    from .inference import set_torch_threads
     set_torch_threads(args.threads)
     from .embedder_server import REJECTED, EmbedderModel
     model = EmbedderModel(args.model_name, args.model_dir, max_batch=args.max_batch, device=args.device,
@@ -113,7 +113,7 @@ def _embed(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .model import Embedder, set_torch_threads
+    from .inference import Embedder, set_torch_threads
     from .preprocess import InvalidImage, stack
 
     files = list_images(args.inputs)
@@ -152,7 +152,7 @@ def _embed(args) -> int:
 
 
 def _model_init(args) -> int:
-    from .model import init_model_dir
+    from .zoo import init_model_dir
     meta = init_model_dir(args.arch, args.out, name=args.name, version=args.version,
                           image_size=args.image_size, seed=args.seed)
     print(f"wrote random-initialised {args.arch} ({meta.family}, {meta.embedding_dim}-d, "
@@ -163,7 +163,7 @@ def _model_init(args) -> int:
 def _model_info(args) -> int:
     import json
 
-    from .model import read_meta
+    from .model_dir import read_meta
     print(json.dumps(read_meta(args.model_dir).to_json(), indent=2))
     return 0
 

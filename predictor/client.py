@@ -1,5 +1,5 @@
 """Client of the embedder's V2 endpoint with the same interface as
-:class:`vsearch.predictor.model.Embedder` (``dim``, ``embed_bytes``), so the consumer and the search
+:class:`vsearch.predictor.inference.Embedder` (``dim``, ``embed_bytes``), so the consumer and the search
 service embed in process or over HTTP with the same code."""
 
 from __future__ import annotations

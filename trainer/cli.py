@@ -89,7 +89,7 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from ..predictor.model import set_torch_threads
+    from ..predictor.inference import set_torch_threads
     from .data import DataError
     from .train import TrainConfig, data_kind, train
     if not args.data or not args.out:
@@ -133,7 +133,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from ..predictor.model import set_torch_threads
+    from ..predictor.inference import set_torch_threads
     from .data import DataError
     from .evaluate import evaluate_models, format_table, store_in_meta, write_outputs
     if not args.data:

@@ -8,7 +8,7 @@
     # carry on after an interruption
     vsearch train ... --out runs/tiny --resume
 
-The network is the predictor's :class:`~vsearch.predictor.model.EmbeddingNet` (the serving network);
+The network is the predictor's :class:`~vsearch.predictor.zoo.EmbeddingNet` (the serving network);
 SimCLR adds a projection head that is dropped at export. ``--out`` becomes a model directory
 that ``vsearch serve embedder --model-dir`` loads as it is, with ``train_log.jsonl`` (one JSON
 line per logged step) and ``checkpoints/last.pt`` beside the weights. At export a PCA-whitening
@@ -35,14 +35,8 @@ import torch
 from torch import nn
 
 from ..core import jsonsafe
-from ..predictor.model import (
-    EmbeddingNet,
-    ModelMeta,
-    build_model,
-    fit_whitening,
-    load_model_dir,
-    save_model_dir,
-)
+from ..predictor.model_dir import ModelMeta
+from ..predictor.zoo import EmbeddingNet, build_model, fit_whitening, load_model_dir, save_model_dir
 from .augment import AugmentConfig, PairAugment, SimCLRAugment
 from .data import (
     DataError,
@@ -415,7 +409,7 @@ def _mine(cfg: TrainConfig, pairs):
     if not cfg.init:
         raise DataError("hard negatives need --init: the model that built the index")
     from ..core.store import MilvusStore
-    from ..predictor.model import Embedder
+    from ..predictor.inference import Embedder
     from .negatives import mine_hard_negatives
     embedder = Embedder(cfg.init, device="cpu")
     try:

@@ -40,7 +40,8 @@ def test_demo_rollout_exits_3_when_the_gate_refuses_and_blue_keeps_serving(tmp_p
     import shutil
 
     from vsearch.local.samples import caltech_photos
-    from vsearch.predictor.model import default_model_dir, init_model_dir
+    from vsearch.predictor.model_dir import default_model_dir
+    from vsearch.predictor.zoo import init_model_dir
 
     photos = caltech_photos(n_classes=5, per_class=6)
     if not photos:

@@ -13,7 +13,7 @@ from vsearch.local.services import start_embedder
 from vsearch.operators.gate import VersionPath, run_gate
 from vsearch.operators.spec import Gate
 from vsearch.predictor.client import EmbedderClient
-from vsearch.predictor.model import default_model_dir, read_meta
+from vsearch.predictor.model_dir import default_model_dir, read_meta
 
 REPO_MODEL = default_model_dir()
 

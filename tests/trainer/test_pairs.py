@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vsearch.core import search_events
-from vsearch.predictor.model import read_meta
+from vsearch.predictor.model_dir import read_meta
 from vsearch.trainer.data import DataError, click_pairs_from_kafka, read_pairs_csv
 from vsearch.trainer.train import TrainConfig, train
 
@@ -130,7 +130,7 @@ def test_click_pairs_from_search_events_on_kafka(broker, photo_folder, tiny_mode
 def test_hard_negatives_mined_from_the_index_are_near_but_not_clicked(photo_folder, tiny_model_dir,
                                                                       milvus_lite_uri, tmp_path):
     from vsearch.core.store import MilvusStore
-    from vsearch.predictor.model import Embedder
+    from vsearch.predictor.inference import Embedder
     from vsearch.trainer.negatives import mine_hard_negatives
 
     files = sorted(photo_folder.rglob("*.jpg"))

@@ -61,7 +61,8 @@ def write_catalog_csv(items: list[dict], path: Path) -> None:
 
 def resolve_model(model_dir: str | None, data_dir: Path) -> tuple[Path, bool]:
     """(model directory, whether it is a random-initialised stand-in)."""
-    from ..predictor.model import default_model_dir, init_model_dir
+    from ..predictor.model_dir import default_model_dir
+    from ..predictor.zoo import init_model_dir
 
     if model_dir:
         if not (Path(model_dir) / "config.json").exists():
@@ -132,7 +133,7 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
              port: int = 8000, timeout: float = 300.0, check: bool = False, rollout: str | None = None,
              golden: str | None = None) -> int:
     from ..core.store import collection_name
-    from ..predictor.model import read_meta
+    from ..predictor.model_dir import read_meta
     from .services import (
         Service,
         free_port,

@@ -39,7 +39,7 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
                 log_dir: Path, golden: str | None = None, timeout: float = 600, keep=None,
                 file_roots: str = "") -> int:
     from ..operators.rollout import FAILED, READY
-    from ..predictor.model import read_meta
+    from ..predictor.model_dir import read_meta
     from .workloads import LocalRollout, LocalWorkloads
 
     meta = read_meta(model_dir)
