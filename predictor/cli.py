@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.config import Flags
 from ..core.images import image_files
+from .model_dir import ARCHS
 from .search import cli as search_cli
 
 
@@ -68,8 +69,8 @@ def register(sub) -> None:
     model = sub.add_parser("model", help="model directories")
     model_sub = model.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = model_sub.add_parser("init", help="write a random-initialised model directory")
-    p.add_argument("--arch", required=True,
-                   help="resnet18, resnet-tiny, vit-small, dinov2-small or clip-vit-b32")
+    p.add_argument("--arch", required=True, choices=ARCHS, metavar="ARCH",
+                   help=f"architecture: {', '.join(ARCHS)}")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default=None, help="model name (default: the arch)")
     p.add_argument("--version", default="0")
@@ -152,6 +153,12 @@ def _embed(args) -> int:
 
 
 def _model_init(args) -> int:
+    if args.image_size is not None and args.image_size < 16:
+        print(f"vsearch model init: --image-size {args.image_size}: give at least 16 pixels", file=sys.stderr)
+        return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"vsearch model init: --out {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
     from .zoo import init_model_dir
     meta = init_model_dir(args.arch, args.out, name=args.name, version=args.version,
                           image_size=args.image_size, seed=args.seed)
@@ -163,7 +170,12 @@ def _model_init(args) -> int:
 def _model_info(args) -> int:
     import json
 
-    from .model_dir import read_meta
-    print(json.dumps(read_meta(args.model_dir).to_json(), indent=2))
+    from .model_dir import ModelDirError, read_meta
+    try:
+        meta = read_meta(args.model_dir)
+    except ModelDirError as exc:
+        print(f"vsearch model info: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta.to_json(), indent=2))
     return 0
 

@@ -31,6 +31,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 
+# The architectures :mod:`.zoo` builds from a config (``vsearch model init --arch``, ``vsearch train
+# --arch``): named here, beside the format, so the command line lists them without importing torch.
+ARCHS = ("resnet18", "resnet-tiny", "resnet-small", "vit-small", "dinov2-small", "clip-vit-b32")
+
+
 class ModelDirError(ValueError):
     """The model directory is missing, incomplete or of an unsupported family."""
 
@@ -143,6 +148,8 @@ def read_meta(model_dir: str | os.PathLike, config=None) -> ModelMeta:
         except (ValueError, TypeError, KeyError) as exc:
             raise ModelDirError(f"{path} is not valid model metadata: {exc}") from exc
     if config is None:
+        if not (model_dir / "config.json").is_file():
+            raise ModelDirError(f"{model_dir} is not a model directory (no {METADATA_FILE}, no config.json)")
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(model_dir)
     family = family_of(config)

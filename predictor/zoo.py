@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model_dir import (
+    ARCHS,
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
@@ -131,9 +132,6 @@ def _arch_configs():
             dict(image_size=224, resize_size=224, mean=CLIP_MEAN, std=CLIP_STD,
                  pooling="image_embeds", resample="bicubic")),
     }
-
-
-ARCHS = ("resnet18", "resnet-tiny", "resnet-small", "vit-small", "dinov2-small", "clip-vit-b32")
 
 
 def build_model(arch: str, *, name: str | None = None, version: str = "0",

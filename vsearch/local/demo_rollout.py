@@ -8,6 +8,7 @@ keeps answering. Exit codes (with ``--check``): 0 the new version serves, 3 the 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -53,13 +54,20 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
     workloads = LocalWorkloads(log_dir, ingest_extra=("--batch-ms", "200", "--file-roots", file_roots))
     if keep is not None:
         keep.append(workloads)
+    # The demo prints each phase once, itself: the operator's and the store's INFO lines would
+    # say it again.
+    for name in ("vsearch.operators.rollout", "vsearch.core.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ro = LocalRollout(spec, workloads, status=serving)
-    ro.step()                                          # adopt what serves
-    ro.set_model(meta.name, version, str(Path(model_dir).resolve()))
-    t0 = time.monotonic()
-    out = ro.run_until(lambda s: s.get("phase") in (READY, FAILED) and not s.get("candidate")
-                       and ((s.get("serving") or {}).get("version") == version or s.get("phase") == FAILED),
-                       timeout)
+    try:
+        ro.step()                                          # adopt what serves
+        ro.set_model(meta.name, version, str(Path(model_dir).resolve()))
+        t0 = time.monotonic()
+        out = ro.run_until(lambda s: s.get("phase") in (READY, FAILED) and not s.get("candidate")
+                           and ((s.get("serving") or {}).get("version") == version or s.get("phase") == FAILED),
+                           timeout)
+    finally:
+        ro.close()
     st = out.status
     gate = st.get("gate") or {}
     print(f"gate: {gate.get('verdict')} {json.dumps({k: gate.get(k) for k in ('selfConsistency', 'golden') if gate.get(k)})}")
