@@ -1,4 +1,14 @@
-"""Shared fixtures. Each component's fixtures live in ``tests/fixtures/<name>.py``."""
+"""Shared fixtures. Each component's fixtures live in ``tests/fixtures/<name>.py``.
+
+Which tests are ``slow`` (left out by ``make test-fast``), decided here in one place besides the
+``@pytest.mark.slow`` of single tests: every test that needs a server that takes seconds to start
+(a KServe model server, the search service and its indexed catalog, the Milvus 2.3.5 standalone
+server, the kmock cluster with real workloads), and the files whose every test trains, renders
+the chart with helm, runs the demo or drives a browser. What stays is the inner loop: unit tests
+and the integration tests on the broker and Milvus Lite, which start in about a second.
+"""
+
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +26,19 @@ def _two_torch_threads():
     """The test process is the entry point that owns torch's process-wide thread count."""
     import torch
     torch.set_num_threads(2)
+
+
+SLOW_FIXTURES = {"embedder_service", "search_server", "search_catalog", "milvus_standalone_uri",
+                 "cluster", "rollout_models"}
+SLOW_FILES = {"tests/deploy", "tests/local", "tests/test_fuzz.py", "tests/trainer/test_train.py",
+              "tests/trainer/test_bench_quality.py", "tests/trainer/test_default_model.py",
+              "tests/trainer/test_collections.py", "tests/predictor/search/test_web_page.py"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        rel = Path(item.path).resolve().relative_to(ROOT)
+        if SLOW_FIXTURES & set(item.fixturenames) or any(
+                rel == Path(f) or Path(f) in rel.parents for f in SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
