@@ -20,8 +20,14 @@ def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir, rollou
                          capture_output=True, text=True, timeout=600)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
-    for phase in ("[Deploying]", "[Backfilling]", "[Verifying]", "[Switching]", "[Switched]"):
-        assert phase in out, out[-3000:]
+    for phase in ("Deploying", "Backfilling", "Verifying", "Switching", "Switched"):
+        assert f"[{phase}]" in out, out[-3000:]
+        # said once: not again by the operator's log line or the progress line
+        assert out.count(f" {phase}: ") == 0, out[-3000:]
+    backfill = out[out.index("[Backfilling]"):].splitlines()
+    assert backfill[0].split("] ", 1)[1] not in "\n".join(backfill[1:]), out[-3000:]
+    # a clean stop: no refused reconnects of the rollout's Kafka clients, no gRPC GOAWAY
+    assert "ECONNREFUSED" not in out and "ERROR kafka" not in out and "GOAWAY" not in out, out[-3000:]
     assert "gate: Passed" in out
     assert "answered by tiny_a__2 (images__tiny_a__2)" in out, out[-2000:]
     assert not leftover_processes(str(data_dir))
