@@ -70,7 +70,7 @@ RUN set -eu; \
 sys.exit(0 if (cuda is None) == (sys.argv[1] == 'cpu') else f'TORCH_VARIANT={sys.argv[1]} but torch {torch.__version__} has cuda={cuda}: wrong torch build (see TORCH_INDEX_URL)')" "$TORCH_VARIANT"
 # The default model ships inside the package (vsearch.models); /opt/vsearch/models/default
 # links to it for commands that take a --model-dir.
-RUN dest="$(/opt/vsearch/bin/python -c 'from vsearch.predictor.model import default_model_dir; print(default_model_dir())')" \
+RUN dest="$(/opt/vsearch/bin/python -c 'from vsearch.predictor.model_dir import default_model_dir; print(default_model_dir())')" \
  && test -f "$dest/config.json" \
  && mkdir -p /opt/vsearch/models && ln -s "$dest" /opt/vsearch/models/default \
  && /opt/vsearch/bin/pip uninstall -y -q pip \

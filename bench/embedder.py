@@ -29,7 +29,8 @@ from PIL import Image
 
 from vsearch.local.samples import photos as sample_photos
 from vsearch.local.services import start_embedder
-from vsearch.predictor.model import Embedder, init_model_dir, load_model_dir
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.zoo import init_model_dir, load_model_dir
 
 
 def rate(n: int, seconds: float) -> float:

@@ -80,7 +80,7 @@ def _consumer_process(kind: str, source, bootstrap: str, topic: str, group: str,
     if kind == "precomputed":
         embedder = PrecomputedEmbedder(*source)
     else:
-        from vsearch.predictor.model import Embedder
+        from vsearch.predictor.inference import Embedder
         embedder = Embedder(source, batch_size=32)
     store = MilvusStore(milvus_uri, timeout=60)
     consumer = IngestConsumer(IngestSettings(bootstrap=bootstrap, topic=topic, group=group, collection=coll,
@@ -155,7 +155,7 @@ def raw_upsert_rate(store: MilvusStore, rows: list[dict], batch: int = 256) -> f
 
 def freshness(bootstrap: str, store: MilvusStore, model_dir: Path, photos: list[bytes], n: int,
               folder: Path) -> list[float]:
-    from vsearch.predictor.model import Embedder
+    from vsearch.predictor.inference import Embedder
     emb = Embedder(model_dir)
     topic, group = "bench-fresh", "bench-fresh"
     coll = collection_name("bench", "fresh")
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from vsearch.local.samples import TINY
-    from vsearch.predictor.model import Embedder, init_model_dir
+    from vsearch.predictor.inference import Embedder
+    from vsearch.predictor.zoo import init_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     photos = sample_photos(64)

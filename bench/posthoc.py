@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vsearch.predictor.model import build_model, fit_whitening, load_model_dir
 from vsearch.predictor.preprocess import image_to_array, stack
+from vsearch.predictor.zoo import build_model, fit_whitening, load_model_dir
 from vsearch.trainer import metrics
 from vsearch.trainer.data import list_images, split_holdout
 from vsearch.trainer.evaluate import decode_all, raw_pixel_embed

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     from vsearch.operators.rollout import READY
     from vsearch.operators.trust import Trust
     from vsearch.predictor.client import EmbedderClient
-    from vsearch.predictor.model import init_model_dir
+    from vsearch.predictor.zoo import init_model_dir
 
     def on_term(*_):
         raise KeyboardInterrupt

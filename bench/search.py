@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from vsearch.core.store import MilvusStore
-    from vsearch.predictor.model import default_model_dir, init_model_dir, read_meta
+    from vsearch.predictor.model_dir import default_model_dir, read_meta
+    from vsearch.predictor.zoo import init_model_dir
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     efs = [int(e) for e in args.ef.split(",") if e]

@@ -43,7 +43,9 @@ import torch
 
 from vsearch.local.samples import CALTECH
 from vsearch.local.samples import photos as sample_photos
-from vsearch.predictor.model import Embedder, build_model, default_model_dir, set_torch_threads
+from vsearch.predictor.inference import Embedder, set_torch_threads
+from vsearch.predictor.model_dir import default_model_dir
+from vsearch.predictor.zoo import build_model
 from vsearch.trainer.augment import SimCLRAugment, training_image
 from vsearch.trainer.losses import nt_xent
 from vsearch.trainer.train import ProjectionHead, TrainConfig, train

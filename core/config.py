@@ -33,6 +33,11 @@ def env_name(flag: str, component: str | None = None) -> str:
     return f"{PREFIX}{component.upper()}_{name}" if component else f"{PREFIX}{name}"
 
 
+class UsageError(ValueError):
+    """A wrong argument found by a command's handler (a missing folder, a model directory that is
+    not one): ``vsearch`` prints the one line and exits 2, as argparse does for its own errors."""
+
+
 class BadEnv:
     """The default of a flag whose environment variable does not parse; the command that
     reads it reports it (:func:`check_environment`)."""

@@ -91,7 +91,7 @@ def _ingest(args) -> int:
     from ..core.fetch import FetchConfig, Fetcher, parse_networks
     from ..core.naming import collection_name
     from ..core.store import MilvusStore
-    from ..predictor.model import set_torch_threads
+    from ..predictor.inference import set_torch_threads
     from ..predictor.preprocess import Limits, set_decoder_pixel_limit
     from .consumer import IngestConsumer, IngestSettings
 
@@ -108,7 +108,7 @@ def _ingest(args) -> int:
                                   api_key=args.embedder_api_key)
         collection = args.collection
     else:
-        from ..predictor.model import Embedder
+        from ..predictor.inference import Embedder
         set_torch_threads(args.threads)
         embedder = Embedder(args.model_dir, device=args.device, batch_size=args.embed_batch_size,
                             limits=Limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels))

@@ -432,8 +432,9 @@ class Step:
         last_at = parse_iso(p.get("checkedAt")) or self.now
         dt = self.now - last_at
         if dt > 0:
-            inst = max(0.0, (indexed - int(p.get("indexed", 0))) / dt)
-            p["ratePerSecond"] = round(inst if p.get("ratePerSecond") is None else 0.5 * inst + 0.5 * p["ratePerSecond"], 2)
+            # the last interval's rate: 0 while the count stands still (a decaying average kept
+            # showing a rate for minutes after the last item)
+            p["ratePerSecond"] = round(max(0.0, (indexed - int(p.get("indexed", 0))) / dt), 2)
         p["indexed"], p["servingCount"], p["checkedAt"] = indexed, target, iso(self.now)
         rate = p.get("ratePerSecond") or 0
         p["etaSeconds"] = round((target - indexed) / rate, 1) if target is not None and rate > 0 and target > indexed else None
@@ -448,7 +449,7 @@ class Step:
                                + f", consumer idle {idle:.0f}s; running the quality gate")
             return FAST
         self.note(f"backfilling {cand.version}: {indexed}" + (f"/{target}" if target is not None else "")
-                  + f" items, {rate:.1f}/s, consumer idle {idle:.0f}s"
+                  + " items" + (f", {rate:.1f}/s" if rate else ", none new") + f", consumer idle {idle:.0f}s"
                   + ("" if ist.ready else f"; {ist.message}"))
         return WAIT
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from ..core.config import Flags
 from ..core.images import image_files
 from .limits import ServerLimits, add_server_flags, server_limits_from
+from .model_dir import ARCHS
 from .search import cli as search_cli
 
 
 def default_model_dir() -> str:
-    from .model import default_model_dir
+    from .model_dir import default_model_dir
     return str(default_model_dir())
 
 
@@ -70,8 +71,8 @@ def register(sub) -> None:
     model = sub.add_parser("model", help="model directories")
     model_sub = model.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = model_sub.add_parser("init", help="write a random-initialised model directory")
-    p.add_argument("--arch", required=True,
-                   help="resnet18, resnet-tiny, vit-small, dinov2-small or clip-vit-b32")
+    p.add_argument("--arch", required=True, choices=ARCHS, metavar="ARCH",
+                   help=f"architecture: {', '.join(ARCHS)}")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default=None, help="model name (default: the arch)")
     p.add_argument("--version", default="0")
@@ -86,7 +87,7 @@ def register(sub) -> None:
 def _serve_embedder(args) -> int:
     from .serving import hide_argv_from_kserve, run_model_server
     hide_argv_from_kserve()
-    from .model import set_torch_threads
+    from .inference import set_torch_threads
     set_torch_threads(args.threads)
     from .embedder_server import REJECTED, EmbedderModel
     model = EmbedderModel(args.model_name, args.model_dir, max_batch=args.max_batch, device=args.device,
@@ -118,7 +119,7 @@ def _embed(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .model import Embedder, set_torch_threads
+    from .inference import Embedder, set_torch_threads
     from .preprocess import InvalidImage, stack
 
     files = list_images(args.inputs)
@@ -157,7 +158,13 @@ def _embed(args) -> int:
 
 
 def _model_init(args) -> int:
-    from .model import init_model_dir
+    if args.image_size is not None and args.image_size < 16:
+        print(f"vsearch model init: --image-size {args.image_size}: give at least 16 pixels", file=sys.stderr)
+        return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"vsearch model init: --out {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
+    from .zoo import init_model_dir
     meta = init_model_dir(args.arch, args.out, name=args.name, version=args.version,
                           image_size=args.image_size, seed=args.seed)
     print(f"wrote random-initialised {args.arch} ({meta.family}, {meta.embedding_dim}-d, "
@@ -168,7 +175,12 @@ def _model_init(args) -> int:
 def _model_info(args) -> int:
     import json
 
-    from .model import read_meta
-    print(json.dumps(read_meta(args.model_dir).to_json(), indent=2))
+    from .model_dir import ModelDirError, read_meta
+    try:
+        meta = read_meta(args.model_dir)
+    except ModelDirError as exc:
+        print(f"vsearch model info: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta.to_json(), indent=2))
     return 0
 

@@ -33,7 +33,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from prometheus_client import Counter, Histogram
 
 from .batching import MicroBatcher
-from .model import Embedder
+from .inference import Embedder
 from .preprocess import InvalidImage, Limits
 from .protocol import check_v2_inputs, decode_b64, parse_box, v1_instances, v2_crops, v2_images
 from .serving import Busy
@@ -54,7 +54,7 @@ V1_EXAMPLE = '{"instances": [{"image": {"b64": ...}, "crop": [x0, y0, x1, y1]}]}
 
 
 class EmbedderModel(kserve.Model):
-    """KServe model wrapping :class:`vsearch.predictor.model.Embedder`."""
+    """KServe model wrapping :class:`vsearch.predictor.inference.Embedder`."""
 
     def __init__(self, name: str, model_dir: str, *, max_batch: int = 64, device: str | None = None,
                  batch_size: int = 32, limits: Limits = Limits(), max_queue: int = 256):

@@ -1,5 +1,5 @@
 """The embedder contract: what the ingest consumer and the search service call, whether the
-model runs in this process (:class:`vsearch.predictor.model.Embedder`) or behind the
+model runs in this process (:class:`vsearch.predictor.inference.Embedder`) or behind the
 embedder's KServe V2 endpoint (:class:`vsearch.predictor.client.EmbedderClient`).
 
 Errors: an image that cannot be embedded raises (or, from :meth:`ImageEmbedder.embed_each`,

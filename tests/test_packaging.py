@@ -29,7 +29,7 @@ def test_every_python_package_of_the_tree_is_listed():
 
 
 def test_the_default_model_ships_inside_the_package():
-    from vsearch.predictor.model import default_model_dir, read_meta
+    from vsearch.predictor.model_dir import default_model_dir, read_meta
     model = default_model_dir()
     assert (model / "config.json").exists() and read_meta(model).embedding_dim > 0
     data = CONFIG["package-data"]["vsearch.models.default"]

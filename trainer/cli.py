@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..core.config import Flags
+from ..predictor.model_dir import ARCHS
 
 
 def _ks(text: str) -> list[int]:
@@ -28,7 +29,8 @@ def register(sub) -> None:
     pf.add("--out", default=None,
              help="output model directory (also holds train_log.jsonl and checkpoints/)")
     pf.add("--init", default=None, help="model directory to fine-tune (default: random init of --arch)")
-    pf.add("--arch", default="resnet-tiny", help="architecture for random init")
+    pf.add("--arch", default="resnet-tiny", choices=ARCHS, metavar="ARCH",
+           help=f"architecture for random init: {', '.join(ARCHS)}")
     pf.add("--image-size", default=None, type=int,
              help="input size of a new model (arch default otherwise)")
     pf.add("--name", default=None, help="model name in the metadata")
@@ -39,7 +41,7 @@ def register(sub) -> None:
     pf.add("--accum-steps", default=1, type=int, help="micro-batches per optimiser step")
     pf.add("--lr", default=1e-3, type=float, help="peak learning rate (AdamW)")
     pf.add("--weight-decay", default=1e-4, type=float, help="AdamW weight decay")
-    pf.add("--warmup-steps", default=None, type=int, help="linear warm-up steps (default 5%% of steps)")
+    pf.add("--warmup-steps", default=None, type=int, help="linear warm-up steps (default 5% of steps)")
     pf.add("--temperature", default=None, type=float,
              help="softmax temperature (default 0.2 for SimCLR, 0.07 for pairs)")
     pf.add("--holdout", default=0.0, type=float, help="fraction of each class held out of training")
@@ -89,7 +91,7 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from ..predictor.model import set_torch_threads
+    from ..predictor.inference import set_torch_threads
     from .data import DataError
     from .train import TrainConfig, data_kind, train
     if not args.data or not args.out:
@@ -133,7 +135,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from ..predictor.model import set_torch_threads
+    from ..predictor.inference import set_torch_threads
     from .data import DataError
     from .evaluate import evaluate_models, format_table, store_in_meta, write_outputs
     if not args.data:

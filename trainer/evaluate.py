@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from ..core import jsonsafe
-from ..predictor.model import EmbeddingNet, load_model_dir, read_meta, write_meta
+from ..predictor.model_dir import read_meta, write_meta
 from ..predictor.preprocess import InvalidImage, PreprocessConfig, decode_image, image_to_array, stack
+from ..predictor.zoo import EmbeddingNet, load_model_dir
 from . import metrics
 from .data import DataError, _resolve, list_images, read_source, select_split
 

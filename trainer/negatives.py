@@ -39,7 +39,7 @@ def mine_hard_negatives(pairs: Sequence[tuple[str, str]], embedder, store, colle
                         ) -> tuple[dict[str, list[str]], dict]:
     """{query source: [uri of a hard negative, ...]} and counts of what happened.
 
-    ``embedder`` has ``embed_bytes`` (an :class:`~vsearch.predictor.model.Embedder` or the HTTP client);
+    ``embedder`` has ``embed_bytes`` (an :class:`~vsearch.predictor.inference.Embedder` or the HTTP client);
     ``store`` is a :class:`~vsearch.core.store.MilvusStore`; ``collection`` a collection or alias."""
     clicked: dict[str, set[str]] = {}
     for q, c in pairs:

@@ -8,7 +8,7 @@
     # carry on after an interruption
     vsearch train ... --out runs/tiny --resume
 
-The network is the predictor's :class:`~vsearch.predictor.model.EmbeddingNet` (the serving network);
+The network is the predictor's :class:`~vsearch.predictor.zoo.EmbeddingNet` (the serving network);
 SimCLR adds a projection head that is dropped at export. ``--out`` becomes a model directory
 that ``vsearch serve embedder --model-dir`` loads as it is, with ``train_log.jsonl`` (one JSON
 line per logged step) and ``checkpoints/last.pt`` beside the weights. At export a PCA-whitening
@@ -35,14 +35,8 @@ import torch
 from torch import nn
 
 from ..core import jsonsafe
-from ..predictor.model import (
-    EmbeddingNet,
-    ModelMeta,
-    build_model,
-    fit_whitening,
-    load_model_dir,
-    save_model_dir,
-)
+from ..predictor.model_dir import ModelMeta
+from ..predictor.zoo import EmbeddingNet, build_model, fit_whitening, load_model_dir, save_model_dir
 from .augment import AugmentConfig, PairAugment, SimCLRAugment
 from .data import (
     DataError,
@@ -192,26 +186,48 @@ def train(cfg: TrainConfig) -> Path:
     leaving the checkpoint for ``resume``)."""
     t_start = time.time()
     out = Path(cfg.out)
-    ckpt_path = out / "checkpoints" / "last.pt"
     if not cfg.resume and ((out / "train_log.jsonl").exists() or (out / "config.json").exists()):
         raise DataError(f"{out} already holds a model or a run: pick a new --out, or --resume it")
     runlog = RunLog(out / "train_log.jsonl")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_amp = cfg.amp and device.type == "cuda"
     seed_everything(cfg.seed)
-
-    kind = data_kind(cfg.data)
     net, meta = _model_for(cfg)
+    data = load_data(cfg, meta, runlog)
+    run = set_up(cfg, net, meta, data, out / "checkpoints" / "last.pt")
+    start_or_resume(cfg, run, runlog, data, meta)
+
+    stop_at = min(run.total_steps, cfg.stop_after) if cfg.stop_after else run.total_steps
+    last_loss = train_steps(cfg, run, data, runlog, stop_at)
+    if run.step < run.total_steps:
+        runlog.write("stopped", step=run.step, checkpoint=str(run.ckpt_path))
+        return out
+
+    export(cfg, run, data, meta, runlog, out, last_loss, t_start)
+    if data.kind == "simclr" and cfg.holdout > 0 and cfg.evaluate:
+        evaluate_export(cfg, out, runlog)
+    return out
+
+
+@dataclass
+class TrainData:
+    """What the loop trains on: SimCLR views of images, or (query, clicked) pairs."""
+    kind: str                       # simclr | pairs
+    dataset: SimCLRDataset | PairDataset
+    cache: ImageCache
+    info: dict                      # what goes into the run log and the metadata
+
+
+def load_data(cfg: TrainConfig, meta: ModelMeta, runlog: RunLog) -> TrainData:
+    kind = data_kind(cfg.data)
     pre = meta.preprocess
-    data_info: dict = {"kind": kind, "source": portable_path(cfg.data)}
+    info: dict = {"kind": kind, "source": portable_path(cfg.data)}
     if kind == "simclr":
         records = list_images(cfg.data)
         train_recs, held = split_holdout(records, cfg.holdout, cfg.split_seed)
         cache = ImageCache([r.source for r in train_recs], pre, workers=max(2, cfg.workers))
         dataset = SimCLRDataset(cache, [r.source for r in train_recs],
                                 SimCLRAugment(pre, cfg.augment), seed=cfg.seed)
-        data_info.update(images=len(records), train_images=len(dataset), held_out_images=len(held),
-                         holdout=cfg.holdout, split_seed=cfg.split_seed)
+        info.update(images=len(records), train_images=len(dataset), held_out_images=len(held),
+                    holdout=cfg.holdout, split_seed=cfg.split_seed)
     else:
         pairs, stats = load_pairs(cfg)
         negatives = None
@@ -221,22 +237,55 @@ def train(cfg: TrainConfig) -> Path:
         sources = [s for p in pairs for s in p] + [n for v in (negatives or {}).values() for n in v]
         cache = ImageCache(sources, pre, workers=max(2, cfg.workers))
         dataset = PairDataset(cache, pairs, PairAugment(pre), seed=cfg.seed, negatives=negatives)
-        data_info.update({**stats, "pairs": len(pairs), "usable_pairs": len(dataset)})
-    data_info["unreadable"] = len(cache.failed)
+        info.update({**stats, "pairs": len(pairs), "usable_pairs": len(dataset)})
+    info["unreadable"] = len(cache.failed)
     if cache.failed:
         runlog.write("unreadable", items=cache.failed)
+    return TrainData(kind, dataset, cache, info)
 
-    bs = min(cfg.batch_size, len(dataset))
+
+@dataclass
+class Run:
+    """The optimisation state the loop advances (and the checkpoint saves)."""
+    net: EmbeddingNet
+    head: ProjectionHead | None     # SimCLR's projection head, dropped at export
+    modules: nn.ModuleDict
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    use_amp: bool
+    amp_dtype: torch.dtype
+    bs: int                         # micro-batch size
+    micro_per_epoch: int
+    total_steps: int
+    warmup: int
+    ckpt_path: Path
+    step: int = 0                   # optimiser steps done
+    micro: int = 0                  # micro-batches done
+
+    def save_checkpoint(self, cfg: TrainConfig) -> None:
+        _atomic_save({"modules": self.modules.state_dict(), "opt": self.opt.state_dict(),
+                      "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                      "step": self.step, "micro": self.micro, "config": _jsonable(cfg)}, self.ckpt_path)
+
+
+def set_up(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, data: TrainData, ckpt_path: Path) -> Run:
+    """Batch size and schedule from the data; AdamW (no decay on norms and biases), warm-up +
+    cosine, mixed precision on CUDA."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_amp = cfg.amp and device.type == "cuda"
+    bs = min(cfg.batch_size, len(data.dataset))
     if bs < 2:
         raise DataError(f"need at least 2 usable training items for in-batch negatives, have "
-                        f"{len(dataset)} (unreadable: {len(cache.failed)})")
-    micro_per_epoch = len(dataset) // bs
+                        f"{len(data.dataset)} (unreadable: {len(data.cache.failed)})")
+    micro_per_epoch = len(data.dataset) // bs
     steps_per_epoch = max(1, micro_per_epoch // cfg.accum_steps)
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.05 * total_steps))
 
     head = (ProjectionHead(meta.embedding_dim, cfg.proj_hidden, cfg.proj_dim)
-            if kind == "simclr" else None)
+            if data.kind == "simclr" else None)
     modules = nn.ModuleDict({"net": net, **({"head": head} if head is not None else {})}).to(device)
     decay = [p for n, p in modules.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in modules.named_parameters() if p.ndim <= 1]
@@ -245,86 +294,103 @@ def train(cfg: TrainConfig) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps, cfg.min_lr_ratio))
     amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return Run(net=net, head=head, modules=modules, opt=opt, sched=sched, scaler=scaler, device=device,
+               use_amp=use_amp, amp_dtype=amp_dtype, bs=bs, micro_per_epoch=micro_per_epoch,
+               total_steps=total_steps, warmup=warmup, ckpt_path=ckpt_path)
 
-    step, micro = 0, 0                   # optimiser steps done; micro-batches done
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise DataError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = load_checkpoint(ckpt_path, device)
-        modules.load_state_dict(ck["modules"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        scaler.load_state_dict(ck["scaler"])
-        step, micro = ck["step"], ck["micro"]
-        runlog.write("resume", step=step, micro=micro)
-        log.info("resumed from %s at step %d", ckpt_path, step)
-    else:
-        runlog.write("start", config=_jsonable(cfg), data=data_info, total_steps=total_steps,
-                     model=meta.to_json(), device=str(device))
 
-    def save_checkpoint():
-        _atomic_save({"modules": modules.state_dict(), "opt": opt.state_dict(),
-                      "sched": sched.state_dict(), "scaler": scaler.state_dict(),
-                      "step": step, "micro": micro, "config": _jsonable(cfg)}, ckpt_path)
+def start_or_resume(cfg: TrainConfig, run: Run, runlog: RunLog, data: TrainData, meta: ModelMeta) -> None:
+    if not cfg.resume:
+        runlog.write("start", config=_jsonable(cfg), data=data.info, total_steps=run.total_steps,
+                     model=meta.to_json(), device=str(run.device))
+        return
+    if not run.ckpt_path.exists():
+        raise DataError(f"--resume: no checkpoint at {run.ckpt_path}")
+    ck = load_checkpoint(run.ckpt_path, run.device)
+    run.modules.load_state_dict(ck["modules"])
+    run.opt.load_state_dict(ck["opt"])
+    run.sched.load_state_dict(ck["sched"])
+    run.scaler.load_state_dict(ck["scaler"])
+    run.step, run.micro = ck["step"], ck["micro"]
+    runlog.write("resume", step=run.step, micro=run.micro)
+    log.info("resumed from %s at step %d", run.ckpt_path, run.step)
 
-    def loss_of(a, b, negs=None, has_neg=None):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            if head is not None:
-                z = head(net(torch.cat([a, b])))
-                return nt_xent(*z.chunk(2), temperature=cfg.temperature)
-            if negs is not None and bool(has_neg.any()):
-                z = net(torch.cat([a, b, negs[has_neg]]))
-                return info_nce(z[:len(a)], z[len(a):2 * len(a)], temperature=cfg.temperature,
-                                hard_negatives=z[2 * len(a):])
-            return info_nce(net(a), net(b), temperature=cfg.temperature)
 
-    modules.train()
-    bar = _progress(total_steps, step, cfg.progress)
+def loss_of(cfg: TrainConfig, run: Run, a, b, negs=None, has_neg=None) -> torch.Tensor:
+    """NT-Xent through the projection head (SimCLR), else InfoNCE on the pairs (+ hard negatives)."""
+    net = run.net
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+        if run.head is not None:
+            z = run.head(net(torch.cat([a, b])))
+            return nt_xent(*z.chunk(2), temperature=cfg.temperature)
+        if negs is not None and bool(has_neg.any()):
+            z = net(torch.cat([a, b, negs[has_neg]]))
+            return info_nce(z[:len(a)], z[len(a):2 * len(a)], temperature=cfg.temperature,
+                            hard_negatives=z[2 * len(a):])
+        return info_nce(net(a), net(b), temperature=cfg.temperature)
+
+
+def epoch_loader(cfg: TrainConfig, run: Run, dataset) -> torch.utils.data.DataLoader:
+    """The rest of the current epoch, in the order fixed by (seed, epoch): a resumed run sees
+    the same batches as an uninterrupted one."""
+    epoch, start = divmod(run.micro, run.micro_per_epoch)
+    dataset.epoch = epoch
+    order = epoch_order(len(dataset), cfg.seed, epoch)[start * run.bs: run.micro_per_epoch * run.bs]
+    return torch.utils.data.DataLoader(dataset, batch_size=run.bs, sampler=order.tolist(),
+                                       drop_last=True, num_workers=cfg.workers,
+                                       pin_memory=run.device.type == "cuda")
+
+
+def optimiser_step(run: Run) -> None:
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    run.sched.step()
+    run.step += 1
+
+
+def train_steps(cfg: TrainConfig, run: Run, data: TrainData, runlog: RunLog, stop_at: int) -> float:
+    """The loop: micro-batches accumulated into optimiser steps until ``stop_at``; logs and
+    checkpoints on their cadence. Returns the last step's mean loss."""
+    run.modules.train()
+    bar = _progress(run.total_steps, run.step, cfg.progress)
     seen, t_rate, last_loss, loss_sum, loss_n = 0, time.perf_counter(), float("nan"), 0.0, 0
     images_per_item = 2
-    stop_at = min(total_steps, cfg.stop_after) if cfg.stop_after else total_steps
-    while step < stop_at:
-        epoch, start = divmod(micro, micro_per_epoch)
-        dataset.epoch = epoch
-        order = epoch_order(len(dataset), cfg.seed, epoch)[start * bs: micro_per_epoch * bs]
-        loader = torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=order.tolist(),
-                                             drop_last=True, num_workers=cfg.workers,
-                                             pin_memory=device.type == "cuda")
-        for batch in loader:
-            a, b, *negs = [t.to(device, non_blocking=True) for t in batch]
-            loss = loss_of(a, b, *negs)
-            scaler.scale(loss / cfg.accum_steps).backward()
-            micro += 1
+    while run.step < stop_at:
+        for batch in epoch_loader(cfg, run, data.dataset):
+            a, b, *negs = [t.to(run.device, non_blocking=True) for t in batch]
+            loss = loss_of(cfg, run, a, b, *negs)
+            run.scaler.scale(loss / cfg.accum_steps).backward()
+            run.micro += 1
             seen += len(a) * images_per_item
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
-            if micro % cfg.accum_steps:
+            if run.micro % cfg.accum_steps:
                 continue
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
+            optimiser_step(run)
             last_loss, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
             if bar is not None:
                 bar.update(1)
-            if step % cfg.log_every == 0 or step == stop_at:
+            if run.step % cfg.log_every == 0 or run.step == stop_at:
                 dt = time.perf_counter() - t_rate
                 rate = seen / dt if dt > 0 else 0.0
-                runlog.write("step", step=step, epoch=round(micro / micro_per_epoch, 3),
-                             loss=last_loss, lr=sched.get_last_lr()[0], images_per_s=rate)
+                runlog.write("step", step=run.step, epoch=round(run.micro / run.micro_per_epoch, 3),
+                             loss=last_loss, lr=run.sched.get_last_lr()[0], images_per_s=rate)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
                 seen, t_rate = 0, time.perf_counter()
-            if step % cfg.checkpoint_every == 0 or step == stop_at:
-                save_checkpoint()
-            if step >= stop_at:
+            if run.step % cfg.checkpoint_every == 0 or run.step == stop_at:
+                run.save_checkpoint(cfg)
+            if run.step >= stop_at:
                 break
     if bar is not None:
         bar.close()
-    if step < total_steps:
-        runlog.write("stopped", step=step, checkpoint=str(ckpt_path))
-        return out
+    return last_loss
 
+
+def export(cfg: TrainConfig, run: Run, data: TrainData, meta: ModelMeta, runlog: RunLog, out: Path,
+           last_loss: float, t_start: float) -> None:
+    """The network as a model directory: version, the training record, the catalog whitening."""
+    net = run.net
     net.eval().cpu()
     meta.version = cfg.version or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     meta.evaluation = None
@@ -334,26 +400,23 @@ def train(cfg: TrainConfig) -> Path:
     starts = [r["time"] for r in logged if r.get("event") == "start"]
     resumes = [r["step"] for r in logged if r.get("event") == "resume"]
     meta.training = {
-        "method": "simclr-nt-xent" if kind == "simclr" else "click-pairs-infonce",
+        "method": "simclr-nt-xent" if data.kind == "simclr" else "click-pairs-infonce",
         "init": cfg.init or f"random ({cfg.arch}, seed {cfg.seed})",
-        "data": data_info, "steps": total_steps, "batch_size": bs, "accum_steps": cfg.accum_steps,
-        "epochs": round(total_steps * cfg.accum_steps / micro_per_epoch, 2),
-        "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": warmup,
+        "data": data.info, "steps": run.total_steps, "batch_size": run.bs, "accum_steps": cfg.accum_steps,
+        "epochs": round(run.total_steps * cfg.accum_steps / run.micro_per_epoch, 2),
+        "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": run.warmup,
         "temperature": cfg.temperature, "seed": cfg.seed,
-        "augment": cfg.augment.to_json() if kind == "simclr" else "pair crop (0.6-1.0) + flip",
+        "augment": cfg.augment.to_json() if data.kind == "simclr" else "pair crop (0.6-1.0) + flip",
         "final_loss": last_loss, "images_per_s": float(np.median(rates)) if rates else None,
-        "device": str(device), "threads": torch.get_num_threads(),
+        "device": str(run.device), "threads": torch.get_num_threads(),
         "wall_s": round(time.time() - (starts[-1] if starts else t_start), 1),
         "resumed_at_steps": resumes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    fit_catalog_whitening(cfg, net, meta, [cache[s] for s in catalog_sources(cfg, dataset)])
+    fit_catalog_whitening(cfg, net, meta, [data.cache[s] for s in catalog_sources(cfg, data.dataset)])
     save_model_dir(net, meta, out)
     runlog.write("exported", out=portable_path(str(out)), version=meta.version, final_loss=last_loss)
     log.info("exported %s (version %s, final loss %.4f)", out, meta.version, last_loss)
-    if kind == "simclr" and cfg.holdout > 0 and cfg.evaluate:
-        evaluate_export(cfg, out, runlog)
-    return out
 
 
 def load_checkpoint(path: Path, device="cpu") -> dict:
@@ -415,7 +478,7 @@ def _mine(cfg: TrainConfig, pairs):
     if not cfg.init:
         raise DataError("hard negatives need --init: the model that built the index")
     from ..core.store import MilvusStore
-    from ..predictor.model import Embedder
+    from ..predictor.inference import Embedder
     from .negatives import mine_hard_negatives
     embedder = Embedder(cfg.init, device="cpu")
     try:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from .core.config import Flags, check_environment, env_vars
+from .core.config import Flags, UsageError, check_environment, env_vars
 from .ingest import cli as ingest_cli
 from .operators import cli as operator_cli
 from .predictor import cli as predictor_cli
@@ -38,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def register_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole platform on this machine and open the web page",
+    p = sub.add_parser("demo", help="run the whole platform on this machine and print the web page's URL",
                        description="Starts the Kafka broker, Milvus Lite (server), the embedder, the "
                                    "catalog consumer and the search service; publishes a sample "
-                                   "catalog through Kafka; prints the URL. Ctrl-C stops everything.")
+                                   "catalog through Kafka; prints the URLs, a query image and commands "
+                                   "to try (also written to DATA_DIR/demo.env). Ctrl-C stops everything.")
     pf = Flags(p, "DEMO")
     pf.add("--model-dir", default=None,
              help="model directory (default: models/default, else a random-initialised resnet-tiny)")
@@ -98,8 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         rc = args.handler(args)
+        sys.stdout.flush()                 # inside the try: a closed pipe is reported here
     except KeyboardInterrupt:
         return 130
+    except UsageError as exc:
+        print(f"vsearch {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader went away (`vsearch model info DIR | head`): stop quietly, as `cat` does; point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return int(rc or 0)
 
 

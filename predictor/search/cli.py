@@ -94,7 +94,7 @@ def _serve_search(args) -> int:
     if not 1 <= args.k_default <= args.k_max:
         print("vsearch serve search: need 1 <= --k-default <= --k-max", file=sys.stderr)
         return 2
-    from ..model import default_model_dir
+    from ..model_dir import default_model_dir
     model_dir = args.model_dir
     if not args.embedder_url and not model_dir:
         model_dir = default_model_dir()
@@ -118,7 +118,7 @@ def _serve_search(args) -> int:
 
     from ..serving import hide_argv_from_kserve, run_model_server
     hide_argv_from_kserve()
-    from ..model import set_torch_threads
+    from ..inference import set_torch_threads
     from ..preprocess import set_decoder_pixel_limit
     set_torch_threads(args.threads)
     set_decoder_pixel_limit(args.max_pixels)
@@ -160,7 +160,7 @@ def build_service(settings, store, *, model_dir=None, embedder_url: str | None =
         from ..client import EmbedderClient
         embedder = EmbedderClient(embedder_url, model_name=embedder_name, timeout=30.0, api_key=embedder_api_key)
     else:
-        from ..model import Embedder
+        from ..inference import Embedder
         embedder = Embedder(model_dir, device=device, batch_size=1, decode_workers=2,
                             limits=Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels))
     index = CatalogIndex(store, settings.alias)

@@ -130,7 +130,7 @@ def test_the_searchindex_carries_the_values(rendered):
 def test_the_default_model_values_name_the_model_inside_the_image():
     """With no storageUri the chart serves the image's default model: its values must carry that
     model's own name and version, or collections and metrics would be labelled wrongly."""
-    from vsearch.predictor.model import default_model_dir, read_meta
+    from vsearch.predictor.model_dir import default_model_dir, read_meta
     meta = read_meta(default_model_dir())
     values = yaml.safe_load((CHART / "values.yaml").read_text())["model"]
     assert not values["storageUri"]

@@ -20,7 +20,7 @@ import pytest
 
 from tests.deploy import k8s
 from tests.deploy.k8s import REPO
-from vsearch.predictor.model import default_model_dir, read_meta
+from vsearch.predictor.model_dir import default_model_dir, read_meta
 
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 ARCHIVE = REPO / "build" / "image" / f"vsearch-{VERSION}-cpu.oci.tar"

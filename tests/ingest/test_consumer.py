@@ -194,7 +194,7 @@ def test_cli_explains_missing_arguments(argv, message):
 def test_a_collection_of_another_dimension_stops_the_consumer_with_the_reason(
         tiny_model_dir, milvus_lite_uri, caplog):
     from vsearch.ingest.consumer import IngestConsumer, IngestSettings
-    from vsearch.predictor.model import Embedder
+    from vsearch.predictor.inference import Embedder
 
     store = MilvusStore(milvus_lite_uri)
     store.ensure_collection("c_other_dim", 8)
@@ -217,7 +217,7 @@ def test_a_write_milvus_refuses_dead_letters_only_its_records_and_the_partition_
 
     from vsearch.ingest.consumer import IngestConsumer, IngestSettings
     from vsearch.ingest.events import encode, upsert_event
-    from vsearch.predictor.model import Embedder
+    from vsearch.predictor.inference import Embedder
 
     emb = Embedder(tiny_model_dir)
     coll = "c_narrow_uri"

@@ -12,7 +12,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from vsearch.ingest.consumer import IngestConsumer, IngestSettings
 from vsearch.ingest.events import delete_event, encode, upsert_event
-from vsearch.predictor.model import Embedder
+from vsearch.predictor.inference import Embedder
 
 TOPIC = "catalog.images"
 

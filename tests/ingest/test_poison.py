@@ -76,7 +76,7 @@ def _ev(i: str, **kw) -> bytes:
 
 
 def test_poison_records_from_a_third_party_producer_never_stop_ingest(tmp_path, broker, tiny_model_dir, photo_bytes):
-    from vsearch.predictor.model import Embedder
+    from vsearch.predictor.inference import Embedder
 
     root = tmp_path / "images"
     root.mkdir()
@@ -195,7 +195,7 @@ def test_a_rebalance_mid_batch_with_two_consumers_loses_and_resurrects_nothing(
     import logging
 
     from tests.fixtures.catalog import build_scenario, milvus_state, publish
-    from vsearch.predictor.model import Embedder
+    from vsearch.predictor.inference import Embedder
 
     caplog.set_level(logging.INFO, logger="vsearch.ingest.consumer")
     sc = build_scenario(tmp_path, photo_bytes, n_ids=40, n_events=240, seed=7)

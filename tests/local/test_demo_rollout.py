@@ -14,7 +14,7 @@ from tests.local.test_demo import leftover_processes, small_catalog
 def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir):
     """The candidate passes the default gate: a copy of the trained default model (another
     architecture and embedding size than the tiny serving one) carrying its offline verdict."""
-    from vsearch.predictor.model import default_model_dir
+    from vsearch.predictor.model_dir import default_model_dir
     catalog = small_catalog(tmp_path)
     candidate = model_copy(default_model_dir(), tmp_path / "candidate", "9")
     data_dir = tmp_path / "demo"
@@ -24,8 +24,14 @@ def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir):
                          capture_output=True, text=True, timeout=600)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
-    for phase in ("[Deploying]", "[Backfilling]", "[Verifying]", "[Switching]", "[Switched]"):
-        assert phase in out, out[-3000:]
+    for phase in ("Deploying", "Backfilling", "Verifying", "Switching", "Switched"):
+        assert f"[{phase}]" in out, out[-3000:]
+        # said once: not again by the operator's log line or the progress line
+        assert out.count(f" {phase}: ") == 0, out[-3000:]
+    backfill = out[out.index("[Backfilling]"):].splitlines()
+    assert backfill[0].split("] ", 1)[1] not in "\n".join(backfill[1:]), out[-3000:]
+    # a clean stop: no refused reconnects of the rollout's Kafka clients, no gRPC GOAWAY
+    assert "ECONNREFUSED" not in out and "ERROR kafka" not in out and "GOAWAY" not in out, out[-3000:]
     assert "gate: Passed" in out and "offline verdict of vsearch-default:9: beats baselines" in out, out[-3000:]
     assert "answered by vsearch_default__9 (images__vsearch_default__9__" in out, out[-2000:]
     assert not leftover_processes(str(data_dir))
@@ -44,7 +50,8 @@ def test_demo_rollout_exits_3_when_the_gate_refuses_and_blue_keeps_serving(tmp_p
     import shutil
 
     from vsearch.local.samples import caltech_photos
-    from vsearch.predictor.model import default_model_dir, init_model_dir
+    from vsearch.predictor.model_dir import default_model_dir
+    from vsearch.predictor.zoo import init_model_dir
 
     photos = caltech_photos(n_classes=5, per_class=6)
     if not photos:

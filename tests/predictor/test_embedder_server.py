@@ -12,7 +12,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from vsearch.predictor.client import EmbedderClient, EmbedderUnavailable
-from vsearch.predictor.model import Embedder
+from vsearch.predictor.inference import Embedder
 from vsearch.predictor.preprocess import InvalidImage
 
 B64 = lambda data: base64.b64encode(data).decode("ascii")  # noqa: E731

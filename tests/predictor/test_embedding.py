@@ -8,7 +8,7 @@ import pytest
 
 from vsearch.predictor.client import EmbedderClient
 from vsearch.predictor.embedding import ImageEmbedder
-from vsearch.predictor.model import Embedder
+from vsearch.predictor.inference import Embedder
 from vsearch.predictor.preprocess import InvalidImage
 
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from vsearch.local.services import vsearch_argv
-from vsearch.predictor.model import METADATA_FILE, Embedder, ModelDirError, build_model, load_model_dir, read_meta
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.model_dir import METADATA_FILE, ModelDirError, read_meta
+from vsearch.predictor.zoo import build_model, load_model_dir
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit-small", "dinov2-small", "clip-vit-b32"])
@@ -60,7 +62,7 @@ def test_a_directory_that_is_not_a_model_is_refused(tmp_path):
 def test_the_saved_network_equals_the_built_one(tmp_path):
     net, meta = build_model("resnet18", config_overrides=dict(embedding_size=8, hidden_sizes=[8, 16],
                                                               depths=[1, 1]), image_size=32, seed=3)
-    from vsearch.predictor.model import save_model_dir
+    from vsearch.predictor.zoo import save_model_dir
     save_model_dir(net, meta, tmp_path / "m")
     loaded, meta2 = load_model_dir(tmp_path / "m")
     x = torch.randn(2, 3, 32, 32)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from vsearch.local.samples import CALTECH
-from vsearch.predictor.model import Embedder, read_meta
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.model_dir import read_meta
 from vsearch.trainer.evaluate import evaluate_models
 
 DEFAULT = Path(__file__).resolve().parents[2] / "models" / "default"

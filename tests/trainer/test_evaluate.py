@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vsearch.cli import main
-from vsearch.predictor.model import read_meta
+from vsearch.predictor.model_dir import read_meta
 from vsearch.trainer.data import list_images, split_holdout
 from vsearch.trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
 

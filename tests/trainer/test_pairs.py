@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vsearch.core import search_events
-from vsearch.predictor.model import read_meta
+from vsearch.predictor.model_dir import read_meta
 from vsearch.trainer.data import DataError, click_pairs_from_kafka, read_pairs_csv
 from vsearch.trainer.train import TrainConfig, train
 
@@ -36,6 +36,7 @@ def losses_of(out):
             if json.loads(line)["event"] == "step"]
 
 
+@pytest.mark.slow
 def test_pairs_csv_trains_with_infonce(photo_folder, tiny_model_dir, tmp_path):
     pairs = same_class_pairs(photo_folder)
     csv = tmp_path / "pairs.csv"
@@ -93,6 +94,7 @@ def test_unreadable_pair_images_are_reported_not_silently_lost(photo_folder, tin
     assert read_meta(out).training["data"]["usable_pairs"] == 16
 
 
+@pytest.mark.slow
 def test_click_pairs_from_search_events_on_kafka(broker, photo_folder, tiny_model_dir, tmp_path):
     from kafka import KafkaProducer
 
@@ -128,10 +130,11 @@ def test_click_pairs_from_search_events_on_kafka(broker, photo_folder, tiny_mode
     assert data["usable_pairs"] == len(pairs) and data["bad_events"] == 1
 
 
+@pytest.mark.slow
 def test_hard_negatives_mined_from_the_index_are_near_but_not_clicked(photo_folder, tiny_model_dir,
                                                                       milvus_lite_uri, tmp_path):
     from vsearch.core.store import MilvusStore
-    from vsearch.predictor.model import Embedder
+    from vsearch.predictor.inference import Embedder
     from vsearch.trainer.negatives import mine_hard_negatives
 
     files = sorted(photo_folder.rglob("*.jpg"))

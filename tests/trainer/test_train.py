@@ -13,7 +13,9 @@ import torch
 from vsearch.cli import main
 from vsearch.local.services import start_embedder, vsearch_argv
 from vsearch.predictor.client import EmbedderClient
-from vsearch.predictor.model import Embedder, load_model_dir, read_meta
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.model_dir import read_meta
+from vsearch.predictor.zoo import load_model_dir
 from vsearch.trainer.train import TrainConfig, lr_lambda, train
 
 

@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from vsearch.predictor.model import (
-    WHITENING_FILE,
-    Embedder,
-    ModelDirError,
-    fit_whitening,
-    load_model_dir,
-    read_meta,
-    save_model_dir,
-)
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.model_dir import WHITENING_FILE, ModelDirError, read_meta
 from vsearch.predictor.preprocess import decode_image
+from vsearch.predictor.zoo import fit_whitening, load_model_dir, save_model_dir
 from vsearch.trainer.evaluate import net_embedder
 
 

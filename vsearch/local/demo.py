@@ -10,6 +10,10 @@ prints the URL. Ctrl-C stops everything, in reverse order.
     vsearch demo                       # then open the printed URL
     vsearch demo --catalog ~/photos    # your own images
     vsearch demo --check               # one query end to end, then exit (0 = it worked)
+
+The steps, in :func:`run_demo`: :func:`check_arguments` (before anything starts),
+:func:`start_platform`, :func:`publish_catalog`, :func:`wait_searchable`, then either the
+rollout (``--rollout``), the check (``--check``) or :func:`report` and :func:`watch`.
 """
 
 from __future__ import annotations
@@ -19,12 +23,17 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.config import UsageError
 from ..core.images import image_files
+from ..predictor.model_dir import ModelDirError, ModelMeta, read_meta
 from .samples import write_sample_catalog
+from .services import Service, free_port, port_open
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +41,7 @@ log = logging.getLogger(__name__)
 def folder_catalog(folder: str | os.PathLike) -> list[dict]:
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
-        raise SystemExit(f"--catalog {folder}: not a folder")
+        raise UsageError(f"--catalog {folder}: not a folder")
     items = []
     for path in image_files(root):
         rel = path.relative_to(root)
@@ -40,7 +49,7 @@ def folder_catalog(folder: str | os.PathLike) -> list[dict]:
                       "metadata": {"label": rel.parent.name or root.name, "source": str(root)},
                       "visibility": "public"})
     if not items:
-        raise SystemExit(f"--catalog {folder}: no image files in it")
+        raise UsageError(f"--catalog {folder}: no image files in it")
     return items
 
 
@@ -59,16 +68,71 @@ def write_catalog_csv(items: list[dict], path: Path) -> None:
             w.writerow([it["id"], Path(it["path"]).as_uri(), json.dumps(meta), it["visibility"]])
 
 
-def resolve_model(model_dir: str | None, data_dir: Path) -> tuple[Path, bool]:
+# --------------------------------------------------------------------------- arguments
+
+@dataclass
+class Plan:
+    """The demo's arguments, checked: what it will serve, publish and roll out."""
+    data: Path
+    port: int                                 # 0: any free port
+    model_dir: Path | None                    # None: models/default, else a random-init stand-in
+    items: list[dict] | None                  # a --catalog folder's items; None: the sample catalog
+    image_root: Path | None
+    rollout: Path | None = None
+    golden: Path | None = None
+
+
+def model_dir_arg(flag: str, value: str) -> tuple[Path, ModelMeta]:
+    """A model-directory argument, or a :class:`UsageError` that says what is wrong with it."""
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"{flag} {value}: no such folder (a model directory: `vsearch train --out DIR` "
+                         f"or `vsearch model init --out DIR` makes one)")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{flag} {value}: not a model directory (no config.json)")
+    try:
+        return path, read_meta(path)
+    except ModelDirError as exc:
+        raise UsageError(f"{flag} {value}: {exc}") from None
+
+
+def check_arguments(*, model_dir: str | None, catalog: str | None, data_dir: str, port: int,
+                    rollout: str | None, golden: str | None) -> Plan:
+    """Every argument checked before anything starts: a wrong one is one line, not a traceback
+    after the five services have started."""
+    data = Path(data_dir).expanduser().resolve()
+    if data.exists() and not data.is_dir():
+        raise UsageError(f"--data-dir {data_dir}: exists and is not a folder")
+    if not 0 <= port < 65536:
+        raise UsageError(f"--http-port {port}: not a port (0: any free port)")
+    if port and port_open(port):
+        raise UsageError(f"--http-port {port}: in use; pass a free one (or 0 for any)")
+    model = model_dir_arg("--model-dir", model_dir)[0] if model_dir else None
+    items = folder_catalog(catalog) if catalog else None
+    plan = Plan(data=data, port=port, model_dir=model, items=items,
+                image_root=Path(catalog).expanduser().resolve() if catalog else None)
+    if rollout:
+        plan.rollout = model_dir_arg("--rollout", rollout)[0]
+    if golden:
+        if not rollout:
+            raise UsageError("--golden is the rollout's gate: give --rollout MODEL_DIR with it")
+        if not Path(golden).is_file():
+            raise UsageError(f"--golden {golden}: no such file (a CSV of query,candidate,grade)")
+        plan.golden = Path(golden)
+    return plan
+
+
+def resolve_model(model_dir: str | os.PathLike | None, data_dir: Path) -> tuple[Path, bool]:
     """(model directory, whether it is a random-initialised stand-in)."""
-    from ..predictor.model import default_model_dir, init_model_dir
+    from ..predictor.model_dir import default_model_dir
 
     if model_dir:
         if not (Path(model_dir) / "config.json").exists():
-            raise SystemExit(f"--model-dir {model_dir}: not a model directory (no config.json)")
+            raise UsageError(f"--model-dir {model_dir}: not a model directory (no config.json)")
         return Path(model_dir), False
     if (default_model_dir() / "config.json").exists():
         return default_model_dir(), False
+    from ..predictor.zoo import init_model_dir
     stand_in = data_dir / "model-random-resnet-tiny"
     if not (stand_in / "config.json").exists():
         init_model_dir("resnet-tiny", stand_in, name="random-resnet-tiny", version="0")
@@ -128,141 +192,227 @@ def wait_searchable(url: str, items: list[dict], timeout: float, services=()) ->
     return len(public)
 
 
+# --------------------------------------------------------------------------- the platform
+
+@dataclass
+class Platform:
+    """The demo's processes, newest last (stopped newest first), and what they serve."""
+    model: Path
+    meta: ModelMeta
+    random_init: bool
+    items: list[dict]
+    image_root: Path
+    started: list[Service] = field(default_factory=list)
+    rollouts: list = field(default_factory=list)        # a rollout's local workloads
+    broker: Service | None = None
+    milvus: Service | None = None
+    embedder: Service | None = None
+    search: Service | None = None
+    collection: str = ""
+    group: str = ""
+
+    def start(self, service: Service) -> Service:
+        self.started.append(service)
+        return service
+
+    def stop(self) -> None:
+        for w in self.rollouts:
+            w.close()
+        for svc in reversed(self.started):
+            svc.stop()
+        if self.started:
+            print("stopped: " + ", ".join(s.name for s in reversed(self.started)), flush=True)
+
+
+def prepare(plan: Plan) -> Platform:
+    """The model and the catalog (written to the data folder when it is the sample one)."""
+    model, random_init = resolve_model(plan.model_dir, plan.data)
+    meta = read_meta(model)
+    if random_init:
+        print(f"NOTE: no trained model at models/default and no --model-dir: using a "
+              f"random-initialised resnet-tiny ({model}); results show the plumbing, not "
+              f"meaningful similarity.")
+    print(f"model: {meta.name} version {meta.version} ({meta.family}, {meta.embedding_dim}-d) from {model}")
+    if plan.items is not None:
+        items, image_root = plan.items, plan.image_root
+        print(f"catalog: {len(items)} images from {image_root}")
+    else:
+        items = write_sample_catalog(plan.data / "catalog")
+        image_root = (plan.data / "catalog").resolve()
+        print(f"catalog: {len(items)} images (scikit-image sample photos and their variants) "
+              f"in {image_root}; {sum(i['visibility'] == 'private' for i in items)} private")
+    return Platform(model=model, meta=meta, random_init=random_init, items=items, image_root=image_root)
+
+
+def start_platform(p: Platform, data: Path, port: int) -> None:
+    """Broker, Milvus Lite server, embedder, consumer, search service: each its own process."""
+    from ..core.naming import collection_name
+    from .services import http_ok, start_broker, start_embedder, start_milvus_lite_server, vsearch_argv
+
+    logs = data / "logs"
+    print("starting the Kafka broker (Tansu) ...", flush=True)
+    p.broker = p.start(start_broker(log_path=logs / "broker.log"))
+    print("starting Milvus Lite (milvus-lite server) ...", flush=True)
+    # The broker starts empty and the catalog is published again, so the index starts empty
+    # too: a collection or alias left by an earlier run (a rollout's) would serve instead.
+    shutil.rmtree(data / "milvus", ignore_errors=True)
+    p.milvus = p.start(start_milvus_lite_server(data / "milvus", log_path=logs / "milvus.log"))
+    print("starting the embedder ...", flush=True)
+    p.embedder = p.start(start_embedder(p.model, log_path=logs / "embedder.log", extra=("--threads", "2")))
+
+    meta = p.meta
+    p.collection = collection_name(meta.name, meta.version)
+    p.group = f"ingest-{p.collection}"                 # the consumer's group, retired after a rollout
+    metrics_port = free_port()
+    print(f"starting the catalog consumer (collection {p.collection}) ...", flush=True)
+    consumer = p.start(Service("consumer", vsearch_argv(
+        "ingest", "--bootstrap", p.broker.bootstrap, "--embedder-url", p.embedder.url,
+        "--collection", p.collection, "--group", p.group, "--alias", "images", "--milvus-uri", p.milvus.uri,
+        "--model-name", meta.name, "--model-version", meta.version,
+        "--metrics-port", str(metrics_port), "--partitions", "1", "--file-roots", str(p.image_root)),
+        port=metrics_port, log_path=logs / "consumer.log"))
+    consumer.wait_ready(120)
+
+    print("starting the search service ...", flush=True)
+    # A random-initialised network puts every photo close to every other: only exact
+    # duplicates count as such then.
+    dedup = "0.0001" if p.random_init else "0.01"
+    p.search = p.start(Service("search", vsearch_argv(
+        "serve", "search", "--embedder-url", p.embedder.url, "--milvus-uri", p.milvus.uri,
+        "--alias", "images", "--bootstrap", p.broker.bootstrap, "--http-port", str(port),
+        "--query-store", str(data / "queries"), "--model-version", meta.model_id,
+        "--dedup-distance", dedup, "--image-roots", str(p.image_root),
+        # the embedders a rollout starts (vsearch demo --rollout) listen on local ports
+        "--allowed-embedder-urls", "http://127.0.0.1:*"),
+        port=port, log_path=logs / "search.log",
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/models/visual-search/ready")))
+    p.search.wait_ready(120)
+
+
+def publish_catalog(p: Platform, data: Path) -> None:
+    """The catalog through Kafka, as a catalog owner publishes it (``vsearch publish``)."""
+    from .services import vsearch_argv
+
+    csv_path = data / "catalog.csv"
+    write_catalog_csv(p.items, csv_path)
+    print(f"publishing {len(p.items)} catalog events to Kafka ...", flush=True)
+    pub = subprocess.run(vsearch_argv("publish", str(csv_path), "--bootstrap", p.broker.bootstrap,
+                                      "--no-progress", "--partitions", "1"),
+                         capture_output=True, text=True, timeout=120)
+    if pub.returncode != 0:
+        raise RuntimeError(f"vsearch publish failed:\n{pub.stdout[-2000:]}\n{pub.stderr[-2000:]}")
+
+
+def roll_out(p: Platform, plan: Plan, *, check: bool) -> int:
+    """``--rollout``: the operator's rollout logic on local processes; with ``--check``, one
+    query after the switch must be answered by the new version."""
+    from .demo_rollout import run_rollout, serving_status
+
+    rc = run_rollout(model_dir=str(plan.rollout), bootstrap=p.broker.bootstrap, milvus_uri=p.milvus.uri,
+                     search_url=p.search.url, log_dir=plan.data / "logs", golden=plan.golden and str(plan.golden),
+                     keep=p.rollouts, file_roots=str(p.image_root),
+                     serving=serving_status(model=p.meta.name, version=p.meta.version, uri=str(p.model),
+                                            collection=p.collection, group=p.group,
+                                            embedder_url=p.embedder.url))
+    if check and rc == 0:
+        body = search_file(p.search.url, query_image(p.items)["path"], k=1)
+        print(f"a query after the switch: answered by {body['model_version']} ({body['collection']}), "
+              f"top score {body['results'][0]['score']:.4f}")
+        if body["results"][0]["score"] < 0.999:
+            return 1
+    return rc
+
+
+def query_image(items: list[dict]) -> dict:
+    """The catalog item the demo queries with (and offers as ``DATA_DIR/query.jpg``)."""
+    public = [it for it in items if it["visibility"] == "public"]
+    return next((it for it in public if it["id"] == "astronaut-original"), public[0])
+
+
+def vsearch_command() -> str:
+    """How to run ``vsearch`` from the shell the demo was started in: ``vsearch`` when it is on
+    PATH, else the script beside this interpreter (``.venv/bin/vsearch``)."""
+    script = Path(sys.executable).parent / "vsearch"
+    on_path = shutil.which("vsearch")
+    if on_path and script.exists() and Path(on_path).resolve() == script.resolve():
+        return "vsearch"
+    if script.exists():
+        return shown(script)
+    return f"{sys.executable} -m vsearch"
+
+
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when it is inside it."""
+    path = Path(path).absolute()
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def report(p: Platform, data: Path) -> None:
+    """The URLs, a query image that exists and commands that work as printed; the same in
+    ``DATA_DIR/demo.env`` for another shell (``. .demo/demo.env``)."""
+    from PIL import Image
+
+    query = data / "query.jpg"
+    with Image.open(query_image(p.items)["path"]) as img:
+        img.convert("RGB").save(query, quality=92)
+    env = data / "demo.env"
+    env.write_text(f"# written by `vsearch demo` while it runs: . {shown(env)}\n"
+                   f"export DEMO_URL={p.search.url}\n"
+                   f"export EMBEDDER_URL={p.embedder.url}\n"
+                   f"export VSEARCH_KAFKA_BOOTSTRAP={p.broker.bootstrap}\n"
+                   f"export DEMO_QUERY={query}\n")
+    vs, rel = vsearch_command(), shown(query)
+    print(f"\n  Visual search is up:  {p.search.url}/\n"
+          f"  API docs:             {p.search.url}/docs\n"
+          f"  embedder (KServe):    {p.embedder.url}/v2/models/embedder  (V2 infer, V1 predict)\n"
+          f"  Kafka broker:         {p.broker.bootstrap}\n"
+          f"  a query image:        {rel}\n"
+          f"  search with it:       curl -s -F image=@{rel} -F k=3 {p.search.url}/search\n"
+          f"  click-through rate:   {vs} ctr --bootstrap {p.broker.bootstrap}\n"
+          f"  logs:                 {shown(data / 'logs')}\n"
+          f"  all of the above for another shell: . {shown(env)}\n\nPress Ctrl-C to stop.",
+          flush=True)
+
+
+def watch(p: Platform) -> int:
+    """Until Ctrl-C (0), or until a process stops by itself (1)."""
+    while True:
+        for svc in p.started:
+            if not svc.alive():
+                print(f"{svc.name} stopped unexpectedly:\n{svc.log_tail()}", file=sys.stderr)
+                return 1
+        time.sleep(1.0)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_dir: str = ".demo",
              port: int = 8000, timeout: float = 300.0, check: bool = False, rollout: str | None = None,
              golden: str | None = None) -> int:
-    from ..core.naming import collection_name
-    from ..predictor.model import read_meta
-    from .services import (
-        Service,
-        free_port,
-        http_ok,
-        port_open,
-        start_broker,
-        start_embedder,
-        start_milvus_lite_server,
-        vsearch_argv,
-    )
-
-    data = Path(data_dir).resolve()
-    logs = data / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    started: list[Service] = []
-    started_rollouts: list = []
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    plan = check_arguments(model_dir=model_dir, catalog=catalog, data_dir=data_dir, port=port,
+                           rollout=rollout, golden=golden)
+    data = plan.data
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    p = None
     try:
-        model, random_init = resolve_model(model_dir, data)
-        meta = read_meta(model)
-        if random_init:
-            print(f"NOTE: no trained model at models/default and no --model-dir: using a "
-                  f"random-initialised resnet-tiny ({model}); results show the plumbing, not "
-                  f"meaningful similarity.")
-        print(f"model: {meta.name} version {meta.version} ({meta.family}, {meta.embedding_dim}-d) from {model}")
-        if catalog:
-            items = folder_catalog(catalog)
-            image_root = Path(catalog).resolve()
-            print(f"catalog: {len(items)} images from {catalog}")
-        else:
-            items = write_sample_catalog(data / "catalog")
-            image_root = (data / "catalog").resolve()
-            print(f"catalog: {len(items)} images (scikit-image sample photos and their variants) "
-                  f"in {data / 'catalog'}; {sum(i['visibility'] == 'private' for i in items)} private")
-        csv_path = data / "catalog.csv"
-        write_catalog_csv(items, csv_path)
-
-        if port and port_open(port):
-            raise SystemExit(f"port {port} is in use: pass --http-port with a free one (or 0 for any)")
-        port = port or free_port()
-
-        print("starting the Kafka broker (Tansu) ...", flush=True)
-        broker = start_broker(log_path=logs / "broker.log")
-        started.append(broker)
-        print("starting Milvus Lite (milvus-lite server) ...", flush=True)
-        # The broker starts empty and the catalog is published again, so the index starts empty
-        # too: a collection or alias left by an earlier run (a rollout's) would serve instead.
-        shutil.rmtree(data / "milvus", ignore_errors=True)
-        milvus = start_milvus_lite_server(data / "milvus", log_path=logs / "milvus.log")
-        started.append(milvus)
-        print("starting the embedder ...", flush=True)
-        embedder = start_embedder(model, log_path=logs / "embedder.log", extra=("--threads", "2"))
-        started.append(embedder)
-
-        collection = collection_name(meta.name, meta.version)
-        group = f"ingest-{collection}"                 # the consumer's group, retired after a rollout
-        metrics_port = free_port()
-        print(f"starting the catalog consumer (collection {collection}) ...", flush=True)
-        consumer = Service("consumer", vsearch_argv(
-            "ingest", "--bootstrap", broker.bootstrap, "--embedder-url", embedder.url,
-            "--collection", collection, "--group", group, "--alias", "images", "--milvus-uri", milvus.uri,
-            "--model-name", meta.name, "--model-version", meta.version,
-            "--metrics-port", str(metrics_port), "--partitions", "1", "--file-roots", str(image_root)),
-            port=metrics_port, log_path=logs / "consumer.log")
-        started.append(consumer)
-        consumer.wait_ready(120)
-
-        print("starting the search service ...", flush=True)
-        # A random-initialised network puts every photo close to every other: only exact
-        # duplicates count as such then.
-        dedup = "0.0001" if random_init else "0.01"
-        search = Service("search", vsearch_argv(
-            "serve", "search", "--embedder-url", embedder.url, "--milvus-uri", milvus.uri,
-            "--alias", "images", "--bootstrap", broker.bootstrap, "--http-port", str(port),
-            "--query-store", str(data / "queries"), "--model-version", meta.model_id,
-            "--dedup-distance", dedup, "--image-roots", str(image_root),
-            # the embedders a rollout starts (vsearch demo --rollout) listen on local ports
-            "--allowed-embedder-urls", "http://127.0.0.1:*"),
-            port=port, log_path=logs / "search.log",
-            ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/models/visual-search/ready"))
-        started.append(search)
-        search.wait_ready(120)
-
-        print(f"publishing {len(items)} catalog events to Kafka ...", flush=True)
-        import subprocess
-        pub = subprocess.run(vsearch_argv("publish", str(csv_path), "--bootstrap", broker.bootstrap,
-                                          "--no-progress", "--partitions", "1"),
-                             capture_output=True, text=True, timeout=120)
-        if pub.returncode != 0:
-            raise RuntimeError(f"vsearch publish failed:\n{pub.stdout[-2000:]}\n{pub.stderr[-2000:]}")
+        p = prepare(plan)
+        start_platform(p, data, plan.port or free_port())
+        publish_catalog(p, data)
         print("waiting until the catalog is searchable ...", flush=True)
         t0 = time.monotonic()
-        n = wait_searchable(search.url, items, timeout, services=started)
+        n = wait_searchable(p.search.url, p.items, timeout, services=p.started)
         print(f"{n} public images searchable after {time.monotonic() - t0:.1f}s")
-
-        if rollout:
-            from .demo_rollout import run_rollout, serving_status
-            rc = run_rollout(model_dir=rollout, bootstrap=broker.bootstrap, milvus_uri=milvus.uri,
-                             search_url=search.url, log_dir=logs, golden=golden, keep=started_rollouts,
-                             file_roots=str(image_root),
-                             serving=serving_status(model=meta.name, version=meta.version, uri=str(model),
-                                                    collection=collection, group=group,
-                                                    embedder_url=embedder.url))
+        if plan.rollout:
+            rc = roll_out(p, plan, check=check)
             if check:
-                if rc == 0:
-                    probe = next(i for i in items if i["visibility"] == "public")
-                    body = search_file(search.url, probe["path"], k=1)
-                    print(f"a query after the switch: answered by {body['model_version']} ({body['collection']}), "
-                          f"top score {body['results'][0]['score']:.4f}")
-                    if body["results"][0]["score"] < 0.999:
-                        return 1
                 return rc
-
         if check:
-            return _check(search.url, broker.bootstrap, items)
-
-        print(f"\n  Visual search is up:  {search.url}/\n"
-              f"  API docs:             {search.url}/docs\n"
-              f"  click-through rate:   vsearch ctr --bootstrap {broker.bootstrap}\n"
-              f"  logs:                 {logs}\n\nPress Ctrl-C to stop.", flush=True)
-        while True:
-            for svc in started:
-                if not svc.alive():
-                    print(f"{svc.name} stopped unexpectedly:\n{svc.log_tail()}", file=sys.stderr)
-                    return 1
-            time.sleep(1.0)
+            return _check(p.search.url, p.broker.bootstrap, p.items)
+        report(p, data)
+        return watch(p)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
@@ -271,14 +421,11 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C must not cut the clean-up short
-        for w in started_rollouts:
-            w.close()
-        for svc in reversed(started):
-            svc.stop()
+        if p is not None:
+            p.stop()
+        (data / "demo.env").unlink(missing_ok=True)      # its URLs die with the processes
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, previous)
-        if started:
-            print("stopped: " + ", ".join(s.name for s in reversed(started)), flush=True)
 
 
 def _check(url: str, bootstrap: str, items: list[dict]) -> int:
@@ -288,8 +435,7 @@ def _check(url: str, bootstrap: str, items: list[dict]) -> int:
 
     from ..predictor.search.ctr import read_events
 
-    public = [it for it in items if it["visibility"] == "public"]
-    probe = next((it for it in public if it["id"] == "astronaut-original"), public[0])
+    probe = query_image(items)
     whole = search_file(url, probe["path"], k=5)
     top = whole["results"][0]
     print(f"query {probe['id']}: top result {top['id']} score {top['score']:.4f}")

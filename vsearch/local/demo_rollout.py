@@ -8,6 +8,7 @@ keeps answering. Exit codes (with ``--check``): 0 the new version serves, 3 the 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
     from ..core.config import csv_list
     from ..operators.rollout import FAILED, READY
     from ..operators.trust import Trust
-    from ..predictor.model import read_meta
+    from ..predictor.model_dir import read_meta
     from .workloads import LocalRollout, LocalWorkloads
 
     meta = read_meta(model_dir)
@@ -57,14 +58,21 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
                                config_maps=golden_maps)
     if keep is not None:
         keep.append(workloads)
+    # The demo prints each phase once, itself: the operator's and the store's INFO lines would
+    # say it again.
+    for name in ("vsearch.operators.rollout", "vsearch.core.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     trust = Trust(milvus_hosts=("127.0.0.1", "localhost"), catalog_file_roots=tuple(csv_list(file_roots)))
     ro = LocalRollout(spec, workloads, status=serving, trust=trust)
-    ro.step()                                          # adopt what serves
-    ro.set_model(meta.name, version, str(Path(model_dir).resolve()))
-    t0 = time.monotonic()
-    out = ro.run_until(lambda s: s.get("phase") in (READY, FAILED) and not s.get("candidate")
-                       and ((s.get("serving") or {}).get("version") == version or s.get("phase") == FAILED),
-                       timeout)
+    try:
+        ro.step()                                          # adopt what serves
+        ro.set_model(meta.name, version, str(Path(model_dir).resolve()))
+        t0 = time.monotonic()
+        out = ro.run_until(lambda s: s.get("phase") in (READY, FAILED) and not s.get("candidate")
+                           and ((s.get("serving") or {}).get("version") == version or s.get("phase") == FAILED),
+                           timeout)
+    finally:
+        ro.close()
     st = out.status
     gate = st.get("gate") or {}
     print(f"gate: {gate.get('verdict')} {json.dumps({k: gate.get(k) for k in ('selfConsistency', 'golden', 'offline') if gate.get(k)})}")

@@ -190,7 +190,12 @@ def milvus_ready(uri: str, timeout: float = 2.0) -> bool:
     try:
         from pymilvus import MilvusClient
 
-        client = MilvusClient(uri=uri, timeout=timeout)
+        from ..core.store import GRPC_OPTIONS
+
+        # A channel of its own with the store's keepalive: pymilvus' default (a ping every 10 s,
+        # idle or not) on the channel it shares per URI kept pinging after this probe, and the
+        # milvus-lite server answered with GOAWAY "too_many_pings" on the demo's terminal.
+        client = MilvusClient(uri=uri, timeout=timeout, grpc_options=GRPC_OPTIONS, dedicated=True)
         try:
             client.list_collections(timeout=timeout)
         finally:

@@ -128,7 +128,14 @@ class LocalRollout:
         self.body["status"] = out.status
         for _kind, reason, message in out.events:
             self.printer(f"  [{reason}] {message}")
+            self._said = message
         return out
+
+    _said: str | None = None          # the last message printed (a phase's event says it once)
+
+    def close(self) -> None:
+        """Close the Kafka admin client: before the broker stops, or it logs the refused reconnects."""
+        self.env.groups.close()
 
     def run_until(self, done, timeout: float, poll: float = 0.5, on_tick=None):
         """Step until ``done(status)``; returns the last outcome (TimeoutError after ``timeout``)."""
@@ -141,7 +148,7 @@ class LocalRollout:
             msg = out.status.get("message")
             if on_tick is not None:
                 on_tick(out)
-            elif msg != last_msg and out.phase == "Backfilling":
+            elif msg not in (last_msg, self._said) and out.phase == "Backfilling":
                 self.printer(f"    {msg}")
             last_msg = msg
             if time.monotonic() > deadline:

@@ -48,7 +48,7 @@ class Recorder(http.server.ThreadingHTTPServer):
 def hardened(tmp_path_factory, tiny_model_dir, milvus_server_uri, photo_bytes):
     """A search server (key, small upload limit, --image-roots) over a catalog of items that
     point where /images must not go."""
-    from vsearch.predictor.model import Embedder
+    from vsearch.predictor.inference import Embedder
     root = tmp_path_factory.mktemp("hardened")
     served = root / "served"
     served.mkdir()

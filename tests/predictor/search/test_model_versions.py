@@ -19,7 +19,8 @@ from vsearch.local.services import free_port, start_embedder
 
 
 def build(uri: str, model_dir, photos: dict[str, bytes], root, embedder_url: str) -> str:
-    from vsearch.predictor.model import Embedder, read_meta
+    from vsearch.predictor.inference import Embedder
+    from vsearch.predictor.model_dir import read_meta
     meta = read_meta(model_dir)
     emb = Embedder(model_dir)
     name = collection_name(f"mv_{uuid.uuid4().hex[:6]}_{meta.name}", meta.version)
@@ -39,7 +40,7 @@ def build(uri: str, model_dir, photos: dict[str, bytes], root, embedder_url: str
 
 def test_each_query_is_embedded_by_the_model_of_the_collection_it_searches(
         tmp_path, milvus_server_uri, tiny_model_dir, photo_bytes, broker):
-    from vsearch.predictor.model import init_model_dir
+    from vsearch.predictor.zoo import init_model_dir
     vit = tmp_path / "vit"
     init_model_dir("vit-small", vit, name="tiny-vit", version="7", **TINY["vit-small"])
     photos = {f"p{i}": b for i, b in enumerate(photo_bytes[:6])}

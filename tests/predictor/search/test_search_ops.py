@@ -18,7 +18,8 @@ KEY = "s3cret-key"
 def index_catalog(uri: str, alias: str, catalog, dim_source) -> None:
     from vsearch.core.naming import collection_name
     from vsearch.core.store import MilvusStore
-    from vsearch.predictor.model import Embedder, read_meta
+    from vsearch.predictor.inference import Embedder
+    from vsearch.predictor.model_dir import read_meta
 
     emb = Embedder(dim_source)
     ids = [i for i in catalog.photos if i.startswith("photo-0")][:6]
