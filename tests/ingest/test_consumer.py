@@ -19,6 +19,7 @@ from tests.fixtures.catalog import (
     start_consumer,
     wait_committed,
 )
+from tests.fixtures.waiting import wait_until
 from vsearch.core.naming import collection_name
 from vsearch.core.store import MilvusStore
 from vsearch.local import services
@@ -76,10 +77,13 @@ def test_sigkill_mid_batch_then_sigterm_loses_nothing_and_duplicates_nothing(
     args = ("--collection", coll, "--alias", "", "--batch-size", "40", "--batch-ms", "100")
 
     def wait_for_progress(done: int, consumer):
-        deadline = time.monotonic() + 90
-        while sum(committed(broker, group).values()) <= done and time.monotonic() < deadline:
+        def progressed() -> bool:
+            if sum(committed(broker, group).values()) > done:
+                return True
             assert consumer.alive(), consumer.log_tail()
-            time.sleep(0.05)
+            return False
+
+        wait_until(progressed, 90, 0.05, message=None)
         return sum(committed(broker, group).values())
 
     ends: dict = {}

@@ -17,6 +17,7 @@ import uuid
 import pytest
 
 from tests.fixtures.catalog import committed, read_topic
+from tests.fixtures.waiting import wait_until
 from vsearch.core.fetch import FetchConfig, Fetcher
 from vsearch.core.kafka import ensure_topics
 from vsearch.core.store import MilvusStore
@@ -218,9 +219,7 @@ def test_a_rebalance_mid_batch_with_two_consumers_loses_and_resurrects_nothing(
     codes = {}
     ta = threading.Thread(target=lambda: codes.__setitem__("a", a.run()))
     ta.start()
-    deadline = time.monotonic() + 60
-    while not sum(committed(broker, group).values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: sum(committed(broker, group).values()), 60, 0.1, message=None)
     tb = threading.Thread(target=lambda: codes.__setitem__("b", b.run()))
     tb.start()
     ta.join(180)

@@ -4,44 +4,15 @@ stop of everything."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from vsearch.local.samples import caltech_photos, generated_photos
-
-
-def small_catalog(tmp_path) -> Path:
-    catalog = tmp_path / "catalog"
-    photos = caltech_photos(n_classes=3, per_class=3)
-    if photos:
-        for path, label in photos:
-            (catalog / label).mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, catalog / label / path.name)
-    else:
-        catalog.mkdir()
-        for i, data in enumerate(generated_photos(9)):
-            (catalog / f"g{i}.jpg").write_bytes(data)
-    return catalog
-
-
-def leftover_processes(marker: str) -> list[str]:
-    """Command lines of processes that still mention ``marker`` (the demo's data folder)."""
-    left = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline and "pytest" not in cmdline:
-            left.append(cmdline)
-    return left
+from tests.fixtures.demo import leftover_processes, small_catalog
+from tests.fixtures.waiting import wait_until
 
 
 @pytest.mark.slow
@@ -76,13 +47,16 @@ def test_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, tiny_model_dir
     lines = []
     try:
         url = None
-        deadline = time.monotonic() + 300
-        for line in proc.stdout:
+
+        def ready() -> bool:        # the demo announces its URL, then how to stop it (or exits)
+            nonlocal url
+            line = proc.stdout.readline()
             lines.append(line)
             if "Visual search is up:" in line:
                 url = line.split("up:", 1)[1].strip().rstrip("/")
-            if "Press Ctrl-C" in line or time.monotonic() > deadline:
-                break
+            return not line or "Press Ctrl-C" in line
+
+        wait_until(ready, 300, 0, message=None)
         assert url, "".join(lines)
         photo = next(catalog.rglob("*.jpg"))
         resp = requests.post(f"{url}/search", files={"image": ("q.jpg", photo.read_bytes())},

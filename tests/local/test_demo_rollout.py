@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.fixtures.demo import leftover_processes, small_catalog
 from tests.fixtures.operators import golden_csv, model_copy
-from tests.local.test_demo import leftover_processes, small_catalog
 
 
 def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir):

@@ -13,6 +13,7 @@ import pytest
 from tests.fixtures.catalog import publish
 from tests.fixtures.cluster import searchindex
 from tests.fixtures.operators import SearchLoop, catalog_files, delete_record, unique, upsert_record
+from tests.fixtures.waiting import wait_until
 from vsearch.core.store import MilvusStore
 from vsearch.local import services
 from vsearch.operators.kafka_groups import KafkaGroups
@@ -71,10 +72,7 @@ def test_blue_green_rollout_kill_restart_rollback_and_delete(tmp_path, cluster, 
         time.sleep(1)
         # restart; it dies again (SIGKILL) right after the alias switch, before writing the status
         first = cluster.start_operator(failpoints="after-alias-switch")
-        deadline = time.monotonic() + 180
-        while first.alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not first.alive(), "the operator never reached the switch"
+        wait_until(lambda: not first.alive(), 180, 0.2, "the operator never reached the switch")
         with MilvusStore(milvus_server_uri) as store:
             assert store.describe_alias(alias) == C2       # switched ...
         assert cluster.index(name)["status"]["phase"] == "Switching"    # ... but not recorded
@@ -92,12 +90,13 @@ def test_blue_green_rollout_kill_restart_rollback_and_delete(tmp_path, cluster, 
         # both collections hold the catalog with the changes made during the backfill
         want = {i for i, _, _ in items[2:]} | {i for i, _, _ in extra}
         with MilvusStore(milvus_server_uri) as store:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                got = {c: {r["id"] for r in store.scan(c, ())} for c in (C1, C2)}
-                if all(v == want for v in got.values()):
-                    break
-                time.sleep(0.5)
+            got: dict = {}
+
+            def both_hold_the_catalog() -> bool:
+                got.update({c: {r["id"] for r in store.scan(c, ())} for c in (C1, C2)})
+                return all(v == want for v in got.values())
+
+            wait_until(both_hold_the_catalog, 60, 0.5, message=None)
             assert got[C1] == want and got[C2] == want
             assert store.model_record(C2)["dim"] == 32
 
@@ -124,10 +123,8 @@ def test_blue_green_rollout_kill_restart_rollback_and_delete(tmp_path, cluster, 
 
     # deleting the SearchIndex removes everything it made, Milvus and Kafka included
     cluster.api.delete("searchindexes", name)
-    deadline = time.monotonic() + 90
-    while cluster.api.get("searchindexes", name) is not None and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert cluster.api.get("searchindexes", name) is None, cluster.operator.log_tail(40)
+    wait_until(lambda: cluster.api.get("searchindexes", name) is None, 90, 0.3,
+               lambda: cluster.operator.log_tail(40))
     assert cluster.api.list("inferenceservices") == [] and cluster.api.list("deployments") == []
     with MilvusStore(milvus_server_uri) as store:
         assert store.describe_alias(alias) is None
@@ -135,7 +132,5 @@ def test_blue_green_rollout_kill_restart_rollback_and_delete(tmp_path, cluster, 
     groups = KafkaGroups(broker)
     assert groups.committed(st["serving"]["consumerGroup"]) == {}
     assert groups.committed(st["previous"]["consumerGroup"]) == {}
-    deadline = time.monotonic() + 40               # the kubelet stops the processes (SIGTERM, grace)
-    while cluster.kubelet.pods and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert not cluster.kubelet.pods
+    # the kubelet stops the processes (SIGTERM, grace)
+    wait_until(lambda: not cluster.kubelet.pods, 40, 0.3, lambda: f"pods left: {cluster.kubelet.pods}")

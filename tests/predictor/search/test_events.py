@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
+from tests.fixtures.waiting import wait_until
 from vsearch.core import search_events
 from vsearch.local.services import free_port, start_broker
 from vsearch.predictor.search.ctr import ctr_table, read_events
@@ -31,9 +31,8 @@ def test_events_wait_for_kafka_bounded_then_arrive(tmp_path):
     try:
         for i in range(4):
             events.emit(impression(f"q{i}"))        # returns at once: Kafka is not even there
-        deadline = time.monotonic() + 30
-        while events.failures == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)                         # the sender tries, fails, and keeps them
+        # the sender tries, fails, and keeps them
+        wait_until(lambda: events.failures != 0, 30, 0.1, message=None)
         assert events.failures >= 1 and events.sent == 0
         assert events.dropped == 1                  # bounded: the oldest went, and it was counted
         assert events.pending() == 3

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import requests
 
-from tests.fixtures.search import start_search_server
+from tests.fixtures.search import start_search_server, wait_for_events
 from vsearch.local.services import start_s3_server
 from vsearch.predictor.search.query_store import QueryStore
 
@@ -57,7 +57,6 @@ def test_search_replicas_keep_query_images_in_s3_where_the_trainer_reads_them(
         photo = search_catalog.photos["photo-07"]
         body = requests.post(f"{replica.url}/search", files={"image": ("q.jpg", photo, "image/jpeg")},
                              data={"k": "2"}, timeout=60).json()
-        from tests.predictor.search.test_search_e2e import wait_for_events
         imp = wait_for_events(broker, lambda r: r["query_id"] == body["query_id"])[0]
         uri = imp["query_uri"]
         assert uri.startswith(f"s3://{bucket}/search/{time.strftime('%Y/%m/%d', time.gmtime())}/")

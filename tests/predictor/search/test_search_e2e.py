@@ -16,7 +16,7 @@ import pytest
 import requests
 from itsdangerous.encoding import base64_decode
 
-from tests.fixtures.search import MAX_UPLOAD
+from tests.fixtures.search import MAX_UPLOAD, wait_for_events
 from vsearch.predictor.preprocess import apply_crop, decode_image
 from vsearch.predictor.search.ctr import read_events
 
@@ -104,16 +104,6 @@ def test_a_filter_keeps_only_matching_items(search_server):
     assert results and all(r["metadata"]["label"] == label for r in results)
     expected = {i for i, lab in cat.labels.items() if lab == label and i != "secret"}
     assert {r["id"] for r in results} <= expected
-
-
-def wait_for_events(bootstrap, predicate, timeout=30.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = [r for r in read_events(bootstrap, idle_timeout=1.5) if "_bad" not in r and predicate(r)]
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError("the expected search events did not arrive on search.events")
 
 
 def test_impressions_and_clicks_land_on_search_events(search_server):

@@ -4,12 +4,12 @@ recovery without a restart), the API key and CORS."""
 from __future__ import annotations
 
 import hashlib
-import time
 
 import pytest
 import requests
 
-from tests.fixtures.search import start_search_server
+from tests.fixtures.search import start_search_server, wait_for_events
+from tests.fixtures.waiting import wait_until
 from vsearch.local.services import free_port, start_milvus_lite_server
 
 KEY = "s3cret-key"
@@ -73,9 +73,7 @@ def test_milvus_outage_gives_503_and_the_server_recovers(search_catalog, embedde
         assert again_down.status_code == 503, again_down.text
         milvus = start_milvus_lite_server(tmp_path / "milvus", port=port, log_path=tmp_path / "milvus.log")
         try:
-            deadline = time.monotonic() + 30
-            while (r := search()).status_code != 200 and time.monotonic() < deadline:
-                time.sleep(0.5)
+            r = wait_until(search, 30, 0.5, message=None)      # a Response is truthy when its status is OK
             assert r.status_code == 200 and r.json()["results"][0]["id"] == "photo-03", r.text
         finally:
             milvus.stop()
@@ -127,7 +125,6 @@ def test_a_click_is_accepted_by_any_replica_that_shares_the_secret(search_catalo
                                                                    milvus_server_uri, broker, tmp_path):
     """Two replicas behind one Service keep no memory of searches: replica B logs the click on a
     search replica A answered, from the signed token; a replica with another secret refuses it."""
-    from tests.predictor.search.test_search_e2e import wait_for_events
 
     def replica(name, secret):
         return start_search_server(milvus_uri=milvus_server_uri, alias=search_catalog.alias,
