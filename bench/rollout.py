@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from vsearch.core.store import DEFAULT_ALIAS
+
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     from PIL import Image
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         recs = [(encode_key(f"i{n}"), encode(upsert_event(f"i{n}", uri=p.as_uri(), ts=1_700_000_000_000 + n)))
                 for n, p in enumerate(paths)]
         send_and_confirm(broker.bootstrap, "catalog.images", recs)
-        spec = rollout_spec(bootstrap=broker.bootstrap, milvus_uri=milvus.uri, alias="images", name="bench",
+        spec = rollout_spec(bootstrap=broker.bootstrap, milvus_uri=milvus.uri, alias=DEFAULT_ALIAS, name="bench",
                             version="1", uri=str(v1), idle_s=args.idle_seconds,
                             sample=50)
         # the benchmark's models are random-initialised (no offline verdict): it measures the mechanics

@@ -74,6 +74,7 @@ from urllib3.exceptions import (
 from urllib3.util import Timeout, parse_url
 
 from .config import csv_list
+from .images import DEFAULT_MAX_BYTES
 
 PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 414, 451}
 RETRY_HTTP = (429, 500, 502, 503, 504)
@@ -115,7 +116,7 @@ class FetchConfig:
     connect_timeout: float = 3.0
     read_timeout: float = 10.0
     total_timeout: float = 30.0        # seconds for one fetch, redirects and retries included
-    max_bytes: int = 20 * 1024 * 1024
+    max_bytes: int = DEFAULT_MAX_BYTES
     retries: int = 3                   # extra attempts after the first, for transient errors
     backoff: float = 0.2               # seconds, doubled per attempt
     workers: int = 8                   # parallel fetches in fetch_many

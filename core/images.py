@@ -9,6 +9,11 @@ from pathlib import Path
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
                             ".ppm", ".pgm"})
 
+# The largest image accepted anywhere (a fetched or uploaded file, a decoded picture): the
+# defaults of every --max-image-bytes / --max-upload-bytes / --max-pixels flag.
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
 # PIL format name -> (media type, file suffix) of the formats a browser shows.
 WEB_FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png"),
                "WEBP": ("image/webp", ".webp"), "GIF": ("image/gif", ".gif")}

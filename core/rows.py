@@ -9,6 +9,8 @@ import json
 
 import numpy as np
 
+from .text import brief
+
 VISIBILITIES = ("public", "private")
 MAX_ID_BYTES = 512
 MAX_URI_BYTES = 4096
@@ -33,21 +35,16 @@ def check_id(i) -> str:
     read a newline in a key, UTF-8 cannot carry a surrogate) and without quotes or
     backslashes (pymilvus quotes string keys with single quotes and no escaping)."""
     if not isinstance(i, str) or not i.strip():
-        raise ValueError(f"id must be a non-empty string, got {_brief(i)}")
+        raise ValueError(f"id must be a non-empty string, got {brief(i)}")
     bad = _bad_char(i)
     if bad is not None:
-        raise ValueError(f"id {_brief(i)} contains U+{ord(bad):04X} (a control character or a lone "
+        raise ValueError(f"id {brief(i)} contains U+{ord(bad):04X} (a control character or a lone "
                          "surrogate), which Milvus key lookups cannot carry")
     if len(i.encode()) > MAX_ID_BYTES:
         raise ValueError(f"id longer than {MAX_ID_BYTES} bytes: {i[:60]!r}...")
     if "'" in i or "\\" in i:
         raise ValueError(f"id {i[:80]!r} contains a quote or a backslash, which Milvus key lookups cannot carry")
     return i
-
-
-def _brief(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_metadata(meta) -> dict:

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 
 from ..core.config import Flags, add_kafka_flag, add_milvus_flags, csv_list
+from ..core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ..core.naming import DEFAULT_ALIAS
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ def register(sub) -> None:
     pf.add("--collection", default=None,
              help="Milvus collection (default images__<model>__<version> from --model-dir; "
                   "required with --embedder-url)")
-    pf.add("--alias", default="images", help="alias created for this collection when absent ('' = none)")
+    pf.add("--alias", default=DEFAULT_ALIAS, help="alias created for this collection when absent ('' = none)")
     pf.add("--model-name", default=None,
            help="model recorded in a collection this creates (default: --model-dir's; with "
                 "--embedder-url, give it with --model-version so search finds the model's embedder)")
@@ -41,8 +43,8 @@ def register(sub) -> None:
            help="images per forward pass in process, per request with --embedder-url (<= its --max-batch)")
     pf.add("--threads", default=None, type=int, help="torch CPU threads (in process)")
     pf.add("--device", default=None, help="torch device (in process)")
-    pf.add("--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
-    pf.add("--max-image-bytes", default=20 * 1024 * 1024, type=int, help="largest image file, bytes")
+    pf.add("--max-pixels", default=DEFAULT_MAX_PIXELS, type=int, help="largest image accepted, in pixels")
+    pf.add("--max-image-bytes", default=DEFAULT_MAX_BYTES, type=int, help="largest image file, bytes")
     pf.add("--fetch-connect-timeout", default=3.0, type=float, help="image fetch connect timeout, s")
     pf.add("--fetch-read-timeout", default=10.0, type=float, help="image fetch read timeout, s")
     pf.add("--fetch-total-timeout", default=30.0, type=float,

@@ -49,6 +49,7 @@ from kafka.structs import OffsetAndMetadata
 from ..core.bisection import bisect
 from ..core.fetch import Fetcher, FetchError
 from ..core.kafka import GROUP_SETTINGS, ensure_topics
+from ..core.naming import DEFAULT_ALIAS
 from ..core.store import MilvusStore
 from ..core.store_errors import StoreError, StoreUnavailable
 from ..predictor.embedding import ImageEmbedder
@@ -69,7 +70,7 @@ class IngestSettings:
     topic: str
     group: str
     collection: str
-    alias: str | None = "images"          # created for this collection when absent
+    alias: str | None = DEFAULT_ALIAS     # created for this collection when absent
     dlq: str | None = None                # default <topic>.dlq
     batch_size: int = 256
     batch_ms: int = 500

@@ -25,13 +25,15 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ..core.fetch import FetchError, check_uri_text
+from ..core.images import DEFAULT_MAX_BYTES
 from ..core.rows import MAX_URI_BYTES, VISIBILITIES, check_id, check_metadata
+from ..core.text import brief
 
 SCHEMA = 1
 TOPIC = "catalog.images"
 OPS = ("upsert", "delete")
 URI_SCHEMES = ("file://", "http://", "https://")
-MAX_INLINE_BYTES = 20 * 1024 * 1024
+MAX_INLINE_BYTES = DEFAULT_MAX_BYTES
 
 
 def dlq_topic(topic: str) -> str:
@@ -103,11 +105,6 @@ class CatalogEvent(BaseModel):
         return self.uri if self.uri else f"inline:{self.id}"
 
 
-def _brief(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _reason(err: ValidationError) -> str:
     """The first problem of a validation error, in words a catalog owner can act on."""
     errors = sorted(err.errors(), key=lambda e: (e["loc"][:1] != ("schema",), e["loc"][:1] != ("op",)))
@@ -119,13 +116,13 @@ def _reason(err: ValidationError) -> str:
         unknown = sorted(".".join(str(p) for p in x["loc"]) for x in errors if x["type"] == "extra_forbidden")
         return f"unknown field(s) {unknown} in a schema {SCHEMA} event"
     if loc == "schema":
-        return f"unknown schema version {_brief(e.get('input'))} (this consumer reads schema {SCHEMA})"
+        return f"unknown schema version {brief(e.get('input'))} (this consumer reads schema {SCHEMA})"
     if loc == "op":
-        return f"op must be one of {OPS}, got {_brief(e.get('input'))}"
+        return f"op must be one of {OPS}, got {brief(e.get('input'))}"
     if loc == "visibility":
-        return f"visibility must be one of {VISIBILITIES}, got {_brief(e.get('input'))}"
+        return f"visibility must be one of {VISIBILITIES}, got {brief(e.get('input'))}"
     if loc == "ts":
-        return f"ts must be a non-negative integer of epoch milliseconds, got {_brief(e.get('input'))}"
+        return f"ts must be a non-negative integer of epoch milliseconds, got {brief(e.get('input'))}"
     if loc == "metadata" and e["type"] == "dict_type":
         return f"metadata must be a JSON object, got {type(e.get('input')).__name__}"
     msg = e["msg"].removeprefix("Value error, ")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..core.config import Flags
-from ..core.images import image_files
+from ..core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_files
 from .limits import ServerLimits, add_server_flags, server_limits_from
 from .model_dir import ARCHS
 from .search import cli as search_cli
@@ -27,8 +27,8 @@ def add_model_flags(f: Flags, *, required: bool = False) -> None:
     f.add("--device", default=None, help="torch device (cuda when present, else cpu)")
     f.add("--threads", default=None, type=int, help="torch CPU threads")
     f.add("--batch-size", default=32, type=int, help="forward-pass batch size")
-    f.add("--max-pixels", default=40_000_000, type=int, help="largest image accepted, in pixels")
-    f.add("--max-image-bytes", default=20 * 1024 * 1024, type=int,
+    f.add("--max-pixels", default=DEFAULT_MAX_PIXELS, type=int, help="largest image accepted, in pixels")
+    f.add("--max-image-bytes", default=DEFAULT_MAX_BYTES, type=int,
              help="largest image file accepted, in bytes")
 
 

@@ -23,8 +23,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 40_000_000
+from ..core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ..core.text import brief
+
 # Longest side over shortest side of what is resized (the image, or its crop). The resize makes
 # the shorter side ``resize_size``: a 1x150000 image would become 256x38,400,000 pixels.
 MAX_ASPECT_RATIO = 25
@@ -73,7 +74,7 @@ def parse_crop(crop) -> Box | None:
     try:
         values = [float(v) for v in np.asarray(crop, dtype=np.float64).reshape(-1)]
     except (TypeError, ValueError) as exc:
-        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {_brief(crop)}") from exc
+        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {brief(crop)}") from exc
     if len(values) == 0:
         return None
     if len(values) != 4:
@@ -98,12 +99,7 @@ def parse_crop_text(text: str | None) -> Box | None:
     except ValueError as exc:
         if isinstance(exc, InvalidImage):
             raise
-        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {_brief(text)}") from exc
-
-
-def _brief(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+        raise InvalidImage(f"crop must be 4 numbers x0,y0,x1,y1 in [0,1], got {brief(text)}") from exc
 
 
 SCALE_KEY = "vsearch.scale"          # img.info: the factor that takes a high-bit image to 0..255

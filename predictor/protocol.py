@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 from kserve.errors import InvalidInput
 
+from ..core.text import brief, names_brief
 from .limits import ServerLimits
 from .preprocess import Box, InvalidImage, parse_crop, parse_crop_text
 
@@ -32,20 +33,6 @@ NUMERIC_DTYPES = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4",
                   "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2",
                   "FP32": "<f4", "FP64": "<f8"}
 MAX_HEADER_BYTES = 1024 * 1024        # the JSON header of a binary-extension request
-
-
-def brief(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: how much of a client's value a message shows."""
-    text = repr(value) if not isinstance(value, (bytes, bytearray)) else f"<{len(value)} bytes>"
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def names_brief(names: Iterable[Any], limit: int = 5) -> str:
-    """A few of a client's names for a message (each cut short), and how many more there are:
-    an error never grows with the request."""
-    names = sorted({str(n) for n in names})
-    shown = ", ".join(brief(n, 40) for n in names[:limit])
-    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
 def count_json_values(body: bytes | str) -> int:

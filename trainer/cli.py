@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..core.config import Flags
+from ..core.naming import DEFAULT_ALIAS
 from ..predictor.model_dir import ARCHS
 
 
@@ -58,7 +59,7 @@ def register(sub) -> None:
              help="stop after this many steps, keeping the checkpoint")
     pf.add("--hard-negatives-from", default=None,
              help="pairs only: Milvus URI of the current index to mine hard negatives from (needs --init)")
-    pf.add("--hard-negatives-collection", default="images", help="collection or alias to search")
+    pf.add("--hard-negatives-collection", default=DEFAULT_ALIAS, help="collection or alias to search")
     pf.add("--hard-negatives-k", default=10, type=int, help="neighbours searched per query")
     pf.add("--no-whiten", default=False, type=bool,
            help="export without the PCA-whitening fitted on the training images")

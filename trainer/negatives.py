@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..core.store import DEFAULT_ALIAS
 from ..predictor.preprocess import InvalidImage
 from .data import DataError, read_source, split_crop
 
@@ -34,7 +35,7 @@ def canonical(source: str) -> str:
     return Path(source).resolve().as_uri()
 
 
-def mine_hard_negatives(pairs: Sequence[tuple[str, str]], embedder, store, collection: str = "images",
+def mine_hard_negatives(pairs: Sequence[tuple[str, str]], embedder, store, collection: str = DEFAULT_ALIAS,
                         k: int = 10, per_query: int = 2, batch_size: int = 32
                         ) -> tuple[dict[str, list[str]], dict]:
     """{query source: [uri of a hard negative, ...]} and counts of what happened.

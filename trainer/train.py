@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..core import jsonsafe
+from ..core.naming import DEFAULT_ALIAS
 from ..predictor.model_dir import ModelMeta
 from ..predictor.zoo import EmbeddingNet, build_model, fit_whitening, load_model_dir, save_model_dir
 from .augment import AugmentConfig, PairAugment, SimCLRAugment
@@ -87,7 +88,7 @@ class TrainConfig:
     log_every: int = 10
     kafka_topic: str | None = None
     hard_negatives_from: str | None = None   # Milvus URI of the current index (pairs only)
-    hard_negatives_collection: str = "images"
+    hard_negatives_collection: str = DEFAULT_ALIAS
     hard_negatives_k: int = 10               # neighbours searched per query
     progress: bool = True
     whiten: bool = True                # fit the served PCA-whitening on the training images

@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ...core.naming import DEFAULT_ALIAS
 from ...core.store import MilvusStore, filter_expr
 from ...core.store_errors import StoreError, StoreNotFound, StoreRefused, StoreUnavailable
 from .errors import BadQuery, NotFound, SearchError, Unavailable
@@ -45,7 +46,7 @@ class Target:
 class CatalogIndex:
     OUTPUT_FIELDS = ("uri", "metadata", "visibility", "embedding")
 
-    def __init__(self, store: MilvusStore, alias: str = "images", *, resolve_ttl: float = 1.0):
+    def __init__(self, store: MilvusStore, alias: str = DEFAULT_ALIAS, *, resolve_ttl: float = 1.0):
         self.store, self.alias = store, alias
         self.resolve_ttl = resolve_ttl
         self._target: Target | None = None

@@ -11,8 +11,9 @@ import numpy as np
 from kserve.errors import InvalidInput
 
 from ...core.jsonsafe import json_object
+from ...core.text import brief, names_brief
 from ..preprocess import Box
-from ..protocol import brief, check_v2_inputs, decode_b64, names_brief, parse_box, v1_instances, v2_crops, v2_images
+from ..protocol import check_v2_inputs, decode_b64, parse_box, v1_instances, v2_crops, v2_images
 from .errors import BadQuery
 from .settings import SearchSettings
 

@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
-from ..protocol import names_brief
+from ...core.text import names_brief
 from .errors import BadQuery, SearchError, TooLarge, Unavailable
 from .metrics import REJECTED
 from .request import query_from_fields

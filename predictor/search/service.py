@@ -24,10 +24,10 @@ import numpy as np
 from ...core import search_events
 from ...core.fetch import FetchConfig, Fetcher, FetchError
 from ...core.images import web_media_type
+from ...core.text import names_brief
 from ..client import EmbedderClient, EmbedderUnavailable
 from ..embedding import ImageEmbedder
 from ..preprocess import Box, InvalidImage
-from ..protocol import names_brief
 from .errors import BadQuery, NotFound, SearchError, TooLarge, Unavailable
 from .event_log import EventLog
 from .index import CatalogIndex, CollectionGone, Target

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...core.store import DEFAULT_ALIAS
-from ..preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ...core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ...core.naming import DEFAULT_ALIAS
 
 # Where the command keeps query images when nothing else is given (the library's default is
 # None: a SearchService built in code writes nothing unless told where).

@@ -20,7 +20,7 @@ from tests.fixtures.catalog import (
     wait_committed,
 )
 from tests.fixtures.waiting import wait_until
-from vsearch.core.naming import collection_name
+from vsearch.core.naming import DEFAULT_ALIAS, collection_name
 from vsearch.core.store import MilvusStore
 from vsearch.local import services
 
@@ -150,7 +150,7 @@ def test_milvus_outage_commits_nothing_until_it_is_back(tmp_path, broker, tiny_m
         wait_committed(broker, group, ends_b, timeout=90, consumer=consumer)
         assert milvus_state(uri, coll) == sc.expected
         with MilvusStore(uri) as store:                # the first consumer made the serving alias
-            assert store.describe_alias("images") == coll
+            assert store.describe_alias(DEFAULT_ALIAS) == coll
     finally:
         consumer.stop()
         milvus.stop()

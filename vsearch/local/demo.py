@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..core.config import UsageError
 from ..core.images import image_files
+from ..core.naming import DEFAULT_ALIAS
 from ..predictor.model_dir import ModelDirError, ModelMeta, read_meta
 from .samples import write_sample_catalog
 from .services import Service, free_port, port_open
@@ -267,7 +268,7 @@ def start_platform(p: Platform, data: Path, port: int) -> None:
     print(f"starting the catalog consumer (collection {p.collection}) ...", flush=True)
     consumer = p.start(Service("consumer", vsearch_argv(
         "ingest", "--bootstrap", p.broker.bootstrap, "--embedder-url", p.embedder.url,
-        "--collection", p.collection, "--group", p.group, "--alias", "images", "--milvus-uri", p.milvus.uri,
+        "--collection", p.collection, "--group", p.group, "--alias", DEFAULT_ALIAS, "--milvus-uri", p.milvus.uri,
         "--model-name", meta.name, "--model-version", meta.version,
         "--metrics-port", str(metrics_port), "--partitions", "1", "--file-roots", str(p.image_root)),
         port=metrics_port, log_path=logs / "consumer.log"))
@@ -279,7 +280,7 @@ def start_platform(p: Platform, data: Path, port: int) -> None:
     dedup = "0.0001" if p.random_init else "0.01"
     p.search = p.start(Service("search", vsearch_argv(
         "serve", "search", "--embedder-url", p.embedder.url, "--milvus-uri", p.milvus.uri,
-        "--alias", "images", "--bootstrap", p.broker.bootstrap, "--http-port", str(port),
+        "--alias", DEFAULT_ALIAS, "--bootstrap", p.broker.bootstrap, "--http-port", str(port),
         "--query-store", str(data / "queries"), "--model-version", meta.model_id,
         "--dedup-distance", dedup, "--image-roots", str(p.image_root),
         # the embedders a rollout starts (vsearch demo --rollout) listen on local ports

@@ -12,6 +12,8 @@ import logging
 import time
 from pathlib import Path
 
+from ..core.store import DEFAULT_ALIAS
+
 GATE_REFUSED = 3
 
 
@@ -50,7 +52,7 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
     version = meta.version if (meta.name, meta.version) != (cur["model"], cur["version"]) else f"{meta.version}-b"
     print(f"\nrolling out {meta.name} version {version} ({meta.family}, {meta.embedding_dim}-d) from {model_dir}; "
           f"serving: {cur['model']} {cur['version']} ({cur['collection']})", flush=True)
-    spec = rollout_spec(bootstrap=bootstrap, milvus_uri=milvus_uri, alias="images", name=cur["model"],
+    spec = rollout_spec(bootstrap=bootstrap, milvus_uri=milvus_uri, alias=DEFAULT_ALIAS, name=cur["model"],
                         version=cur["version"], uri=cur["modelUri"], golden=golden)
     # the catalog's file:// images may be read from file_roots (ingest and the gate read none by default)
     golden_maps = {"golden": {"judgments.csv": Path(golden).read_text()}} if golden else {}
