@@ -16,13 +16,16 @@ collection that serves. Deleted ids are remembered with their delete time in a s
 collection ``<collection>__tombstones`` so that an out-of-order older upsert cannot bring a
 deleted item back (see :meth:`MilvusStore.versions` and :meth:`MilvusStore.delete`).
 
-Errors, by what the caller should do about them (:mod:`vsearch.core.store_errors`): bad input
-the store checks itself raises a plain ``ValueError`` before any call; a server that cannot be
-reached, times out or sheds load raises :class:`StoreUnavailable` (a ``ConnectionError``:
+Errors, by what the caller should do about them (:func:`~vsearch.core.store_errors.classify`:
+from pymilvus' and gRPC's exception types and Milvus' error codes, never from message text): bad
+input the store checks itself raises ``ValueError`` before any call; a server that cannot be
+reached, times out, cancels or sheds load raises :class:`StoreUnavailable` (a ``ConnectionError``:
 retry with backoff); a collection or alias that does not exist raises :class:`StoreNotFound`
-(:meth:`MilvusStore.describe_alias` answers None instead); a request Milvus or pymilvus' own
-checks refuse raises :class:`StoreRefused` (also a ``ValueError``: sending it again cannot
-help); anything else raises :class:`StoreError` with the server's reason and code.
+(:meth:`MilvusStore.describe_alias` answers None instead); a request that cannot succeed as it is
+(refused by pymilvus' own checks or by Milvus as invalid, out of range, not permitted,
+unauthenticated or not implemented) raises :class:`StoreRefused` (also a ``ValueError``: sending
+it again cannot help); anything else raises :class:`StoreError` with the server's reason and
+code. A collection a restarted server has not loaded is loaded once and the call retried.
 
 Filters: :func:`filter_expr` writes every boolean expression the platform sends (metadata
 matches, the visibility rule), in the forms all three servers above accept.

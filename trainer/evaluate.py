@@ -17,7 +17,7 @@ plainly whether it beats them (:func:`verdicts`) and is printed under the table,
 
 Output: a table on stdout, ``report.json`` and ``report.png`` (recall@k and precision-recall).
 From code, :func:`evaluate_models` returns the same report; the metric functions themselves
-are in :mod:`trainer.metrics` (``evaluate_embeddings``, ``evaluate_judgments``,
+are in :mod:`vsearch.trainer.metrics` (``evaluate_embeddings``, ``evaluate_judgments``,
 ``evaluate_ranked_lists``).
 """
 

@@ -1,9 +1,9 @@
 """The workload layer on local processes (``vsearch demo --rollout``, benchmarks): the same
-:class:`operators.workloads.Workloads` interface as the Kubernetes one, so the rollout logic
-(:mod:`operators.rollout`) is one code path; here a model version's embedder is a
+:class:`vsearch.operators.workloads.Workloads` interface as the Kubernetes one, so the rollout logic
+(:mod:`vsearch.operators.rollout`) is one code path; here a model version's embedder is a
 ``vsearch serve embedder`` process and its ingest a ``vsearch ingest`` process on free ports.
 
-:class:`LocalRollout` drives :func:`operators.rollout.reconcile` over an in-memory object the way
+:class:`LocalRollout` drives :func:`vsearch.operators.rollout.reconcile` over an in-memory object the way
 kopf's timer does over a Kubernetes one."""
 
 from __future__ import annotations
