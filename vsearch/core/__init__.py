@@ -5,7 +5,7 @@ batch call refuses (``bisection``), Kafka plumbing (``kafka``), the search-event
 (``search_events``), image files and the one guarded fetcher of image URIs (``images``,
 ``fetch``). It imports nothing from the components above it."""
 
-# This folder is the package vsearch.core (vsearch/core links here). Imported under any other name
-# (`import core` from the checkout's root) it would be a second copy whose classes differ.
+# This folder is the package vsearch.core (the checkout's core/ links here). Imported under any other
+# name (`import core` from the checkout's root) it would be a second copy whose classes differ.
 if __name__ != "vsearch.core":
-    raise ImportError(f"import vsearch.core, not {__name__}: the folder core/ is installed as vsearch.core")
+    raise ImportError(f"import vsearch.core, not {__name__}: core/ is a link to the package vsearch.core")

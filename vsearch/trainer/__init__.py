@@ -13,7 +13,7 @@
         --baselines raw-pixels,random-init
 """
 
-# This folder is the package vsearch.trainer (vsearch/trainer links here). Imported under any other name
-# (`import trainer` from the checkout's root) it would be a second copy whose classes differ.
+# This folder is the package vsearch.trainer (the checkout's trainer/ links here). Imported under any other
+# name (`import trainer` from the checkout's root) it would be a second copy whose classes differ.
 if __name__ != "vsearch.trainer":
-    raise ImportError(f"import vsearch.trainer, not {__name__}: the folder trainer/ is installed as vsearch.trainer")
+    raise ImportError(f"import vsearch.trainer, not {__name__}: trainer/ is a link to the package vsearch.trainer")

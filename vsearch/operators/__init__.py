@@ -13,7 +13,7 @@ rollouts with a quality gate, one alias switch, rollback, retention and clean-up
 
 Nothing below this package imports it."""
 
-# This folder is the package vsearch.operators (vsearch/operators links here). Imported under any other name
-# (`import operators` from the checkout's root) it would be a second copy whose classes differ.
+# This folder is the package vsearch.operators (the checkout's operators/ links here). Imported under any other
+# name (`import operators` from the checkout's root) it would be a second copy whose classes differ.
 if __name__ != "vsearch.operators":
-    raise ImportError(f"import vsearch.operators, not {__name__}: the folder operators/ is installed as vsearch.operators")
+    raise ImportError(f"import vsearch.operators, not {__name__}: operators/ is a link to the package vsearch.operators")
