@@ -556,6 +556,10 @@ def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, km
     port = services.free_port()
     env = {k: v for k, v in search_env.items() if v is not None}
     env.update(VSEARCH_SEARCH_HTTP_PORT=str(port), VSEARCH_SEARCH_QUERY_STORE=str(tmp_path / "queries"))
+    # the chart allows its namespace's predictor Services; the test kubelet runs the operator's
+    # embedders on local ports, which the collection's record names instead
+    assert env["VSEARCH_SEARCH_ALLOWED_EMBEDDER_URLS"].startswith(f"http://*-predictor.{NAMESPACE}.svc")
+    env["VSEARCH_SEARCH_ALLOWED_EMBEDDER_URLS"] += ",http://127.0.0.1:*"
     search = services.Service(
         "search", services.vsearch_argv(*search_container(objs)["args"]), port=port, env=env,
         log_path=tmp_path / "search.log",

@@ -25,7 +25,7 @@ def ready(*_args):
 def step_at(t: float, status: dict, store: Counts) -> Step:
     env = Env(workloads=SimpleNamespace(ensure_embedder=ready, ensure_ingest=ready), store=store,
               groups=SimpleNamespace(committed=lambda group: {"catalog.images/0": 1}),
-              embedder=lambda url: None, fetcher=None, now=lambda: t)
+              embedder=lambda url: None, fetcher=None, query_fetcher=None, now=lambda: t)
     spec = rollout_spec(bootstrap="127.0.0.1:1", milvus_uri="http://127.0.0.1:2", alias="images",
                         name="m", version="1", uri="/m", idle_s=1000)
     s = Step("demo", "local", {"metadata": {"generation": 1}, "spec": spec, "status": status}, env)
