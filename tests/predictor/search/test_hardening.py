@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.fixtures.routes import walk_routes_without_the_key
 from tests.fixtures.search import start_search_server
 from vsearch.core.store import MilvusStore
 
@@ -241,21 +242,12 @@ def test_every_route_of_the_search_app_needs_the_key_and_no_repository_route_is_
     the key each answers 401 unless it is one of the exact open routes; the document and its
     page need the key; KServe's repository routes are gone (404 with the key too) and the
     model stays ready."""
-    from vsearch.predictor.serving import is_open
     svc, _, _ = hardened
     for path in ("/openapi.json", "/docs"):
         assert get(svc, path, key=False).status_code == 401, path
     paths = get(svc, "/openapi.json").json()["paths"]
     assert "/search" in paths and "/events" in paths and not [p for p in paths if "repository" in p]
-    for template, methods in paths.items():
-        path = (template.replace("{model_name}", "visual-search").replace("{model_version}", "1")
-                .replace("{item_id}", "ok"))
-        for method in methods:
-            r = requests.request(method.upper(), svc.url + path, timeout=20)
-            if is_open(method.upper(), path):
-                assert r.status_code != 401, (method, path)
-            else:
-                assert r.status_code == 401, (method, path, r.status_code)
+    assert walk_routes_without_the_key(svc.url, paths, "visual-search") >= len(paths)
     for path in ("/v2/repository/models/visual-search/unload", "/v2/repository/index"):
         assert requests.post(svc.url + path, headers={"X-API-Key": KEY}, timeout=20).status_code == 404
     assert get(svc, "/v2/models/visual-search/ready", key=False).status_code == 200

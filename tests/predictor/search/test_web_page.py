@@ -48,6 +48,17 @@ def rendered(pg) -> list[tuple[str, str]]:
             for i in range(cards.count())]
 
 
+def upload_a_broken_jpeg(pg, tmp_path) -> None:
+    """Picks a file that claims to be a JPEG but is not; the server refuses it (400) and the
+    page's status turns to its error state."""
+    fake = tmp_path / "broken.jpg"
+    fake.write_bytes(b"\xff\xd8 definitely not a JPEG")
+    with pg.expect_response(lambda r: r.url.endswith("/search")) as resp:
+        pg.set_input_files("[data-testid=file]", str(fake))
+    assert resp.value.status == 400
+    pg.wait_for_function("() => document.querySelector('[data-testid=status]').dataset.state === 'error'")
+
+
 def test_upload_crop_and_click_in_a_real_browser(page, search_server, tmp_path):
     pg, cat = page, search_server.catalog
     photo = cat.files["photo-03"]
@@ -117,12 +128,7 @@ def test_errors_are_shown_clearly(page, search_server, tmp_path):
     assert "not an image" in status.inner_text() and status.get_attribute("data-state") == "error"
 
     # a file that claims to be an image but is not: the server's reason is shown
-    fake = tmp_path / "fake.jpg"
-    fake.write_bytes(b"\xff\xd8 definitely not a JPEG")
-    with pg.expect_response(lambda r: r.url.endswith("/search")) as resp:
-        pg.set_input_files("[data-testid=file]", str(fake))
-    assert resp.value.status == 400
-    pg.wait_for_function("() => document.querySelector('[data-testid=status]').dataset.state === 'error'")
+    upload_a_broken_jpeg(pg, tmp_path)
     assert "refused" in status.inner_text() and "image" in status.inner_text()
 
     # k out of range: the server's 400 reason is shown; a valid k works again
@@ -187,12 +193,7 @@ def test_bad_files_clear_the_old_results_and_the_header_names_the_model(page, se
     assert cut == []
     assert not pg.locator("[data-testid=weak-hint]").is_visible()       # real matches: no hint
 
-    fake = tmp_path / "broken.jpg"
-    fake.write_bytes(b"\xff\xd8 definitely not a JPEG")
-    with pg.expect_response(lambda r: r.url.endswith("/search")) as resp:
-        pg.set_input_files("[data-testid=file]", str(fake))
-    assert resp.value.status == 400
-    pg.wait_for_function("() => document.querySelector('[data-testid=status]').dataset.state === 'error'")
+    upload_a_broken_jpeg(pg, tmp_path)
     assert pg.locator("[data-testid=result]").count() == 0
     assert not pg.locator("[data-testid=query-image]").is_visible()      # no broken-image icon
     assert "image" in pg.inner_text("[data-testid=status]")
