@@ -39,7 +39,7 @@ from typing import Callable
 
 import uvicorn
 
-# at module level: FastAPI resolves the dependency's (string) annotations in this module
+# Request and Security at module level: FastAPI resolves the dependencies' (string) annotations here
 from fastapi import Depends, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
