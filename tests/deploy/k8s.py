@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
-import kubernetes_validate.utils as u
+import kubernetes_validate.utils
 import yaml
 
 from vsearch.cli import build_parser, command_env_vars
@@ -68,7 +68,7 @@ def validate_builtin(obj: dict, version: str) -> None:
 
 def supported_versions() -> list[str]:
     """Kubernetes minor versions kubernetes-validate has schemas for, oldest first."""
-    return [v for v in u.all_versions()]
+    return list(kubernetes_validate.utils.all_versions())
 
 
 # --------------------------------------------------------------------------- custom resources
