@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
+import multiprocessing as mp
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient
 
 from vsearch.core.kafka import GROUP_SETTINGS, ensure_topics, send_and_confirm
 from vsearch.core.naming import collection_name
@@ -32,7 +37,10 @@ from vsearch.core.store import MilvusStore
 from vsearch.ingest.consumer import IngestConsumer, IngestSettings
 from vsearch.ingest.events import encode, encode_key, upsert_event
 from vsearch.local import services
+from vsearch.local.samples import TINY
 from vsearch.local.samples import photos as sample_photos
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.zoo import init_model_dir
 
 
 class PrecomputedEmbedder:
@@ -51,7 +59,6 @@ def produce(bootstrap: str, topic: str, events: list[dict]) -> dict:
 
 
 def wait_committed(bootstrap: str, group: str, ends: dict, timeout: float = 600) -> float:
-    from kafka.admin import KafkaAdminClient
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     deadline = time.monotonic() + timeout
     try:
@@ -74,13 +81,11 @@ def run_consumer(consumer: IngestConsumer) -> threading.Thread:
 def _consumer_process(kind: str, source, bootstrap: str, topic: str, group: str, coll: str,
                       milvus_uri: str, batch_size: int, stop) -> None:
     """Child process: the consumer on its own, as in production (no GIL shared with the bench)."""
-    import logging
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.ERROR)
     if kind == "precomputed":
         embedder = PrecomputedEmbedder(*source)
     else:
-        from vsearch.predictor.inference import Embedder
         embedder = Embedder(source, batch_size=32)
     store = MilvusStore(milvus_uri, timeout=60)
     consumer = IngestConsumer(IngestSettings(bootstrap=bootstrap, topic=topic, group=group, collection=coll,
@@ -95,7 +100,6 @@ def ingest_rate(bootstrap: str, milvus_uri: str, kind: str, source, events: list
                 batch_size: int = 256) -> float:
     """events/s from the first publish to the last commit, with the consumer (its own process)
     already joined and warm."""
-    import multiprocessing as mp
     topic, group = f"bench-{tag}", f"bench-{tag}"
     coll = collection_name("bench", tag)
     ensure_topics(bootstrap, {topic: 3, topic + ".dlq": 1}, compact={topic})
@@ -123,7 +127,6 @@ def ingest_rate(bootstrap: str, milvus_uri: str, kind: str, source, events: list
 
 def raw_consume_rate(bootstrap: str, events: list[dict]) -> float:
     """Baseline: kafka-python poll + commit of the same records, nothing else."""
-    from kafka import KafkaConsumer
     topic = "bench-raw"
     ensure_topics(bootstrap, {topic: 3})
     produce(bootstrap, topic, events)
@@ -155,7 +158,6 @@ def raw_upsert_rate(store: MilvusStore, rows: list[dict], batch: int = 256) -> f
 
 def freshness(bootstrap: str, store: MilvusStore, model_dir: Path, photos: list[bytes], n: int,
               folder: Path) -> list[float]:
-    from vsearch.predictor.inference import Embedder
     emb = Embedder(model_dir)
     topic, group = "bench-fresh", "bench-fresh"
     coll = collection_name("bench", "fresh")
@@ -163,7 +165,6 @@ def freshness(bootstrap: str, store: MilvusStore, model_dir: Path, photos: list[
     consumer = IngestConsumer(IngestSettings(bootstrap=bootstrap, topic=topic, group=group,
                                              collection=coll, alias=None), emb, store)
     thread = run_consumer(consumer)
-    from kafka import KafkaProducer
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     uris = []
     for i, b in enumerate(photos):
@@ -194,7 +195,6 @@ def freshness(bootstrap: str, store: MilvusStore, model_dir: Path, photos: list[
 
 
 def main(argv=None) -> int:
-    import logging
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=20000, help="events for the precomputed run")
     ap.add_argument("--embed-events", type=int, default=192, help="events for the in-process embedding run")
@@ -206,11 +206,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.ERROR)
 
-    import torch
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from vsearch.local.samples import TINY
-    from vsearch.predictor.inference import Embedder
-    from vsearch.predictor.zoo import init_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     photos = sample_photos(64)

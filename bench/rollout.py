@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import tempfile
 import threading
 import time
@@ -21,12 +22,22 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from PIL import Image
 
-from vsearch.core.store import DEFAULT_ALIAS
+from vsearch.core.kafka import ensure_topics, send_and_confirm
+from vsearch.core.store import DEFAULT_ALIAS, MilvusStore
+from vsearch.ingest.events import encode, encode_key, upsert_event
+from vsearch.local import services
+from vsearch.local.demo_rollout import rollout_spec
+from vsearch.local.samples import TINY
+from vsearch.local.workloads import LocalRollout, LocalWorkloads
+from vsearch.operators.rollout import READY
+from vsearch.operators.trust import Trust
+from vsearch.predictor.client import EmbedderClient
+from vsearch.predictor.zoo import init_model_dir
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    from PIL import Image
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     out = []
@@ -105,19 +116,7 @@ def main(argv=None) -> int:
                     help="backfill idle time (above a consumer-group rebalance pause: Tansu's session timeout is 6 s)")
     args = ap.parse_args(argv)
 
-    import signal
 
-    from vsearch.core.kafka import ensure_topics, send_and_confirm
-    from vsearch.core.store import MilvusStore
-    from vsearch.ingest.events import encode, encode_key, upsert_event
-    from vsearch.local import services
-    from vsearch.local.demo_rollout import rollout_spec
-    from vsearch.local.samples import TINY
-    from vsearch.local.workloads import LocalRollout, LocalWorkloads
-    from vsearch.operators.rollout import READY
-    from vsearch.operators.trust import Trust
-    from vsearch.predictor.client import EmbedderClient
-    from vsearch.predictor.zoo import init_model_dir
 
     def on_term(*_):
         raise KeyboardInterrupt

@@ -34,6 +34,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import requests
+from PIL import Image
+
+from vsearch.core.store import MilvusStore
+from vsearch.local.samples import SKIMAGE_PHOTOS, _to_rgb_uint8, caltech_files
+from vsearch.local.services import start_milvus_lite_server, start_milvus_standalone, start_search
+from vsearch.predictor.model_dir import default_model_dir, read_meta
+from vsearch.predictor.zoo import init_model_dir
 
 
 def synthetic(n: int, dim: int, seed: int, clusters: int = 1000, spread: float = 0.75) -> np.ndarray:
@@ -134,14 +142,11 @@ def bench_ann(store, name: str, queries: np.ndarray, truth: np.ndarray, k: int, 
 
 def photos(n: int) -> list[bytes]:
     """Real photos for the end-to-end queries: Caltech-101 when present, else scikit-image's."""
-    from vsearch.local.samples import caltech_files
     files = caltech_files(n, 11)
     if files:
         return [f.read_bytes() for f in files]
     import skimage.data
-    from PIL import Image
 
-    from vsearch.local.samples import SKIMAGE_PHOTOS, _to_rgb_uint8
     out = []
     for name in SKIMAGE_PHOTOS:
         try:
@@ -155,10 +160,6 @@ def photos(n: int) -> list[bytes]:
 
 
 def bench_e2e(milvus_uri: str, alias: str, model_dir: Path, n: int, workdir: Path):
-    import requests
-
-    from vsearch.local.services import start_search
-
     svc = start_search("--model-dir", str(model_dir), "--milvus-uri", milvus_uri, "--alias", alias,
                        "--query-store", "", log_path=workdir / "search.log", timeout=300)
     try:
@@ -211,7 +212,6 @@ def bench_faiss(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, e
 
 
 def start_backend(kind: str, workdir: Path):
-    from vsearch.local.services import start_milvus_lite_server, start_milvus_standalone
     if kind == "lite":
         return start_milvus_lite_server(workdir / "milvus-lite", log_path=workdir / "milvus-lite.log",
                                         timeout=120)
@@ -238,9 +238,6 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", default=None, help="keep the Milvus data in this folder (reused next time)")
     args = ap.parse_args(argv)
 
-    from vsearch.core.store import MilvusStore
-    from vsearch.predictor.model_dir import default_model_dir, read_meta
-    from vsearch.predictor.zoo import init_model_dir
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     efs = [int(e) for e in args.ef.split(",") if e]

@@ -41,12 +41,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import collections as coll
 from vsearch.local.samples import CALTECH
 from vsearch.local.samples import photos as sample_photos
 from vsearch.predictor.inference import Embedder, set_torch_threads
 from vsearch.predictor.model_dir import default_model_dir
 from vsearch.predictor.zoo import build_model
 from vsearch.trainer.augment import SimCLRAugment, training_image
+from vsearch.trainer.evaluate import evaluate_models
 from vsearch.trainer.losses import nt_xent
 from vsearch.trainer.train import ProjectionHead, TrainConfig, train
 
@@ -123,8 +125,6 @@ def quality_rows(model_dir: Path, collections: list[str], root: Path,
     """Caltech-101 held-out for ``model_dir``, then per collection: raw pixels, random init, the
     untouched model and the model fine-tuned with the default recipe (``epochs`` shortens it,
     for tests)."""
-    from bench import collections as coll
-    from vsearch.trainer.evaluate import evaluate_models
     rows = []
     if (CALTECH / "labels.csv").exists():
         rep = evaluate_models([str(model_dir)], str(CALTECH), split="held-out", holdout=0.3,

@@ -12,6 +12,7 @@ import fnmatch
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest_plugins = [
     "tests.fixtures.models",
@@ -25,7 +26,6 @@ pytest_plugins = [
 @pytest.fixture(autouse=True, scope="session")
 def _two_torch_threads():
     """The test process is the entry point that owns torch's process-wide thread count."""
-    import torch
     torch.set_num_threads(2)
 
 

@@ -13,6 +13,17 @@ import socket
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kserve.errors import InvalidInput
+from PIL import Image
+
+from vsearch.core.fetch import FetchConfig, Fetcher, FetchError
+from vsearch.core.rows import check_id, check_metadata
+from vsearch.core.store import filter_expr
+from vsearch.ingest.events import BadEvent, CatalogEvent, decode
+from vsearch.predictor.preprocess import InvalidImage, Limits, PreprocessConfig, bytes_to_array
+from vsearch.predictor.protocol import binary_request_to_json
+from vsearch.predictor.search.errors import BadQuery
+from vsearch.predictor.search.request import parse_filter
 
 EXAMPLES = int(os.environ.get("VSEARCH_FUZZ_EXAMPLES", "150"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -34,8 +45,6 @@ event_like = st.fixed_dictionaries(
 @given(key=st.none() | st.binary(max_size=40), value=st.none() | st.binary(max_size=200) | event_like.map(
     lambda e: json.dumps(e).encode()), ts=st.none() | st.integers(0, 2**63 - 1))
 def test_event_decoder_only_raises_bad_event(key, value, ts):
-    from vsearch.core.rows import check_id, check_metadata
-    from vsearch.ingest.events import BadEvent, CatalogEvent, decode
     try:
         ev = decode(key, value, ts)
     except BadEvent:
@@ -49,7 +58,6 @@ def test_event_decoder_only_raises_bad_event(key, value, ts):
 @fuzz
 @given(text=st.text(max_size=60))
 def test_event_decoder_on_json_text_with_escapes(text):
-    from vsearch.ingest.events import BadEvent, decode
     raw = ('{"schema":1,"op":"upsert","id":%s,"uri":%s,"metadata":{"k":%s},"ts":1}'
            % (json.dumps(text), json.dumps("file:///" + text), json.dumps(text))).encode()
     try:
@@ -59,7 +67,6 @@ def test_event_decoder_on_json_text_with_escapes(text):
 
 
 def _samples() -> list[bytes]:
-    from PIL import Image
     img = Image.new("RGB", (24, 16), (10, 200, 30))
     out = []
     for fmt, kw in (("JPEG", {"exif": _exif()}), ("PNG", {}), ("GIF", {}), ("TIFF", {}), ("WEBP", {}), ("BMP", {})):
@@ -73,7 +80,6 @@ def _samples() -> list[bytes]:
 
 
 def _exif() -> bytes:
-    from PIL import Image
     exif = Image.Exif()
     exif[0x0112] = 6
     exif[0x010F] = "maker"
@@ -87,7 +93,6 @@ SAMPLES = None
 @given(which=st.integers(0, 6), edits=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=12),
        cut=st.none() | st.integers(1, 4000))
 def test_image_decoder_only_raises_invalid_image(which, edits, cut):
-    from vsearch.predictor.preprocess import InvalidImage, Limits, PreprocessConfig, bytes_to_array
     global SAMPLES
     SAMPLES = SAMPLES or _samples()
     data = bytearray(SAMPLES[which])
@@ -110,9 +115,6 @@ def test_image_decoder_only_raises_invalid_image(which, edits, cut):
         "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-2, 64) | st.text(max_size=2)})}),
     max_size=3)}), tail=st.binary(max_size=64), length=st.integers(-3, 400) | st.text(max_size=4))
 def test_binary_extension_parser_only_raises_invalid_input(head, tail, length):
-    from kserve.errors import InvalidInput
-
-    from vsearch.predictor.protocol import binary_request_to_json
     body = json.dumps(head).encode() + tail
     try:
         out = binary_request_to_json(body, length if length != 0 else len(body) - len(tail))
@@ -124,9 +126,6 @@ def test_binary_extension_parser_only_raises_invalid_input(head, tail, length):
 @fuzz
 @given(value=json_values)
 def test_filters_parse_to_400s_or_expressions(value):
-    from vsearch.core.store import filter_expr
-    from vsearch.predictor.search.errors import BadQuery
-    from vsearch.predictor.search.request import parse_filter
     try:
         spec = parse_filter({"label": value} if not isinstance(value, dict) else value, ("label", "x"))
     except BadQuery:
@@ -138,7 +137,6 @@ def test_filters_parse_to_400s_or_expressions(value):
 @fuzz
 @given(rest=st.text(max_size=60), scheme=st.sampled_from(["http://", "https://", "file://", "HTTP://", "ftp://", ""]))
 def test_fetcher_only_raises_fetch_error_and_connects_nowhere(rest, scheme, monkeypatch_session):
-    from vsearch.core.fetch import FetchConfig, Fetcher, FetchError
     f = Fetcher(FetchConfig(file_roots=(), retries=0, total_timeout=1))
     try:
         f.fetch(scheme + rest)
@@ -155,7 +153,6 @@ class _NoNetwork(Exception):
 @pytest.fixture(scope="module")
 def monkeypatch_session():
     """No name is resolved and no connection made: the fuzzed URIs stop before any network."""
-    from vsearch.core.fetch import Fetcher, FetchError
     mp = pytest.MonkeyPatch()
 
     def no_dns(*_a, **_k):

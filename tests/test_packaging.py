@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vsearch.predictor.model_dir import default_model_dir, read_meta
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
 
@@ -30,7 +32,6 @@ def test_every_python_package_of_the_tree_is_listed():
 
 
 def test_the_default_model_ships_inside_the_package():
-    from vsearch.predictor.model_dir import default_model_dir, read_meta
     model = default_model_dir()
     assert (model / "config.json").exists() and read_meta(model).embedding_dim > 0
     data = CONFIG["package-data"]["vsearch.models.default"]

@@ -1,7 +1,18 @@
 """The ``vsearch`` command line: the top of the house. Each component registers its own
 sub-commands in its ``cli.py`` (``register(subparsers)``); this module adds ``vsearch demo``
-(the whole platform on one machine) and owns the process-wide logging set-up. Heavy imports
-happen only inside the handlers, so ``vsearch --help`` stays fast."""
+(the whole platform on one machine) and owns the process-wide logging set-up.
+
+Imports go at the top of their module, with one exception, here and in the components'
+``cli.py`` modules: whatever ``vsearch --help`` or ``vsearch COMMAND --help`` loads imports
+nothing heavy at its top (torch, transformers, kserve, FastAPI/uvicorn, pymilvus, kafka-python,
+kopf, the Kubernetes client, boto3, matplotlib, nor a module that pulls one in), so the command
+handlers import those inside themselves, and the modules that the command line loads at its top
+(``core/config.py``, ``predictor/model_dir.py``, ``predictor/preprocess.py``, ...) stay light:
+``tests/test_cli.py`` checks that ``--help`` does not load torch. Also imported inside functions:
+kserve (``predictor/serving.py``: it parses ``sys.argv`` when first imported), torch for
+``vsearch demo``'s stand-in model (``local/demo.py``), optional extras (scikit-image,
+scikit-learn, faiss, jsonschema, the ``milvus`` test server) and matplotlib after its backend
+is chosen."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from vsearch.core.fetch import FetchConfig, Fetcher, FetchError
+from vsearch.local.services import free_port
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -98,7 +99,6 @@ def test_fetch_many_keeps_order_and_reports_each_failure(http_url, fetcher, tmp_
 
 
 def test_unreachable_host_is_transient(fetcher):
-    from vsearch.local.services import free_port
     with pytest.raises(FetchError, match="failed to connect") as e:
         fetcher.fetch(f"http://127.0.0.1:{free_port()}/x.jpg")
     assert e.value.transient

@@ -5,6 +5,7 @@ the recorders empty."""
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import os
 import socket
 import threading
@@ -267,7 +268,6 @@ def test_what_answered_inside_is_not_in_the_public_message(inside):
     ("64:ff9b::7f00:1", False), ("64:ff9b::808:808", True), ("2002:7f00:1::", False),
     ("::ffff:10.0.0.1", False), ("fe80::1", False), ("fd00::1", False), ("::1", False)])
 def test_address_classes(address, is_global):
-    import ipaddress
     assert address_is_global(ipaddress.ip_address(address)) is is_global
 
 

@@ -11,6 +11,7 @@ import pytest
 from vsearch.core.naming import collection_name
 from vsearch.core.store import IndexConfig, MilvusStore, filter_expr
 from vsearch.core.store_errors import StoreNotFound, StoreRefused, StoreUnavailable
+from vsearch.local.services import free_port
 
 DIM = 8
 
@@ -208,7 +209,6 @@ def test_bad_input_is_refused_before_sending(store, coll):
 
 
 def test_unreachable_server_raises_store_unavailable():
-    from vsearch.local.services import free_port
     s = MilvusStore(f"http://127.0.0.1:{free_port()}", timeout=2)
     with pytest.raises(StoreUnavailable):
         s.list_collections()

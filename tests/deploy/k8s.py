@@ -12,7 +12,12 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
+import kubernetes_validate.utils
 import yaml
+
+from vsearch.cli import build_parser, command_env_vars
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "vsearch"
@@ -58,14 +63,12 @@ def is_builtin(obj: dict) -> bool:
 
 def validate_builtin(obj: dict, version: str) -> None:
     """Strict kubernetes-validate for one object (raises kubernetes_validate.ValidationError)."""
-    import kubernetes_validate
     kubernetes_validate.validate(obj, version, strict=True)
 
 
 def supported_versions() -> list[str]:
     """Kubernetes minor versions kubernetes-validate has schemas for, oldest first."""
-    import kubernetes_validate.utils as u
-    return [v for v in u.all_versions()]
+    return list(kubernetes_validate.utils.all_versions())
 
 
 # --------------------------------------------------------------------------- custom resources
@@ -110,7 +113,6 @@ def crd_schema(group: str, kind: str, version: str) -> dict:
 
 def validate_custom(obj: dict) -> list[str]:
     """Errors of one custom resource against its CRD's schema (empty: valid)."""
-    import jsonschema
     group, version = split_api(obj["apiVersion"])
     schema = crd_schema(group, obj["kind"], version)
     validator = jsonschema.Draft7Validator(schema)
@@ -176,7 +178,6 @@ SEARCHINDEX_COMMANDS = {"embedder": ["serve", "embedder"], "ingest": ["ingest"]}
 def accepted_env(args: list[str]) -> set[str] | None:
     """The ``VSEARCH_*`` variables that ``vsearch ARGS`` reads (the commands' own record of
     their variables, ``vsearch.cli.command_env_vars``); None when the command does not exist (yet)."""
-    from vsearch.cli import build_parser, command_env_vars
     parser, words = find_command(build_parser(), args)
     return None if parser is None else command_env_vars(*words)
 

@@ -21,10 +21,17 @@ import yaml
 
 from tests.deploy import k8s
 from tests.deploy.k8s import CHART, NAMESPACE, REPO, STATIC_PROFILES, profile_file
+from tests.fixtures.catalog import publish
+from tests.fixtures.cluster import Cluster
+from tests.fixtures.operators import catalog_files, unique, upsert_record
 from vsearch.cli import build_parser
+from vsearch.core.store import MilvusStore
+from vsearch.local import services
+from vsearch.local.samples import CALTECH
 from vsearch.operators import crd as operator_crd
 from vsearch.operators.spec import IndexSpec, ModelRef, VersionRef
 from vsearch.operators.workloads import METRICS_PORT, KubernetesWorkloads
+from vsearch.predictor.model_dir import default_model_dir, read_meta
 
 OPERATOR_PROFILES = ("minimal", "full", "gpu")
 CRD_FILE = CHART / "crds" / "searchindex.yaml"
@@ -130,7 +137,6 @@ def test_the_searchindex_carries_the_values(rendered):
 def test_the_default_model_values_name_the_model_inside_the_image():
     """With no storageUri the chart serves the image's default model: its values must carry that
     model's own name and version, or collections and metrics would be labelled wrongly."""
-    from vsearch.predictor.model_dir import default_model_dir, read_meta
     meta = read_meta(default_model_dir())
     values = yaml.safe_load((CHART / "values.yaml").read_text())["model"]
     assert not values["storageUri"]
@@ -457,7 +463,6 @@ def test_the_operators_consumers_are_scraped(rendered):
 def kmock_cluster(tmp_path):
     """tests/operators's stand-in cluster (kmock over HTTP and the test kubelet) in the chart's
     namespace, serving SearchIndexes only once their CRD is applied."""
-    from tests.fixtures.cluster import Cluster
     c = Cluster(tmp_path / "cluster", namespace=NAMESPACE, searchindex_crd=False)
     try:
         yield c
@@ -468,11 +473,6 @@ def kmock_cluster(tmp_path):
 @pytest.mark.slow
 def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, kmock_cluster, broker,
                                                              milvus_server_uri):
-    from tests.fixtures.catalog import publish
-    from tests.fixtures.operators import catalog_files, unique, upsert_record
-    from vsearch.local import services
-    from vsearch.local.samples import CALTECH
-
     cluster = kmock_cluster
     model, topic, alias = unique("chart-e2e-"), unique("catalog-chart-"), unique("chart_")
     values = tmp_path / "e2e-values.yaml"
@@ -588,7 +588,6 @@ def test_the_real_operator_reconciles_the_charts_searchindex(tools, tmp_path, km
     assert "gone" in res.stdout, res.stdout
     assert cluster.api.get("searchindexes", name) is None
     assert cluster.api.list("inferenceservices") == [] and cluster.api.list("deployments") == []
-    from vsearch.core.store import MilvusStore
     with MilvusStore(milvus_server_uri) as store:
         assert store.describe_alias(alias) is None
         assert v.collection not in set(store.list_collections(include_tombstones=True))

@@ -18,6 +18,8 @@ import yaml
 from tests.deploy import k8s
 from tests.deploy.k8s import CHART, NAMESPACE, REPO, profile_file
 from tests.deploy.test_chart_operator import operator_bodies
+from tests.fixtures.cluster import KubeAPI
+from vsearch.local import services
 
 
 def by_kind(objs, kind):
@@ -82,9 +84,6 @@ def test_upgrades_keep_the_generated_key(tools, tmp_path):
     """Helm's `lookup` against an API server (kmock, the suite's in-memory one): with no Secret
     the chart makes a new key; once the release's Secret exists, a render keeps its key. The
     chart is reduced to that template and the helpers (kmock serves too few kinds for the rest)."""
-    from tests.fixtures.cluster import KubeAPI
-    from vsearch.local import services
-
     script = tmp_path / "kmock_for_helm.py"
     script.write_text(KMOCK_FOR_HELM)
     port = services.free_port()

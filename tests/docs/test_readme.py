@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from vsearch.local.samples import generated_photos
+from vsearch.predictor.model_dir import default_model_dir
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -95,9 +98,6 @@ def test_the_quick_start_follows_the_set_up():
 def test_the_quick_start_works_as_written_against_a_real_demo(tmp_path, tiny_model_dir):
     """`vsearch demo` in a folder laid out like the checkout (.venv, models/default), then the
     quick start's block, unchanged, in a second shell in that folder."""
-    from vsearch.local.samples import generated_photos
-    from vsearch.predictor.model_dir import default_model_dir
-
     root = README.parent
     (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
     (tmp_path / "models").mkdir()

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+from pymilvus import DataType, MilvusClient
 
 from tests.fixtures.catalog import (
     build_scenario,
@@ -20,9 +21,14 @@ from tests.fixtures.catalog import (
     wait_committed,
 )
 from tests.fixtures.waiting import wait_until
+from vsearch.cli import main
 from vsearch.core.naming import DEFAULT_ALIAS, collection_name
 from vsearch.core.store import MilvusStore
+from vsearch.ingest.consumer import IngestConsumer, IngestSettings
+from vsearch.ingest.events import encode, upsert_event
 from vsearch.local import services
+from vsearch.predictor.client import EmbedderClient
+from vsearch.predictor.inference import Embedder
 
 
 def names(tag: str):
@@ -158,9 +164,6 @@ def test_milvus_outage_commits_nothing_until_it_is_back(tmp_path, broker, tiny_m
 
 def test_embedding_through_the_embedder_server(tmp_path, broker, embedder_url, milvus_lite_uri, photo_bytes):
     """``--embedder-url`` path, in process: V2 HTTP embedding, a bad image dead-lettered alone."""
-    from vsearch.ingest.consumer import IngestConsumer, IngestSettings
-    from vsearch.predictor.client import EmbedderClient
-
     topic, group, _ = names("http")
     sc = build_scenario(tmp_path, photo_bytes[:6], n_ids=20, n_events=80, seed=4)
     ends = publish(broker, topic, sc.records)
@@ -189,7 +192,6 @@ def milvus_state_local(store: MilvusStore, coll: str) -> dict:
     (["publish", "--bootstrap", "127.0.0.1:1"], "--delete"),
 ])
 def test_cli_explains_missing_arguments(argv, message):
-    from vsearch.cli import main
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert message in str(exc.value.code)
@@ -197,9 +199,6 @@ def test_cli_explains_missing_arguments(argv, message):
 
 def test_a_collection_of_another_dimension_stops_the_consumer_with_the_reason(
         tiny_model_dir, milvus_lite_uri, caplog):
-    from vsearch.ingest.consumer import IngestConsumer, IngestSettings
-    from vsearch.predictor.inference import Embedder
-
     store = MilvusStore(milvus_lite_uri)
     store.ensure_collection("c_other_dim", 8)
     emb = Embedder(tiny_model_dir)
@@ -217,12 +216,6 @@ def test_a_write_milvus_refuses_dead_letters_only_its_records_and_the_partition_
     longer, while inline images (stored as ``inline:<id>``) fit. The refused rows are found by
     splitting the batch and dead-lettered at stage ``write``; the rest is written and the
     offsets are committed."""
-    from pymilvus import DataType, MilvusClient
-
-    from vsearch.ingest.consumer import IngestConsumer, IngestSettings
-    from vsearch.ingest.events import encode, upsert_event
-    from vsearch.predictor.inference import Embedder
-
     emb = Embedder(tiny_model_dir)
     coll = "c_narrow_uri"
     client = MilvusClient(uri=milvus_lite_uri)

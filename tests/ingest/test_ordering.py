@@ -10,6 +10,7 @@ import json
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
+from vsearch.core.store import MilvusStore
 from vsearch.ingest.consumer import IngestConsumer, IngestSettings
 from vsearch.ingest.events import delete_event, encode, upsert_event
 from vsearch.predictor.inference import Embedder
@@ -24,7 +25,6 @@ def embedder(tiny_model_dir):
 
 @pytest.fixture
 def consumer(embedder, milvus_lite_uri):
-    from vsearch.core.store import MilvusStore
     store = MilvusStore(milvus_lite_uri)
     c = IngestConsumer(IngestSettings(bootstrap="127.0.0.1:1", topic=TOPIC, group="g", collection="c_order",
                                       alias=None, create_topics=False), embedder, store)

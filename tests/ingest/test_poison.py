@@ -9,27 +9,32 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import logging
 import os
 import threading
 import time
 import uuid
 
+import numpy as np
 import pytest
+from confluent_kafka import Producer
+from kafka import TopicPartition
 
-from tests.fixtures.catalog import committed, read_topic
+from tests.fixtures.catalog import build_scenario, committed, milvus_state, publish, read_topic
 from tests.fixtures.waiting import wait_until
 from vsearch.core.fetch import FetchConfig, Fetcher
 from vsearch.core.kafka import ensure_topics
 from vsearch.core.store import MilvusStore
+from vsearch.ingest.batch import BatchResult, PreparedBatch
 from vsearch.ingest.consumer import IngestConsumer, IngestSettings
 from vsearch.ingest.events import encode, upsert_event
+from vsearch.predictor.inference import Embedder
 
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
 def _produce(bootstrap: str, topic: str, records, codec: str) -> dict:
     """Send (key, value, headers) with confluent-kafka; {(topic, partition): last offset + 1}."""
-    from confluent_kafka import Producer
     p = Producer({"bootstrap.servers": bootstrap, "compression.type": codec, "linger.ms": 20,
                   "message.max.bytes": 5_000_000, "enable.idempotence": False, "acks": "all"})
     ends, errors = {}, []
@@ -77,8 +82,6 @@ def _ev(i: str, **kw) -> bytes:
 
 
 def test_poison_records_from_a_third_party_producer_never_stop_ingest(tmp_path, broker, tiny_model_dir, photo_bytes):
-    from vsearch.predictor.inference import Embedder
-
     root = tmp_path / "images"
     root.mkdir()
     (root / "ok.jpg").write_bytes(photo_bytes[0])
@@ -128,7 +131,6 @@ def test_poison_records_from_a_third_party_producer_never_stop_ingest(tmp_path, 
     for codec in CODECS:
         ends.update({k: max(v, ends.get(k, 0)) for k, v in _produce(broker, topic, records[codec], codec).items()})
 
-    from kafka import TopicPartition
     store = MilvusStore(str(tmp_path / "m.db"))
     fetcher = Fetcher(FetchConfig(file_roots=(root,), allow_private=True, total_timeout=2, retries=0))
     consumer = IngestConsumer(IngestSettings(bootstrap=broker, topic=topic, group=group, collection="c_poison",
@@ -160,9 +162,6 @@ def test_poison_records_from_a_third_party_producer_never_stop_ingest(tmp_path, 
 def test_writes_that_became_stale_are_not_applied(tmp_path, tiny_model_dir, photo_bytes):
     """A batch read before a newer write landed (a previous owner of the partition, a
     rebalance) must not overwrite it: a delete stays, a public -> private change stays."""
-    import numpy as np
-
-    from vsearch.ingest.batch import BatchResult, PreparedBatch
     store = MilvusStore(str(tmp_path / "s.db"))
     store.ensure_collection("c_stale", 4)
     vec = np.ones(4, np.float32) / 2
@@ -193,11 +192,6 @@ def test_a_rebalance_mid_batch_with_two_consumers_loses_and_resurrects_nothing(
     """Consumer A embeds slowly; B joins the group while A has a batch in hand. A finishes and
     commits that batch before giving its partitions up; B takes over; the final state is
     exactly the newest event per id, deletes included."""
-    import logging
-
-    from tests.fixtures.catalog import build_scenario, milvus_state, publish
-    from vsearch.predictor.inference import Embedder
-
     caplog.set_level(logging.INFO, logger="vsearch.ingest.consumer")
     sc = build_scenario(tmp_path, photo_bytes, n_ids=40, n_events=240, seed=7)
     topic, group = f"rebal-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"

@@ -4,17 +4,22 @@ local processes (:class:`vsearch.local.workloads.LocalWorkloads`)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.fixtures.demo import leftover_processes, small_catalog
 from tests.fixtures.operators import golden_csv, model_copy
+from vsearch.local.samples import caltech_photos
+from vsearch.predictor.model_dir import default_model_dir
+from vsearch.predictor.zoo import init_model_dir
 
 
 def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir):
     """The candidate passes the default gate: a copy of the trained default model (another
     architecture and embedding size than the tiny serving one) carrying its offline verdict."""
-    from vsearch.predictor.model_dir import default_model_dir
     catalog = small_catalog(tmp_path)
     candidate = model_copy(default_model_dir(), tmp_path / "candidate", "9")
     data_dir = tmp_path / "demo"
@@ -47,15 +52,8 @@ def test_demo_rollout_switches_to_the_new_model(tmp_path, tiny_model_dir):
 def test_demo_rollout_exits_3_when_the_gate_refuses_and_blue_keeps_serving(tmp_path):
     """A random-initialised candidate against a golden set built from the catalog's classes,
     served blue by the trained default model."""
-    import shutil
-
-    from vsearch.local.samples import caltech_photos
-    from vsearch.predictor.model_dir import default_model_dir
-    from vsearch.predictor.zoo import init_model_dir
-
     photos = caltech_photos(n_classes=5, per_class=6)
     if not photos:
-        import pytest
         pytest.skip("needs the Caltech-101 subset in ../shared/data for classes to judge by")
     catalog = tmp_path / "catalog"
     ids = []

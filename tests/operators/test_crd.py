@@ -4,11 +4,16 @@ messages a person sees from ``kubectl apply``; the typed spec's defaults are the
 from __future__ import annotations
 
 import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from vsearch.operators import crd
-from vsearch.operators.spec import IndexSpec
+from vsearch.operators.spec import Gate, IndexSpec, Policy, Workload
 
 GOOD = {"apiVersion": "vsearch.io/v1alpha1", "kind": "SearchIndex", "metadata": {"name": "shop"},
         "spec": {"catalog": {"bootstrap": "kafka:9092", "topic": "catalog.images"},
@@ -89,11 +94,6 @@ def test_the_typed_spec_defaults_are_the_schemas():
 
 def test_the_readmes_searchindex_is_valid_and_reads_as_written():
     """The annotated example in the README's "The SearchIndex resource" section."""
-    import re
-    from pathlib import Path
-
-    import yaml
-
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: SearchIndex" in b
                 and "catalog:" in b and "rollout:" in b]
@@ -109,10 +109,6 @@ def test_the_schema_is_structural_so_unknown_fields_are_pruned_like_the_api_serv
     """A real API server refuses a CRD with additionalProperties beside properties; with a
     structural schema it prunes undeclared fields (kubectl's strict validation refuses them,
     naming them as unknown_fields does). The operator reads the pruned object, never the field."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     def walk(node, path):
         if isinstance(node, dict):
             assert not ("properties" in node and "additionalProperties" in node), path
@@ -155,7 +151,6 @@ def test_the_schema_is_the_one_home_of_the_defaults():
     """The typed spec reads objects defaulted by the schema (as the API server stores them): a
     minimal object and one with every default written out read the same, and the dataclasses'
     own defaults are the schema's."""
-    from vsearch.operators.spec import Gate, Policy, Workload
     minimal = {"catalog": {"bootstrap": "k:1"}, "milvus": {"uri": "http://m:1"},
                "model": {"name": "m", "version": "1", "uri": "/m"}}
     full = crd.apply_defaults({"spec": minimal})["spec"]

@@ -13,6 +13,7 @@ from tests.fixtures.operators import catalog_files, golden_csv, model_copy, uniq
 from vsearch.core.store import MilvusStore
 from vsearch.operators.spec import ModelRef, VersionRef
 from vsearch.predictor.model_dir import default_model_dir
+from vsearch.predictor.zoo import init_model_dir
 
 BASE_TS = 1_700_000_000_000
 REPO_MODEL = default_model_dir()
@@ -26,8 +27,6 @@ def collection(version: str) -> str:
 @pytest.mark.timeout(900)
 def test_gate_refuses_a_random_model_then_approval_switches_a_good_one(tmp_path, cluster, broker,
                                                                        milvus_standalone_uri):
-    from vsearch.predictor.zoo import init_model_dir
-
     topic, alias, name = unique("catalog-gate-"), unique("gate_"), "gated"
     items = catalog_files(tmp_path / "photos", n_classes=5, per_class=4)
     publish(broker, topic, [upsert_record(i, p, lbl, BASE_TS + n) for n, (i, p, lbl) in enumerate(items)],

@@ -11,6 +11,7 @@ from tests.operators.test_crd import GOOD
 from vsearch.operators.spec import IndexSpec, ModelRef, VersionRef, default_alias
 from vsearch.operators.trust import Trust
 from vsearch.operators.workloads import KubernetesWorkloads
+from vsearch.predictor.search.service import embedder_url_allowed
 
 # Each group reads alike once joined or sanitised; every derived name must still differ.
 CLASHES = [
@@ -103,6 +104,5 @@ def test_operator_pods_have_a_read_only_root_filesystem_and_scratch_space():
 def test_the_search_service_sends_queries_only_to_allowed_embedders(url, ok):
     """The other end of ownership: a collection's record names its embedder, but whoever made the
     collection wrote it; the chart allows its namespace's predictor Services only."""
-    from vsearch.predictor.search.service import embedder_url_allowed
     patterns = ("http://*-predictor.shop.svc", "http://*-predictor.shop.svc.cluster.local")
     assert embedder_url_allowed(url, patterns) is ok

@@ -14,6 +14,7 @@ from vsearch.operators.gate import VersionPath, run_gate
 from vsearch.operators.spec import Gate
 from vsearch.predictor.client import EmbedderClient
 from vsearch.predictor.model_dir import default_model_dir, read_meta
+from vsearch.predictor.zoo import init_model_dir
 
 REPO_MODEL = default_model_dir()
 
@@ -32,7 +33,6 @@ def never_evaluated(meta):
 @pytest.fixture(scope="module")
 def embedders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("verdicts")
-    from vsearch.predictor.zoo import init_model_dir
     dirs = {tag: model_copy(REPO_MODEL, tmp / tag, tag, change)
             for tag, change in (("good", None), ("losing", losing), ("unevaluated", never_evaluated))}
     init_model_dir("resnet-tiny", tmp / "random", name="vsearch-default", version="random", seed=7)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vsearch.predictor.batching import MicroBatcher
+from vsearch.predictor.serving import Busy
 
 
 def slow_double(x):
@@ -51,14 +52,6 @@ def test_max_rows_splits_passes_and_errors_reach_every_caller():
 
 
 def test_a_full_queue_is_refused_at_once_not_queued():
-    import asyncio
-    import time
-
-    import numpy as np
-
-    from vsearch.predictor.batching import MicroBatcher
-    from vsearch.predictor.serving import Busy
-
     def slow(x):
         time.sleep(0.2)
         return x.reshape(len(x), -1)

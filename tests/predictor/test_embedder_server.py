@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -167,8 +168,6 @@ def test_metrics_count_images_and_rejections(embedder_url, photo_bytes):
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(embedder_url, local, photo_bytes):
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(i):
         data = photo_bytes[i % len(photo_bytes)]
         r = v2(embedder_url, [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [B64(data)]}])

@@ -3,6 +3,7 @@ embed into float32, L2-normalised rows."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -10,11 +11,12 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vsearch.local.services import vsearch_argv
 from vsearch.predictor.inference import Embedder
 from vsearch.predictor.model_dir import METADATA_FILE, ModelDirError, read_meta
-from vsearch.predictor.zoo import build_model, load_model_dir
+from vsearch.predictor.zoo import build_model, load_model_dir, save_model_dir
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit-small", "dinov2-small", "clip-vit-b32"])
@@ -62,7 +64,6 @@ def test_a_directory_that_is_not_a_model_is_refused(tmp_path):
 def test_the_saved_network_equals_the_built_one(tmp_path):
     net, meta = build_model("resnet18", config_overrides=dict(embedding_size=8, hidden_sizes=[8, 16],
                                                               depths=[1, 1]), image_size=32, seed=3)
-    from vsearch.predictor.zoo import save_model_dir
     save_model_dir(net, meta, tmp_path / "m")
     loaded, meta2 = load_model_dir(tmp_path / "m")
     x = torch.randn(2, 3, 32, 32)
@@ -100,9 +101,6 @@ def test_cli_model_init_and_embed_a_folder(tmp_path, photo_bytes):
 
 
 def _png() -> bytes:
-    import io
-
-    from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (80, 60), (10, 200, 30)).save(buf, "PNG")
     return buf.getvalue()

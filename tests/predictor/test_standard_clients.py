@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures as cf
 import socket
 
 import numpy as np
 import pytest
 import requests
+import tritonclient.http as httpclient
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+from vsearch.local.services import start_embedder
 
 
 def _json_embedding(url: str, image: bytes, crop=None) -> np.ndarray:
@@ -28,8 +33,6 @@ CROP = (0.1, 0.2, 0.6, 0.9)          # 0.1, 0.2, 0.6 and 0.9 are not exact in fl
 
 
 def test_tritonclient_sends_raw_bytes_over_the_binary_extension(embedder_url, photo_bytes):
-    import tritonclient.http as httpclient
-
     photo = photo_bytes[0]
     client = httpclient.InferenceServerClient(url=embedder_url.removeprefix("http://"))
     try:
@@ -55,8 +58,6 @@ def test_tritonclient_sends_raw_bytes_over_the_binary_extension(embedder_url, ph
 
 
 def test_kserve_inference_rest_client_sends_raw_bytes(embedder_url, photo_bytes):
-    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-
     photo = photo_bytes[1]
 
     async def call():
@@ -148,7 +149,6 @@ def test_errors_never_echo_the_request(embedder_url):
 @pytest.fixture(scope="module")
 def guarded_embedder(tiny_model_dir, tmp_path_factory):
     """An embedder with a key, a small body limit and a one-image queue."""
-    from vsearch.local.services import start_embedder
     log = tmp_path_factory.mktemp("guarded") / "embedder.log"
     svc = start_embedder(tiny_model_dir, log_path=log, extra=(
         "--threads", "1", "--api-key", "k-123", "--max-body-bytes", "200000", "--max-queue", "1",
@@ -179,7 +179,6 @@ def test_embedder_key_body_limit_and_queue(guarded_embedder, photo_bytes):
                       headers={"X-API-Key": "k-123", "Content-Type": "application/json"})
     assert r.status_code == 413
     # the queue holds one image: concurrent requests beyond it get a 503 with Retry-After
-    import concurrent.futures as cf
     with cf.ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda _: requests.post(f"{url}/v2/models/embedder/infer", json=body, timeout=60,
                                                         headers={"X-API-Key": "k-123"}), range(8)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from bench import posthoc
 from bench.trainer import latency_rows, print_quality, quality_rows
 
 
@@ -29,7 +30,6 @@ def test_latency_rows_time_one_query_embed(tiny_model_dir):
 
 
 def test_posthoc_variants_print_one_row_each(photo_folder, tiny_model_dir, capsys):
-    from bench import posthoc
     assert posthoc.main(["--data", str(photo_folder), "--model-dir", str(tiny_model_dir),
                          "--shrinkage", "1", "--sizes", "80", "--layers", "--raw", "--threads", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "mAP@R" in line]

@@ -12,7 +12,7 @@ from PIL import Image
 from vsearch.cli import main
 from vsearch.predictor.model_dir import read_meta
 from vsearch.trainer.data import list_images, split_holdout
-from vsearch.trainer.evaluate import evaluate_models, format_table, store_in_meta, write_outputs
+from vsearch.trainer.evaluate import evaluate_models, format_table, store_in_meta, verdicts, write_outputs
 
 
 def test_compares_models_and_baselines_on_a_labelled_folder(photo_folder, model_dirs, tmp_path):
@@ -106,7 +106,6 @@ def _result(name, kind, map_r, r1, ndcg):
 
 
 def test_the_verdict_needs_every_metric_to_be_better():
-    from vsearch.trainer.evaluate import verdicts
     report = {"results": [_result("new", "model", 0.09, 0.02, 0.15),
                           _result("old", "model", 0.08, 0.03, 0.14),
                           _result("raw-pixels 32x32", "raw-pixels", 0.04, 0.017, 0.085),
@@ -121,7 +120,6 @@ def test_the_verdict_needs_every_metric_to_be_better():
 
 
 def test_evaluate_prints_the_verdict_and_stores_it_for_the_gate(photo_folder, tiny_model_dir, tmp_path, capsys):
-    import shutil
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir, d)
     rc = main(["evaluate", "--model-dir", str(d), "--data", str(photo_folder), "--k", "1,10",

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kafka import KafkaProducer
 
 from vsearch.core import search_events
+from vsearch.core.store import MilvusStore
+from vsearch.predictor.inference import Embedder
 from vsearch.predictor.model_dir import read_meta
-from vsearch.trainer.data import DataError, click_pairs_from_kafka, read_pairs_csv
+from vsearch.predictor.preprocess import PreprocessConfig
+from vsearch.trainer.data import DataError, ImageCache, click_pairs_from_kafka, read_pairs_csv
+from vsearch.trainer.negatives import mine_hard_negatives
 from vsearch.trainer.train import TrainConfig, train
 
 
@@ -55,8 +60,6 @@ def test_pairs_csv_trains_with_infonce(photo_folder, tiny_model_dir, tmp_path):
 
 
 def test_a_query_crop_is_cut_from_the_original_before_training(photo_folder, tmp_path):
-    from vsearch.predictor.preprocess import PreprocessConfig
-    from vsearch.trainer.data import ImageCache
     q, c = same_class_pairs(photo_folder)[0]
     csv = tmp_path / "pairs.csv"
     csv.write_text(f'query,clicked,crop\n{q},{c},"0,0,0.5,1"\n{q},{c},\n')
@@ -96,8 +99,6 @@ def test_unreadable_pair_images_are_reported_not_silently_lost(photo_folder, tin
 
 @pytest.mark.slow
 def test_click_pairs_from_search_events_on_kafka(broker, photo_folder, tiny_model_dir, tmp_path):
-    from kafka import KafkaProducer
-
     topic = f"search.events.{uuid.uuid4().hex[:8]}"
     pairs = same_class_pairs(photo_folder)
     producer = KafkaProducer(bootstrap_servers=broker)
@@ -133,10 +134,6 @@ def test_click_pairs_from_search_events_on_kafka(broker, photo_folder, tiny_mode
 @pytest.mark.slow
 def test_hard_negatives_mined_from_the_index_are_near_but_not_clicked(photo_folder, tiny_model_dir,
                                                                       milvus_lite_uri, tmp_path):
-    from vsearch.core.store import MilvusStore
-    from vsearch.predictor.inference import Embedder
-    from vsearch.trainer.negatives import mine_hard_negatives
-
     files = sorted(photo_folder.rglob("*.jpg"))
     emb = Embedder(tiny_model_dir)
     vectors = emb.embed_bytes([f.read_bytes() for f in files])

@@ -3,6 +3,8 @@ by the serving loader and applied by every path that embeds (eager, optimised, o
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from vsearch.predictor.model_dir import WHITENING_FILE, ModelDirError, read_meta
 from vsearch.predictor.preprocess import decode_image
 from vsearch.predictor.zoo import fit_whitening, load_model_dir, save_model_dir
 from vsearch.trainer.evaluate import net_embedder
+from vsearch.trainer.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,6 @@ def test_whitening_is_saved_loaded_and_served_by_every_path(whitened_dir, tiny_m
 
 
 def test_a_model_without_its_whitening_file_is_refused(whitened_dir, tmp_path):
-    import shutil
     broken = tmp_path / "broken"
     shutil.copytree(whitened_dir, broken)
     (broken / WHITENING_FILE).unlink()
@@ -58,7 +60,6 @@ def test_a_model_without_its_whitening_file_is_refused(whitened_dir, tmp_path):
 
 
 def test_saving_a_network_without_whitening_drops_a_stale_file(whitened_dir, tmp_path):
-    import shutil
     d = tmp_path / "m"
     shutil.copytree(whitened_dir, d)
     net, meta = load_model_dir(d)
@@ -69,7 +70,6 @@ def test_saving_a_network_without_whitening_drops_a_stale_file(whitened_dir, tmp
 
 
 def test_fine_tuning_never_carries_the_old_whitening_over(whitened_dir, photo_folder, tmp_path):
-    from vsearch.trainer.train import TrainConfig, train
     kw = dict(data=str(photo_folder), init=str(whitened_dir), max_steps=1, batch_size=8, workers=0,
               progress=False, version="ft")
     plain = train(TrainConfig(out=str(tmp_path / "plain"), whiten=False, **kw))

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Sequence
 
 import urllib3
+from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
     ConnectTimeoutError,
@@ -75,6 +76,7 @@ from urllib3.util import Timeout, parse_url
 
 from .config import csv_list
 from .images import DEFAULT_MAX_BYTES
+from .objects import s3_client, split_s3, unavailable_errors
 
 PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 414, 451}
 RETRY_HTTP = (429, 500, 502, 503, 504)
@@ -291,9 +293,6 @@ class Fetcher:
     # --- s3:// ------------------------------------------------------------------------------
 
     def _s3(self, uri: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from .objects import s3_client, split_s3, unavailable_errors
         cfg = self.config
         try:
             bucket, key = split_s3(uri)

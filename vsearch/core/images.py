@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
                             ".ppm", ".pgm"})
 
@@ -27,8 +29,6 @@ def image_files(folder: str | Path) -> list[Path]:
 def image_format(data: bytes) -> str | None:
     """PIL's name for the format of ``data`` (``"JPEG"``, ``"PNG"``, ...), read from the header
     only (nothing is decoded), or None when it is not an image PIL knows."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.format

@@ -12,6 +12,10 @@ import logging
 import time
 from typing import Iterator
 
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
 log = logging.getLogger(__name__)
 
 GROUP_SETTINGS = dict(session_timeout_ms=6000, heartbeat_interval_ms=500)
@@ -20,8 +24,6 @@ GROUP_SETTINGS = dict(session_timeout_ms=6000, heartbeat_interval_ms=500)
 def producer(bootstrap: str, client_id: str, *, timeout_s: float | None = None, **overrides):
     """A ``KafkaProducer`` that waits for every in-sync replica (``acks=all``) and retries;
     ``timeout_s`` bounds connecting, blocking and each request; ``overrides`` are passed on."""
-    from kafka import KafkaProducer
-
     settings = dict(bootstrap_servers=bootstrap, client_id=client_id, acks="all", retries=5,
                     linger_ms=5)
     if timeout_s is not None:
@@ -35,9 +37,6 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], *, compact: set[str] =
                   timeout_s: float = 15.0) -> list[str]:
     """Create the topics that do not exist yet (``{name: partitions}``); ``compact`` names the
     ones created with ``cleanup.policy=compact``. Returns the names it created."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="vsearch-admin",
                              request_timeout_ms=int(timeout_s * 1000),
                              bootstrap_timeout_ms=int(timeout_s * 1000))
@@ -64,8 +63,6 @@ def send_and_confirm(bootstrap: str, topic: str, records, *, timeout: float = 30
     """Send ``(key, value)`` records in order and wait for the broker's acknowledgement of every
     one. Returns ``{TopicPartition: last offset + 1}`` as acknowledged (not the broker's end
     offsets, which Tansu reports wrongly): what a consumer of them must reach."""
-    from kafka import TopicPartition
-
     p = producer(bootstrap, client_id, **overrides)
     try:
         futures = [p.send(topic, key=k, value=v) for k, v in records]
@@ -86,8 +83,6 @@ def read_topic(bootstrap: str, topic: str, *, idle_s: float = 3.0, timeout_s: fl
     ``idle_s`` seconds (end offsets are not trusted: some Kafka-protocol brokers report them
     wrongly). Nothing is committed. Raises ``LookupError`` when the topic does not exist and
     ``TimeoutError`` when records are still arriving after ``timeout_s``."""
-    from kafka import KafkaConsumer, TopicPartition
-
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", client_id=client_id,
                              request_timeout_ms=30_000)

@@ -9,6 +9,11 @@ from __future__ import annotations
 import functools
 import urllib.parse
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
 
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b.jpg`` -> ``("bucket", "a/b.jpg")`` (the key may be empty)."""
@@ -22,15 +27,10 @@ def split_s3(uri: str) -> tuple[str, str]:
 def s3_client(connect_timeout: float = 5.0, read_timeout: float = 30.0):
     """A boto3 S3 client (thread-safe, shared by the process) with bounded timeouts and
     boto's standard retries."""
-    import boto3
-    from botocore.config import Config
-
     return boto3.client("s3", config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                                             retries={"max_attempts": 3, "mode": "standard"}))
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
     """botocore's errors for an object store that cannot be reached or did not answer in time."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
     return (BotoConnectionError, ConnectTimeoutError, ReadTimeoutError)

@@ -53,6 +53,7 @@ import time
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+from pymilvus import DataType, MilvusClient
 
 from .jsonsafe import json_object
 from .naming import DEFAULT_ALIAS, TOMBSTONE_SUFFIX, model_id
@@ -204,7 +205,6 @@ class MilvusStore:
     @property
     def client(self):
         if self._client is None:
-            from pymilvus import MilvusClient
             # A channel of our own (dedicated): pymilvus otherwise shares one per URI across
             # the process, and a broken shared channel would fail every store that opens later.
             for attempt in (0, 1):
@@ -349,7 +349,6 @@ class MilvusStore:
         return tomb
 
     def _schema(self, dim: int):
-        from pymilvus import DataType, MilvusClient
         s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
         s.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
@@ -360,7 +359,6 @@ class MilvusStore:
         return s
 
     def _tombstone_schema(self):
-        from pymilvus import DataType, MilvusClient
         s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
         s.add_field("updated_at", DataType.INT64)

@@ -12,6 +12,9 @@ Bad input the store checks itself raises a plain ``ValueError`` before any call.
 
 from __future__ import annotations
 
+import grpc
+from pymilvus import exceptions as px
+
 
 class StoreError(RuntimeError):
     """A Milvus call failed; the message carries the server's reason, ``code`` its error code."""
@@ -49,7 +52,6 @@ REFUSED = {5, 6, 7, 1100, 1101, 1102, 1700, 65535}
 
 
 def _grpc_kind(code) -> type[StoreError] | None:
-    import grpc
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED):
         return StoreUnavailable
@@ -64,9 +66,6 @@ def _grpc_kind(code) -> type[StoreError] | None:
 
 def classify(exc: BaseException) -> type[StoreError]:
     """The :class:`StoreError` kind of an exception raised by pymilvus or gRPC."""
-    import grpc
-    from pymilvus import exceptions as px
-
     if isinstance(exc, StoreError):
         return type(exc)
     if isinstance(exc, grpc.RpcError):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..core.config import Flags, add_kafka_flag, add_milvus_flags, csv_list
 from ..core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ..core.naming import DEFAULT_ALIAS
+from ..core.naming import DEFAULT_ALIAS, collection_name
+from ..predictor.preprocess import Limits, set_decoder_pixel_limit
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,8 @@ def _publish(args) -> int:
 
 def _ingest(args) -> int:
     from ..core.fetch import FetchConfig, Fetcher, parse_networks
-    from ..core.naming import collection_name
     from ..core.store import MilvusStore
     from ..predictor.inference import set_torch_threads
-    from ..predictor.preprocess import Limits, set_decoder_pixel_limit
     from .consumer import IngestConsumer, IngestSettings
 
     if not args.model_dir and not args.embedder_url:

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tqdm import tqdm
+
 from ..core.images import image_files
 from ..core.kafka import ensure_topics, send_and_confirm
 from .events import BadEvent, delete_event, encode, encode_key, now_ms, upsert_event
@@ -65,7 +67,6 @@ def publish_events(bootstrap: str, topic: str, events: Iterable[dict], *, progre
         ensure_topics(bootstrap, {topic: partitions}, compact={topic})
     items = events
     if progress:
-        from tqdm import tqdm
         items = tqdm(events, total=total, unit="event", desc=f"publish {topic}")
     sent = 0
 

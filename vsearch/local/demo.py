@@ -18,6 +18,8 @@ rollout (``--rollout``), the check (``--check``) or :func:`report` and :func:`wa
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import logging
 import os
@@ -29,12 +31,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
+from PIL import Image
+
 from ..core.config import UsageError
 from ..core.images import image_files
-from ..core.naming import DEFAULT_ALIAS
-from ..predictor.model_dir import ModelDirError, ModelMeta, read_meta
+from ..core.naming import DEFAULT_ALIAS, collection_name
+from ..predictor.model_dir import ModelDirError, ModelMeta, default_model_dir, read_meta
+from ..predictor.search.ctr import read_events
+from .demo_rollout import run_rollout, serving_status
 from .samples import write_sample_catalog
-from .services import Service, free_port, port_open
+from .services import (
+    Service,
+    free_port,
+    http_ok,
+    port_open,
+    start_broker,
+    start_embedder,
+    start_milvus_lite_server,
+    vsearch_argv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +73,6 @@ def folder_catalog(folder: str | os.PathLike) -> list[dict]:
 def write_catalog_csv(items: list[dict], path: Path) -> None:
     """The catalog as the CSV ``vsearch publish`` reads: id,uri,metadata,visibility. The
     metadata carries each file's sha256 (``content_hash``) so exact duplicates collapse."""
-    import csv
-    import hashlib
-
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "uri", "metadata", "visibility"])
@@ -125,8 +138,6 @@ def check_arguments(*, model_dir: str | None, catalog: str | None, data_dir: str
 
 def resolve_model(model_dir: str | os.PathLike | None, data_dir: Path) -> tuple[Path, bool]:
     """(model directory, whether it is a random-initialised stand-in)."""
-    from ..predictor.model_dir import default_model_dir
-
     if model_dir:
         if not (Path(model_dir) / "config.json").exists():
             raise UsageError(f"--model-dir {model_dir}: not a model directory (no config.json)")
@@ -142,7 +153,6 @@ def resolve_model(model_dir: str | os.PathLike | None, data_dir: Path) -> tuple[
 
 def search_file(url: str, path: str | Path, *, k: int = 5, crop: str | None = None,
                 log_impression: bool = True, timeout: float = 30.0) -> dict:
-    import requests
     data = {"k": str(k)}
     if crop:
         data["crop"] = crop
@@ -160,8 +170,6 @@ def search_file(url: str, path: str | Path, *, k: int = 5, crop: str | None = No
 def wait_searchable(url: str, items: list[dict], timeout: float, services=()) -> int:
     """Search with every public catalog image until each finds an identical indexed image
     (score >= 0.999): the catalog is searchable end to end. Returns how many are."""
-    import requests
-
     public = [it for it in items if it["visibility"] == "public"]
     pending = list(public)
     deadline = time.monotonic() + timeout
@@ -247,9 +255,6 @@ def prepare(plan: Plan) -> Platform:
 
 def start_platform(p: Platform, data: Path, port: int) -> None:
     """Broker, Milvus Lite server, embedder, consumer, search service: each its own process."""
-    from ..core.naming import collection_name
-    from .services import http_ok, start_broker, start_embedder, start_milvus_lite_server, vsearch_argv
-
     logs = data / "logs"
     print("starting the Kafka broker (Tansu) ...", flush=True)
     p.broker = p.start(start_broker(log_path=logs / "broker.log"))
@@ -292,8 +297,6 @@ def start_platform(p: Platform, data: Path, port: int) -> None:
 
 def publish_catalog(p: Platform, data: Path) -> None:
     """The catalog through Kafka, as a catalog owner publishes it (``vsearch publish``)."""
-    from .services import vsearch_argv
-
     csv_path = data / "catalog.csv"
     write_catalog_csv(p.items, csv_path)
     print(f"publishing {len(p.items)} catalog events to Kafka ...", flush=True)
@@ -307,8 +310,6 @@ def publish_catalog(p: Platform, data: Path) -> None:
 def roll_out(p: Platform, plan: Plan, *, check: bool) -> int:
     """``--rollout``: the operator's rollout logic on local processes; with ``--check``, one
     query after the switch must be answered by the new version."""
-    from .demo_rollout import run_rollout, serving_status
-
     rc = run_rollout(model_dir=str(plan.rollout), bootstrap=p.broker.bootstrap, milvus_uri=p.milvus.uri,
                      search_url=p.search.url, log_dir=plan.data / "logs", golden=plan.golden and str(plan.golden),
                      keep=p.rollouts, file_roots=str(p.image_root),
@@ -351,8 +352,6 @@ def shown(path: Path) -> str:
 def report(p: Platform, data: Path) -> None:
     """The URLs, a query image that exists and commands that work as printed; the same in
     ``DATA_DIR/demo.env`` for another shell (``. .demo/demo.env``)."""
-    from PIL import Image
-
     query = data / "query.jpg"
     with Image.open(query_image(p.items)["path"]) as img:
         img.convert("RGB").save(query, quality=92)
@@ -432,10 +431,6 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
 def _check(url: str, bootstrap: str, items: list[dict]) -> int:
     """One query end to end: a crop of a catalog photo, a click on a result, and both events
     read back from search.events."""
-    import requests
-
-    from ..predictor.search.ctr import read_events
-
     probe = query_image(items)
     whole = search_file(url, probe["path"], k=5)
     top = whole["results"][0]

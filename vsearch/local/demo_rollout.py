@@ -12,7 +12,12 @@ import logging
 import time
 from pathlib import Path
 
+from ..core.config import csv_list
 from ..core.store import DEFAULT_ALIAS
+from ..operators.rollout import FAILED, READY, iso
+from ..operators.trust import Trust
+from ..predictor.model_dir import read_meta
+from .workloads import LocalRollout, LocalWorkloads
 
 GATE_REFUSED = 3
 
@@ -32,7 +37,6 @@ def rollout_spec(*, bootstrap: str, milvus_uri: str, alias: str, name: str, vers
 
 def serving_status(*, model: str, version: str, uri: str, collection: str, group: str, embedder_url: str) -> dict:
     """Status of a SearchIndex that adopts the version the demo already serves."""
-    from ..operators.rollout import iso
     return {"phase": "Ready", "serving": {"model": model, "version": version, "modelUri": uri,
                                           "collection": collection, "consumerGroup": group,
                                           "embedderUrl": embedder_url, "since": iso(time.time())}}
@@ -41,12 +45,6 @@ def serving_status(*, model: str, version: str, uri: str, collection: str, group
 def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dict, search_url: str,
                 log_dir: Path, golden: str | None = None, timeout: float = 600, keep=None,
                 file_roots: str = "") -> int:
-    from ..core.config import csv_list
-    from ..operators.rollout import FAILED, READY
-    from ..operators.trust import Trust
-    from ..predictor.model_dir import read_meta
-    from .workloads import LocalRollout, LocalWorkloads
-
     meta = read_meta(model_dir)
     cur = serving["serving"]
     version = meta.version if (meta.name, meta.version) != (cur["model"], cur["version"]) else f"{meta.version}-b"

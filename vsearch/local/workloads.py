@@ -13,7 +13,14 @@ import logging
 import time
 from pathlib import Path
 
+from ..core.fetch import FetchConfig, Fetcher
+from ..core.store import MilvusStore
+from ..operators.kafka_groups import KafkaGroups
+from ..operators.rollout import Env, reconcile
+from ..operators.spec import IndexSpec
+from ..operators.trust import Trust
 from ..operators.workloads import Workloads, WorkloadState, embedder_args, ingest_args
+from ..predictor.client import EmbedderClient
 from .services import Service, free_port, http_ok, vsearch_argv
 
 log = logging.getLogger(__name__)
@@ -85,14 +92,6 @@ class LocalRollout:
                  status: dict | None = None, store=None, printer=print, trust=None):
         """``trust``: what the object may use (:class:`vsearch.operators.trust.Trust`); by default
         Milvus on this machine, no Secrets, and catalog images read nowhere locally."""
-        from ..core.fetch import FetchConfig, Fetcher
-        from ..core.store import MilvusStore
-        from ..operators.kafka_groups import KafkaGroups
-        from ..operators.rollout import Env
-        from ..operators.spec import IndexSpec
-        from ..operators.trust import Trust
-        from ..predictor.client import EmbedderClient
-
         self.name, self.namespace, self.printer = name, namespace, printer
         self.body = {"apiVersion": "vsearch.io/v1alpha1", "kind": "SearchIndex",
                      "metadata": {"name": name, "namespace": namespace, "generation": 1, "annotations": {}},
@@ -123,7 +122,6 @@ class LocalRollout:
         self.body["metadata"]["annotations"][key] = value
 
     def step(self):
-        from ..operators.rollout import reconcile
         out = reconcile(self.name, self.namespace, self.body, self.env)
         self.body["status"] = out.status
         for _kind, reason, message in out.events:

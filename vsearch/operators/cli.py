@@ -7,6 +7,7 @@ import os
 import time
 
 from ..core.config import Flags, csv_list
+from .trust import Trust
 from .trust import add_flags as add_trust_flags
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,6 @@ def _operator(args) -> int:
 
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)     # "Timer succeeded" every tick
     kubeconfig = args.kubeconfig
-    from .trust import Trust
 
     _load_kube_config(kubeconfig)
     trust = Trust.from_args(args)

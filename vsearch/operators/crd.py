@@ -19,6 +19,8 @@ import copy
 import functools
 from pathlib import Path
 
+import yaml
+
 GROUP = "vsearch.io"
 VERSION = "v1alpha1"
 PLURAL = "searchindexes"
@@ -36,7 +38,6 @@ class InvalidSearchIndex(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def crd() -> dict:
-    import yaml
     return yaml.safe_load(CRD_PATH.read_text())
 
 

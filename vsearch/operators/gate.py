@@ -36,7 +36,10 @@ import math
 import random
 import time
 
+import numpy as np
+
 from ..core.store import filter_expr
+from ..trainer.metrics import evaluate_ranked_lists
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,6 @@ def sample_items(store, collection: str, n: int, *, seed: str) -> list[dict]:
     if total <= SCAN_AT_MOST:
         rows = list(itertools.islice(store.scan(collection, ("uri",), filter=VISIBLE), SCAN_AT_MOST))
     else:
-        import numpy as np
         dim = store.dim(collection)
         gen = np.random.default_rng(rng.getrandbits(32))
         rows, seen = [], set()
@@ -170,7 +172,6 @@ def ranked_lists(store, path: VersionPath, queries: list[str], fetcher, query_fe
 
 
 def golden_figures(store, path: VersionPath, judgments: dict, fetcher, query_fetcher) -> dict:
-    from ..trainer.metrics import evaluate_ranked_lists
     rankings = ranked_lists(store, path, list(judgments), fetcher, query_fetcher)
     rep = evaluate_ranked_lists(rankings, judgments, ks=(K,))["metrics"]
     return {f"ndcg@{K}": _num(rep.get(f"ndcg@{K}")), f"recall@{K}": _num(rep.get(f"recall@{K}")),

@@ -24,10 +24,15 @@ from pathlib import Path
 import kopf
 from prometheus_client import Counter, Gauge, Histogram
 
+from ..core.fetch import FetchConfig, Fetcher
+from ..core.store import MilvusStore
+from ..predictor.client import EmbedderClient
 from . import rollout
 from .crd import GROUP, PLURAL, VERSION, prune
+from .kafka_groups import KafkaGroups
 from .spec import IndexSpec
 from .trust import Trust
+from .workloads import KubernetesWorkloads
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,6 @@ class Clients:
 def operator_memo(api_client, trust: Trust) -> kopf.Memo:
     """The operator's shared state for kopf (``kopf.run(memo=...)``; each handler gets it as
     ``memo``): the Kubernetes API client, the allow-lists, the fetchers and the client cache."""
-    from ..core.fetch import FetchConfig, Fetcher
     roots = tuple(Path(r) for r in trust.catalog_file_roots)
     catalog = Fetcher(FetchConfig(schemes=("file", "http", "https") if roots else ("http", "https"),
                                   file_roots=roots, allow_networks=trust.fetch_allow_networks))
@@ -84,11 +88,6 @@ def build_env(body: dict, memo: kopf.Memo) -> rollout.Env:
     """The reconcile environment for one object: its workloads, Milvus and Kafka (clients kept
     in ``memo.clients``). Nothing is read or connected for an object the operator's
     configuration does not allow (the step reports why)."""
-    from ..core.store import MilvusStore
-    from ..predictor.client import EmbedderClient
-    from .kafka_groups import KafkaGroups
-    from .workloads import KubernetesWorkloads
-
     clients: Clients = memo.clients
     workloads = KubernetesWorkloads(memo.api_client, owner=body)
     store = groups = None

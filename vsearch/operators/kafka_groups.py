@@ -7,6 +7,9 @@ from __future__ import annotations
 import logging
 import threading
 
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
+
 log = logging.getLogger(__name__)
 
 
@@ -20,7 +23,6 @@ class KafkaGroups:
         self._lock = threading.Lock()
 
     def _call(self, fn):
-        from kafka.admin import KafkaAdminClient
         with self._lock:
             if self._client is None:
                 self._client = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="vsearch-operator",
@@ -50,7 +52,6 @@ class KafkaGroups:
 
     def delete(self, group: str) -> bool:
         """Delete ``group``; True when it is gone (or never existed)."""
-        from kafka.errors import KafkaError
         try:
             result = self._call(lambda admin: admin.delete_groups([group]))   # {group: "OK" | error name}
         except KafkaError as exc:

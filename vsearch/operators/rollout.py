@@ -54,12 +54,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import io
 import logging
 import time
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from PIL import Image
+
+from ..trainer.metrics import parse_judgments
 from . import failpoints
 from .crd import InvalidSearchIndex, prune, validate
+from .gate import GoldenSetError, VersionPath, check_golden_queries, run_gate
 from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef, owner_of
 from .trust import Trust
 
@@ -454,7 +459,6 @@ class Step:
         return WAIT
 
     def verifying(self, cand: VersionRef) -> float:
-        from .gate import VersionPath, run_gate
         s, spec, c = self.status, self.spec, self.status["candidate"]
         gate = spec.policy.gate
         judgments = self.golden_judgments() if gate.golden else None
@@ -484,8 +488,6 @@ class Step:
     def golden_judgments(self) -> dict:
         """The golden set, parsed and checked (``GoldenSetRefused`` when a query names a local
         file or another scheme; the CRD allows only ``http(s)://`` for ``golden.uri``)."""
-        from ..trainer.metrics import parse_judgments
-        from .gate import GoldenSetError, check_golden_queries
         golden = self.spec.policy.gate.golden
         if golden.config_map:
             text = self.env.workloads.read_config_map(golden.config_map, golden.config_map_key)
@@ -654,9 +656,6 @@ def _gate_summary(result: dict) -> str:
 
 
 def _probe_image() -> bytes:
-    import io
-
-    from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (120, 90, 60)).save(buf, "PNG")
     return buf.getvalue()

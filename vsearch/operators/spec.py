@@ -9,6 +9,10 @@ import hashlib
 import re
 from typing import Any
 
+from ..core.naming import collection_name, sanitise
+from ..core.store import IndexConfig
+from .crd import apply_defaults
+
 APPROVE_ANNOTATION = "vsearch.io/approve"        # = the candidate version: approves its switch
 ROLLBACK_ANNOTATION = "vsearch.io/rollback"      # any new value: move the alias back to the previous version
 LABEL_INDEX = "vsearch.io/searchindex"
@@ -105,7 +109,6 @@ class IndexSpec:
     def from_dict(cls, spec: dict, *, namespace: str = "", index: str = "") -> "IndexSpec":
         """The typed spec of SearchIndex ``namespace/index`` (whose names derive the default alias),
         defaulted by the CRD's schema first: no default is written here."""
-        from .crd import apply_defaults
         spec = apply_defaults({"spec": spec})["spec"]
         cat, mil, model = spec["catalog"], spec["milvus"], spec["model"]
         idx = mil["index"]
@@ -136,7 +139,6 @@ class IndexSpec:
                    search=Workload.from_dict(spec["search"]), policy=policy)
 
     def index_config(self):
-        from ..core.store import IndexConfig
         return IndexConfig(self.index_type, self.metric, self.index_params, self.search_params)
 
 
@@ -169,7 +171,6 @@ def dns_name(*parts: str, limit: int = 63, suffix: str = "") -> str:
 def default_alias(namespace: str, index: str) -> str:
     """The alias of a SearchIndex that names none: ``vs_<namespace>_<index>_<hash>``, one per
     (namespace, index), so indexes sharing a Milvus never share the global ``images``."""
-    from ..core.naming import sanitise
     readable = f"{sanitise(namespace)}_{sanitise(index)}"[:200]
     return f"vs_{readable}_{name_hash('alias', namespace, index, n=10)}"
 
@@ -177,7 +178,6 @@ def default_alias(namespace: str, index: str) -> str:
 def collection_of(namespace: str, index: str, model: str, version: str) -> str:
     """``images__<model>__<version>__<hash>``: readable, and unique per (namespace, index, model,
     version) through the hash of the tuple (``1.0`` and ``1-0`` read alike, hash apart)."""
-    from ..core.naming import collection_name
     return f"{collection_name(model, version)[:180]}__{name_hash(namespace, index, model, version, n=10)}"
 
 

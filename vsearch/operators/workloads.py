@@ -28,7 +28,12 @@ import abc
 import base64
 import copy
 import dataclasses
+import json
 import logging
+import re
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from .spec import LABEL_COMPONENT, LABEL_INDEX, LABEL_VERSION, IndexSpec, VersionRef
 
@@ -86,7 +91,6 @@ class Workloads(abc.ABC):
 
 def ingest_args(spec: IndexSpec, v: VersionRef, embedder_url: str, *, metrics_port: int) -> list[str]:
     """The ``vsearch ingest`` arguments of a version's consumer (shared by both layers)."""
-    import json
     args = ["ingest", "--bootstrap", spec.bootstrap, "--topic", spec.topic, "--group", v.group,
             "--embedder-url", embedder_url, "--collection", v.collection, "--alias", "",
             "--model-name", v.model, "--model-version", v.version,
@@ -110,7 +114,6 @@ class KubernetesWorkloads(Workloads):
     """InferenceServices and Deployments through the Kubernetes API (``kubernetes`` client)."""
 
     def __init__(self, api_client, owner: dict):
-        from kubernetes import client
         self.api = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.owner = owner
@@ -128,7 +131,6 @@ class KubernetesWorkloads(Workloads):
                 "app.kubernetes.io/managed-by": "vsearch-operator"}
 
     def _get(self, kind, namespace, name) -> dict | None:
-        from kubernetes.client.exceptions import ApiException
         try:
             return self.api.get_namespaced_custom_object(*kind[:2], namespace, kind[2], name)
         except ApiException as exc:
@@ -137,7 +139,6 @@ class KubernetesWorkloads(Workloads):
             raise
 
     def _create(self, kind, namespace, body) -> dict:
-        from kubernetes.client.exceptions import ApiException
         try:
             return self.api.create_namespaced_custom_object(*kind[:2], namespace, kind[2], body)
         except ApiException as exc:
@@ -146,7 +147,6 @@ class KubernetesWorkloads(Workloads):
             raise
 
     def _delete(self, kind, namespace, name) -> bool:
-        from kubernetes.client.exceptions import ApiException
         try:
             self.api.delete_namespaced_custom_object(*kind[:2], namespace, kind[2], name,
                                                      propagation_policy="Background")
@@ -248,7 +248,6 @@ class KubernetesWorkloads(Workloads):
 
 
 def _label_value(text: str) -> str:
-    import re
     v = re.sub(r"[^A-Za-z0-9._-]", "-", text)[:63].strip("-._")
     return v or "x"
 

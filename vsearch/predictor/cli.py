@@ -5,24 +5,23 @@ process: it alone sets process-wide state (torch threads, PIL's pixel guard, KSe
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from ..core.config import Flags
 from ..core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_files
 from .limits import ServerLimits, add_server_flags, server_limits_from
-from .model_dir import ARCHS
+from .model_dir import ARCHS, ModelDirError, default_model_dir, read_meta
+from .preprocess import InvalidImage, Limits, set_decoder_pixel_limit, stack
 from .search import cli as search_cli
-
-
-def default_model_dir() -> str:
-    from .model_dir import default_model_dir
-    return str(default_model_dir())
 
 
 def add_model_flags(f: Flags, *, required: bool = False) -> None:
     """Flags every command that loads a model shares."""
-    f.add("--model-dir", default=None if required else default_model_dir(),
+    f.add("--model-dir", default=None if required else str(default_model_dir()),
              help="model directory (save_pretrained layout + vsearch_model.json)")
     f.add("--device", default=None, help="torch device (cuda when present, else cpu)")
     f.add("--threads", default=None, type=int, help="torch CPU threads")
@@ -34,7 +33,6 @@ def add_model_flags(f: Flags, *, required: bool = False) -> None:
 
 def limits_from(args):
     """The image limits of the flags, with PIL's own guard raised to match (process-wide)."""
-    from .preprocess import Limits, set_decoder_pixel_limit
     set_decoder_pixel_limit(args.max_pixels)
     return Limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels)
 
@@ -116,11 +114,9 @@ def list_images(inputs) -> list[Path]:
 
 
 def _embed(args) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from .inference import Embedder, set_torch_threads
-    from .preprocess import InvalidImage, stack
 
     files = list_images(args.inputs)
     if not files:
@@ -173,9 +169,6 @@ def _model_init(args) -> int:
 
 
 def _model_info(args) -> int:
-    import json
-
-    from .model_dir import ModelDirError, read_meta
     try:
         meta = read_meta(args.model_dir)
     except ModelDirError as exc:

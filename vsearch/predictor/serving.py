@@ -37,8 +37,13 @@ import re
 import sys
 from typing import Callable
 
-# at module level: FastAPI resolves the dependency's (string) annotations in this module
-from fastapi import Request, Security
+import uvicorn
+
+# Request and Security at module level: FastAPI resolves the dependencies' (string) annotations here
+from fastapi import Depends, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -350,11 +355,6 @@ def run_model_server(model, *, http_port: int, workers: int = 1,
     if workers != 1:
         raise ValueError("one worker process per server: run more replicas instead")
     import kserve
-    import uvicorn
-    from fastapi import Depends
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.responses import JSONResponse
     from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
     from kserve.protocol.rest.server import RESTServer
 

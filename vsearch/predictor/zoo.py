@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, CLIPVisionConfig, Dinov2Config, ResNetConfig, ViTConfig
 
 from .model_dir import (
     ARCHS,
@@ -101,7 +103,6 @@ class EmbeddingNet(nn.Module):
 # --------------------------------------------------------------------------- architectures
 
 def _arch_configs():
-    from transformers import CLIPVisionConfig, Dinov2Config, ResNetConfig, ViTConfig
     return {
         "resnet18": (lambda **o: ResNetConfig(**{
             "embedding_size": 64, "hidden_sizes": [64, 128, 256, 512], "depths": [2, 2, 2, 2],
@@ -165,7 +166,6 @@ def build_model(arch: str, *, name: str | None = None, version: str = "0",
 def save_model_dir(net: EmbeddingNet, meta: ModelMeta, out: str | os.PathLike) -> Path:
     """Write a model directory: ``save_pretrained`` layout + ``vsearch_model.json`` (+ the
     whitening, when the network has one)."""
-    from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     net.backbone.save_pretrained(out, safe_serialization=True)
@@ -193,7 +193,6 @@ def load_model_dir(model_dir: str | os.PathLike, *, random_init: bool = False,
     if not (model_dir / "config.json").exists():
         raise ModelDirError(f"{model_dir} is not a model directory (no config.json); "
                             f"make one with `vsearch model init --arch resnet18 --out {model_dir}`")
-    from transformers import AutoConfig
     config = AutoConfig.from_pretrained(model_dir)
     family = family_of(config)
     meta = read_meta(model_dir, config)
@@ -209,7 +208,6 @@ def load_model_dir(model_dir: str | os.PathLike, *, random_init: bool = False,
 def load_whitening(model_dir: str | os.PathLike, meta: ModelMeta) -> Whitening | None:
     if not meta.whitening:
         return None
-    from safetensors.torch import load_file
     path = Path(model_dir) / meta.whitening.get("file", WHITENING_FILE)
     if not path.exists():
         raise ModelDirError(f"{model_dir}: the metadata names a whitening but {path.name} is missing")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from ..core.config import Flags
@@ -125,8 +126,6 @@ def _train(args) -> int:
         print(f"exported {out}")
         report = out / "evaluation" / "report.json"
         if cfg.evaluate and report.exists():
-            import json
-
             from .evaluate import format_table
             print(format_table(json.loads(report.read_text())))
     except (DataError, ValueError, OSError) as exc:

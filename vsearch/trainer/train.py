@@ -33,9 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..core import jsonsafe
 from ..core.naming import DEFAULT_ALIAS
+from ..core.store import MilvusStore
+from ..predictor.inference import Embedder
 from ..predictor.model_dir import ModelMeta
 from ..predictor.zoo import EmbeddingNet, build_model, fit_whitening, load_model_dir, save_model_dir
 from .augment import AugmentConfig, PairAugment, SimCLRAugment
@@ -51,7 +54,9 @@ from .data import (
     read_pairs_csv,
     split_holdout,
 )
+from .evaluate import evaluate_models, net_embedder, store_in_meta, write_outputs
 from .losses import info_nce, nt_xent
+from .negatives import mine_hard_negatives
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +448,6 @@ def fit_catalog_whitening(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, 
     """Fit the served whitening on the catalog's training images (serving view, no
     augmentation), or export without one with ``whiten=False``. An ``--init`` model's whitening
     was fitted to its old features, so it is never carried over."""
-    from .evaluate import net_embedder
     net.whitening = None
     if not cfg.whiten or len(images) < 2:
         return
@@ -456,7 +460,6 @@ def fit_catalog_whitening(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, 
 def evaluate_export(cfg: TrainConfig, out: Path, runlog: RunLog) -> dict | None:
     """Held-out figures of the export against raw pixels, random init and the ``--init``
     model, stored in its metadata and ``out/evaluation``; the verdict goes to the run log."""
-    from .evaluate import evaluate_models, store_in_meta, write_outputs
     dirs = [str(out)] + ([str(cfg.init)] if cfg.init else [])
     try:
         report = evaluate_models(dirs, cfg.data, split="held-out", holdout=cfg.holdout,
@@ -478,9 +481,6 @@ def _mine(cfg: TrainConfig, pairs):
     """Hard negatives from the current index, found with the model being fine-tuned."""
     if not cfg.init:
         raise DataError("hard negatives need --init: the model that built the index")
-    from ..core.store import MilvusStore
-    from ..predictor.inference import Embedder
-    from .negatives import mine_hard_negatives
     embedder = Embedder(cfg.init, device="cpu")
     try:
         with MilvusStore(cfg.hard_negatives_from) as store:
@@ -495,7 +495,6 @@ def _mine(cfg: TrainConfig, pairs):
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc="train", unit="step", mininterval=2.0,
                 dynamic_ncols=True)
 

@@ -11,6 +11,7 @@ import time
 import uuid
 
 import requests
+from kafka import KafkaProducer
 
 from vsearch.core import search_events
 from vsearch.predictor.search.ctr import read_events
@@ -49,7 +50,6 @@ def test_replayed_clicks_count_once_and_clicks_need_their_impression(search_serv
     assert len([r for r in raw if r["type"] == "click"]) == 501
 
     # the same records on a topic of their own: what `vsearch ctr` and the trainer read
-    from kafka import KafkaProducer
     topic = f"search.events.replay.{uuid.uuid4().hex[:8]}"
     producer = KafkaProducer(bootstrap_servers=search_server.bootstrap)
     for rec in raw:

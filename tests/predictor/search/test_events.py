@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
+
+from kafka import KafkaProducer
 
 from tests.fixtures.waiting import wait_until
 from vsearch.core import search_events
@@ -58,7 +61,6 @@ def test_ctr_per_model_version_counts_each_event_once():
 
 
 def test_vsearch_ctr_reads_the_topic(tmp_path):
-    from kafka import KafkaProducer
     with start_broker(log_path=tmp_path / "broker.log") as broker:
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
         for rec in [impression("a"), impression("b"), click("a", "i1")]:
@@ -81,7 +83,6 @@ def test_an_oversized_event_is_dropped_and_the_queue_behind_it_flows(broker):
     """The audit's 1.38 MB impression ahead of 20 ordinary ones: it is dropped with a logged
     reason and a count, the 20 arrive. Twice: once caught when emitted (over the log's record
     limit), once refused by the producer itself (the log's limit raised past the producer's 1 MiB)."""
-    import uuid
     for limit, reason in ((900_000, "too_large"), (4_000_000, "refused")):
         topic = f"search.events.big.{uuid.uuid4().hex[:8]}"
         events = EventLog(broker, topic=topic, send_timeout=5.0, max_record_bytes=limit)

@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import os
 import socket
 import threading
 import uuid
 
+import httpx
 import numpy as np
 import pytest
 import requests
 
 from tests.fixtures.routes import walk_routes_without_the_key
 from tests.fixtures.search import start_search_server
-from vsearch.core.store import MilvusStore
+from vsearch.cli import main
+from vsearch.core.store import MilvusStore, filter_expr
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.search.rerank import Candidate
+from vsearch.predictor.search.service import SearchService
+from vsearch.predictor.search.settings import SearchSettings
+from vsearch.predictor.serving import is_open
 
 KEY = "hardening-key"
 
@@ -49,7 +57,6 @@ class Recorder(http.server.ThreadingHTTPServer):
 def hardened(tmp_path_factory, tiny_model_dir, milvus_server_uri, photo_bytes):
     """A search server (key, small upload limit, --image-roots) over a catalog of items that
     point where /images must not go."""
-    from vsearch.predictor.inference import Embedder
     root = tmp_path_factory.mktemp("hardened")
     served = root / "served"
     served.mkdir()
@@ -101,14 +108,10 @@ def test_images_serve_only_regular_files_under_the_roots_and_no_inside_hosts(har
 def test_images_fetch_http_catalog_images_through_the_fetcher_without_the_key(tmp_path, photo_bytes):
     """With private addresses allowed (an internal CDN), /images fetches the image itself: the
     browser is never redirected, and the API key never leaves this server."""
-    from vsearch.predictor.search.service import SearchService
-    from vsearch.predictor.search.settings import SearchSettings
-
     cdn = Recorder(photo_bytes[3])
 
     class Index:
         def get(self, item_id):
-            from vsearch.predictor.search.rerank import Candidate
             return Candidate(id=item_id, score=0.0, uri=f"http://127.0.0.1:{cdn.server_address[1]}/i.jpg",
                              metadata={}, visibility="public", content_hash=None, vector=None)
 
@@ -162,7 +165,6 @@ def test_body_limits_hold_for_chunked_and_multipart_uploads(hardened):
     status, reply = _raw(svc.url, head + body)
     assert status == 413 and b"limit" in reply
     # multipart through httpx with a streamed (chunked) body
-    import httpx
     boundary = "b0undary"
 
     def parts():
@@ -203,12 +205,10 @@ def test_unparseable_filters_are_400s(hardened):
 
 
 def _json(v) -> str:
-    import json
     return json.dumps(v)
 
 
 def test_filter_literals_on_the_milvus_standalone_server(milvus_standalone_uri):
-    from vsearch.core.store import filter_expr
     vals = ["café", "猫", "🐱", 'a"b', "back\\slash"]
     with MilvusStore(milvus_standalone_uri, timeout=30) as store:
         coll = f"c_lit_{uuid.uuid4().hex[:8]}"
@@ -225,7 +225,6 @@ def test_filter_literals_on_the_milvus_standalone_server(milvus_standalone_uri):
 
 
 def test_help_never_prints_secret_values(monkeypatch, capsys):
-    from vsearch.cli import main
     monkeypatch.setenv("VSEARCH_SEARCH_API_KEY", "s3cr3t-key")
     monkeypatch.setenv("VSEARCH_MILVUS_TOKEN", "root:s3cr3t-token")
     monkeypatch.setenv("VSEARCH_EMBEDDER_API_KEY", "s3cr3t-emb")

@@ -12,15 +12,17 @@ import uuid
 import requests
 
 from tests.fixtures.search import start_search_server
+from vsearch.core import search_events
 from vsearch.core.naming import collection_name
 from vsearch.core.store import MilvusStore
 from vsearch.local.samples import TINY
 from vsearch.local.services import free_port, start_embedder
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.model_dir import read_meta
+from vsearch.predictor.zoo import init_model_dir
 
 
 def build(uri: str, model_dir, photos: dict[str, bytes], root, embedder_url: str) -> str:
-    from vsearch.predictor.inference import Embedder
-    from vsearch.predictor.model_dir import read_meta
     meta = read_meta(model_dir)
     emb = Embedder(model_dir)
     name = collection_name(f"mv_{uuid.uuid4().hex[:6]}_{meta.name}", meta.version)
@@ -40,7 +42,6 @@ def build(uri: str, model_dir, photos: dict[str, bytes], root, embedder_url: str
 
 def test_each_query_is_embedded_by_the_model_of_the_collection_it_searches(
         tmp_path, milvus_server_uri, tiny_model_dir, photo_bytes, broker):
-    from vsearch.predictor.zoo import init_model_dir
     vit = tmp_path / "vit"
     init_model_dir("vit-small", vit, name="tiny-vit", version="7", **TINY["vit-small"])
     photos = {f"p{i}": b for i, b in enumerate(photo_bytes[:6])}
@@ -99,7 +100,6 @@ def test_each_query_is_embedded_by_the_model_of_the_collection_it_searches(
         store.switch_alias(alias, a)
         time.sleep(1.2)
         assert ask(local.url).json()["collection"] == a        # its own model's collection: served
-        from vsearch.core import search_events
         events = [e for e in search_events.read_all(broker, idle_s=2.0) if not isinstance(e, Exception)
                   and e.get("type") == "impression" and e.get("collection") in (a, b)]
         assert {(e["collection"], e["model_version"]) for e in events} >= {(a, "tiny_resnet18__1"),

@@ -7,12 +7,15 @@ import os
 import time
 import uuid
 
+import boto3
 import pytest
 import requests
 
 from tests.fixtures.search import start_search_server, wait_for_events
+from vsearch.core.objects import s3_client
 from vsearch.local.services import start_s3_server
 from vsearch.predictor.search.query_store import QueryStore
+from vsearch.trainer.data import read_source
 
 
 def test_a_folder_store_stays_within_its_quota_oldest_first(tmp_path, photo_bytes):
@@ -43,8 +46,6 @@ def s3(tmp_path_factory):
 
 def test_search_replicas_keep_query_images_in_s3_where_the_trainer_reads_them(
         s3, search_catalog, tiny_model_dir, milvus_server_uri, broker, tmp_path, monkeypatch):
-    import boto3
-
     svc, env = s3
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -61,9 +62,7 @@ def test_search_replicas_keep_query_images_in_s3_where_the_trainer_reads_them(
         uri = imp["query_uri"]
         assert uri.startswith(f"s3://{bucket}/search/{time.strftime('%Y/%m/%d', time.gmtime())}/")
         assert uri.endswith(".jpg")
-        from vsearch.core.objects import s3_client
         s3_client.cache_clear()                           # this process's client, with the test's settings
-        from vsearch.trainer.data import read_source
         assert read_source(uri) == photo                  # what a training Job reads for the pair
     finally:
         replica.stop()

@@ -10,17 +10,16 @@ import requests
 
 from tests.fixtures.search import start_search_server, wait_for_events
 from tests.fixtures.waiting import wait_until
+from vsearch.core.naming import collection_name
+from vsearch.core.store import MilvusStore
 from vsearch.local.services import free_port, start_milvus_lite_server
+from vsearch.predictor.inference import Embedder
+from vsearch.predictor.model_dir import read_meta
 
 KEY = "s3cret-key"
 
 
 def index_catalog(uri: str, alias: str, catalog, dim_source) -> None:
-    from vsearch.core.naming import collection_name
-    from vsearch.core.store import MilvusStore
-    from vsearch.predictor.inference import Embedder
-    from vsearch.predictor.model_dir import read_meta
-
     emb = Embedder(dim_source)
     ids = [i for i in catalog.photos if i.startswith("photo-0")][:6]
     vectors = emb.embed_bytes([catalog.photos[i] for i in ids])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.search import start_search_server
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -166,7 +168,6 @@ def test_dropping_an_image_searches_with_it(page, search_server):
 @pytest.fixture(scope="module")
 def strict_server(search_catalog, tiny_model_dir, milvus_server_uri, tmp_path_factory):
     """The same catalog behind a server whose "nothing is close" threshold is above any score."""
-    from tests.fixtures.search import start_search_server
     root = tmp_path_factory.mktemp("strict-search")
     svc = start_search_server(milvus_uri=milvus_server_uri, alias=search_catalog.alias, model_dir=tiny_model_dir,
                               log_path=root / "search.log", extra=("--weak-match-score", "1.5",

@@ -5,11 +5,14 @@ top-level one. The handlers are the entry points of their processes."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 from ...core.config import Flags, add_kafka_flag, add_milvus_flags, csv_list
 from ..limits import add_server_flags, server_limits_from
+from ..model_dir import default_model_dir
+from ..preprocess import Limits, set_decoder_pixel_limit
 from .settings import DEFAULT_QUERY_STORE, SearchSettings
 
 D = SearchSettings()          # every default below comes from here
@@ -94,7 +97,6 @@ def _serve_search(args) -> int:
     if not 1 <= args.k_default <= args.k_max:
         print("vsearch serve search: need 1 <= --k-default <= --k-max", file=sys.stderr)
         return 2
-    from ..model_dir import default_model_dir
     model_dir = args.model_dir
     if not args.embedder_url and not model_dir:
         model_dir = default_model_dir()
@@ -119,7 +121,6 @@ def _serve_search(args) -> int:
     from ..serving import hide_argv_from_kserve, run_model_server
     hide_argv_from_kserve()
     from ..inference import set_torch_threads
-    from ..preprocess import set_decoder_pixel_limit
     set_torch_threads(args.threads)
     set_decoder_pixel_limit(args.max_pixels)
     from ...core.store import MilvusStore
@@ -149,9 +150,6 @@ def build_service(settings, store, *, model_dir=None, embedder_url: str | None =
     """The search service of the flags: an in-process embedder (``model_dir``) or the
     embedder's V2 endpoint (``embedder_url``), the Milvus index through ``store`` (a
     :class:`~vsearch.core.store.MilvusStore` with the token and index settings), the event log."""
-    import logging
-
-    from ..preprocess import Limits
     from .event_log import EventLog
     from .index import CatalogIndex
     from .service import SearchService

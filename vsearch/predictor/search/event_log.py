@@ -8,6 +8,8 @@ import logging
 import threading
 import time
 
+from kafka.errors import KafkaError
+
 from ...core import kafka, search_events
 from .metrics import EVENTS_BUFFERED, EVENTS_DROPPED, EVENTS_FAILED, EVENTS_SENT
 
@@ -102,8 +104,6 @@ class EventLog:
             log.error("stopping with %d search events not sent to Kafka", self.pending())
 
     def _producer(self):
-        from kafka.errors import KafkaError
-
         producer = kafka.producer(self.bootstrap, "vsearch-search", timeout_s=self.send_timeout, retries=3)
         try:
             kafka.ensure_topics(self.bootstrap, {self.topic: 1}, timeout_s=self.send_timeout)
@@ -112,8 +112,6 @@ class EventLog:
         return producer
 
     def _run(self) -> None:
-        from kafka.errors import KafkaError
-
         producer, backoff = None, 0.5
         while True:
             with self._cv:
@@ -166,8 +164,6 @@ class EventLog:
         """Send ``items`` and wait for their acknowledgements. A record refused for good is
         dropped (logged, counted, and taken out of ``items``) and the others go on; a retriable
         failure raises (the caller puts what is left of ``items`` back)."""
-        from kafka.errors import KafkaError
-
         sent = []
         for item in list(items):
             try:
@@ -196,7 +192,6 @@ class EventLog:
 
 
 def _close_quietly(producer, timeout: float) -> None:
-    from kafka.errors import KafkaError
     try:
         producer.close(timeout=timeout)
     except KafkaError as exc:

@@ -21,7 +21,10 @@ import urllib.parse
 import uuid
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from ...core.images import web_media_type
+from ...core.objects import s3_client, split_s3
 from ..preprocess import Box
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,6 @@ class QueryStore:
         self.s3: tuple[str, str] | None = None
         self.root: Path | None = None
         if location.startswith("s3://"):
-            from ...core.objects import split_s3
             bucket, prefix = split_s3(location)
             self.s3 = (bucket, prefix.strip("/"))
         elif location:
@@ -93,9 +95,6 @@ class QueryStore:
         return None
 
     def _put_s3(self, data: bytes, digest: str) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from ...core.objects import s3_client
         bucket, prefix = self.s3
         kind = web_media_type(data)
         key = "/".join(p for p in (prefix, time.strftime("%Y/%m/%d", time.gmtime()), digest + _suffix(kind)) if p)
