@@ -19,6 +19,7 @@ import copy
 import functools
 from pathlib import Path
 
+import jsonschema
 import yaml
 
 GROUP = "vsearch.io"
@@ -137,7 +138,6 @@ def _path(error) -> str:
 def validate(obj: dict) -> None:
     """Raise :class:`InvalidSearchIndex` listing every schema violation of ``obj`` (a whole
     object with ``spec``), worded like the API server's: ``spec.model.version: ...``."""
-    import jsonschema
 
     validator = jsonschema.Draft7Validator(_to_jsonschema(schema()))
     errors = []

@@ -26,7 +26,6 @@ from vsearch.predictor.inference import Embedder
 from vsearch.predictor.search.rerank import Candidate
 from vsearch.predictor.search.service import SearchService
 from vsearch.predictor.search.settings import SearchSettings
-from vsearch.predictor.serving import is_open
 
 KEY = "hardening-key"
 
