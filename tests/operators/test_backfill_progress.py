@@ -25,18 +25,21 @@ def ready(*_args):
 def step_at(t: float, status: dict, store: Counts) -> Step:
     env = Env(workloads=SimpleNamespace(ensure_embedder=ready, ensure_ingest=ready), store=store,
               groups=SimpleNamespace(committed=lambda group: {"catalog.images/0": 1}),
-              embedder=lambda url: None, fetcher=None, now=lambda: t)
+              embedder=lambda url: None, fetcher=None, query_fetcher=None, now=lambda: t)
     spec = rollout_spec(bootstrap="127.0.0.1:1", milvus_uri="http://127.0.0.1:2", alias="images",
                         name="m", version="1", uri="/m", idle_s=1000)
     s = Step("demo", "local", {"metadata": {"generation": 1}, "spec": spec, "status": status}, env)
+    assert s.status_error is None
     s.spec = IndexSpec.from_dict(spec)
     return s
 
 
 def test_the_rate_is_the_last_intervals_and_a_flat_count_shows_none():
     store = Counts()
-    status = {"phase": "Backfilling", "serving": {"collection": "serving"},
-              "candidate": {"backfillStartedAt": iso(1000.0)}}
+    status = {"phase": "Backfilling",
+              "serving": {"model": "m", "version": "1", "collection": "serving", "consumerGroup": "g1"},
+              "candidate": {"model": "m", "version": "2", "collection": "cand", "consumerGroup": "g",
+                            "backfillStartedAt": iso(1000.0)}}
     cand = VersionRef(index="demo", namespace="local", model="m", version="2", uri="/m2",
                       collection="cand", group="g")
     progress = []

@@ -58,8 +58,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from pydantic import ValidationError
+
 from . import failpoints
 from .crd import InvalidSearchIndex, prune, validate
+from .resource import Status
 from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef, owner_of
 from .trust import Trust
 
@@ -152,8 +155,13 @@ class Step:
         self.body = body
         self.meta = body.get("metadata") or {}
         self.annotations = self.meta.get("annotations") or {}
-        self.status = copy.deepcopy(body.get("status") or {})
         self.events: list = []
+        self.status_error: str | None = None
+        try:        # validated at the boundary (resource.Status); the steps edit its JSON
+            self.status = Status.read(body.get("status")).dump()
+        except ValidationError as exc:
+            self.status = copy.deepcopy(body.get("status") or {})
+            self.status_error = _brief_errors(exc)
         self.now = env.now()
 
     # -- helpers
@@ -214,6 +222,8 @@ class Step:
         return self.finish(SLOW)
 
     def run(self) -> Outcome:
+        if self.status_error:
+            return self.refuse("InvalidStatus", f"status does not match the CRD's schema: {self.status_error}")
         try:
             validate({"spec": self.body.get("spec")})
             spec = IndexSpec.from_dict(prune({"spec": self.body["spec"]})["spec"], namespace=self.namespace,
@@ -244,6 +254,8 @@ class Step:
         self.status["observedGeneration"] = self.meta.get("generation")
         self.status["conditions"] = conditions(self.body.get("status") or {}, self.status,
                                                self.meta.get("generation"), self.now)
+        if not self.status_error:   # what is written back is a Status (a ValidationError: our own bug)
+            self.status = Status.read(self.status).dump()
         return Outcome(status=self.status, events=self.events, requeue=requeue, error=error)
 
     def transient(self, exc: Exception) -> Outcome:
@@ -634,6 +646,10 @@ def conditions(old_status: dict, status: dict, generation, now: float) -> list[d
         out.append({"type": ctype, "status": st, "reason": reason, "message": message[:1000],
                     "lastTransitionTime": since or iso(now), "observedGeneration": generation})
     return out
+
+
+def _brief_errors(exc: ValidationError) -> str:
+    return "; ".join(f"status.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
 
 
 def _gate_summary(result: dict) -> str:
