@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from vsearch.local.demo_rollout import rollout_spec
+from vsearch.operators import crd
 from vsearch.operators.rollout import Env, Step, iso
 from vsearch.operators.spec import IndexSpec, VersionRef
 
@@ -48,6 +49,7 @@ def test_the_rate_is_the_last_intervals_and_a_flat_count_shows_none():
         s = step_at(t, status, store)
         s.backfilling(cand)
         status = s.status
+        crd.validate({"spec": s.body["spec"], "status": status})        # what the CRD declares
         progress.append((status["candidate"]["progress"].get("ratePerSecond"), status["message"]))
     rates = [r for r, _ in progress[1:]]
     assert rates == [5.0, 0.0, 0.0, 3.0]

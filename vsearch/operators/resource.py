@@ -39,6 +39,10 @@ class StatusModel(BaseModel):
     """A node of the status: camelCase aliases, undeclared fields kept."""
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
 
+    def dump(self) -> dict:
+        """As the object holds it: camelCase JSON, the fields that were set only (``None`` too)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
 
 # --- spec -------------------------------------------------------------------------------------
 
@@ -224,13 +228,3 @@ class Status(StatusModel):
     def read(cls, status: dict | None) -> "Status":
         """The object's status (camelCase JSON; ``None`` for none yet), validated."""
         return cls.model_validate(status or {})
-
-    def dump(self) -> dict:
-        """The status as the object holds it: camelCase JSON, the fields that were set only."""
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
-
-
-def normalise_status(status: dict | None) -> dict:
-    """``status`` validated against :class:`Status` and written back: the same JSON (numbers as
-    their types say), or :class:`pydantic.ValidationError` naming what does not fit."""
-    return Status.read(status).dump()

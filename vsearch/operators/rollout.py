@@ -78,6 +78,7 @@ AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK = "AwaitingApproval", "Switchin
 PHASES = (PENDING, DEPLOYING, BACKFILLING, VERIFYING, AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK)
 ROLLOUT_PHASES = (DEPLOYING, BACKFILLING, VERIFYING, AWAITING, SWITCHING)
 HISTORY = 10
+REFUSED = ("InvalidSpec", "InvalidStatus")     # reasons an object is refused for (Degraded)
 FAST, WAIT, SLOW = 0.0, 2.0, 10.0      # seconds until the next look
 
 
@@ -583,8 +584,8 @@ def reconcile(name: str, namespace: str, body: dict, env: Env) -> Outcome:
 def cleanup(name: str, namespace: str, body: dict, env: Env) -> tuple[bool, list[str]]:
     """Delete everything the SearchIndex created: every version's embedder, ingest, collection and
     consumer group, and the alias when it names one of them. Returns (done, what is left)."""
-    status = body.get("status") or {}
-    versions = [status.get(k) for k in ("candidate", "serving", "previous")] + list(status.get("retired") or [])
+    status = Status.read(body.get("status"))
+    versions = [status.candidate, status.serving, status.previous, *(status.retired or [])]
     refs = [VersionRef.from_status(name, namespace, v) for v in versions if v]
     if not refs:
         return True, []                      # nothing was created (e.g. an invalid object)
@@ -631,10 +632,10 @@ def conditions(old_status: dict, status: dict, generation, now: float) -> list[d
         "Progressing": (phase in ROLLOUT_PHASES or phase in (PENDING, ROLLING_BACK),
                         phase if phase in ROLLOUT_PHASES + (ROLLING_BACK, PENDING) else "Idle",
                         status.get("message", "") if phase in ROLLOUT_PHASES + (ROLLING_BACK,) else ""),
-        "Degraded": (phase == FAILED or bool(rolled) or status.get("reason") == "InvalidSpec",
-                     (status.get("reason") if phase == FAILED or status.get("reason") == "InvalidSpec"
+        "Degraded": (phase == FAILED or bool(rolled) or status.get("reason") in REFUSED,
+                     (status.get("reason") if phase == FAILED or status.get("reason") in REFUSED
                       else "RolledBack" if rolled else "AsExpected"),
-                     (status.get("message", "") if phase == FAILED or status.get("reason") == "InvalidSpec"
+                     (status.get("message", "") if phase == FAILED or status.get("reason") in REFUSED
                       else f"{rolled['version']} was rolled back" if rolled else "")),
     }
     before = {c.get("type"): c for c in old_status.get("conditions") or []}

@@ -1,6 +1,8 @@
-"""A typed view of a ``SearchIndex`` spec. Its defaults have one home, the CRD's schema: an object
-is defaulted by it (:func:`vsearch.operators.crd.apply_defaults`, as the API server does) before it
-is read here; the dataclasses' own defaults equal the schema's (a test checks it)."""
+"""The operator's view of a ``SearchIndex`` spec. Its defaults and field names have one home, the
+CRD's schema: an object is defaulted by it (:func:`vsearch.operators.crd.apply_defaults`, as the
+API server does), then read as :class:`vsearch.operators.resource.Spec` (the schema's fields,
+camelCase aliases) and mapped here to what the steps use; the dataclasses' own defaults equal the
+schema's (a test checks it)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import hashlib
 import re
 from typing import Any
 
-from .resource import IngestSettings, Spec, WorkloadSettings
+from .resource import IngestSettings, Spec, VersionStatus, WorkloadSettings
 
 APPROVE_ANNOTATION = "vsearch.io/approve"        # = the candidate version: approves its switch
 ROLLBACK_ANNOTATION = "vsearch.io/rollback"      # any new value: move the alias back to the previous version
@@ -225,13 +227,15 @@ class VersionRef:
         return owner_of(self.namespace, self.index)
 
     def to_status(self) -> dict[str, Any]:
-        return {"model": self.model, "version": self.version, "modelUri": self.uri,
-                "collection": self.collection, "consumerGroup": self.group}
+        """Its entry in the status (:class:`vsearch.operators.resource.VersionStatus`, camelCase)."""
+        return VersionStatus(model=self.model, version=self.version, model_uri=self.uri,
+                             collection=self.collection, consumer_group=self.group).dump()
 
     @classmethod
-    def from_status(cls, index: str, namespace: str, d: dict) -> "VersionRef":
-        return cls(index=index, namespace=namespace, model=d["model"], version=d["version"],
-                   uri=d.get("modelUri", ""), collection=d["collection"], group=d["consumerGroup"])
+    def from_status(cls, index: str, namespace: str, d: dict | VersionStatus) -> "VersionRef":
+        v = d if isinstance(d, VersionStatus) else VersionStatus.model_validate(d)
+        return cls(index=index, namespace=namespace, model=v.model, version=v.version, uri=v.model_uri or "",
+                   collection=v.collection, group=v.consumer_group)
 
     @property
     def key(self) -> str:
