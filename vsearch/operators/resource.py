@@ -41,7 +41,7 @@ class StatusModel(BaseModel):
 
     def dump(self) -> dict:
         """As the object holds it: camelCase JSON, the fields that were set only (``None`` too)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        return self.model_dump(by_alias=True, exclude_unset=True)     # values as they are (kopf writes the JSON)
 
 
 # --- spec -------------------------------------------------------------------------------------
