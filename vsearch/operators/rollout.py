@@ -159,7 +159,7 @@ class Step:
         self.events: list = []
         self.status_error: str | None = None
         try:        # validated at the boundary (resource.Status); the steps edit its JSON
-            self.status = Status.read(body.get("status")).dump()
+            self.status = Status.read(copy.deepcopy(body.get("status"))).dump()
         except ValidationError as exc:
             self.status = copy.deepcopy(body.get("status") or {})
             self.status_error = _brief_errors(exc)
