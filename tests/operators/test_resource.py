@@ -6,8 +6,10 @@ read from an object is written back as the same JSON."""
 
 from __future__ import annotations
 
+import re
 import types
 import typing
+from pathlib import Path
 from types import SimpleNamespace
 
 import pydantic
@@ -152,3 +154,19 @@ def test_a_status_that_does_not_fit_is_refused_and_nothing_is_done():
     assert out.status["reason"] == "InvalidStatus"
     assert "status.serving.model" in out.status["message"] and "status.serving.consumerGroup" in out.status["message"]
     assert out.status["serving"] == bad["serving"] and out.status["kopf"] == STATUS["kopf"]
+
+
+def test_the_printer_columns_and_the_readmes_status_table_name_status_fields():
+    for col in crd.crd()["spec"]["versions"][0]["additionalPrinterColumns"]:
+        path = col["jsonPath"].split(".")[1:]
+        if path[0] != "status":
+            continue
+        model = resource.Status
+        for key in path[1:]:
+            fields = {f.alias: f for f in model.model_fields.values()}
+            assert key in fields, col
+            model = _unwrap(fields[key].annotation)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("starts a rollout. The status", 1)[1].split("\n\n", 2)[1]
+    named = {name for line in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", line.split("|")[1])}
+    assert named == {f.alias for f in resource.Status.model_fields.values()}
