@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from vsearch.local.demo_rollout import rollout_spec
+from vsearch.operators import crd
 from vsearch.operators.rollout import Env, Step, iso
 from vsearch.operators.spec import IndexSpec, VersionRef
 
@@ -29,14 +30,17 @@ def step_at(t: float, status: dict, store: Counts) -> Step:
     spec = rollout_spec(bootstrap="127.0.0.1:1", milvus_uri="http://127.0.0.1:2", alias="images",
                         name="m", version="1", uri="/m", idle_s=1000)
     s = Step("demo", "local", {"metadata": {"generation": 1}, "spec": spec, "status": status}, env)
+    assert s.status_error is None
     s.spec = IndexSpec.from_dict(spec)
     return s
 
 
 def test_the_rate_is_the_last_intervals_and_a_flat_count_shows_none():
     store = Counts()
-    status = {"phase": "Backfilling", "serving": {"collection": "serving"},
-              "candidate": {"backfillStartedAt": iso(1000.0)}}
+    status = {"phase": "Backfilling",
+              "serving": {"model": "m", "version": "1", "collection": "serving", "consumerGroup": "g1"},
+              "candidate": {"model": "m", "version": "2", "collection": "cand", "consumerGroup": "g",
+                            "backfillStartedAt": iso(1000.0)}}
     cand = VersionRef(index="demo", namespace="local", model="m", version="2", uri="/m2",
                       collection="cand", group="g")
     progress = []
@@ -45,6 +49,7 @@ def test_the_rate_is_the_last_intervals_and_a_flat_count_shows_none():
         s = step_at(t, status, store)
         s.backfilling(cand)
         status = s.status
+        crd.validate({"spec": s.body["spec"], "status": status})        # what the CRD declares
         progress.append((status["candidate"]["progress"].get("ratePerSecond"), status["message"]))
     rates = [r for r, _ in progress[1:]]
     assert rates == [5.0, 0.0, 0.0, 3.0]

@@ -48,9 +48,13 @@ def schema() -> dict:
 
 
 def _to_jsonschema(node):
-    """OpenAPI v3 -> JSON Schema: drop the ``x-kubernetes-*`` keys jsonschema does not know."""
+    """OpenAPI v3 -> JSON Schema: drop the ``x-kubernetes-*`` keys jsonschema does not know;
+    ``nullable: true`` (the status' fields) admits ``null``."""
     if isinstance(node, dict):
-        out = {k: _to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+        out = {k: _to_jsonschema(v) for k, v in node.items()
+               if not k.startswith("x-kubernetes-") and k != "nullable"}
+        if node.get("nullable") and isinstance(out.get("type"), str):
+            out["type"] = [out["type"], "null"]
         return out
     if isinstance(node, list):
         return [_to_jsonschema(v) for v in node]
@@ -110,7 +114,8 @@ def apply_defaults(obj: dict) -> dict:
     """A copy of ``obj`` with the schema's defaults filled in where a field is absent, nested
     ones included (objects such as ``spec.rollout`` default to ``{}``, so their fields' defaults
     apply too): what a real API server stores. The schema is the one home of every default;
-    :class:`vsearch.operators.spec.IndexSpec` reads defaulted objects only."""
+    :class:`vsearch.operators.resource.Spec` (so :class:`vsearch.operators.spec.IndexSpec`) reads
+    defaulted objects only: its fields that the schema defaults are required."""
     out = copy.deepcopy(obj)
     _default(out, schema())
     return out

@@ -60,11 +60,13 @@ import time
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from PIL import Image
+from pydantic import ValidationError
 
 from ..trainer.metrics import parse_judgments
 from . import failpoints
 from .crd import InvalidSearchIndex, prune, validate
 from .gate import GoldenSetError, VersionPath, check_golden_queries, run_gate
+from .resource import Status
 from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef, owner_of
 from .trust import Trust
 
@@ -80,6 +82,7 @@ AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK = "AwaitingApproval", "Switchin
 PHASES = (PENDING, DEPLOYING, BACKFILLING, VERIFYING, AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK)
 ROLLOUT_PHASES = (DEPLOYING, BACKFILLING, VERIFYING, AWAITING, SWITCHING)
 HISTORY = 10
+REFUSED = ("InvalidSpec", "InvalidStatus")     # reasons an object is refused for (Degraded)
 FAST, WAIT, SLOW = 0.0, 2.0, 10.0      # seconds until the next look
 
 
@@ -157,8 +160,13 @@ class Step:
         self.body = body
         self.meta = body.get("metadata") or {}
         self.annotations = self.meta.get("annotations") or {}
-        self.status = copy.deepcopy(body.get("status") or {})
         self.events: list = []
+        self.status_error: str | None = None
+        try:        # validated at the boundary (resource.Status); the steps edit its JSON
+            self.status = Status.read(copy.deepcopy(body.get("status"))).dump()
+        except ValidationError as exc:
+            self.status = copy.deepcopy(body.get("status") or {})
+            self.status_error = _brief_errors(exc)
         self.now = env.now()
 
     # -- helpers
@@ -219,6 +227,8 @@ class Step:
         return self.finish(SLOW)
 
     def run(self) -> Outcome:
+        if self.status_error:
+            return self.refuse("InvalidStatus", f"status does not match the CRD's schema: {self.status_error}")
         try:
             validate({"spec": self.body.get("spec")})
             spec = IndexSpec.from_dict(prune({"spec": self.body["spec"]})["spec"], namespace=self.namespace,
@@ -249,6 +259,8 @@ class Step:
         self.status["observedGeneration"] = self.meta.get("generation")
         self.status["conditions"] = conditions(self.body.get("status") or {}, self.status,
                                                self.meta.get("generation"), self.now)
+        if not self.status_error:   # what is written back is a Status (a ValidationError: our own bug)
+            self.status = Status.read(self.status).dump()
         return Outcome(status=self.status, events=self.events, requeue=requeue, error=error)
 
     def transient(self, exc: Exception) -> Outcome:
@@ -573,8 +585,8 @@ def reconcile(name: str, namespace: str, body: dict, env: Env) -> Outcome:
 def cleanup(name: str, namespace: str, body: dict, env: Env) -> tuple[bool, list[str]]:
     """Delete everything the SearchIndex created: every version's embedder, ingest, collection and
     consumer group, and the alias when it names one of them. Returns (done, what is left)."""
-    status = body.get("status") or {}
-    versions = [status.get(k) for k in ("candidate", "serving", "previous")] + list(status.get("retired") or [])
+    status = Status.read(body.get("status"))
+    versions = [status.candidate, status.serving, status.previous, *(status.retired or [])]
     refs = [VersionRef.from_status(name, namespace, v) for v in versions if v]
     if not refs:
         return True, []                      # nothing was created (e.g. an invalid object)
@@ -621,10 +633,10 @@ def conditions(old_status: dict, status: dict, generation, now: float) -> list[d
         "Progressing": (phase in ROLLOUT_PHASES or phase in (PENDING, ROLLING_BACK),
                         phase if phase in ROLLOUT_PHASES + (ROLLING_BACK, PENDING) else "Idle",
                         status.get("message", "") if phase in ROLLOUT_PHASES + (ROLLING_BACK,) else ""),
-        "Degraded": (phase == FAILED or bool(rolled) or status.get("reason") == "InvalidSpec",
-                     (status.get("reason") if phase == FAILED or status.get("reason") == "InvalidSpec"
+        "Degraded": (phase == FAILED or bool(rolled) or status.get("reason") in REFUSED,
+                     (status.get("reason") if phase == FAILED or status.get("reason") in REFUSED
                       else "RolledBack" if rolled else "AsExpected"),
-                     (status.get("message", "") if phase == FAILED or status.get("reason") == "InvalidSpec"
+                     (status.get("message", "") if phase == FAILED or status.get("reason") in REFUSED
                       else f"{rolled['version']} was rolled back" if rolled else "")),
     }
     before = {c.get("type"): c for c in old_status.get("conditions") or []}
@@ -636,6 +648,10 @@ def conditions(old_status: dict, status: dict, generation, now: float) -> list[d
         out.append({"type": ctype, "status": st, "reason": reason, "message": message[:1000],
                     "lastTransitionTime": since or iso(now), "observedGeneration": generation})
     return out
+
+
+def _brief_errors(exc: ValidationError) -> str:
+    return "; ".join(f"status.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
 
 
 def _gate_summary(result: dict) -> str:

@@ -1,6 +1,8 @@
-"""A typed view of a ``SearchIndex`` spec. Its defaults have one home, the CRD's schema: an object
-is defaulted by it (:func:`vsearch.operators.crd.apply_defaults`, as the API server does) before it
-is read here; the dataclasses' own defaults equal the schema's (a test checks it)."""
+"""The operator's view of a ``SearchIndex`` spec. Its defaults and field names have one home, the
+CRD's schema: an object is defaulted by it (:func:`vsearch.operators.crd.apply_defaults`, as the
+API server does), then read as :class:`vsearch.operators.resource.Spec` (the schema's fields,
+camelCase aliases) and mapped here to what the steps use; the dataclasses' own defaults equal the
+schema's (a test checks it)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 from ..core.naming import collection_name, sanitise
 from ..core.store import IndexConfig
 from .crd import apply_defaults
+from .resource import IngestSettings, Spec, VersionStatus, WorkloadSettings
 
 APPROVE_ANNOTATION = "vsearch.io/approve"        # = the candidate version: approves its switch
 ROLLBACK_ANNOTATION = "vsearch.io/rollback"      # any new value: move the alias back to the previous version
@@ -36,15 +39,15 @@ class Workload:
     runtime_class: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Workload":
+    def from_model(cls, w: WorkloadSettings) -> "Workload":
         """From a defaulted workload (``spec.embedder``, ``spec.ingest``, ``spec.search``)."""
-        return cls(image=d["image"], replicas=int(d["replicas"]),
-                   resources=dict(d.get("resources") or {}), node_selector=dict(d.get("nodeSelector") or {}),
-                   tolerations=list(d.get("tolerations") or []), env=list(d.get("env") or []),
-                   args=[str(a) for a in d.get("args") or []], batch_size=int(d.get("batchSize", cls.batch_size)),
-                   affinity=dict(d.get("affinity") or {}), service_account=d.get("serviceAccountName") or None,
-                   image_pull_secrets=[{"name": str(s["name"])} for s in d.get("imagePullSecrets") or []],
-                   runtime_class=d.get("runtimeClassName") or None)
+        return cls(image=w.image, replicas=w.replicas, resources=dict(w.resources or {}),
+                   node_selector=dict(w.node_selector or {}), tolerations=list(w.tolerations or []),
+                   env=list(w.env or []), args=list(w.args or []),
+                   batch_size=w.batch_size if isinstance(w, IngestSettings) else cls.batch_size,
+                   affinity=dict(w.affinity or {}), service_account=w.service_account_name or None,
+                   image_pull_secrets=[{"name": s.name} for s in w.image_pull_secrets or []],
+                   runtime_class=w.runtime_class_name or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,35 +111,37 @@ class IndexSpec:
     @classmethod
     def from_dict(cls, spec: dict, *, namespace: str = "", index: str = "") -> "IndexSpec":
         """The typed spec of SearchIndex ``namespace/index`` (whose names derive the default alias),
-        defaulted by the CRD's schema first: no default is written here."""
-        spec = apply_defaults({"spec": spec})["spec"]
-        cat, mil, model = spec["catalog"], spec["milvus"], spec["model"]
-        idx = mil["index"]
-        tok = mil.get("tokenSecretRef")
-        ro = spec["rollout"]
-        bf = ro["backfill"]
-        g = ro["gate"]
-        gd = g.get("golden")
+        defaulted by the CRD's schema first, then read as :class:`vsearch.operators.resource.Spec`
+        (``pydantic.ValidationError``, a ``ValueError``, when it does not fit): no default and no
+        field name is written here."""
+        return cls.from_model(Spec.model_validate(apply_defaults({"spec": spec})["spec"]),
+                              namespace=namespace, index=index)
+
+    @classmethod
+    def from_model(cls, spec: Spec, *, namespace: str = "", index: str = "") -> "IndexSpec":
+        mil, idx, ro = spec.milvus, spec.milvus.index, spec.rollout
+        bf, g, tok = ro.backfill, ro.gate, spec.milvus.token_secret_ref
+        gd = g.golden
         golden = None
-        if gd and (gd.get("configMapRef") or gd.get("uri")):
-            golden = Golden(config_map=(gd.get("configMapRef") or {}).get("name"),
-                            config_map_key=(gd.get("configMapRef") or {}).get("key", Golden.config_map_key),
-                            uri=gd.get("uri"), margin=float(gd["margin"]))
-        gate = Gate(sample_size=int(g["sampleSize"]), min_self_score=float(g["minSelfScore"]),
-                    min_self_consistency=float(g["minSelfConsistency"]), golden=golden,
-                    require_offline_verdict=bool(g["requireOfflineVerdict"]))
-        policy = Policy(require_approval=bool(ro["requireApproval"]), retention_s=int(ro["retentionSeconds"]),
-                        max_retries=int(ro["maxRetries"]), deploy_timeout_s=int(ro["deployTimeoutSeconds"]),
-                        idle_s=float(bf["idleSeconds"]), backfill_timeout_s=int(bf["timeoutSeconds"]),
-                        count_tolerance=int(bf["countTolerance"]), gate=gate)
-        return cls(bootstrap=cat["bootstrap"], topic=cat["topic"],
-                   milvus_uri=mil["uri"], token_secret=(tok["name"], tok["key"]) if tok else None,
-                   alias=mil.get("alias") or default_alias(namespace, index), index_type=idx["type"],
-                   metric=idx["metric"], index_params=dict(idx.get("params") or {}),
-                   search_params=dict(idx.get("searchParams") or {}),
-                   model=ModelRef(str(model["name"]), str(model["version"]), str(model["uri"])),
-                   embedder=Workload.from_dict(spec["embedder"]), ingest=Workload.from_dict(spec["ingest"]),
-                   search=Workload.from_dict(spec["search"]), policy=policy)
+        if gd and (gd.config_map_ref or gd.uri):
+            cm = gd.config_map_ref
+            golden = Golden(config_map=cm.name if cm else None, config_map_key=cm.key if cm else Golden.config_map_key,
+                            uri=gd.uri, margin=float(gd.margin))
+        gate = Gate(sample_size=g.sample_size, min_self_score=float(g.min_self_score),
+                    min_self_consistency=float(g.min_self_consistency), golden=golden,
+                    require_offline_verdict=g.require_offline_verdict)
+        policy = Policy(require_approval=ro.require_approval, retention_s=ro.retention_seconds,
+                        max_retries=ro.max_retries, deploy_timeout_s=ro.deploy_timeout_seconds,
+                        idle_s=float(bf.idle_seconds), backfill_timeout_s=bf.timeout_seconds,
+                        count_tolerance=bf.count_tolerance, gate=gate)
+        return cls(bootstrap=spec.catalog.bootstrap, topic=spec.catalog.topic,
+                   milvus_uri=mil.uri, token_secret=(tok.name, tok.key) if tok else None,
+                   alias=mil.alias or default_alias(namespace, index), index_type=idx.type,
+                   metric=idx.metric, index_params=dict(idx.params or {}),
+                   search_params=dict(idx.search_params or {}),
+                   model=ModelRef(spec.model.name, spec.model.version, spec.model.uri),
+                   embedder=Workload.from_model(spec.embedder), ingest=Workload.from_model(spec.ingest),
+                   search=Workload.from_model(spec.search), policy=policy)
 
     def index_config(self):
         return IndexConfig(self.index_type, self.metric, self.index_params, self.search_params)
@@ -221,13 +226,15 @@ class VersionRef:
         return owner_of(self.namespace, self.index)
 
     def to_status(self) -> dict[str, Any]:
-        return {"model": self.model, "version": self.version, "modelUri": self.uri,
-                "collection": self.collection, "consumerGroup": self.group}
+        """Its entry in the status (:class:`vsearch.operators.resource.VersionStatus`, camelCase)."""
+        return VersionStatus(model=self.model, version=self.version, model_uri=self.uri,
+                             collection=self.collection, consumer_group=self.group).dump()
 
     @classmethod
-    def from_status(cls, index: str, namespace: str, d: dict) -> "VersionRef":
-        return cls(index=index, namespace=namespace, model=d["model"], version=d["version"],
-                   uri=d.get("modelUri", ""), collection=d["collection"], group=d["consumerGroup"])
+    def from_status(cls, index: str, namespace: str, d: dict | VersionStatus) -> "VersionRef":
+        v = d if isinstance(d, VersionStatus) else VersionStatus.model_validate(d)
+        return cls(index=index, namespace=namespace, model=v.model, version=v.version, uri=v.model_uri or "",
+                   collection=v.collection, group=v.consumer_group)
 
     @property
     def key(self) -> str:
