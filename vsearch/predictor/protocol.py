@@ -43,22 +43,14 @@ def count_json_values(body: bytes | str) -> int:
     return body.count(b",") + body.count(b"{") + body.count(b"[")
 
 
-def check_json_body(body: bytes, limits: ServerLimits = ServerLimits(), v2: bool = False) -> None:
+def check_json_body(body: bytes, limits: ServerLimits = ServerLimits()) -> None:
     """Refuse (``InvalidInput``) a JSON body of more than ``limits.max_json_values`` values
-    before it is parsed, and a V2 inference request (``v2``) of more than ``limits.max_inputs``
-    inputs."""
+    before it is parsed (the number of a V2 request's inputs is checked once the server has
+    parsed the bounded body: :func:`check_v2_inputs`)."""
     n = count_json_values(body)
     if n > limits.max_json_values:
         raise InvalidInput(f"the JSON body holds about {n} values (objects, arrays, list items); the "
                            f"limit is {limits.max_json_values}: send fewer or split the request")
-    if v2:
-        try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise InvalidInput("the body is not valid JSON") from None
-        inputs = parsed.get("inputs") if isinstance(parsed, dict) else None
-        if isinstance(inputs, list) and len(inputs) > limits.max_inputs:
-            raise InvalidInput(f"{len(inputs)} inputs in one request; the limit is {limits.max_inputs}")
 
 
 def binary_request_to_json(body: bytes, header_length, limits: ServerLimits = ServerLimits()) -> dict:
@@ -181,7 +173,10 @@ def check_count(n: int, limit: int, what: str = "images") -> None:
         raise InvalidInput(f"{n} {what} in one request, over the limit of {limit}; split the request")
 
 
-def check_v2_inputs(req, allowed: Iterable[str]) -> None:
+def check_v2_inputs(req, allowed: Iterable[str], max_inputs: int = ServerLimits.max_inputs) -> None:
+    """At most ``max_inputs`` inputs, each one of ``allowed``."""
+    if len(req.inputs) > max_inputs:
+        raise InvalidInput(f"{len(req.inputs)} inputs in one request; the limit is {max_inputs}")
     allowed = tuple(allowed)
     unknown = {i.name for i in req.inputs} - set(allowed)
     if unknown:

@@ -15,7 +15,8 @@ What every server of ours gets (:func:`run_model_server`), bounded by :class:`Se
   ``max_concurrent`` requests are read or answered at once (503 with ``Retry-After``); the body
   must arrive within ``body_timeout_s`` (408) and is limited on the bytes actually read (413);
   a JSON body is counted (objects, arrays, list items: ``max_json_values``) before anything
-  parses it, and a V2 request's inputs (``max_inputs``); inference requests that use the
+  parses it (a V2 request's inputs, ``max_inputs``, once KServe has parsed the bounded body:
+  ``protocol.check_v2_inputs``); inference requests that use the
   binary tensor extension (``Inference-Header-Content-Length``) are turned into plain JSON
   off the event loop, elements counted before any is built (raw BYTES elements as
   ``{"b64": ...}``, numbers as numbers), because KServe's own decoder reads BYTES as UTF-8 text
@@ -61,7 +62,6 @@ _SEGMENT = "[^/]+"
 _OPEN_PATHS = re.compile("|".join(
     "(?:" + re.sub(r"\{[a-z_]+\}", _SEGMENT, route) + ")" for route in sorted(OPEN_ROUTES)) + r"|/web/[^\x00]*")
 _INFER_PATH = re.compile(r"^/(v1/models/[^/]+:predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
-_V2_INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 _FORM_TYPES = ("", "application/x-www-form-urlencoded", "text/plain")
 BINARY_HEADER = "inference-header-content-length"
 REPOSITORY_ROUTES = re.compile(r"^/v[12]/repository(/|$)")
@@ -253,8 +253,7 @@ class RequestGuard:
                 scope = _with_headers(scope, {"content-type": "application/json"}, drop=(BINARY_HEADER,))
             elif ctype.endswith("json") or body.lstrip()[:1] in (b"{", b"["):
                 # anything a route may read as JSON (Starlette's request.json() ignores the type)
-                await asyncio.to_thread(check_json_body, body, self.limits,
-                                        _V2_INFER_PATH.match(path) is not None)
+                await asyncio.to_thread(check_json_body, body, self.limits)
                 if infer and ctype in _FORM_TYPES:
                     scope = _with_headers(scope, {"content-type": "application/json"})
         except InvalidInput as exc:
