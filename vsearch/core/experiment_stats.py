@@ -151,27 +151,27 @@ def normal_mixture_halfwidth(v, t, alpha: float, rho2: float):
         return np.sqrt(v * (tr + 1) / tr * (2 * math.log(1 / alpha) + np.log(tr + 1)))
 
 
-def beta_binomial_log_evalue(w, l, p0, a: float, b: float | None = None):
+def beta_binomial_log_evalue(w, f, p0, a: float, b: float | None = None):
     """log of Robbins' beta-binomial mixture martingale against p = p0 after w successes and
-    l failures: log(B(a+w, b+l) / B(a, b)) - w log p0 - l log(1-p0). Under p = p0 it stays
+    f failures: log(B(a+w, b+f) / B(a, b)) - w log p0 - f log(1-p0). Under p = p0 it stays
     below log(1/alpha) at every look with probability >= 1 - alpha."""
     b = a if b is None else b
-    w, l = np.asarray(w, float), np.asarray(l, float)
-    return betaln(a + w, b + l) - betaln(a, b) - w * np.log(p0) - l * np.log1p(-p0)
+    w, f = np.asarray(w, float), np.asarray(f, float)
+    return betaln(a + w, b + f) - betaln(a, b) - w * np.log(p0) - f * np.log1p(-p0)
 
 
-def beta_binomial_sequence(w: int, l: int, alpha: float, a: float, b: float | None = None) -> tuple[float, float]:
-    """The always-valid confidence interval {p : e-value(p) < 1/alpha} after w successes and l
-    failures (an interval around w/(w+l): the e-value is smallest there)."""
-    if w + l == 0:
+def beta_binomial_sequence(w: int, f: int, alpha: float, a: float, b: float | None = None) -> tuple[float, float]:
+    """The always-valid confidence interval {p : e-value(p) < 1/alpha} after w successes and f
+    failures (an interval around w/(w+f): the e-value is smallest there)."""
+    if w + f == 0:
         return 0.0, 1.0
     bound = math.log(1 / alpha)
 
-    def f(p):
-        return float(beta_binomial_log_evalue(w, l, p, a, b)) - bound
-    phat, eps = w / (w + l), 1e-12
-    lo = 0.0 if phat <= eps or f(eps) < 0 else brentq(f, eps, phat)
-    hi = 1.0 if phat >= 1 - eps or f(1 - eps) < 0 else brentq(f, phat, 1 - eps)
+    def excess(p):
+        return float(beta_binomial_log_evalue(w, f, p, a, b)) - bound
+    phat, eps = w / (w + f), 1e-12
+    lo = 0.0 if phat <= eps or excess(eps) < 0 else brentq(excess, eps, phat)
+    hi = 1.0 if phat >= 1 - eps or excess(1 - eps) < 0 else brentq(excess, phat, 1 - eps)
     return lo, hi
 
 
@@ -440,18 +440,18 @@ def _analyze(acc: Accumulator, policy: Policy, *, timed_out: bool, until_ms=None
                          "threshold": threshold, "units": t, "minUnits": policy.min_units}
         n_units, verdict = t, int(decide_interval(est - hw, est + hw, threshold)) if ok else 0
     else:
-        w, l = inter["wins"], inter["losses"]
+        w, f = inter["wins"], inter["losses"]
         threshold = preference_threshold(policy)
-        lo, hi = beta_binomial_sequence(w, l, policy.alpha, policy.beta_a)
-        inter["preference"] = _r(w / (w + l)) if w + l else None
-        inter["interval"] = [_r(x) for x in proportion_confint(w, w + l, policy.alpha, method="wilson")] if w + l else None
-        inter["pValue"] = _r(binomtest(w, w + l, 0.5).pvalue) if w + l else None
+        lo, hi = beta_binomial_sequence(w, f, policy.alpha, policy.beta_a)
+        inter["preference"] = _r(w / (w + f)) if w + f else None
+        inter["interval"] = [_r(x) for x in proportion_confint(w, w + f, policy.alpha, method="wilson")] if w + f else None
+        inter["pValue"] = _r(binomtest(w, w + f, 0.5).pvalue) if w + f else None
         inter["sequence"] = [_r(lo), _r(hi)]
         out["interleave"] = inter
         out["effect"] = {"metric": "preference", "estimate": inter["preference"], "interval": [_r(lo), _r(hi)],
                          "fixedInterval": inter["interval"], "threshold": _r(threshold),
-                         "units": w + l, "minUnits": policy.min_units}
-        n_units, verdict = w + l, int(decide_interval(lo, hi, threshold)) if w + l else 0
+                         "units": w + f, "minUnits": policy.min_units}
+        n_units, verdict = w + f, int(decide_interval(lo, hi, threshold)) if w + f else 0
 
     out["guardrails"] = guardrails = _guardrails(arms, sides, policy)
     breached = [g for g in guardrails.values() if g["breached"]]
