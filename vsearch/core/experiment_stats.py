@@ -169,7 +169,8 @@ def beta_binomial_sequence(w: int, f: int, alpha: float, a: float, b: float | No
 
     def excess(p):
         return float(beta_binomial_log_evalue(w, f, p, a, b)) - bound
-    phat, eps = w / (w + f), 1e-12
+    eps = 1e-12
+    phat = min(max(w / (w + f), eps), 1 - eps)
     lo = 0.0 if phat <= eps or excess(eps) < 0 else brentq(excess, eps, phat)
     hi = 1.0 if phat >= 1 - eps or excess(1 - eps) < 0 else brentq(excess, phat, 1 - eps)
     return lo, hi
@@ -255,6 +256,7 @@ class Accumulator:
     clicks: dict = field(default_factory=dict)         # query_id \0 item_id -> slim click
     errors: dict = field(default_factory=dict)         # key -> slim error event
     bad: int = 0
+    duplicate_clicks: int = 0                          # clicks read again (replays and re-reads)
 
     def add(self, rec) -> None:
         if isinstance(rec, BadSearchEvent) or not isinstance(rec, dict) or "_bad" in rec:
@@ -266,9 +268,12 @@ class Accumulator:
             qid = str(rec.get("query_id"))
             if e.get("id") != self.exp_id and not (not e and qid in self.impressions):
                 return
-            self.clicks.setdefault(f"{qid}\0{rec.get('item_id')}", {
-                "type": "click", "query_id": qid, "item_id": str(rec.get("item_id")),
-                "ts": rec.get("ts"), "team": e.get("team")})
+            key = f"{qid}\0{rec.get('item_id')}"
+            if key in self.clicks:
+                self.duplicate_clicks += 1          # what count_clicks would count as "duplicate"
+            else:
+                self.clicks[key] = {"type": "click", "query_id": qid, "item_id": str(rec.get("item_id")),
+                                    "ts": rec.get("ts"), "team": e.get("team")}
             return
         if e.get("id") != self.exp_id:
             return
@@ -293,11 +298,13 @@ class Accumulator:
 
     def state(self) -> dict:
         return {"exp_id": self.exp_id, "design": self.design, "impressions": self.impressions,
-                "clicks": self.clicks, "errors": self.errors, "bad": self.bad}
+                "clicks": self.clicks, "errors": self.errors, "bad": self.bad,
+                "duplicate_clicks": self.duplicate_clicks}
 
     @classmethod
     def from_state(cls, state: dict) -> Accumulator:
-        return cls(**{k: state[k] for k in ("exp_id", "design", "impressions", "clicks", "errors", "bad")})
+        return cls(**{k: state[k] for k in ("exp_id", "design", "impressions", "clicks", "errors", "bad",
+                                            "duplicate_clicks")})
 
     def snapshot(self, policy: Policy | None = None, *, timed_out: bool = False, until_ms=None) -> dict:
         return _analyze(self, policy or Policy(), timed_out=timed_out, until_ms=until_ms)
@@ -420,7 +427,8 @@ def _analyze(acc: Accumulator, policy: Policy, *, timed_out: bool, until_ms=None
            "method": METHOD_AB if design == "ab" else METHOD_INTERLEAVE,
            "policy": asdict(policy),
            "counts": {"impressions": len(log.impressions), "clicks": len(log.clicks), "errors": len(errs),
-                      "clicksNotCounted": dict(log.not_counted), "undecodable": acc.bad},
+                      "clicksNotCounted": {**log.not_counted, "duplicate": log.not_counted["duplicate"]
+                                           + acc.duplicate_clicks}, "undecodable": acc.bad},
            "firstTs": min((i["ts"] for i in imps if isinstance(i.get("ts"), (int, float))), default=None),
            "lastTs": max((i["ts"] for i in imps if isinstance(i.get("ts"), (int, float))), default=None)}
 
