@@ -86,9 +86,19 @@ def test_interleaving_credits_clicks_to_teams_and_the_preference_is_statsmodels_
         recs += [click(qid, r, "interleaved", f"u{j % 3}", design="interleave") for r in picks]
     recs.append(imp("out", "outside", "u9", design="interleave"))
     recs.append(click("out", 0, "outside", "u9", design="interleave"))
+    # the candidate failed on one interleaved query: its error event, and serving's results alone
+    fallback = imp("fb", "interleaved", "u1", design="interleave")
+    fallback["experiment"]["fallback"] = True
+    failed = error("fb", "candidate", "u1")
+    failed["experiment"]["design"] = "interleave"
+    recs += [fallback, click("fb", 0, "interleaved", "u1", design="interleave"), failed, failed]
     r = analyze(recs, EXP, Policy(min_units=2))
     i = r["interleave"]
-    assert (i["queries"], i["wins"], i["losses"], i["ties"], i["noClick"], i["outsideImpressions"]) == (10, 5, 2, 1, 2, 1)
+    assert (i["queries"], i["wins"], i["losses"], i["ties"], i["noClick"]) == (10, 5, 2, 1, 2)
+    assert (i["outsideImpressions"], i["fallbackImpressions"]) == (1, 1)
+    # guardrail sides: the interleaved searches (fallback included, its error not counted twice) vs outside
+    assert (r["arms"]["candidate"]["searches"], r["arms"]["candidate"]["errors"]) == (11, 1)
+    assert (r["arms"]["serving"]["searches"], r["arms"]["serving"]["errors"]) == (1, 0)
     assert i["preference"] == pytest.approx(5 / 7, abs=1e-6)
     assert i["interval"] == pytest.approx(proportion_confint(5, 7, 0.05, method="wilson"), abs=1e-6)
     assert i["pValue"] == pytest.approx(binomtest(5, 7, 0.5).pvalue, abs=1e-6)

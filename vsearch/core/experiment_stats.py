@@ -279,17 +279,18 @@ class Accumulator:
             return
         if self.design is None and e.get("design") in DESIGNS:
             self.design = e["design"]
-        slim_exp = {"arm": e.get("arm"), "unit": str(e.get("unit") or rec.get("query_hash") or rec.get("query_id"))}
+        slim_exp = {"arm": e.get("arm"), "unit": str(e.get("unit") or rec.get("query_hash") or rec.get("query_id")),
+                    **({"fallback": True} if e.get("fallback") else {})}
         if kind == "impression":
             self.impressions.setdefault(str(rec.get("query_id")), {
                 "type": "impression", "query_id": str(rec.get("query_id")), "ts": rec.get("ts"),
                 "took_ms": rec.get("took_ms"), "experiment": slim_exp,
                 "results": [{"id": str(r.get("id")), **({"team": r["team"]} if "team" in r else {})}
                             for r in rec.get("results") or () if isinstance(r, dict)]})
-        elif kind == "error":
-            key = str(rec["query_id"]) if rec.get("query_id") else _record_key(rec)
-            self.errors.setdefault(key, {"type": "error", "ts": rec.get("ts"), "took_ms": rec.get("took_ms"),
-                                         "experiment": slim_exp})
+        elif kind == "error":       # one per (query, arm): an interleaved query may fail on both sides
+            key = f"{rec['query_id']}\0{e.get('arm')}" if rec.get("query_id") else _record_key(rec)
+            self.errors.setdefault(key, {"type": "error", "query_id": rec.get("query_id"), "ts": rec.get("ts"),
+                                         "took_ms": rec.get("took_ms"), "experiment": slim_exp})
 
     def add_all(self, records: Iterable) -> Accumulator:
         for rec in records:
@@ -347,12 +348,14 @@ class _Facts:
     log: object                  # the ClickLog of all impressions and clicks
     ts: np.ndarray               # impression time (NaN: none)
     side: np.ndarray             # 0 serving, 1 candidate, -1 neither (guardrails' sides)
-    arm: np.ndarray              # A/B: 0 serving, 1 candidate, -1 other; interleave: 1 interleaved, 0 outside
+    arm: np.ndarray              # A/B: 0 serving, 1 candidate, -1 other; interleave: 1 interleaved, 0 outside,
+                                 # 2 fallback (the candidate failed: serving's results alone, no teams)
     unit: np.ndarray             # unit index
     credit: np.ndarray           # [n, 2]: counted clicks credited to serving, candidate (A/B: the query's arm)
     took: np.ndarray             # took_ms (NaN: none)
     err_ts: np.ndarray
     err_side: np.ndarray
+    err_alone: np.ndarray        # the error's query has no impression (else the impression counts the search)
 
 
 def _num(x) -> float:
@@ -377,6 +380,8 @@ def _facts(acc: Accumulator, design: str) -> _Facts:
         else:
             teams = {r["id"]: r.get("team") for r in imp["results"]}
             arm = int(any(teams.values()))
+            if imp["experiment"].get("fallback") or (not arm and side == "candidate"):
+                arm = 2
             for c in qclicks:
                 team = teams.get(c["item_id"]) or c.get("team")
                 if arm and team in ARMS:
@@ -384,10 +389,11 @@ def _facts(acc: Accumulator, design: str) -> _Facts:
         rows.append((_num(imp.get("ts")), ARMS.index(side) if side else -1, arm,
                      units.setdefault(imp["experiment"]["unit"], len(units)), *credit, _num(imp.get("took_ms"))))
     m = np.array(rows, float).reshape(-1, 7)
-    errs = [(_num(e.get("ts")), ARMS.index(s) if (s := _side(design, e)) else -1) for e in acc.errors.values()]
-    e = np.array(errs, float).reshape(-1, 2)
+    errs = [(_num(e.get("ts")), ARMS.index(s) if (s := _side(design, e)) else -1,
+             str(e.get("query_id")) not in log.impressions) for e in acc.errors.values()]
+    e = np.array(errs, float).reshape(-1, 3)
     return _Facts(log, m[:, 0], m[:, 1].astype(int), m[:, 2].astype(int), m[:, 3].astype(int),
-                  m[:, 4:6].astype(int), m[:, 6], e[:, 0], e[:, 1].astype(int))
+                  m[:, 4:6].astype(int), m[:, 6], e[:, 0], e[:, 1].astype(int), e[:, 2].astype(bool))
 
 
 def _analyze(acc: Accumulator, policy: Policy, *, timed_out: bool, until_ms=None, facts: _Facts | None = None) -> dict:
@@ -400,7 +406,8 @@ def _analyze(acc: Accumulator, policy: Policy, *, timed_out: bool, until_ms=None
     for i, a in enumerate(ARMS):
         took = fx.took[keep & (fx.side == i)]
         errors = int((keep_err & (fx.err_side == i)).sum())
-        sides[a] = {"searches": int((keep & (fx.side == i)).sum()) + errors, "errors": errors,
+        alone = int((keep_err & (fx.err_side == i) & fx.err_alone).sum())
+        sides[a] = {"searches": int((keep & (fx.side == i)).sum()) + alone, "errors": errors,
                     "took": took[np.isfinite(took)]}
     # per arm: impressions and clicks summed per unit
     inter = {}
@@ -412,7 +419,8 @@ def _analyze(acc: Accumulator, policy: Policy, *, timed_out: bool, until_ms=None
         cs, cc = fx.credit[inside, 0], fx.credit[inside, 1]
         inter = {"queries": int(inside.sum()), "wins": int((cc > cs).sum()), "losses": int((cc < cs).sum()),
                  "ties": int(((cc == cs) & (cc > 0)).sum()), "noClick": int(((cc == 0) & (cs == 0)).sum()),
-                 "outsideImpressions": int((keep & (fx.arm == 0)).sum())}
+                 "outsideImpressions": int((keep & (fx.arm == 0)).sum()),
+                 "fallbackImpressions": int((keep & (fx.arm == 2)).sum())}
     arms, moments = {}, {}
     for i, a in enumerate(ARMS):
         sel = members[a]

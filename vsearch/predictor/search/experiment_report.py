@@ -63,7 +63,9 @@ def format_table(r: dict) -> str:
         i = r["interleave"]
         lines.append(f"interleaving: {i['queries']} interleaved queries: {i['wins']} won by the candidate, "
                      f"{i['losses']} by serving, {i['ties']} ties, {i['noClick']} without clicks; "
-                     f"{i['outsideImpressions']} searches outside the share")
+                     f"{i['outsideImpressions']} searches outside the share"
+                     + (f", {i['fallbackImpressions']} answered by serving alone (the candidate failed)"
+                        if i.get("fallbackImpressions") else ""))
         lines.append(f"effect: preference for the candidate {_f(i['preference'])}, always-valid {conf} "
                      f"{_iv(i['sequence'])} (Wilson {_iv(i['interval'])}, binomial p = {_f(i['pValue'])}), "
                      f"threshold {e['threshold']}, {e['units']} queries with a preference (decides from "
