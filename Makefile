@@ -60,6 +60,7 @@ bench: $(TEST_STAMP)
 	$(PY) -m bench.ingest
 	$(PY) -m bench.trainer
 	$(PY) -m bench.rollout
+	$(PY) -m bench.experiment
 	$(PY) -m bench.search --sizes 100000
 
 # The vsearch image as an OCI archive, built without a Docker daemon (podman/buildah, runc, a

@@ -41,6 +41,7 @@ SLOW_TESTS = {
     "tests/predictor/search/test_model_versions.py::test_each_query_is_embedded_by_the_model_of_the_collection_it_searches",
     "tests/ingest/test_poison.py::test_poison_records_from_a_third_party_producer_never_stop_ingest",
     "tests/predictor/search/test_events.py::test_vsearch_ctr_reads_the_topic",
+    "tests/predictor/search/test_experiment_report.py::test_report_of_the_newest_experiment_as_table_json_and_png",
     "tests/predictor/test_standard_clients.py::test_embedder_key_body_limit_and_queue",
 }
 ROOT = Path(__file__).resolve().parent.parent

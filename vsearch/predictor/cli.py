@@ -57,6 +57,7 @@ def register(sub) -> None:
     p.set_defaults(handler=_serve_embedder)
     search_cli.register_serve(serve_sub)
     search_cli.register(sub)
+    search_cli.register_experiment(sub)
 
     p = sub.add_parser("embed", help="embed image files offline into a .npy file")
     add_model_flags(Flags(p, "EMBED"))

@@ -1,6 +1,6 @@
-"""``vsearch serve search`` and ``vsearch ctr``. ``predictor/cli.py`` calls
-:func:`register_serve` with the ``serve`` sub-command group and :func:`register` with the
-top-level one. The handlers are the entry points of their processes."""
+"""``vsearch serve search``, ``vsearch ctr`` and ``vsearch experiment report``. ``predictor/cli.py``
+calls :func:`register_serve` with the ``serve`` sub-command group and :func:`register` and
+:func:`register_experiment` with the top-level one. The handlers are the entry points of their processes."""
 
 from __future__ import annotations
 
@@ -197,4 +197,66 @@ def _ctr(args) -> int:
         print(f"{mv:<40} {s['impressions']:>11} {s['clicks']:>7} {ctr:>7} {swc:>18}")
     if "_undecodable_records" in stats:
         print(f"({stats['_undecodable_records']['count']} undecodable records skipped)")
+    return 0
+
+
+def register_experiment(sub) -> None:
+    p = sub.add_parser("experiment", help="online experiments between model versions (A/B, interleaving)")
+    exp_sub = p.add_subparsers(dest="experiment_command", metavar="COMMAND", required=True)
+    r = exp_sub.add_parser(
+        "report", help="an online experiment's figures and decision from the search.events topic",
+        description="Reads the search.events topic, analyses one experiment as the operator does "
+                    "(per arm: impressions, clicks, CTR with its interval per randomisation unit; "
+                    "interleaving: wins, losses, ties and the preference; guardrails; the decision "
+                    "with always-valid confidence sequences) and prints a table, JSON (--json) "
+                    "and/or a PNG of CTR per arm over time with its band (--plot). Exit 0 with a "
+                    "report, 1 when the topic cannot be read or holds no such experiment.")
+    f = Flags(r, "EXPERIMENT")
+    add_kafka_flag(f)
+    f.add("--topic", default="search.events", help="topic of search events")
+    f.add("--idle-timeout", default=3.0, type=float, help="stop reading after this many seconds without a new record")
+    f.add("--experiment", default=None, help="the experiment's id (default: the newest on the topic)")
+    f.add("--alpha", default=0.05, type=float, help="error rate of the decision (as spec.rollout.experiment.alpha)")
+    f.add("--margin", default=0.0, type=float, help="relative CTR margin of non-inferiority (0.02 = 2 %)")
+    f.add("--promote-when", default="notWorse", choices=("notWorse", "better"), help="promote when the candidate is")
+    f.add("--min-units", default=200, type=int, help="no decision before this many units")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    f.add("--plot", default=None, help="also write a PNG: CTR per arm over time with its always-valid band")
+    r.set_defaults(handler=_experiment_report)
+
+
+def _experiment_report(args) -> int:
+    from kafka.errors import KafkaError
+
+    from ...core.experiment_stats import Policy
+    from ...core.jsonsafe import json_safe
+    from .ctr import read_events
+    from .experiment_report import format_table, plot, report
+
+    try:
+        policy = Policy(alpha=args.alpha, margin=args.margin, promote_when=args.promote_when, min_units=args.min_units)
+    except ValueError as exc:
+        print(f"vsearch experiment report: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = report(read_events(args.kafka_bootstrap, args.topic, args.idle_timeout), args.experiment, policy)
+    except KafkaError as exc:
+        print(f"vsearch experiment report: cannot read {args.topic} from {args.kafka_bootstrap}: {exc}",
+              file=sys.stderr)
+        return 1
+    except LookupError as exc:
+        print(f"vsearch experiment report: {exc}", file=sys.stderr)
+        return 1
+    if args.plot:
+        try:
+            plot(result, args.plot)
+        except ImportError as exc:
+            print(f"vsearch experiment report: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(json_safe(result), indent=2, sort_keys=True))
+    else:
+        print(format_table(result))
+        if args.plot:
+            print(f"plot: {args.plot}")
     return 0
