@@ -312,7 +312,7 @@ class SearchService:
         event = exp.event(unit, INTERLEAVED)
         try:
             b = cand.result()
-        except (SearchError, CollectionGone) as exc:
+        except Exception as exc:  # noqa: BLE001  (whatever failed, serving's answer stands)
             log.warning("experiment %s: the candidate (%s) failed, query %s answered by serving alone: %s",
                         exp.id, exp.candidate, q.query_id, getattr(exc, "reason", exc))
             a.experiment = {**event, "fallback": True}
