@@ -6,6 +6,7 @@ through the store as the operator writes it."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import time
@@ -144,6 +145,10 @@ def run_experiments(rig: Rig, photos: dict[str, bytes], broker: str) -> None:
     assert summary["clicks"] > 0 and sum(v["sessions"] for v in summary["by_arm"].values()) == 12, summary
     cand_user = next(u for u in users if arms[u] == "candidate")
     cand = ask(a, user=cand_user).json()
+    v1 = requests.post(f"{b}/v1/models/visual-search:predict", headers={"X-User-Id": cand_user}, timeout=60,
+                       json={"instances": [{"image": {"b64": base64.b64encode(photos["p2"]).decode()}, "k": 2}]})
+    assert v1.json()["predictions"][0]["experiment"] == {"id": ab.id, "arm": "candidate"}, v1.text
+    assert v1.json()["predictions"][0]["collection"] == candidate
     click(b, cand, cand["results"][1]["id"])          # the other replica logs the click
 
     # interleaving (share 1: every unit): both versions answer, merged by team draft
