@@ -133,6 +133,8 @@ def run_experiments(rig: Rig, photos: dict[str, bytes], broker: str) -> None:
     assert anon["experiment"]["arm"] == assign(ab, "image:" + hashlib.sha256(photos["p5"]).hexdigest())
     bad = ask(a, user="x" * 201)
     assert bad.status_code == 400 and "X-User-Id must be a user or session id" in bad.json()["error"]
+    odd = ask(a, photo="p5", cookie="y" * 201).json()       # a cookie nobody could fix: ignored
+    assert odd["experiment"] == anon["experiment"]
     # simulated users (vsearch.local.simusers) search and click through the same HTTP API
     items = []
     for i, (name, data) in enumerate(photos.items()):

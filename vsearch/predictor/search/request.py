@@ -41,17 +41,21 @@ class Query:
 def unit_of(headers: Mapping[str, str], cookies: Mapping[str, str] | None = None) -> str | None:
     """The randomisation unit a client names: header ``X-User-Id``, else the web page's
     first-party cookie ``vsearch_uid``; None when neither (the query image's hash is then the
-    unit). A user/session id of 1 to 200 visible ASCII characters; anything else is refused
-    (a 400 that says why), never silently replaced: a unit must stay the same across searches."""
-    for name, value in ((USER_HEADER, _header(headers, USER_HEADER)),
-                        (f"cookie {USER_COOKIE}", (cookies or {}).get(USER_COOKIE))):
-        if value is None:
-            continue
-        if not isinstance(value, str) or not 1 <= len(value) <= MAX_UNIT_CHARS or not _UNIT_RE.fullmatch(value):
-            raise BadQuery(f"{name} must be a user or session id of 1 to {MAX_UNIT_CHARS} visible ASCII "
-                           f"characters, got {brief(value)}")
+    unit). A user/session id is 1 to 200 visible ASCII characters: a header that is not is
+    refused (a 400 that says why: its sender can fix it), a cookie that is not is ignored (the
+    page replaces it; a person could not, and a 400 on every search would lock them out)."""
+    value = _header(headers, USER_HEADER)
+    if value is not None:
+        if not _valid_unit(value):
+            raise BadQuery(f"{USER_HEADER} must be a user or session id of 1 to {MAX_UNIT_CHARS} visible "
+                           f"ASCII characters, got {brief(value)}")
         return value
-    return None
+    value = (cookies or {}).get(USER_COOKIE)
+    return value if value is not None and _valid_unit(value) else None
+
+
+def _valid_unit(value) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= MAX_UNIT_CHARS and bool(_UNIT_RE.fullmatch(value))
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

@@ -299,7 +299,7 @@ async function clickResult(r) {
 // experiment the search service keeps it in the same arm across searches. Sent with every
 // same-origin request; set once, kept for a year.
 function ensureUserId() {
-  if (/(?:^|;\s*)vsearch_uid=/.test(document.cookie)) return;
+  if (/(?:^|;\s*)vsearch_uid=[\x21-\x3a\x3c-\x7e]{1,200}(?:;|$)/.test(document.cookie)) return;
   const bytes = new Uint8Array(16);
   crypto.getRandomValues(bytes);
   const id = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
