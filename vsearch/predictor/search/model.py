@@ -6,7 +6,8 @@
                                            -> outputs results BYTES [N] (JSON), query_id BYTES [N]
 
 Client mistakes raise KServe's ``InvalidInput`` (400), an unreachable Milvus or embedder
-``ModelNotReady`` (503)."""
+``ModelNotReady`` (503). During an online experiment the header ``X-User-Id`` (or the cookie
+``vsearch_uid``) names the randomisation unit, as on ``POST /search``."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The search service's plain HTTP routes, beside KServe's V1/V2 ones on the same app::
 
     POST /search        multipart: image (file), crop ("x0,y0,x1,y1"), k, filter (JSON) -- or JSON
-                        {"image_b64", "crop", "k", "filter", "url"} -> {"query_id", "results": [...]}
+                        {"image_b64", "crop", "k", "filter", "url"} -> {"query_id", "results": [...]};
+                        header X-User-Id (else cookie vsearch_uid): an online experiment's unit
     GET  /images/<id>   the catalog image (file:// under --image-roots, http(s) fetched through the
                         guarded fetcher: served from this origin, never redirected)
     POST /events        {"type": "click", "token", "item_id"} (and deferred impressions)
