@@ -213,3 +213,25 @@ def test_unreachable_server_raises_store_unavailable():
     with pytest.raises(StoreUnavailable):
         s.list_collections()
     assert s.ping() is False
+
+
+def test_collection_properties_are_set_read_and_cleared_on_every_server(store, coll):
+    """The online experiment's switch (``vsearch.experiment`` on the serving collection): set,
+    read through an alias, cleared by writing "" (the 2.3.5 server cannot drop a property); the
+    collection keeps serving meanwhile."""
+    v = unit(np.random.default_rng(4), 1)[0]
+    store.upsert(coll, [row(0, v)])
+    alias = f"props_{uuid.uuid4().hex[:8]}"
+    store.ensure_alias(alias, coll)
+    assert "vsearch.experiment" not in store.collection_properties(coll)
+    store.set_collection_property(coll, "vsearch.experiment", '{"id":"exp-1"}')
+    assert store.collection_properties(alias)["vsearch.experiment"] == '{"id":"exp-1"}'
+    assert store.search(alias, [v], k=1, consistency="Strong")[0][0]["id"] == "img-0"
+    store.set_collection_property(coll, "vsearch.experiment", "")
+    assert store.collection_properties(coll).get("vsearch.experiment", "") == ""
+    with pytest.raises(StoreNotFound):
+        store.set_collection_property("no_such_collection", "vsearch.experiment", "")
+    with pytest.raises(ValueError, match="written once"):
+        store.set_collection_property(coll, "vsearch.model", "{}")
+    with pytest.raises(ValueError, match="property key"):
+        store.set_collection_property(coll, "", "x")

@@ -11,6 +11,19 @@ click:      {"schema": 1, "type": "click", "query_id": str, "query_hash": str,
              "query_uri": str | null, "crop": [4] | null, "item_id": str, "item_uri": str | null,
              "rank": int, "model_version": str, "ts": epoch-ms}
 
+error:      {"schema": 1, "type": "error", "query_id": str, "model_version": str (of the arm
+             that failed), "collection": str, "experiment": {...}, "status": int, "reason": str,
+             "took_ms": float, "ts": epoch-ms}: a search of an online experiment's arm that
+             failed on the service's side (written only during an experiment, for its guardrails)
+
+During an online experiment (:mod:`vsearch.core.experiment`) impressions, clicks and errors
+carry ``"experiment": {"id", "design", "arm", "unit"}`` (``unit``: the randomisation unit's
+salted hash); an interleaved impression's results carry ``"team"`` (``serving``/``candidate``)
+and its experiment object ``"arm_ms"`` (each version's retrieval time) and, when the candidate
+failed and serving answered alone, ``"fallback": true``; a click on it copies the clicked
+result's team into its experiment object. Impressions also carry ``"took_ms"`` (the whole
+search) and ``"error": false``.
+
 The search service also writes "image_hash" (sha256 of the uncropped query image bytes; the
 stored file at query_uri is that uncropped image, "crop" says which part was searched) in
 both, "k" and each result's "uri" in impressions, and the clicked result's "score" in clicks.
@@ -32,7 +45,7 @@ from .kafka import read_topic
 
 TOPIC = "search.events"
 SCHEMA = 1
-TYPES = ("impression", "click")
+TYPES = ("impression", "click", "error")
 
 
 class BadSearchEvent(ValueError):
@@ -91,7 +104,8 @@ def count_clicks(records: Iterable) -> ClickLog:
     ``{"_bad": ...}`` dict for an undecodable one) -> the impressions and the clicks that
     count, by the rule of the module: an impression once per query_id, a click once per
     (query_id, item_id), only with its impression on the log and the item among its results.
-    Order does not matter (a deferred impression may come after its clicks)."""
+    Order does not matter (a deferred impression may come after its clicks). Other record
+    types (``error``) are neither impressions nor clicks: they are skipped."""
     log = ClickLog()
     pending: list[dict] = []
     for rec in records:

@@ -50,14 +50,23 @@ def test_events_wait_for_kafka_bounded_then_arrive(tmp_path):
 
 
 def test_ctr_per_model_version_counts_each_event_once():
+    # an online experiment's failed search (an "error" event) is neither impression nor click;
+    # interleaved results (two versions merged) have a row of their own
+    exp = {"id": "exp-0123456789abcdef", "design": "interleave", "arm": "interleaved", "unit": "0" * 16}
+    error = {"schema": 1, "type": "error", "query_id": "e", "model_version": "new", "collection": "c",
+             "experiment": {**exp, "arm": "candidate"}, "status": 503, "reason": "down", "ts": 3}
+    assert search_events.decode(search_events.encode(error)) == error
     records = [impression("a", "old"), impression("b", "old"), impression("c", "new"),
                impression("d", "new"), click("a", "i0", "old"), click("a", "i0", "old"),   # duplicate
                click("c", "i0", "new"), click("c", "i1", "new"), click("d", "i2", "new"),
-               impression("a", "old"), {"_bad": "not JSON"}]
+               impression("a", "old"), {"_bad": "not JSON"}, error,
+               {**impression("x", "old"), "experiment": exp}, {**click("x", "i0", "old"), "experiment": exp}]
     stats = ctr_table(records)
     assert stats["old"] == {"impressions": 2, "clicks": 1, "ctr": 0.5, "searches_with_click": 0.5}
     assert stats["new"] == {"impressions": 2, "clicks": 3, "ctr": 1.5, "searches_with_click": 1.0}
+    assert stats["old (interleaved)"] == {"impressions": 1, "clicks": 1, "ctr": 1.0, "searches_with_click": 1.0}
     assert stats["_undecodable_records"] == {"count": 1}
+    assert stats["_clicks_not_counted"] == {"duplicate": 1, "without_impression": 0, "not_in_results": 0}
 
 
 def test_vsearch_ctr_reads_the_topic(tmp_path):

@@ -71,6 +71,10 @@ def test_upload_crop_and_click_in_a_real_browser(page, search_server, tmp_path):
     whole = first.value.json()
     pg.wait_for_selector("[data-testid=result]")
     assert rendered(pg) == [(r["id"], f"{r['score']:.3f}") for r in whole["results"]]
+    # the page names this browser with a first-party cookie (an experiment's unit), sent along
+    uid = [c for c in pg.context.cookies() if c["name"] == "vsearch_uid"]
+    assert len(uid) == 1 and len(uid[0]["value"]) == 32 and uid[0]["sameSite"] == "Lax"
+    assert f"vsearch_uid={uid[0]['value']}" in (first.value.request.header_value("cookie") or "")
     assert rendered(pg)[0] == ("photo-03", "1.000")
     assert "secret" not in [i for i, _ in rendered(pg)]
     assert "result" in pg.inner_text("[data-testid=status]")

@@ -16,19 +16,19 @@ def read_events(bootstrap: str, topic: str = "search.events", idle_timeout: floa
 
 
 def ctr_table(records) -> dict[str, dict]:
-    """Per model version: impressions, clicks, CTR (clicks / impressions) and the share of
-    searches with at least one click, counted by :func:`search_events.count_clicks` (each
+    """Per model version (an experiment's interleaved results apart): impressions, clicks, CTR
+    (clicks / impressions) and the share of searches with at least one click, counted by :func:`search_events.count_clicks` (each
     impression once, each click once per (query, item) and only with its impression). What
     was not counted, and why, is in ``_clicks_not_counted``; undecodable records in
     ``_undecodable_records``."""
     log = search_events.count_clicks(records)
     stats: dict[str, dict] = {}
     for imp in log.impressions.values():
-        s = stats.setdefault(str(imp.get("model_version")), {"impressions": 0, "clicks": 0})
+        s = stats.setdefault(_version(imp), {"impressions": 0, "clicks": 0})
         s["impressions"] += 1
     clicked_queries: dict[str, set] = {}
     for click in log.clicks:
-        mv = str(log.impressions[str(click["query_id"])].get("model_version"))
+        mv = _version(log.impressions[str(click["query_id"])])
         stats[mv]["clicks"] += 1
         clicked_queries.setdefault(mv, set()).add(click["query_id"])
     for mv, s in stats.items():
@@ -40,3 +40,12 @@ def ctr_table(records) -> dict[str, dict]:
     if log.bad:
         stats["_undecodable_records"] = {"count": log.bad}
     return stats
+
+
+def _version(impression: dict) -> str:
+    """The row of an impression: its model version; an online experiment's interleaved results
+    (two versions merged, :mod:`vsearch.core.experiment`) have a row of their own,
+    ``<serving version> (interleaved)``, so they never count as the serving version's."""
+    mv = str(impression.get("model_version"))
+    exp = impression.get("experiment")
+    return f"{mv} (interleaved)" if isinstance(exp, dict) and exp.get("arm") == "interleaved" else mv

@@ -6,7 +6,13 @@ request Milvus refuses -> :class:`BadQuery` (400).
 
 :meth:`CatalogIndex.resolve` names the concrete collection the alias points at now and the
 model that built it (recorded in the collection); a query searches that collection, never the
-alias, so an alias switch between resolving and searching cannot mix model versions."""
+alias, so an alias switch between resolving and searching cannot mix model versions.
+
+The same ``describe_collection`` call reads the serving collection's experiment
+(:data:`vsearch.core.experiment.EXPERIMENT_KEY`, written by the operator): while one runs, the
+target also names the candidate collection and its model record (read in the same resolve, so
+with the same ``resolve_ttl``); every replica sees the same experiment within ``resolve_ttl`` of
+its start or end, and an alias switch ends it (the new serving collection carries none)."""
 
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ...core.experiment import EXPERIMENT_KEY, Experiment
 from ...core.naming import DEFAULT_ALIAS
-from ...core.store import MilvusStore, filter_expr
+from ...core.store import MODEL_RECORD_KEY, MilvusStore, filter_expr, parse_model_record
 from ...core.store_errors import StoreError, StoreNotFound, StoreRefused, StoreUnavailable
 from .errors import BadQuery, NotFound, SearchError, Unavailable
 from .rerank import Candidate
@@ -34,9 +41,13 @@ class CollectionGone(Exception):
 @dataclasses.dataclass(frozen=True)
 class Target:
     """What answers a query: the concrete collection the alias named, and the model record
-    (model, version, embedder endpoint) written into that collection when it was created."""
+    (model, version, embedder endpoint) written into that collection when it was created;
+    while an experiment runs on it, the ``experiment`` and the ``candidate`` (the candidate
+    collection's own target, without an experiment)."""
     collection: str
     record: dict | None = None
+    experiment: Experiment | None = None
+    candidate: "Target | None" = None
 
     @property
     def model_version(self) -> str | None:
@@ -52,17 +63,39 @@ class CatalogIndex:
         self._target: Target | None = None
         self._target_at = 0.0
         self._lock = threading.Lock()
+        self._ignored = ""                   # an invalid experiment property, warned about once
 
     def resolve(self, fresh: bool = False) -> Target:
         """alias -> (collection, its model record), at most ``resolve_ttl`` seconds old."""
         with self._lock:
             if not fresh and self._target is not None and time.monotonic() - self._target_at < self.resolve_ttl:
                 return self._target
-        coll, rec = self._call(lambda: self.store.resolve(self.alias), f"resolve alias {self.alias!r}")
-        target = Target(coll, rec)
+        target = self._call(self._resolve, f"resolve alias {self.alias!r}")
         with self._lock:
             self._target, self._target_at = target, time.monotonic()
         return target
+
+    def _resolve(self) -> Target:
+        coll = self.store.describe_alias(self.alias) or self.alias
+        props = self.store.collection_properties(coll)
+        record = parse_model_record(props.get(MODEL_RECORD_KEY) or "")
+        text = props.get(EXPERIMENT_KEY) or ""
+        exp = None if text == self._ignored else Experiment.parse(text)     # (logged once)
+        if exp is None:
+            self._ignored = text
+            return Target(coll, record)
+        if exp.serving != coll:
+            # written on another collection and copied, or left behind: not this collection's
+            log.warning("ignoring experiment %s on collection %s: it names serving collection %s",
+                        exp.id, coll, exp.serving)
+            return Target(coll, record)
+        try:
+            cand = parse_model_record(self.store.collection_properties(exp.candidate).get(MODEL_RECORD_KEY) or "")
+        except StoreNotFound:
+            log.warning("experiment %s names candidate collection %s, which does not exist: "
+                        "serving alone", exp.id, exp.candidate)
+            return Target(coll, record)
+        return Target(coll, record, exp, Target(exp.candidate, cand))
 
     def _call(self, fn: Callable, what: str):
         try:

@@ -17,3 +17,18 @@ EVENTS_DROPPED = Counter("vsearch_search_events_dropped_total",
                          "Search events dropped: buffer_full (Kafka unreachable for long), too_large "
                          "(over the record limit), refused (Kafka refused the record for good)", ["reason"])
 EVENTS_BUFFERED = Gauge("vsearch_search_events_buffered", "Search events waiting to be sent")
+
+# Online experiments (vsearch.core.experiment), per experiment id and arm: the guardrails (error
+# rate, p99 latency per arm) are read from these. Arms: A/B "serving" and "candidate" (the arm
+# that answered, end to end); interleaving "serving" and "candidate" for each version's own
+# retrieval of an interleaved query, "interleaved" for the whole interleaved query (both
+# retrievals and the merge) and "outside" for the plain queries of units outside the share.
+# Searches count every search assigned to the arm, errors those that failed on the service's
+# side (5xx; a client's bad query is no error of the arm), latency the successful ones.
+EXP_SEARCHES = Counter("vsearch_experiment_searches_total", "Searches in an online experiment, by arm",
+                       ["experiment", "arm"])
+EXP_ERRORS = Counter("vsearch_experiment_errors_total", "Searches of an arm that failed (5xx)",
+                     ["experiment", "arm"])
+EXP_LATENCY = Histogram("vsearch_experiment_search_seconds", "Search latency in an online experiment, by arm",
+                        ["experiment", "arm"],
+                        buckets=(.005, .01, .02, .035, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2.5, 5, 10))

@@ -6,12 +6,14 @@
                                            -> outputs results BYTES [N] (JSON), query_id BYTES [N]
 
 Client mistakes raise KServe's ``InvalidInput`` (400), an unreachable Milvus or embedder
-``ModelNotReady`` (503)."""
+``ModelNotReady`` (503). During an online experiment the header ``X-User-Id`` (or the cookie
+``vsearch_uid``) names the randomisation unit, as on ``POST /search``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from http.cookies import CookieError, SimpleCookie
 from typing import Callable
 
 import kserve
@@ -19,10 +21,21 @@ from kserve.errors import ModelNotReady
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from .errors import Unavailable
-from .request import v1_queries, v2_queries
+from .request import USER_COOKIE, unit_of, v1_queries, v2_queries
 from .service import SearchService
 
 MODEL_NAME = "visual-search"
+
+
+def _cookies(headers: dict) -> dict[str, str]:
+    """The request's cookies (KServe hands the model the headers only)."""
+    raw = next((v for k, v in headers.items() if k.lower() == "cookie"), "")
+    jar = SimpleCookie()
+    try:
+        jar.load(raw)
+    except CookieError:
+        return {}
+    return {USER_COOKIE: jar[USER_COOKIE].value} if USER_COOKIE in jar else {}
 
 
 class SearchModel(kserve.Model):
@@ -50,10 +63,13 @@ class SearchModel(kserve.Model):
         if svc is None:
             raise ModelNotReady(self.name, "the search service is still loading")
         try:
+            unit = unit_of(headers or {}, _cookies(headers or {}))
             if isinstance(payload, InferRequest):
                 queries = v2_queries(payload, svc.settings)
             else:
                 queries = await asyncio.to_thread(v1_queries, payload, svc.settings, svc.fetch_url)
+            for q in queries:
+                q.unit = unit
             answers = [await asyncio.to_thread(svc.search, q) for q in queries]
         except Unavailable as exc:
             raise ModelNotReady(self.name, exc.reason) from exc

@@ -4,12 +4,14 @@ instance, KServe V2 inputs), checked field by field into one :class:`Query`."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from kserve.errors import InvalidInput
 
+from ...core.experiment import MAX_UNIT_CHARS
 from ...core.jsonsafe import json_object
 from ...core.text import brief, names_brief
 from ..preprocess import Box
@@ -20,6 +22,8 @@ from .settings import SearchSettings
 FilterSpec = dict[str, list]
 QUERY_FIELDS = ("image", "image_b64", "url", "crop", "k", "filter", "log_impression")
 MAX_QUERIES = 16                     # queries in one V1/V2 request
+USER_HEADER, USER_COOKIE = "X-User-Id", "vsearch_uid"   # the randomisation unit of experiments
+_UNIT_RE = re.compile(r"[\x21-\x7e]+")
 V1_EXAMPLE = '{"instances": [{"image": {"b64": ...}, "crop": [...], "k": 20}]}'
 
 
@@ -31,6 +35,34 @@ class Query:
     filter: FilterSpec = field(default_factory=dict)
     log_impression: bool = True
     query_uri: str | None = None          # set when the query is a catalog image, e.g. catalog:<id>
+    unit: str | None = None               # the experiments' randomisation unit: a user id (unit_of)
+
+
+def unit_of(headers: Mapping[str, str], cookies: Mapping[str, str] | None = None) -> str | None:
+    """The randomisation unit a client names: header ``X-User-Id``, else the web page's
+    first-party cookie ``vsearch_uid``; None when neither (the query image's hash is then the
+    unit). A user/session id is 1 to 200 visible ASCII characters: a header that is not is
+    refused (a 400 that says why: its sender can fix it), a cookie that is not is ignored (the
+    page replaces it; a person could not, and a 400 on every search would lock them out)."""
+    value = _header(headers, USER_HEADER)
+    if value is not None:
+        if not _valid_unit(value):
+            raise BadQuery(f"{USER_HEADER} must be a user or session id of 1 to {MAX_UNIT_CHARS} visible "
+                           f"ASCII characters, got {brief(value)}")
+        return value
+    value = (cookies or {}).get(USER_COOKIE)
+    return value if value is not None and _valid_unit(value) else None
+
+
+def _valid_unit(value) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= MAX_UNIT_CHARS and bool(_UNIT_RE.fullmatch(value))
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    if name in headers:
+        return headers[name]
+    lower = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == lower), None)
 
 
 def parse_k(value: Any, settings: SearchSettings) -> int:

@@ -1,7 +1,8 @@
 """The search service's plain HTTP routes, beside KServe's V1/V2 ones on the same app::
 
     POST /search        multipart: image (file), crop ("x0,y0,x1,y1"), k, filter (JSON) -- or JSON
-                        {"image_b64", "crop", "k", "filter", "url"} -> {"query_id", "results": [...]}
+                        {"image_b64", "crop", "k", "filter", "url"} -> {"query_id", "results": [...]};
+                        header X-User-Id (else cookie vsearch_uid): an online experiment's unit
     GET  /images/<id>   the catalog image (file:// under --image-roots, http(s) fetched through the
                         guarded fetcher: served from this origin, never redirected)
     POST /events        {"type": "click", "token", "item_id"} (and deferred impressions)
@@ -30,7 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ...core.text import names_brief
 from .errors import BadQuery, SearchError, TooLarge, Unavailable
 from .metrics import REJECTED
-from .request import query_from_fields
+from .request import query_from_fields, unit_of
 from .service import SearchService
 from .settings import SearchSettings
 
@@ -88,9 +89,13 @@ async def config(request: Request, settings: SearchSettings = Depends(_settings)
                          "normalised), `k`, `filter` (JSON object), `url` (when URL queries are "
                          "on). Or a JSON body {image_b64, crop, k, filter, url}. Answers "
                          '{"query_id", "model_version", "model": {name, version}, "results": '
-                         "[{id, score, uri (this service's /images/<id>), metadata}], \"token\"}.")
+                         "[{id, score, uri (this service's /images/<id>), metadata}], \"token\"}, and "
+                         '"experiment": {id, arm} while an online experiment runs. The header '
+                         "`X-User-Id` (else the cookie `vsearch_uid` the web page sets) names the user "
+                         "whose arm is kept across searches; without it the query image is the unit.")
 async def search(request: Request, svc: SearchService = Depends(_service),
                  settings: SearchSettings = Depends(_settings)):
+    unit = unit_of(request.headers, request.cookies)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
         try:
@@ -102,6 +107,7 @@ async def search(request: Request, svc: SearchService = Depends(_service),
     else:
         raise BadQuery("send multipart/form-data with an 'image' file, or a JSON body with image_b64")
     query = await asyncio.to_thread(query_from_fields, body, settings, svc.fetch_url)
+    query.unit = unit
     return await asyncio.to_thread(svc.search, query)
 
 
@@ -139,7 +145,7 @@ def add_routes(app, get_service: Callable[[], SearchService | None], settings: S
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["content-type", "x-api-key", "authorization"])
+                           allow_headers=["content-type", "x-api-key", "authorization", "x-user-id"])
     app.include_router(router)
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 

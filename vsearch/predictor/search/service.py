@@ -17,11 +17,14 @@ import threading
 import time
 import urllib.parse
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ...core import search_events
+from ...core.experiment import CANDIDATE, INTERLEAVED, SERVING, Experiment, team_draft
 from ...core.fetch import FetchConfig, Fetcher, FetchError
 from ...core.images import web_media_type
 from ...core.text import names_brief
@@ -31,7 +34,7 @@ from ..preprocess import Box, InvalidImage
 from .errors import BadQuery, NotFound, SearchError, TooLarge, Unavailable
 from .event_log import EventLog
 from .index import CatalogIndex, CollectionGone, Target
-from .metrics import CLICKS, IMPRESSIONS, LATENCY, SEARCHES
+from .metrics import CLICKS, EXP_ERRORS, EXP_LATENCY, EXP_SEARCHES, IMPRESSIONS, LATENCY, SEARCHES
 from .query_store import QueryStore, query_hashes
 from .request import FilterSpec, Query
 from .rerank import Candidate, rerank
@@ -39,6 +42,28 @@ from .settings import SearchSettings
 from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
+# What a client may send to POST /events ("error" events are the service's own).
+CLIENT_EVENT_TYPES = ("impression", "click")
+
+
+@dataclass
+class _Query:
+    query: Query
+    query_id: str
+    image_hash: str
+    query_hash: str
+
+
+@dataclass
+class _Answer:
+    """What answered a query: the target whose model version and collection the impression
+    names, the results, each one's team (interleaving), the ``experiment`` object of events."""
+    target: Target
+    results: list[Candidate]
+    teams: list[str] | None = None
+    experiment: dict | None = None
+    embed_s: float = 0.0
+    search_s: float = 0.0
 
 
 
@@ -84,6 +109,8 @@ class SearchService:
         # The searches are not remembered: each answer carries its impression, signed, and any
         # replica with the same secret turns it into click records.
         self.tokens = TokenSigner(settings.click_secret, settings.click_token_ttl_s)
+        # the candidate's retrieval of an interleaved query, beside the serving one
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="candidate")
 
     @property
     def in_process(self) -> bool:
@@ -170,43 +197,138 @@ class SearchService:
         return vector
 
     def search(self, query: Query) -> dict:
+        """One query, answered by one model version end to end (its embedder, its collection),
+        or, for a unit in an interleaving experiment, by both merged by team draft."""
+        t_start = time.perf_counter()
+        query_id = uuid.uuid4().hex
+        image_hash, query_hash = query_hashes(query.image, query.crop)
+        ctx = _Query(query, query_id, image_hash, query_hash)
         for attempt in (0, 1):
             # alias -> collection -> the model version that built it -> its embedder; the query
             # is embedded by that version and searches that concrete collection, never the
             # alias, so a switch in between cannot mix versions.
             target = self.index.resolve(fresh=attempt > 0)
-            t0 = time.perf_counter()
-            vector = self.embed(query.image, query.crop, target)
-            t1 = time.perf_counter()
             try:
-                results = self.search_vector(vector, query.k, query.filter, collection=target.collection)
+                answer = self._answer(target, ctx)
                 break
             except CollectionGone as exc:
                 if attempt:
-                    raise Unavailable(f"collection {target.collection!r} disappeared while searching it") from exc
-        t2 = time.perf_counter()
-        query_id = uuid.uuid4().hex
-        image_hash, query_hash = query_hashes(query.image, query.crop)
-        model_version = target.model_version or self.model_version
+                    raise Unavailable(f"collection {exc} disappeared while searching it") from exc
+        took_ms = round((time.perf_counter() - t_start) * 1000, 2)
+        by = answer.target
+        model_version = by.model_version or self.model_version
         query_uri = query.query_uri or self.query_store.put(query.image, image_hash)
+        results = [{"id": c.id, "rank": i + 1, "score": round(float(c.score), 6)} for i, c in enumerate(answer.results)]
+        if answer.teams is not None:
+            for r, team in zip(results, answer.teams):
+                r["team"] = team
         impression = {
             "schema": search_events.SCHEMA, "type": "impression", "query_id": query_id,
             "query_hash": query_hash, "image_hash": image_hash, "query_uri": query_uri,
             "crop": list(query.crop) if query.crop else None, "model_version": model_version,
-            "collection": target.collection,
-            "results": [{"id": c.id, "rank": i + 1, "score": round(float(c.score), 6)}
-                        for i, c in enumerate(results)],
-            "k": query.k, "ts": int(time.time() * 1000)}
+            "collection": by.collection, "results": results, "k": query.k, "took_ms": took_ms,
+            "error": False, "ts": int(time.time() * 1000)}
+        if answer.experiment is not None:
+            impression["experiment"] = answer.experiment
+            exp = answer.experiment
+            if exp["arm"] == INTERLEAVED:       # the whole query (each side is counted as its team)
+                EXP_SEARCHES.labels(exp["id"], INTERLEAVED).inc()
+                EXP_LATENCY.labels(exp["id"], INTERLEAVED).observe(took_ms / 1000)
         if query.log_impression:
             self.events.emit(impression)
             IMPRESSIONS.labels(model_version).inc()
         SEARCHES.labels(model_version).inc()
         # the token names the stored query image by its name in the store, never its URI
         token = self.tokens.sign({**impression, "query_ref": self.query_store.ref_of(query_uri)})
-        return {"query_id": query_id, "model_version": model_version, "model": self.model_of(target),
-                "collection": target.collection,
-                "results": [c.result() for c in results], "token": token,
-                "took_ms": {"embed": round((t1 - t0) * 1000, 2), "search": round((t2 - t1) * 1000, 2)}}
+        out = {"query_id": query_id, "model_version": model_version, "model": self.model_of(by),
+               "collection": by.collection,
+               # which version answered is no secret; the team of each interleaved result is
+               # (only the events and the token carry it): a client must not present them apart
+               "results": [c.result() for c in answer.results], "token": token,
+               "took_ms": {"embed": round(answer.embed_s * 1000, 2), "search": round(answer.search_s * 1000, 2),
+                           "total": took_ms}}
+        if answer.experiment is not None:
+            out["experiment"] = {"id": answer.experiment["id"], "arm": answer.experiment["arm"]}
+        return out
+
+    def _answer(self, target: Target, q: "_Query") -> "_Answer":
+        """Who answers ``q``: plain serving without an experiment; the unit's arm with one."""
+        exp = target.experiment if target.candidate is not None else None
+        if exp is None:
+            return self._retrieve(target, q.query)
+        unit = q.query.unit or f"image:{q.image_hash}"
+        arm = exp.arm(unit)
+        if arm == INTERLEAVED:
+            return self._interleave(target, exp, unit, q)
+        answer = self._arm_retrieve(target.candidate if arm == CANDIDATE else target, exp, arm, unit, q)
+        answer.experiment = exp.event(unit, arm)
+        return answer
+
+    def _retrieve(self, target: Target, query: Query) -> "_Answer":
+        """Embed with ``target``'s embedder, search ``target``'s collection, re-rank."""
+        t0 = time.perf_counter()
+        vector = self.embed(query.image, query.crop, target)
+        t1 = time.perf_counter()
+        results = self.search_vector(vector, query.k, query.filter, collection=target.collection)
+        return _Answer(target, results, embed_s=t1 - t0, search_s=time.perf_counter() - t1)
+
+    def _arm_retrieve(self, target: Target, exp: Experiment, arm: str, unit: str, q: "_Query") -> "_Answer":
+        """:meth:`_retrieve` of one arm (or of one side of an interleaved query), counted in
+        the experiment's metrics; a failure on the service's side (5xx) is also logged as an
+        ``error`` event of that arm. A vanished collection is no error: the caller resolves again."""
+        EXP_SEARCHES.labels(exp.id, arm).inc()
+        t0 = time.perf_counter()
+        try:
+            answer = self._retrieve(target, q.query)
+        except CollectionGone:
+            raise
+        except Exception as exc:
+            status = exc.status if isinstance(exc, SearchError) else 500
+            if status >= 500:
+                EXP_ERRORS.labels(exp.id, arm).inc()
+                self.events.emit({
+                    "schema": search_events.SCHEMA, "type": "error", "query_id": q.query_id,
+                    "query_hash": q.query_hash, "image_hash": q.image_hash,
+                    "model_version": target.model_version or self.model_version,
+                    "collection": target.collection, "experiment": exp.event(unit, arm), "error": True,
+                    "status": status, "reason": str(getattr(exc, "reason", exc))[:300],
+                    "took_ms": round((time.perf_counter() - t0) * 1000, 2), "ts": int(time.time() * 1000)})
+            raise
+        EXP_LATENCY.labels(exp.id, arm).observe(time.perf_counter() - t0)
+        return answer
+
+    def _interleave(self, target: Target, exp: Experiment, unit: str, q: "_Query") -> "_Answer":
+        """Both versions retrieve (in parallel: the candidate on the service's pool) and their
+        rankings are merged by team draft, each result remembering its team. When the candidate
+        fails (or its collection is gone), the query gets the serving ranking alone (counted
+        and logged as the candidate's error; the impression says ``fallback``); when serving
+        fails, the query fails as it would without the experiment."""
+        cand = self._pool.submit(self._arm_retrieve, target.candidate, exp, CANDIDATE, unit, q)
+        try:
+            a = self._arm_retrieve(target, exp, SERVING, unit, q)
+        except BaseException:
+            cand.cancel()
+            raise
+        event = exp.event(unit, INTERLEAVED)
+        try:
+            b = cand.result()
+        except Exception as exc:  # noqa: BLE001  (whatever failed, serving's answer stands)
+            log.warning("experiment %s: the candidate (%s) failed, query %s answered by serving alone: %s",
+                        exp.id, exp.candidate, q.query_id, getattr(exc, "reason", exc))
+            a.experiment = {**event, "fallback": True}
+            return a
+        # one result per item (and per content: exact copies count as one item)
+        key = {}
+        for c in a.results + b.results:
+            key.setdefault(c.id, c.content_hash or c.id)
+        by_key = {SERVING: {key[c.id]: c for c in reversed(a.results)},
+                  CANDIDATE: {key[c.id]: c for c in reversed(b.results)}}
+        merged = team_draft([key[c.id] for c in a.results], [key[c.id] for c in b.results], q.query.k,
+                            seed=q.query_id)
+        results = [by_key[team][k] for k, team in merged]
+        event["arm_ms"] = {SERVING: round((a.embed_s + a.search_s) * 1000, 2),
+                           CANDIDATE: round((b.embed_s + b.search_s) * 1000, 2)}
+        return _Answer(target, results, [team for _, team in merged], event, a.embed_s, a.search_s)
 
     def search_vector(self, vector: np.ndarray, k: int, spec: FilterSpec | None = None,
                       collection: str | None = None) -> list[Candidate]:
@@ -237,8 +359,8 @@ class SearchService:
         if not isinstance(event, dict):
             raise BadQuery('an event is an object {"type": "click", "token": ..., "item_id": ...}')
         kind = event.get("type")
-        if kind not in search_events.TYPES:
-            raise BadQuery(f"event type must be one of {', '.join(search_events.TYPES)}, got {kind!r}")
+        if kind not in CLIENT_EVENT_TYPES:
+            raise BadQuery(f"event type must be one of {', '.join(CLIENT_EVENT_TYPES)}, got {kind!r}")
         unknown = set(event) - {"type", "token", "item_id", "query_id"}
         if unknown:
             raise BadQuery(f"unknown event field(s) {names_brief(unknown)}: expected type, token, item_id")
@@ -252,7 +374,7 @@ class SearchService:
         if kind == "impression":
             record = {k: v for k, v in imp.items() if k != "query_ref"}
             self.events.emit({**record, "schema": search_events.SCHEMA, "type": "impression",
-                              "query_uri": query_uri, "ts": now})
+                              "query_uri": query_uri, "error": False, "ts": now})
             IMPRESSIONS.labels(imp["model_version"]).inc()
             return {"accepted": True}
         item_id = event.get("item_id")
@@ -266,6 +388,9 @@ class SearchService:
                   "item_uri": self._item_uri(item_id, {} if uris is None else uris),
                   "rank": hit["rank"], "score": hit["score"],
                   "model_version": imp["model_version"], "collection": imp.get("collection"), "ts": now}
+        if isinstance(imp.get("experiment"), dict):
+            # the arm of the search, and for an interleaved one the team that showed the item
+            record["experiment"] = {**imp["experiment"], **({"team": hit["team"]} if hit.get("team") else {})}
         self.events.emit(record)
         CLICKS.labels(imp["model_version"]).inc()
         return {"accepted": True}
@@ -307,6 +432,7 @@ class SearchService:
         return data, kind[0]
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.events.close()
         self.url_fetcher.close()
         self.image_fetcher.close()

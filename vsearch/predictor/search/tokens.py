@@ -6,7 +6,8 @@ A search answers with ``token``: :mod:`itsdangerous` ``URLSafeTimedSerializer`` 
 ``vsearch.search-token.v2``), expiring after ``--click-token-ttl`` seconds. Signed, not
 encrypted: a client can read it, so it holds only what the answer already told the client
 (query id, the results' ids, ranks and scores, model version, collection, crop, k, time, the
-query's hashes) and ``query_ref``, the query image's name inside the query store (its content
+query's hashes; during an experiment its arm and the teams of interleaved results, which
+the answer does not show) and ``query_ref``, the query image's name inside the query store (its content
 hash and date, never the store's folder, bucket or prefix), from which the server derives the
 stored image's URI. Catalog URIs are never in it: a click's ``item_uri`` is read from the
 catalog when the click is logged. ``POST /events`` sends the token back with the clicked
@@ -27,14 +28,19 @@ SALT = "vsearch.search-token.v2"
 MAX_TOKEN_CHARS = 200_000
 # What a token may hold (the impression's other fields stay on the server).
 TOKEN_FIELDS = ("query_id", "query_hash", "image_hash", "query_ref", "crop", "model_version", "collection",
-                "results", "k", "ts")
+                "results", "k", "took_ms", "ts")
 RESULT_FIELDS = ("id", "rank", "score")
 
 
 def public_impression(impression: dict) -> dict:
-    """The part of an impression a token carries (see the module)."""
+    """The part of an impression a token carries (see the module); during an online experiment
+    also its ``experiment`` object (id, design, arm, the unit's salted hash) and each
+    interleaved result's ``team``, so that the click any replica logs credits the right arm."""
     out = {k: impression.get(k) for k in TOKEN_FIELDS}
-    out["results"] = [{k: r.get(k) for k in RESULT_FIELDS} for r in impression.get("results") or ()]
+    out["results"] = [{**{k: r.get(k) for k in RESULT_FIELDS}, **({"team": r["team"]} if r.get("team") else {})}
+                      for r in impression.get("results") or ()]
+    if impression.get("experiment"):
+        out["experiment"] = impression["experiment"]
     return out
 
 

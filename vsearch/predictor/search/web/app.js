@@ -295,7 +295,19 @@ async function clickResult(r) {
 
 // ------------------------------------------------------------------ wiring
 
+// A first-party cookie that names this browser (a random id, nothing else): during an online
+// experiment the search service keeps it in the same arm across searches. Sent with every
+// same-origin request; set once, kept for a year.
+function ensureUserId() {
+  if (/(?:^|;\s*)vsearch_uid=[\x21-\x3a\x3c-\x7e]{1,200}(?:;|$)/.test(document.cookie)) return;
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  const id = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  document.cookie = `vsearch_uid=${id}; path=/; max-age=31536000; SameSite=Lax`;
+}
+
 function init() {
+  ensureUserId();
   const saved = localStorage.getItem("vsearch-api-key");
   if (saved) $("key").value = saved;
   $("key").addEventListener("change", () => {
