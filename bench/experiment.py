@@ -375,26 +375,29 @@ def _candidate_model(workdir: Path) -> Path:
     return dst
 
 
-def _build(store: MilvusStore, url: str, version: str, name: str, catalog, alias: str) -> str:
-    """A collection of ``catalog`` embedded by the embedder at ``url``, with the model record the
-    operator writes (model, version, embedder_url, served_version)."""
+def _build(store: MilvusStore, url: str, version: str, names: list[str], catalog) -> list[str]:
+    """Collections ``names`` of ``catalog`` embedded by the embedder at ``url``, each with the
+    model record the operator writes (model, version, embedder_url, served_version)."""
     client = EmbedderClient(url, timeout=120.0)
     vecs = client.embed_bytes([b for _, b, _ in catalog])
-    coll = collection_name(f"{alias}_{name}", version)
-    store.ensure_model_collection(coll, int(vecs.shape[1]), {
-        "model": name, "version": version, "embedder_url": url, "served_version": str(client.version or "")})
     now = int(time.time() * 1000)
-    store.upsert(coll, [{"id": i, "embedding": v, "uri": f"file:///catalog/{i}.jpg",
-                         "metadata": {"label": label, "content_hash": hashlib.sha256(b).hexdigest()},
-                         "visibility": "public", "updated_at": now}
-                        for (i, b, label), v in zip(catalog, vecs)])
-    store.flush(coll)
-    return coll
+    out = []
+    for name in names:
+        coll = collection_name(name, version)
+        store.ensure_model_collection(coll, int(vecs.shape[1]), {
+            "model": name, "version": version, "embedder_url": url, "served_version": str(client.version or "")})
+        store.upsert(coll, [{"id": i, "embedding": v, "uri": f"file:///catalog/{i}.jpg",
+                             "metadata": {"label": label, "content_hash": hashlib.sha256(b).hexdigest()},
+                             "visibility": "public", "updated_at": now}
+                            for (i, b, label), v in zip(catalog, vecs)])
+        store.flush(coll)
+        out.append(coll)
+    return out
 
 
 def _users(exp: Experiment | None, n: int, share: float) -> list[str]:
-    """An ``X-User-Id`` per query: with an experiment, ids chosen so that exactly the first
-    ``round(n * share)`` queries (spread evenly: every other one at 0.5) land in it."""
+    """An ``X-User-Id`` per query: with an experiment, ids chosen so that exactly
+    ``round(n * share)`` of the queries, spread evenly (every other one at 0.5), land in it."""
     inside = {int(i) for i in np.round(np.arange(round(n * share)) / share)} & set(range(n))
     out = []
     for q in range(n):
@@ -408,110 +411,139 @@ def _users(exp: Experiment | None, n: int, share: float) -> list[str]:
     return out
 
 
-def _send(url: str, photos: list[bytes], users: list[str], clients: int, k: int = 10):
-    """Every query once, on ``clients`` threads (one HTTP session each): per query the client's
-    seconds and the arm the answer names; and the wall time of all."""
-    local = threading.local()
+class _Clients:
+    """``n`` client threads, each with its own keep-alive HTTP session, for the whole run."""
 
-    def one(q: int):
-        if not hasattr(local, "s"):
-            local.s = requests.Session()
-        s = local.s
+    def __init__(self, n: int):
+        self.n, self.pool, self.local = n, ThreadPoolExecutor(n), threading.local()
+
+    def _one(self, url: str, photo: bytes, user: str, k: int = 10) -> tuple[float, str | None]:
+        if not hasattr(self.local, "s"):
+            self.local.s = requests.Session()
         t0 = time.perf_counter()
-        r = s.post(f"{url}/search", files={"image": ("q.jpg", photos[q], "image/jpeg")}, data={"k": str(k)},
-                   headers={USER_HEADER: users[q]}, timeout=60)
+        r = self.local.s.post(f"{url}/search", files={"image": ("q.jpg", photo, "image/jpeg")},
+                              data={"k": str(k)}, headers={USER_HEADER: user}, timeout=60)
         dt = time.perf_counter() - t0
         if r.status_code != 200:
             raise RuntimeError(f"search answered {r.status_code}: {r.text[:300]}")
         return dt, (r.json().get("experiment") or {}).get("arm")
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        out = list(pool.map(one, range(len(photos))))
-    return out, time.perf_counter() - t0
+    def send(self, url: str, photos: list[bytes], users: list[str]) -> tuple[list, float]:
+        """Each query once, ``n`` at a time: per query the seconds and the arm the answer names;
+        the wall time of all."""
+        t0 = time.perf_counter()
+        out = list(self.pool.map(lambda q: self._one(url, photos[q], users[q]), range(len(photos))))
+        return out, time.perf_counter() - t0
+
+    def close(self):
+        self.pool.shutdown()
 
 
 def service_latency(args) -> list[dict] | None:
     """(3): the search service's latency with no experiment, an A/B and an interleaving
     experiment (share ``args.service_share``), measured in one run on live local processes: a
-    ``milvus-lite server``, two model versions (the default model and a copy under another
-    version: the same cost per query) each with its own embedder server, two collections of the
-    same catalog built through them with the operator's model records, and ``vsearch serve
-    search --embedder-url`` over the serving alias; the experiment is the serving collection's
-    ``vsearch.experiment`` property, as the operator writes it. A fixed set of queries, each with
-    an ``X-User-Id`` (the share of them in the experiment exactly the experiment's share), is
-    sent by 1 client and by ``args.service_clients`` concurrent ones, in ``args.service_rounds``
-    rounds that visit the three settings in turn (a slow moment of a shared machine then touches
-    all three). Latency is the client's, per query. Rows ``{"label", "clients", "p50", "p99",
-    "qps", "n"}`` (ms; qps None for a subset of a run's queries), the baseline first per client
-    count; None when ``args.no_service``."""
+    ``milvus-lite server``; two model versions (the default model and a copy under another
+    version: the same cost per query), each with its own embedder server; a candidate
+    collection and three serving collections of the same catalog, built through the embedders
+    with the operator's model records, each behind its own alias with its own ``vsearch serve
+    search --embedder-url`` (one search service per setting, so the settings alternate query by
+    query and a slow moment of the shared machine touches all three alike). The experiments are
+    the serving collections' ``vsearch.experiment`` property, as the operator writes it.
+
+    A fixed set of queries, each with an ``X-User-Id`` (exactly the experiment's share of them in
+    it), is sent by 1 client (the three settings in turn at each query) and by
+    ``args.service_clients`` concurrent ones (in blocks of 4 per client, the settings in turn),
+    ``args.service_rounds`` times. Latency is the client's. Rows ``{"label", "clients", "p50",
+    "p99", "qps", "n"}`` (ms; qps None for a subset of a run's queries), per client count the
+    baseline first; None when ``args.no_service``."""
     if args.no_service:
         return None
     workdir = Path(tempfile.mkdtemp(prefix="bench-experiment-"))
-    services, store, made, alias = [], None, [], "bench_exp"
+    services, store, made, clients = [], None, [], []
+    aliases = {d: f"bench_exp_{d or 'none'}" for _, d in SERVICE_DESIGNS}
     try:
         milvus = start_milvus_lite_server(workdir / "milvus", log_path=workdir / "milvus.log")
         services.append(milvus)
         ports = free_port(), free_port()
         urls = [f"http://127.0.0.1:{p}" for p in ports]
-        with ThreadPoolExecutor(3) as pool:        # the three servers start together
+        with ThreadPoolExecutor(5) as pool:        # the five servers start together
             started = [pool.submit(start_embedder, d, port=port, log_path=workdir / f"embedder-{i}.log",
-                                   extra=("--threads", "1"), timeout=180)
+                                   extra=("--threads", "1"), timeout=240)
                        for i, (d, port) in enumerate(zip((default_model_dir(), _candidate_model(workdir)), ports))]
-            started.append(pool.submit(
-                start_search, "--milvus-uri", milvus.uri, "--alias", alias, "--embedder-url", urls[0],
-                "--allowed-embedder-urls", urls[1], "--query-store", "", "--threads", "1",
-                log_path=workdir / "search.log", timeout=180))
+            started += [pool.submit(start_search, "--milvus-uri", milvus.uri, "--alias", aliases[d],
+                                    "--embedder-url", urls[0], "--allowed-embedder-urls", urls[1],
+                                    "--query-store", "", "--threads", "1",
+                                    log_path=workdir / f"search-{d}.log", timeout=240)
+                        for _, d in SERVICE_DESIGNS]
             catalog = _catalog(args.service_catalog, workdir)
             try:
-                serving_emb, cand_emb, search = [f.result() for f in started]
+                serving_emb, cand_emb, *searches = [f.result() for f in started]
             finally:
                 services += [f.result() for f in started if f.exception() is None]
         store = MilvusStore(milvus.uri, timeout=60)
         smeta, cmeta = read_meta(default_model_dir()), read_meta(workdir / "candidate-model")
-        made.append(_build(store, serving_emb.url, smeta.version, "serving", catalog, alias))
-        made.append(_build(store, cand_emb.url, cmeta.version, "candidate", catalog, alias))
-        with _quiet("pymilvus"):                   # it logs the alias it looks up first as an error
-            store.switch_alias(alias, made[0])
+        made += _build(store, serving_emb.url, smeta.version, [f"bench_serving_{d or 'none'}"
+                                                                for _, d in SERVICE_DESIGNS], catalog)
+        made += _build(store, cand_emb.url, cmeta.version, ["bench_candidate"], catalog)
+        serving, candidate = dict(zip((d for _, d in SERVICE_DESIGNS), made[:3])), made[3]
+        url = {d: s.url for (_, d), s in zip(SERVICE_DESIGNS, searches)}
         step = max(1, len(catalog) // args.service_queries)
         photos = [b for _, b, _ in catalog[::step][:args.service_queries]]
         now = int(time.time() * 1000)
-        exps = {d: None if d is None else new_experiment(d, args.service_share, made[1], made[0], now)
+        exps = {d: None if d is None else new_experiment(d, args.service_share, candidate, serving[d], now)
                 for _, d in SERVICE_DESIGNS}
         users = {d: _users(e, len(photos), args.service_share) for d, e in exps.items()}
+        one, many = _Clients(1), _Clients(args.service_clients)
+        clients += [one, many]
+        for _, d in SERVICE_DESIGNS:
+            with _quiet("pymilvus"):               # it logs the alias it looks up first as an error
+                store.switch_alias(aliases[d], serving[d])
+            if exps[d] is not None:
+                store.set_collection_property(serving[d], EXPERIMENT_KEY, exps[d].to_json())
+            _wait_for(url[d], photos[0], users[d][0], exps[d])
+            one.send(url[d], photos[:4], users[d][:4])                 # warm-up
         got: dict[tuple, list] = {}
         walls: dict[tuple, float] = {}
+        order = [d for _, d in SERVICE_DESIGNS]
+
+        def run(c: _Clients, d, qs: list[int]):
+            out, wall = c.send(url[d], [photos[q] for q in qs], [users[d][q] for q in qs])
+            got.setdefault((d, c.n), []).extend(out)
+            walls[(d, c.n)] = walls.get((d, c.n), 0.0) + wall
+
+        block = 4 * many.n
         for rnd in range(args.service_rounds):
-            for _, design in SERVICE_DESIGNS[rnd % 3:] + SERVICE_DESIGNS[:rnd % 3]:
-                exp = exps[design]
-                store.set_collection_property(made[0], EXPERIMENT_KEY, exp.to_json() if exp else "")
-                _wait_for(search.url, photos[0], users[design][0], exp)
-                _send(search.url, photos[:4], users[design][:4], 1)                  # warm-up
-                for clients in (1, args.service_clients):
-                    rep = 1 if clients == 1 else 2         # concurrent: each query twice (a steadier load)
-                    out, wall = _send(search.url, photos * rep, users[design] * rep, clients)
-                    got.setdefault((design, clients), []).extend(out)
-                    walls[(design, clients)] = walls.get((design, clients), 0.0) + wall
+            for q in range(len(photos)):
+                turn = (q + rnd) % 3
+                for d in order[turn:] + order[:turn]:
+                    run(one, d, [q])
+            qs = list(range(len(photos))) * 2                          # each query twice: a steadier load
+            for b in range(0, len(qs), block):
+                turn = (b // block + rnd) % 3
+                for d in order[turn:] + order[:turn]:
+                    run(many, d, qs[b:b + block])
         rows = []
-        store.set_collection_property(made[0], EXPERIMENT_KEY, "")
-        for clients in (1, args.service_clients):
-            for label, design in SERVICE_DESIGNS:
-                out = got[(design, clients)]
+        for c in (one, many):
+            for label, d in SERVICE_DESIGNS:
+                out = got[(d, c.n)]
                 ms = np.array([dt for dt, _ in out]) * 1000
-                name = label if design is None else f"{label}, share {args.service_share:g}"
-                rows.append({"label": name, "clients": clients, "p50": float(np.percentile(ms, 50)),
-                             "p99": float(np.percentile(ms, 99)), "qps": len(ms) / walls[(design, clients)],
-                             "n": len(ms)})
-                if design is not None:
-                    inside = np.array([dt for dt, arm in out if arm in (CANDIDATE, INTERLEAVED)]) * 1000
-                    want = round(len(photos) * args.service_share) * args.service_rounds * (1 if clients == 1 else 2)
-                    if len(inside) != want:
-                        raise RuntimeError(f"{label}: {len(inside)} answers in the experiment, expected {want}")
-                    rows.append({"label": "  " + INSIDE_LABEL[design], "clients": clients,
-                                 "p50": float(np.percentile(inside, 50)), "p99": float(np.percentile(inside, 99)),
-                                 "qps": None, "n": len(inside)})
+                name = label if d is None else f"{label}, share {args.service_share:g}"
+                rows.append({"label": name, "clients": c.n, "p50": float(np.percentile(ms, 50)),
+                             "p99": float(np.percentile(ms, 99)), "qps": len(ms) / walls[(d, c.n)], "n": len(ms)})
+                arms = {arm for _, arm in out}
+                if d is None:
+                    if arms != {None}:
+                        raise RuntimeError(f"answers without an experiment named arms {arms}")
+                    continue
+                inside = np.array([dt for dt, arm in out if arm in (CANDIDATE, INTERLEAVED)]) * 1000
+                if abs(len(inside) / len(out) - args.service_share) > 1 / len(photos):
+                    raise RuntimeError(f"{label}: {len(inside)} of {len(out)} answers in the experiment")
+                rows.append({"label": "  " + INSIDE_LABEL[d], "clients": c.n, "p50": float(np.percentile(inside, 50)),
+                             "p99": float(np.percentile(inside, 99)), "qps": None, "n": len(inside)})
         return rows
     finally:
+        for c in clients:
+            c.close()
         for svc in reversed(services):
             svc.stop()
         if store is not None:
@@ -609,12 +641,12 @@ def main(argv=None) -> int:
     if lat is None:
         print("skipped (--no-service)")
     else:
-        print(f"milvus-lite server, two model versions (the default model and a copy: the same cost) each with its own "
-              f"embedder server, {args.service_catalog} photos in each collection, vsearch serve search; "
-              f"{args.service_queries} query photos per round ({args.service_clients} clients: each sent twice), "
-              f"{args.service_rounds} rounds over the three settings, top 10, an X-User-Id each; experiments "
-              f"with share {args.service_share:g} (exactly that share of the queries in them); latency as the "
-              f"client sees it")
+        print(f"milvus-lite server; two model versions (the default model and a copy: the same cost), each with its "
+              f"own embedder server; {args.service_catalog} photos in each collection; one vsearch serve search per "
+              f"setting, the settings in turn query by query (1 client) or block by block ({args.service_clients} "
+              f"clients); {args.service_queries} query photos (with {args.service_clients} clients each sent twice) "
+              f"x {args.service_rounds} rounds, top 10, an X-User-Id each; experiments with share "
+              f"{args.service_share:g} (exactly that share of the queries in them); latency as the client sees it")
         print(f"{'setting':<40} {'clients':>7} {'queries':>7} {'p50 ms':>8} {'p99 ms':>8} {'QPS':>7} {'p50 vs none':>12}")
         base = {r["clients"]: r["p50"] for r in lat if r["label"] == "no experiment"}
         for r in lat:
