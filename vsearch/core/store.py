@@ -331,6 +331,17 @@ class MilvusStore:
         desc = self._call("describe_collection", "describe_collection", name_or_alias, timeout=timeout)
         return parse_model_record((desc.get("properties") or {}).get(MODEL_RECORD_KEY) or "")
 
+    def set_collection_property(self, name: str, key: str, value: str, *, timeout: float | None = None) -> None:
+        """Write the collection property ``key`` of collection ``name`` (a collection's name,
+        not an alias); ``""`` ends what it said (Milvus cannot drop a
+        property on every server: the readers take ``""`` as absent). One ``alter_collection_properties``
+        call, idempotent. Used for ``vsearch.experiment`` (:mod:`vsearch.core.experiment`)."""
+        _check_name(name)
+        if not isinstance(value, str) or len(value) > 4000:
+            raise ValueError(f"a collection property is a string of at most 4000 characters: {key}")
+        self._call("alter_collection_properties", "alter_collection_properties", name,
+                   properties={key: value}, timeout=timeout)
+
     def resolve(self, alias: str, *, timeout: float | None = None) -> tuple[str, dict | None]:
         """``(collection, model record or None)`` that ``alias`` names now (a collection name
         resolves to itself). Raises :class:`StoreNotFound` when neither exists."""

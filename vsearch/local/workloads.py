@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..core.fetch import FetchConfig, Fetcher
 from ..core.store import MilvusStore
+from ..operators.experiments import TopicEvents
 from ..operators.kafka_groups import KafkaGroups
 from ..operators.rollout import Env, reconcile
 from ..operators.spec import IndexSpec
@@ -108,7 +109,7 @@ class LocalRollout:
                                                    file_roots=roots, allow_networks=trust.fetch_allow_networks)),
                        query_fetcher=Fetcher(FetchConfig(schemes=("http", "https"), file_roots=(),
                                                          allow_networks=trust.fetch_allow_networks)),
-                       trust=trust)
+                       trust=trust, events=TopicEvents())
 
     @property
     def status(self) -> dict:
@@ -146,7 +147,7 @@ class LocalRollout:
             msg = out.status.get("message")
             if on_tick is not None:
                 on_tick(out)
-            elif msg not in (last_msg, self._said) and out.phase == "Backfilling":
+            elif msg not in (last_msg, self._said) and out.phase in ("Backfilling", "Experimenting"):
                 self.printer(f"    {msg}")
             last_msg = msg
             if time.monotonic() > deadline:
