@@ -1,0 +1,162 @@
+"""The rollout's ``Experimenting`` phase end to end: ``vsearch operator`` (kopf) against kmock's
+Kubernetes API, real Milvus (``milvus-lite server``: the experiment is the serving collection's
+property ``vsearch.experiment``) and the real Tansu broker carrying the search events the
+analysis reads. The events are written here as the search services write them (the contract's
+§2: each impression and click with the experiment's id, arm and unit), so that the figures are
+known exactly; the search service's side has its own tests.
+
+Each index starts in ``Verifying`` with its two versions' collections made here and a gate
+with no checks, so no embedder has to start: the phase under test is what follows the gate."""
+
+from __future__ import annotations
+
+import json
+
+from tests.fixtures.cluster import searchindex
+from tests.fixtures.operators import unique
+from vsearch.core.experiment import EXPERIMENT_KEY
+from vsearch.core.kafka import ensure_topics, send_and_confirm
+from vsearch.core.search_events import encode
+from vsearch.core.store import MilvusStore
+from vsearch.operators.spec import ModelRef, VersionRef
+
+DIM = 8
+TS = 1_764_670_000_000
+
+
+def versions(name: str) -> tuple[VersionRef, VersionRef]:
+    return tuple(VersionRef.of(name, "vs", ModelRef("m", v, f"/models/{v}")) for v in ("1", "2"))
+
+
+def prepare(cluster, store: MilvusStore, *, name: str, broker: str, milvus: str, experiment: dict) -> dict:
+    """Index ``name``: version 1 serves (its alias), version 2 passed the backfill; both collections
+    exist with their model records; the SearchIndex is created in ``Verifying``."""
+    v1, v2 = versions(name)
+    alias = unique("x_")
+    for v in (v1, v2):
+        store.ensure_model_collection(v.collection, DIM, {"model": v.model, "version": v.version,
+                                                         "embedder_url": "", "searchindex": v.owner})
+    store.switch_alias(alias, v1.collection)
+    topic = unique("events-")
+    ensure_topics(broker, {topic: 2})
+    obj = searchindex(name, bootstrap=broker, topic=unique("catalog-"), milvus_uri=milvus, alias=alias,
+                      model="m", version="2", uri="/models/2", requireApproval=True,
+                      gate={"sampleSize": 0, "requireOfflineVerdict": False},
+                      experiment={"enabled": True, "eventsTopic": topic, **experiment})
+    obj["status"] = {"phase": "Verifying",
+                     "serving": {**v1.to_status(), "since": "2026-01-01T00:00:00Z"},
+                     "candidate": {**v2.to_status(), "embedderUrl": "http://127.0.0.1:9", "dim": DIM,
+                                   "startedAt": "2026-01-01T00:00:00Z", "attempts": 0}}
+    status = obj.pop("status")
+    cluster.api.create("searchindexes", obj)
+    cluster.api.patch("searchindexes", name, {"status": status}, sub="status")
+    return {"alias": alias, "topic": topic, "serving": v1, "candidate": v2}
+
+
+def search_events(exp: dict, arm: str, units: range, clicks_of, *, took_ms: float = 40.0) -> list:
+    """One search per unit in ``arm``, its impression (5 results) and the clicks ``clicks_of(i)``
+    names (ranks), as the search service writes them."""
+    out = []
+    for i in units:
+        qid = f"{exp['id']}-{arm}-{i}"
+        x = {"id": exp["id"], "design": exp["design"], "arm": arm, "unit": f"{arm[0]}{i:015x}"}
+        results = [{"id": f"item-{r}", "rank": r, "score": 1 - r / 10} for r in range(1, 6)]
+        version = exp["candidate" if arm == "candidate" else "serving"]
+        out.append((qid.encode(), encode({"schema": 1, "type": "impression", "query_id": qid, "query_hash": qid,
+                                          "model_version": version, "results": results, "ts": TS + i,
+                                          "took_ms": took_ms, "error": False, "experiment": x})))
+        for rank in clicks_of(i):
+            out.append((qid.encode(), encode({"schema": 1, "type": "click", "query_id": qid, "query_hash": qid,
+                                              "item_id": f"item-{rank}", "rank": rank, "model_version": version,
+                                              "ts": TS + i + 1, "experiment": x})))
+    return out
+
+
+def started(cluster, name: str) -> dict:
+    return cluster.wait_for(name, lambda s: (s.get("experiment") or {}).get("propertyWritten"), 60,
+                            "the experiment started")["status"]["experiment"]
+
+
+def prop(store: MilvusStore, collection: str) -> str | None:
+    return (store.client.describe_collection(collection).get("properties") or {}).get(EXPERIMENT_KEY)
+
+
+def test_experiments_start_promote_abort_survive_sigkill_without_double_counting_and_refuse_bad_specs(
+        cluster, broker, milvus_server_uri):
+    """One operator, four indexes: "better" (killed while it experiments), "worse", "slow" (a
+    guardrail) and "bad" (an invalid experiment spec)."""
+    with MilvusStore(milvus_server_uri) as store:
+        ix = prepare(cluster, store, name="better", broker=broker, milvus=milvus_server_uri,
+                     experiment={"minUnits": 60, "share": 0.2})
+        worse = prepare(cluster, store, name="worse", broker=broker, milvus=milvus_server_uri,
+                        experiment={"minUnits": 60})
+        slow = prepare(cluster, store, name="slow", broker=broker, milvus=milvus_server_uri,
+                       experiment={"minUnits": 60, "guardrails": {"maxP99Ratio": 1.5}})
+        cluster.api.create("searchindexes", searchindex(
+            "bad", bootstrap=broker, topic="c", milvus_uri=milvus_server_uri, alias="bad_a", model="m", version="1",
+            uri="/m", experiment={"enabled": True, "share": 0.7, "design": "bandit"}))
+        cluster.start_operator()
+
+        exp = started(cluster, "better")
+        assert exp["id"].startswith("exp-") and exp["design"] == "ab" and exp["share"] == 0.2
+        assert exp["servingCollection"] == ix["serving"].collection and exp["candidate"] == "2"
+        written = json.loads(prop(store, ix["serving"].collection))
+        assert written == {"id": exp["id"], "design": "ab", "share": 0.2, "salt": exp["salt"],
+                           "candidate": ix["candidate"].collection, "serving": ix["serving"].collection,
+                           "started": exp["started"]}
+        # the first half: serving users click 1 search in 10, the candidate's 6 in 10 (two results each)
+        first = (search_events(exp, "serving", range(40), lambda i: [1] if i % 10 == 0 else [])
+                 + search_events(exp, "candidate", range(40), lambda i: [1, 2] if i % 10 < 6 else []))
+        send_and_confirm(broker, ix["topic"], first)
+        # "worse": the candidate's users click 1 in 10, serving's 5 in 10
+        e_worse, e_slow = started(cluster, "worse"), started(cluster, "slow")
+        send_and_confirm(broker, worse["topic"],
+                         search_events(e_worse, "serving", range(80), lambda i: [1] if i % 10 < 5 else [])
+                         + search_events(e_worse, "candidate", range(80), lambda i: [1] if i % 10 == 0 else []))
+        # "slow": clicks alike, but the candidate answers 10x slower
+        send_and_confirm(broker, slow["topic"],
+                         search_events(e_slow, "serving", range(80), lambda i: [1] if i % 2 else [], took_ms=40)
+                         + search_events(e_slow, "candidate", range(80), lambda i: [1] if i % 2 else [],
+                                         took_ms=400))
+        st = cluster.wait_for("better", lambda s: ((s.get("experiment") or {}).get("arms") or {})
+                              .get("candidate", {}).get("impressions") == 40, 60, "the first half counted")["status"]
+        assert st["phase"] == "Experimenting" and st["experiment"]["decision"] == "continue", st["experiment"]
+        assert st["experiment"]["arms"]["serving"]["clicks"] == 4 and st["experiment"]["arms"]["candidate"]["clicks"] == 48
+
+        cluster.kill_operator()                          # SIGKILL while Experimenting
+        # the second half, and the first one delivered again (a producer's retry, a replay)
+        second = (search_events(exp, "serving", range(40, 80), lambda i: [1] if i % 10 == 0 else [])
+                  + search_events(exp, "candidate", range(40, 80), lambda i: [1, 2] if i % 10 < 6 else []))
+        send_and_confirm(broker, ix["topic"], second + first)
+        cluster.start_operator()
+        st = cluster.wait_phase("better", "AwaitingApproval", 60)["status"]
+        e = st["experiment"]
+        assert (e["id"], e["salt"], e["started"]) == (exp["id"], exp["salt"], exp["started"])   # the same one
+        arms = e["arms"]
+        assert (arms["serving"]["impressions"], arms["serving"]["clicks"]) == (80, 8), arms
+        assert (arms["candidate"]["impressions"], arms["candidate"]["clicks"]) == (80, 96), arms
+        assert arms["serving"]["units"] == arms["candidate"]["units"] == 80
+        assert e["decision"] == "promote" and e["decidedAt"] and e["endedAt"], e
+        assert prop(store, ix["serving"].collection) == ""              # the search services stop it
+        assert store.describe_alias(ix["alias"]) == ix["serving"].collection      # the switch waits for approval
+        assert f"experiment {exp['id']}" in st["message"] and "promote" in st["message"]
+        reasons = [ev.get("reason") for ev in cluster.events("better")]
+        for r in ("Experimenting", "ExperimentStarted", "ExperimentDecided", "AwaitingApproval"):
+            assert r in reasons, reasons
+        assert reasons.count("ExperimentStarted") == 1, reasons
+
+        for name, x in (("worse", worse), ("slow", slow)):
+            st = cluster.wait_for(name, lambda s: s.get("phase") == "Failed" and not s.get("candidate"), 60,
+                                  "Failed, candidate retired")["status"]
+            assert st["reason"] == "ExperimentLost" and st["failed"]["reason"] == "ExperimentLost", st
+            assert st["experiment"]["decision"] == "abort" and st["experiment"]["endedAt"], st["experiment"]
+            assert "serving CTR" in st["message"] and "candidate CTR" in st["message"], st["message"]
+            assert "1 keeps serving" in st["message"], st["message"]
+            assert store.describe_alias(x["alias"]) == x["serving"].collection          # serving untouched
+            assert prop(store, x["serving"].collection) == ""
+            assert not store.has_collection(x["candidate"].collection)                  # retired
+        assert "p99" in cluster.index("slow")["status"]["experiment"]["reason"]
+        st = cluster.wait_for("bad", lambda s: s.get("reason") == "InvalidSpec", 30, "InvalidSpec")["status"]
+        assert "spec.rollout.experiment.share: Invalid value: 0.7: should be less than or equal to 0.5" in st["message"]
+        assert ("spec.rollout.experiment.design: Unsupported value: 'bandit': supported values: 'ab', 'interleave'"
+                in st["message"]), st["message"]
