@@ -87,7 +87,7 @@ def test_experiments_start_promote_abort_survive_sigkill_without_double_counting
     guardrail) and "bad" (an invalid experiment spec)."""
     with MilvusStore(milvus_server_uri) as store:
         ix = prepare(cluster, store, name="better", broker=broker, milvus=milvus_server_uri,
-                     experiment={"minUnits": 60, "share": 0.2})
+                     experiment={"minUnits": 150, "share": 0.2})
         worse = prepare(cluster, store, name="worse", broker=broker, milvus=milvus_server_uri,
                         experiment={"minUnits": 60})
         slow = prepare(cluster, store, name="slow", broker=broker, milvus=milvus_server_uri,
@@ -104,38 +104,38 @@ def test_experiments_start_promote_abort_survive_sigkill_without_double_counting
         assert written == {"id": exp["id"], "design": "ab", "share": 0.2, "salt": exp["salt"],
                            "candidate": ix["candidate"].collection, "serving": ix["serving"].collection,
                            "started": exp["started"]}
-        # the first half: serving users click 1 search in 10, the candidate's 6 in 10 (two results each)
-        first = (search_events(exp, "serving", range(40), lambda i: [1] if i % 10 == 0 else [])
-                 + search_events(exp, "candidate", range(40), lambda i: [1, 2] if i % 10 < 6 else []))
+        # the first half: serving users click 3 searches in 10, the candidate's 9 in 10
+        first = (search_events(exp, "serving", range(50), lambda i: [1] if i % 10 < 3 else [])
+                 + search_events(exp, "candidate", range(50), lambda i: [1] if i % 10 < 9 else []))
         send_and_confirm(broker, ix["topic"], first)
         # "worse": the candidate's users click 1 in 10, serving's 5 in 10
         e_worse, e_slow = started(cluster, "worse"), started(cluster, "slow")
         send_and_confirm(broker, worse["topic"],
                          search_events(e_worse, "serving", range(80), lambda i: [1] if i % 10 < 5 else [])
                          + search_events(e_worse, "candidate", range(80), lambda i: [1] if i % 10 == 0 else []))
-        # "slow": clicks alike, but the candidate answers 10x slower
+        # "slow": clicks alike, but the candidate answers 10x slower (p99 is judged from 200 searches a side)
         send_and_confirm(broker, slow["topic"],
-                         search_events(e_slow, "serving", range(80), lambda i: [1] if i % 2 else [], took_ms=40)
-                         + search_events(e_slow, "candidate", range(80), lambda i: [1] if i % 2 else [],
+                         search_events(e_slow, "serving", range(200), lambda i: [1] if i % 2 else [], took_ms=40)
+                         + search_events(e_slow, "candidate", range(200), lambda i: [1] if i % 2 else [],
                                          took_ms=400))
         st = cluster.wait_for("better", lambda s: ((s.get("experiment") or {}).get("arms") or {})
-                              .get("candidate", {}).get("impressions") == 40, 60, "the first half counted")["status"]
+                              .get("candidate", {}).get("impressions") == 50, 60, "the first half counted")["status"]
         assert st["phase"] == "Experimenting" and st["experiment"]["decision"] == "continue", st["experiment"]
-        assert st["experiment"]["arms"]["serving"]["clicks"] == 4 and st["experiment"]["arms"]["candidate"]["clicks"] == 48
+        assert st["experiment"]["arms"]["serving"]["clicks"] == 15 and st["experiment"]["arms"]["candidate"]["clicks"] == 45
 
         cluster.kill_operator()                          # SIGKILL while Experimenting
         # the second half, and the first one delivered again (a producer's retry, a replay)
-        second = (search_events(exp, "serving", range(40, 80), lambda i: [1] if i % 10 == 0 else [])
-                  + search_events(exp, "candidate", range(40, 80), lambda i: [1, 2] if i % 10 < 6 else []))
+        second = (search_events(exp, "serving", range(50, 100), lambda i: [1] if i % 10 < 3 else [])
+                  + search_events(exp, "candidate", range(50, 100), lambda i: [1] if i % 10 < 9 else []))
         send_and_confirm(broker, ix["topic"], second + first)
         cluster.start_operator()
         st = cluster.wait_phase("better", "AwaitingApproval", 60)["status"]
         e = st["experiment"]
         assert (e["id"], e["salt"], e["started"]) == (exp["id"], exp["salt"], exp["started"])   # the same one
         arms = e["arms"]
-        assert (arms["serving"]["impressions"], arms["serving"]["clicks"]) == (80, 8), arms
-        assert (arms["candidate"]["impressions"], arms["candidate"]["clicks"]) == (80, 96), arms
-        assert arms["serving"]["units"] == arms["candidate"]["units"] == 80
+        assert (arms["serving"]["impressions"], arms["serving"]["clicks"]) == (100, 30), arms
+        assert (arms["candidate"]["impressions"], arms["candidate"]["clicks"]) == (100, 90), arms
+        assert arms["serving"]["units"] == arms["candidate"]["units"] == 100
         assert e["decision"] == "promote" and e["decidedAt"] and e["endedAt"], e
         assert prop(store, ix["serving"].collection) == ""              # the search services stop it
         assert store.describe_alias(ix["alias"]) == ix["serving"].collection      # the switch waits for approval

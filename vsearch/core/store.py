@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 FIELDS = ("id", "embedding", "uri", "metadata", "visibility", "updated_at")
 DEFAULT_OUTPUT_FIELDS = ("uri", "metadata", "visibility")
 MODEL_RECORD_KEY = "vsearch.model"     # collection property holding the model that built it
+MAX_PROPERTY_CHARS = 16_000           # a collection property's value (kept in Milvus' metadata store)
 UPSERT_CHUNK = 1000                  # rows per upsert call (keeps gRPC messages small)
 METRICS = ("IP", "COSINE")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -327,18 +328,30 @@ class MilvusStore:
         """The model record of a collection (or of the collection an alias names):
         ``{"model", "version", "model_id", "embedder_url", "dim", ...}``, or None when the
         collection was created without one."""
+        props = self.collection_properties(name_or_alias, timeout=timeout)
+        return parse_model_record(props.get(MODEL_RECORD_KEY) or "")
+
+    def collection_properties(self, name_or_alias: str, *, timeout: float | None = None) -> dict[str, str]:
+        """The properties of a collection (or of the collection an alias names), in one
+        ``describe_collection`` call: ``{key: text}`` (``vsearch.model``, ``vsearch.experiment``,
+        Milvus' own ones such as ``collection.ttl.seconds``)."""
         _check_name(name_or_alias)
         desc = self._call("describe_collection", "describe_collection", name_or_alias, timeout=timeout)
-        return parse_model_record((desc.get("properties") or {}).get(MODEL_RECORD_KEY) or "")
+        return {str(k): str(v) for k, v in (desc.get("properties") or {}).items()}
 
-    def set_collection_property(self, name: str, key: str, value: str, *, timeout: float | None = None) -> None:
-        """Write the collection property ``key`` of collection ``name`` (a collection's name,
-        not an alias); ``""`` ends what it said (Milvus cannot drop a
-        property on every server: the readers take ``""`` as absent). One ``alter_collection_properties``
-        call, idempotent. Used for ``vsearch.experiment`` (:mod:`vsearch.core.experiment`)."""
+    def set_collection_property(self, name: str, key: str, value: str, *,
+                                timeout: float | None = None) -> None:
+        """Write one property of collection ``name`` (``alter_collection_properties``); ``""``
+        clears it: the Milvus 2.3.5 server cannot drop a property (it refuses
+        ``drop_collection_properties``), so readers treat an empty value as absent. Checked on
+        Milvus Lite, ``milvus-lite server`` and the 2.3.5 standalone server."""
         _check_name(name)
-        if not isinstance(value, str) or len(value) > 4000:
-            raise ValueError(f"a collection property is a string of at most 4000 characters: {key}")
+        if not isinstance(key, str) or not re.match(r"^[A-Za-z0-9_.\-]{1,128}$", key):
+            raise ValueError(f"property key must be 1-128 letters, digits, '.', '_' or '-', got {key!r}")
+        if key == MODEL_RECORD_KEY:
+            raise ValueError(f"{MODEL_RECORD_KEY} is written once, when the collection is created")
+        if not isinstance(value, str) or len(value) > MAX_PROPERTY_CHARS:
+            raise ValueError(f"property value must be text of at most {MAX_PROPERTY_CHARS} characters")
         self._call("alter_collection_properties", "alter_collection_properties", name,
                    properties={key: value}, timeout=timeout)
 

@@ -572,18 +572,20 @@ class Step:
                        f"margin {x.margin}, promote when {x.promote_when}, at least {x.min_units} units")
         failpoints.hit("experiment-started")
         records = self.env.events.read(self.spec.bootstrap, x.events_topic)
-        result = analyze(records, exp.id, stats_policy(x))
+        elapsed = self.now - exp.started / 1000
+        timed_out = elapsed >= x.max_duration_s
+        result = analyze(records, exp.id, stats_policy(x), timed_out=timed_out)
         failpoints.hit("experiment-after-look")
         e.update({k: v for k, v in result.items() if k not in OWN})
         e.update(looks=int(e.get("looks") or 0) + 1, lookedAt=iso(self.now), events=len(records))
         c["attempts"] = 0                     # a look that worked: transient failures count afresh
         decision = result.get("decision")
-        elapsed = self.now - exp.started / 1000
-        if decision not in DECISIONS and elapsed >= x.max_duration_s:
-            e.update(decision=x.on_timeout, timedOut=True,
-                     reason=f"maxDurationSeconds ({x.max_duration_s}) reached without a decision "
-                            f"({result.get('reason') or 'no reason given'}): onTimeout={x.on_timeout}")
-            decision = x.on_timeout
+        if timed_out and (decision not in DECISIONS or result.get("code") == "Timeout"):
+            e["timedOut"] = True
+            if decision not in DECISIONS:     # the analysis should have applied onTimeout itself
+                e.update(decision=x.on_timeout, reason=f"maxDurationSeconds ({x.max_duration_s}) reached without "
+                                                       f"a decision: onTimeout={x.on_timeout}")
+                decision = x.on_timeout
         if decision in DECISIONS:
             e["decidedAt"] = iso(self.now)       # persisted before the property is cleared
             self.event("Normal" if decision == "promote" else "Warning", "ExperimentDecided",
