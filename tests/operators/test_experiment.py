@@ -11,14 +11,17 @@ with no checks, so no embedder has to start: the phase under test is what follow
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 from tests.fixtures.cluster import searchindex
 from tests.fixtures.operators import unique
 from vsearch.core.experiment import EXPERIMENT_KEY
 from vsearch.core.kafka import ensure_topics, send_and_confirm
-from vsearch.core.search_events import encode
+from vsearch.core.search_events import decode, encode
 from vsearch.core.store import MilvusStore
+from vsearch.operators.rollout import Env, reconcile
 from vsearch.operators.spec import ModelRef, VersionRef
+from vsearch.operators.trust import Trust
 
 DIM = 8
 TS = 1_764_670_000_000
@@ -160,3 +163,63 @@ def test_experiments_start_promote_abort_survive_sigkill_without_double_counting
         assert "spec.rollout.experiment.share: Invalid value: 0.7: should be less than or equal to 0.5" in st["message"]
         assert ("spec.rollout.experiment.design: Unsupported value: 'bandit': supported values: 'ab', 'interleave'"
                 in st["message"]), st["message"]
+
+
+class Properties:
+    """The collection properties a step writes (the Milvus side is the end-to-end test's)."""
+
+    def __init__(self):
+        self.props: dict[tuple[str, str], str] = {}
+
+    def set_collection_property(self, name, key, value):
+        self.props[(name, key)] = value
+
+    def has_collection(self, name):
+        return True
+
+
+def step_body(status: dict, experiment: dict) -> dict:
+    obj = searchindex("t", bootstrap="127.0.0.1:1", topic="c", milvus_uri="http://127.0.0.1:2", alias="a",
+                      model="m", version="2", uri="/models/2", requireApproval=True,
+                      gate={"sampleSize": 0, "requireOfflineVerdict": False},
+                      experiment={"enabled": True, "maxDurationSeconds": 600, **experiment})
+    return {**obj, "metadata": {"name": "t", "namespace": "vs", "generation": 1}, "status": status}
+
+
+def test_max_duration_applies_on_timeout_and_a_first_rollout_skips_the_experiment():
+    v1, v2 = VersionRef.of("t", "vs", ModelRef("m", "1", "/models/1")), VersionRef.of("t", "vs", ModelRef("m", "2", "/models/2"))
+    exp = {"id": "exp-00000000000000aa", "design": "ab", "share": 0.1, "salt": "0" * 32, "candidate": "2",
+           "serving": "1", "servingCollection": v1.collection, "candidateCollection": v2.collection,
+           "started": 1_000_000, "startedAt": "1970-01-01T00:16:40Z", "propertyWritten": True, "looks": 3}
+    undecided = [decode(v) for _, v in search_events(exp, "serving", range(20), lambda i: [1] if i % 2 else [])
+                 + search_events(exp, "candidate", range(20), lambda i: [1] if i % 2 else [])]
+    status = {"phase": "Experimenting", "serving": v1.to_status(), "experiment": exp,
+              "candidate": {**v2.to_status(), "embedderUrl": "http://127.0.0.1:9", "attempts": 0}}
+    store = Properties()
+
+    def look(at: float, st: dict, on_timeout: str):
+        env = Env(workloads=None, store=store, groups=None, embedder=lambda url: None, fetcher=None,
+                  query_fetcher=None, now=lambda: at, events=SimpleNamespace(read=lambda bootstrap, topic: undecided),
+                  trust=Trust(milvus_hosts=("127.0.0.1",)))
+        return reconcile("t", "vs", step_body(st, {"onTimeout": on_timeout}), env)
+
+    out = look(1000 + 30, status, "promote")                              # within maxDuration: goes on
+    assert out.phase == "Experimenting" and out.status["experiment"]["decision"] == "continue"
+    assert out.status["experiment"]["looks"] == 4 and "timedOut" not in out.status["experiment"]
+    assert json.loads(store.props[(v1.collection, EXPERIMENT_KEY)])["id"] == exp["id"]
+    for on_timeout, phase in (("promote", "AwaitingApproval"), ("abort", "Failed")):
+        out = look(1000 + 601, status, on_timeout)                       # maxDuration over: decided, persisted
+        e = out.status["experiment"]
+        assert out.phase == "Experimenting" and e["decision"] == on_timeout and e["timedOut"] is True, e
+        assert "onTimeout=" + on_timeout in e["reason"] and not e.get("endedAt")
+        out = look(1000 + 602, out.status, on_timeout)                    # then ended and acted on
+        assert out.phase == phase and out.status["experiment"]["endedAt"], out.status
+        assert store.props[(v1.collection, EXPERIMENT_KEY)] == ""
+        assert ("timed out " + on_timeout) in out.status["message"]
+    assert out.status["reason"] == "ExperimentLost" and "1 keeps serving" in out.status["message"]
+
+    # the first version of an index: nothing serves to experiment against
+    first = {"phase": "Verifying", "candidate": {**v2.to_status(), "embedderUrl": "http://127.0.0.1:9"}}
+    out = look(5000, first, "abort")
+    assert out.phase == "AwaitingApproval" and "no online experiment" in out.status["message"]
+    assert "no version serves" in out.status["experiment"]["skipped"]
