@@ -4,7 +4,7 @@ of the cluster and of local runs), the analysis' policy from the spec (:func:`st
 the one-line summary of a look's figures (:func:`summary`).
 
 Counting exactly once: every look re-reads the topic from its beginning (no consumer group, no
-committed offsets: :func:`vsearch.core.search_events.read_all`) and the analysis counts through
+committed offsets, as :func:`vsearch.core.search_events.read_all`) and the analysis counts through
 :func:`vsearch.core.search_events.count_clicks` (an impression once per query id, a click once per
 query and item), so a look repeated after an operator crash counts the same events the same way:
 nothing in the status is added to, every figure is recomputed from the log. The price is a read
@@ -14,9 +14,12 @@ events); an experiment's status never holds partial counts that a crash could lo
 from __future__ import annotations
 
 import logging
+import time
+
+from kafka import KafkaConsumer, TopicPartition
 
 from ..core.experiment_stats import Policy as StatsPolicy
-from ..core.search_events import read_all
+from ..core.search_events import BadSearchEvent, decode
 from .spec import Experiment
 
 log = logging.getLogger(__name__)
@@ -27,25 +30,51 @@ OWN = ("id", "share", "salt", "candidate", "serving", "servingCollection", "cand
 
 
 class TopicEvents:
-    """The search events of a topic, all of them from its beginning, on each call. ``idle_s``:
-    the read ends when no record came for this long; ``max_s``: on a topic that never falls
-    silent it ends after this long with what it read (a prefix of every partition: still
-    counted exactly once, the next look reads further)."""
+    """The search events of a topic from its beginning, up to the moment of the call, decoded
+    (:func:`vsearch.core.search_events.decode`; a :class:`~vsearch.core.search_events.BadSearchEvent`
+    for a record that is not one). A partition is read until its first record written after the
+    call began (by the record's timestamp; that record is left for the next look) or until no
+    record came for ``idle_s``, so a topic the search services never stop writing still ends
+    (no end offsets: Tansu reports them wrongly); ``max_s`` bounds a read whatever happens. What
+    one look reads is a prefix of every partition: counted once, the next look reads further."""
 
-    def __init__(self, *, idle_s: float = 1.0, max_s: float = 60.0):
+    def __init__(self, *, idle_s: float = 1.0, max_s: float = 120.0):
         self.idle_s, self.max_s = idle_s, max_s
 
     def read(self, bootstrap: str, topic: str) -> list:
+        until_ms = int(time.time() * 1000)
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                 auto_offset_reset="earliest", client_id="vsearch-operator-experiment",
+                                 request_timeout_ms=30_000)
         out: list = []
         try:
-            for rec in read_all(bootstrap, topic, idle_s=self.idle_s, timeout_s=self.max_s,
-                                client_id="vsearch-operator-experiment"):
-                out.append(rec)
-        except LookupError:                 # no search yet made the topic: no events
-            return []
-        except TimeoutError:
-            log.info("%s still delivering after %.0fs: this look counts the %d events read", topic,
-                     self.max_s, len(out))
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                return []                         # no search yet made the topic: no events
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            done: set = set()
+            start = last = time.monotonic()
+            while time.monotonic() - last < self.idle_s and len(done) < len(tps):
+                if time.monotonic() - start > self.max_s:
+                    log.info("%s: a look stops after %.0fs with the %d events read", topic, self.max_s, len(out))
+                    break
+                batch = consumer.poll(timeout_ms=200)
+                if batch:
+                    last = time.monotonic()
+                for tp, msgs in batch.items():
+                    for m in msgs:
+                        if m.timestamp is not None and m.timestamp > until_ms:
+                            done.add(tp)              # written after the look began: the next look's
+                            consumer.pause(tp)
+                            break
+                        try:
+                            out.append(decode(m.value))
+                        except BadSearchEvent as exc:
+                            out.append(BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}"))
+        finally:
+            consumer.close()
         return out
 
 
