@@ -142,7 +142,7 @@ def run_rollout(*, model_dir: str, bootstrap: str, milvus_uri: str, serving: dic
             rounds.stop()
         msg = out.status.get("message")
         if out.phase in ("Backfilling", EXPERIMENTING) and msg not in (said["msg"], ro._said) \
-                and time.monotonic() - said["at"] >= (10 if out.phase == EXPERIMENTING else 0):
+                and time.monotonic() - said["at"] >= (10 if out.phase == EXPERIMENTING else 5):
             print(f"    {msg}", flush=True)
             said.update(msg=msg, at=time.monotonic())
 
