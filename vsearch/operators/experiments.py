@@ -25,7 +25,7 @@ from .spec import Experiment
 log = logging.getLogger(__name__)
 
 # status.experiment fields the rollout owns; the rest of a look's analysis is stored as it comes
-OWN = ("id", "share", "salt", "candidate", "serving", "servingCollection", "candidateCollection", "started",
+OWN = ("id", "design", "share", "salt", "candidate", "serving", "servingCollection", "candidateCollection", "started",
        "startedAt", "propertyWritten", "skipped", "looks", "lookedAt", "events", "timedOut", "decidedAt", "endedAt")
 
 
