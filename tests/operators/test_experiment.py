@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import requests
+
 from tests.fixtures.cluster import searchindex
 from tests.fixtures.operators import unique
 from vsearch.core.experiment import EXPERIMENT_KEY
@@ -147,6 +149,9 @@ def test_experiments_start_promote_abort_survive_sigkill_without_double_counting
         for r in ("Experimenting", "ExperimentStarted", "ExperimentDecided", "AwaitingApproval"):
             assert r in reasons, reasons
         assert reasons.count("ExperimentStarted") == 1, reasons
+        metrics = requests.get(f"{cluster.operator.url}/metrics", timeout=10).text
+        assert 'vsearch_experiment_clicks{arm="candidate",name="better",namespace="vs"} 90.0' in metrics, metrics
+        assert 'vsearch_experiment_decisions_total{decision="promote"} 1.0' in metrics
 
         for name, x in (("worse", worse), ("slow", slow)):
             st = cluster.wait_for(name, lambda s: s.get("phase") == "Failed" and not s.get("candidate"), 60,
