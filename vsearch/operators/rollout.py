@@ -588,7 +588,7 @@ class Step:
                 decision = x.on_timeout
         if decision in DECISIONS:
             e["decidedAt"] = iso(self.now)       # persisted before the property is cleared
-            self.event("Normal" if decision == "promote" else "Warning", "ExperimentDecided",
+            self.event("Normal", "ExperimentDecided",        # an abort's Warning is the Failed one
                        f"experiment {exp.id}: {decision}: {e.get('reason')}; {summary(e)}")
             self.note(f"experiment {exp.id} decided {decision}: {e.get('reason')}")
             return FAST
