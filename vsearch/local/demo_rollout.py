@@ -56,8 +56,8 @@ def rollout_spec(*, bootstrap: str, milvus_uri: str, alias: str, name: str, vers
 
 def demo_experiment(design: str, users: int) -> dict:
     """``spec.rollout.experiment`` of the demo: no decision before ``minUnits`` units (A/B: the
-    users seen, at most ``users``; interleave: queries with a preference)."""
-    min_units = max(20, min(200, users)) if design == "ab" and users else 200
+    users seen, half of the simulated ones, at most 200; interleave: queries with a preference)."""
+    min_units = max(20, min(200, users // 2)) if design == "ab" and users else 200
     return {**DEMO_EXPERIMENT, "design": design, "minUnits": min_units}
 
 

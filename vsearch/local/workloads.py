@@ -110,6 +110,7 @@ class LocalRollout:
                        query_fetcher=Fetcher(FetchConfig(schemes=("http", "https"), file_roots=(),
                                                          allow_networks=trust.fetch_allow_networks)),
                        trust=trust, events=TopicEvents())
+        self.events = self.env.events
 
     @property
     def status(self) -> dict:
@@ -133,8 +134,9 @@ class LocalRollout:
     _said: str | None = None          # the last message printed (a phase's event says it once)
 
     def close(self) -> None:
-        """Close the Kafka admin client: before the broker stops, or it logs the refused reconnects."""
+        """Close the Kafka clients: before the broker stops, or they log the refused reconnects."""
         self.env.groups.close()
+        self.events.close()
 
     def run_until(self, done, timeout: float, poll: float = 0.5, on_tick=None):
         """Step until ``done(status)``; returns the last outcome (TimeoutError after ``timeout``)."""

@@ -14,6 +14,7 @@ events); an experiment's status never holds partial counts that a crash could lo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from kafka import KafkaConsumer, TopicPartition
@@ -36,46 +37,73 @@ class TopicEvents:
     call began (by the record's timestamp; that record is left for the next look) or until no
     record came for ``idle_s``, so a topic the search services never stop writing still ends
     (no end offsets: Tansu reports them wrongly); ``max_s`` bounds a read whatever happens. What
-    one look reads is a prefix of every partition: counted once, the next look reads further."""
+    one look reads is a prefix of every partition: counted once, the next look reads further.
+    One consumer per bootstrap is kept between looks (no group, nothing committed; a read seeks
+    to the beginning), one read at a time on it; :meth:`close` closes them."""
 
     def __init__(self, *, idle_s: float = 1.0, max_s: float = 120.0):
         self.idle_s, self.max_s = idle_s, max_s
+        self._consumers: dict[str, tuple[KafkaConsumer, threading.Lock]] = {}
+        self._lock = threading.Lock()
+
+    def _consumer(self, bootstrap: str) -> tuple[KafkaConsumer, threading.Lock]:
+        with self._lock:
+            if bootstrap not in self._consumers:
+                self._consumers[bootstrap] = (KafkaConsumer(
+                    bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                    auto_offset_reset="earliest", client_id="vsearch-operator-experiment",
+                    request_timeout_ms=30_000), threading.Lock())
+            return self._consumers[bootstrap]
 
     def read(self, bootstrap: str, topic: str) -> list:
         until_ms = int(time.time() * 1000)
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                 auto_offset_reset="earliest", client_id="vsearch-operator-experiment",
-                                 request_timeout_ms=30_000)
+        consumer, lock = self._consumer(bootstrap)
+        with lock:
+            try:
+                return self._read(consumer, topic, until_ms)
+            except Exception:
+                with self._lock:                  # a broken consumer is not kept
+                    self._consumers.pop(bootstrap, None)
+                consumer.close()
+                raise
+
+    def _read(self, consumer: KafkaConsumer, topic: str, until_ms: int) -> list:
         out: list = []
-        try:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                return []                         # no search yet made the topic: no events
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
-            done: set = set()
-            start = last = time.monotonic()
-            while time.monotonic() - last < self.idle_s and len(done) < len(tps):
-                if time.monotonic() - start > self.max_s:
-                    log.info("%s: a look stops after %.0fs with the %d events read", topic, self.max_s, len(out))
-                    break
-                batch = consumer.poll(timeout_ms=200)
-                if batch:
-                    last = time.monotonic()
-                for tp, msgs in batch.items():
-                    for m in msgs:
-                        if m.timestamp is not None and m.timestamp > until_ms:
-                            done.add(tp)              # written after the look began: the next look's
-                            consumer.pause(tp)
-                            break
-                        try:
-                            out.append(decode(m.value))
-                        except BadSearchEvent as exc:
-                            out.append(BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}"))
-        finally:
-            consumer.close()
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return []                             # no search yet made the topic: no events
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.resume(*tps)
+        consumer.seek_to_beginning(*tps)
+        done: set = set()
+        start = last = time.monotonic()
+        while time.monotonic() - last < self.idle_s and len(done) < len(tps):
+            if time.monotonic() - start > self.max_s:
+                log.info("%s: a look stops after %.0fs with the %d events read", topic, self.max_s, len(out))
+                break
+            batch = consumer.poll(timeout_ms=200)
+            if batch:
+                last = time.monotonic()
+            for tp, msgs in batch.items():
+                if tp in done:
+                    continue
+                for m in msgs:
+                    if m.timestamp is not None and m.timestamp > until_ms:
+                        done.add(tp)              # written after the look began: the next look's
+                        consumer.pause(tp)
+                        break
+                    try:
+                        out.append(decode(m.value))
+                    except BadSearchEvent as exc:
+                        out.append(BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}"))
         return out
+
+    def close(self) -> None:
+        with self._lock:
+            consumers, self._consumers = list(self._consumers.values()), {}
+        for consumer, _ in consumers:
+            consumer.close()
 
 
 def stats_policy(x: Experiment) -> StatsPolicy:

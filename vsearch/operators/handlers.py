@@ -119,7 +119,7 @@ def build_env(body: dict, memo: kopf.Memo) -> rollout.Env:
     return rollout.Env(workloads=workloads, store=store, groups=groups,
                        embedder=lambda url: clients.get(("embedder", url), lambda: EmbedderClient(url, timeout=60)),
                        fetcher=memo.fetcher, query_fetcher=memo.query_fetcher, trust=memo.trust,
-                       events=TopicEvents())
+                       events=clients.get(("events",), TopicEvents))
 
 
 def plain(body) -> dict:
