@@ -169,7 +169,8 @@ def beta_binomial_sequence(w: int, f: int, alpha: float, a: float, b: float | No
 
     def excess(p):
         return float(beta_binomial_log_evalue(w, f, p, a, b)) - bound
-    phat, eps = w / (w + f), 1e-12
+    eps = 1e-12
+    phat = min(max(w / (w + f), eps), 1 - eps)
     lo = 0.0 if phat <= eps or excess(eps) < 0 else brentq(excess, eps, phat)
     hi = 1.0 if phat >= 1 - eps or excess(1 - eps) < 0 else brentq(excess, phat, 1 - eps)
     return lo, hi
@@ -255,6 +256,7 @@ class Accumulator:
     clicks: dict = field(default_factory=dict)         # query_id \0 item_id -> slim click
     errors: dict = field(default_factory=dict)         # key -> slim error event
     bad: int = 0
+    duplicate_clicks: int = 0                          # clicks read again (replays and re-reads)
 
     def add(self, rec) -> None:
         if isinstance(rec, BadSearchEvent) or not isinstance(rec, dict) or "_bad" in rec:
@@ -266,25 +268,29 @@ class Accumulator:
             qid = str(rec.get("query_id"))
             if e.get("id") != self.exp_id and not (not e and qid in self.impressions):
                 return
-            self.clicks.setdefault(f"{qid}\0{rec.get('item_id')}", {
-                "type": "click", "query_id": qid, "item_id": str(rec.get("item_id")),
-                "ts": rec.get("ts"), "team": e.get("team")})
+            key = f"{qid}\0{rec.get('item_id')}"
+            if key in self.clicks:
+                self.duplicate_clicks += 1          # what count_clicks would count as "duplicate"
+            else:
+                self.clicks[key] = {"type": "click", "query_id": qid, "item_id": str(rec.get("item_id")),
+                                    "ts": rec.get("ts"), "team": e.get("team")}
             return
         if e.get("id") != self.exp_id:
             return
         if self.design is None and e.get("design") in DESIGNS:
             self.design = e["design"]
-        slim_exp = {"arm": e.get("arm"), "unit": str(e.get("unit") or rec.get("query_hash") or rec.get("query_id"))}
+        slim_exp = {"arm": e.get("arm"), "unit": str(e.get("unit") or rec.get("query_hash") or rec.get("query_id")),
+                    **({"fallback": True} if e.get("fallback") else {})}
         if kind == "impression":
             self.impressions.setdefault(str(rec.get("query_id")), {
                 "type": "impression", "query_id": str(rec.get("query_id")), "ts": rec.get("ts"),
                 "took_ms": rec.get("took_ms"), "experiment": slim_exp,
                 "results": [{"id": str(r.get("id")), **({"team": r["team"]} if "team" in r else {})}
                             for r in rec.get("results") or () if isinstance(r, dict)]})
-        elif kind == "error":
-            key = str(rec["query_id"]) if rec.get("query_id") else _record_key(rec)
-            self.errors.setdefault(key, {"type": "error", "ts": rec.get("ts"), "took_ms": rec.get("took_ms"),
-                                         "experiment": slim_exp})
+        elif kind == "error":       # one per (query, arm): an interleaved query may fail on both sides
+            key = f"{rec['query_id']}\0{e.get('arm')}" if rec.get("query_id") else _record_key(rec)
+            self.errors.setdefault(key, {"type": "error", "query_id": rec.get("query_id"), "ts": rec.get("ts"),
+                                         "took_ms": rec.get("took_ms"), "experiment": slim_exp})
 
     def add_all(self, records: Iterable) -> Accumulator:
         for rec in records:
@@ -293,11 +299,13 @@ class Accumulator:
 
     def state(self) -> dict:
         return {"exp_id": self.exp_id, "design": self.design, "impressions": self.impressions,
-                "clicks": self.clicks, "errors": self.errors, "bad": self.bad}
+                "clicks": self.clicks, "errors": self.errors, "bad": self.bad,
+                "duplicate_clicks": self.duplicate_clicks}
 
     @classmethod
     def from_state(cls, state: dict) -> Accumulator:
-        return cls(**{k: state[k] for k in ("exp_id", "design", "impressions", "clicks", "errors", "bad")})
+        return cls(**{k: state[k] for k in ("exp_id", "design", "impressions", "clicks", "errors", "bad",
+                                            "duplicate_clicks")})
 
     def snapshot(self, policy: Policy | None = None, *, timed_out: bool = False, until_ms=None) -> dict:
         return _analyze(self, policy or Policy(), timed_out=timed_out, until_ms=until_ms)
@@ -309,7 +317,9 @@ class Accumulator:
         if not ts:
             return []
         cuts = np.unique(np.linspace(ts[0], ts[-1], max(2, points)).round().astype(np.int64))
-        return [{"ts": int(t), **{k: v for k, v in self.snapshot(policy, until_ms=int(t)).items()
+        facts = _facts(self, self.design or "ab")
+        return [{"ts": int(t), **{k: v for k, v in _analyze(self, policy or Policy(), timed_out=False,
+                                                               until_ms=int(t), facts=facts).items()
                                   if k in ("arms", "effect", "interleave")}} for t in cuts]
 
 
@@ -331,74 +341,92 @@ def _side(design: str, rec: dict) -> str | None:
     return "serving"
 
 
-def _analyze(acc: Accumulator, policy: Policy, *, timed_out: bool, until_ms=None) -> dict:
-    design = acc.design or "ab"
-    imps = list(acc.impressions.values())
-    errs = list(acc.errors.values())
-    if until_ms is not None:
-        imps = [i for i in imps if isinstance(i.get("ts"), (int, float)) and i["ts"] <= until_ms]
-        errs = [e for e in errs if isinstance(e.get("ts"), (int, float)) and e["ts"] <= until_ms]
-    log = count_clicks([*imps, *acc.clicks.values()])
+@dataclass
+class _Facts:
+    """Per counted impression and per error event, as arrays (computed once, then cut by time)."""
+
+    log: object                  # the ClickLog of all impressions and clicks
+    ts: np.ndarray               # impression time (NaN: none)
+    side: np.ndarray             # 0 serving, 1 candidate, -1 neither (guardrails' sides)
+    arm: np.ndarray              # A/B: 0 serving, 1 candidate, -1 other; interleave: 1 interleaved, 0 outside,
+                                 # 2 fallback (the candidate failed: serving's results alone, no teams)
+    unit: np.ndarray             # unit index
+    credit: np.ndarray           # [n, 2]: counted clicks credited to serving, candidate (A/B: the query's arm)
+    took: np.ndarray             # took_ms (NaN: none)
+    err_ts: np.ndarray
+    err_side: np.ndarray
+    err_alone: np.ndarray        # the error's query has no impression (else the impression counts the search)
+
+
+def _num(x) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
+def _facts(acc: Accumulator, design: str) -> _Facts:
+    log = count_clicks([*acc.impressions.values(), *acc.clicks.values()])
     clicks_by_q: dict[str, list[dict]] = {}
     for c in log.clicks:
         clicks_by_q.setdefault(c["query_id"], []).append(c)
-
-    # per side: searches, errors, latencies; per (arm, unit): impressions, clicks, searches with a click
-    sides = {a: {"searches": 0, "errors": 0, "took": []} for a in ARMS}
-    for imp in log.impressions.values():
-        s = _side(design, imp)
-        if s:
-            sides[s]["searches"] += 1
-            if isinstance(imp.get("took_ms"), (int, float)):
-                sides[s]["took"].append(float(imp["took_ms"]))
-    for err in errs:
-        s = _side(design, err)
-        if s:
-            sides[s]["searches"] += 1
-            sides[s]["errors"] += 1
-    units: dict[str, dict[str, list]] = {a: {} for a in ARMS}       # arm -> unit -> [n, c]
-    swc = {a: 0 for a in ARMS}
-    inter = {"queries": 0, "wins": 0, "losses": 0, "ties": 0, "noClick": 0, "outsideImpressions": 0}
+    units: dict[str, int] = {}
+    rows = []
     for qid, imp in log.impressions.items():
-        unit = imp["experiment"]["unit"]
+        side = _side(design, imp)
         qclicks = clicks_by_q.get(qid, [])
+        credit = [0, 0]
         if design == "ab":
-            arm = imp["experiment"].get("arm")
-            if arm not in ARMS:
-                continue
-            u = units[arm].setdefault(unit, [0, 0])
-            u[0] += 1
-            u[1] += len(qclicks)
-            swc[arm] += bool(qclicks)
-            continue
-        teams = {r["id"]: r.get("team") for r in imp["results"]}
-        if not any(teams.values()):
-            inter["outsideImpressions"] += 1
-            continue
-        credit = {a: 0 for a in ARMS}
-        for c in qclicks:
-            team = teams.get(c["item_id"]) or c.get("team")
-            if team in credit:
-                credit[team] += 1
-        inter["queries"] += 1
-        for a in ARMS:
-            u = units[a].setdefault(unit, [0, 0])
-            u[0] += 1
-            u[1] += credit[a]
-            swc[a] += credit[a] > 0
-        if credit["candidate"] > credit["serving"]:
-            inter["wins"] += 1
-        elif credit["candidate"] < credit["serving"]:
-            inter["losses"] += 1
-        elif credit["candidate"]:
-            inter["ties"] += 1
+            arm = ARMS.index(imp["experiment"].get("arm")) if imp["experiment"].get("arm") in ARMS else -1
+            if arm >= 0:
+                credit[arm] = len(qclicks)
         else:
-            inter["noClick"] += 1
+            teams = {r["id"]: r.get("team") for r in imp["results"]}
+            arm = int(any(teams.values()))
+            if imp["experiment"].get("fallback") or (not arm and side == "candidate"):
+                arm = 2
+            for c in qclicks:
+                team = teams.get(c["item_id"]) or c.get("team")
+                if arm and team in ARMS:
+                    credit[ARMS.index(team)] += 1
+        rows.append((_num(imp.get("ts")), ARMS.index(side) if side else -1, arm,
+                     units.setdefault(imp["experiment"]["unit"], len(units)), *credit, _num(imp.get("took_ms"))))
+    m = np.array(rows, float).reshape(-1, 7)
+    errs = [(_num(e.get("ts")), ARMS.index(s) if (s := _side(design, e)) else -1,
+             str(e.get("query_id")) not in log.impressions) for e in acc.errors.values()]
+    e = np.array(errs, float).reshape(-1, 3)
+    return _Facts(log, m[:, 0], m[:, 1].astype(int), m[:, 2].astype(int), m[:, 3].astype(int),
+                  m[:, 4:6].astype(int), m[:, 6], e[:, 0], e[:, 1].astype(int), e[:, 2].astype(bool))
 
+
+def _analyze(acc: Accumulator, policy: Policy, *, timed_out: bool, until_ms=None, facts: _Facts | None = None) -> dict:
+    design = acc.design or "ab"
+    fx = facts or _facts(acc, design)
+    keep = np.ones(len(fx.ts), bool) if until_ms is None else fx.ts <= until_ms
+    keep_err = np.ones(len(fx.err_ts), bool) if until_ms is None else fx.err_ts <= until_ms
+    # per side: searches, errors, latencies (the guardrails)
+    sides = {}
+    for i, a in enumerate(ARMS):
+        took = fx.took[keep & (fx.side == i)]
+        errors = int((keep_err & (fx.err_side == i)).sum())
+        alone = int((keep_err & (fx.err_side == i) & fx.err_alone).sum())
+        sides[a] = {"searches": int((keep & (fx.side == i)).sum()) + alone, "errors": errors,
+                    "took": took[np.isfinite(took)]}
+    # per arm: impressions and clicks summed per unit
+    inter = {}
+    if design == "ab":
+        members = {a: keep & (fx.arm == i) for i, a in enumerate(ARMS)}
+    else:
+        inside = keep & (fx.arm == 1)
+        members = {a: inside for a in ARMS}
+        cs, cc = fx.credit[inside, 0], fx.credit[inside, 1]
+        inter = {"queries": int(inside.sum()), "wins": int((cc > cs).sum()), "losses": int((cc < cs).sum()),
+                 "ties": int(((cc == cs) & (cc > 0)).sum()), "noClick": int(((cc == 0) & (cs == 0)).sum()),
+                 "outsideImpressions": int((keep & (fx.arm == 0)).sum()),
+                 "fallbackImpressions": int((keep & (fx.arm == 2)).sum())}
     arms, moments = {}, {}
-    for a in ARMS:
-        nc = np.array(list(units[a].values()), float).reshape(-1, 2)
-        n, c = nc[:, 0], nc[:, 1]
+    for i, a in enumerate(ARMS):
+        sel = members[a]
+        _, inv = np.unique(fx.unit[sel], return_inverse=True)
+        n = np.bincount(inv).astype(float)
+        c = np.bincount(inv, fx.credit[sel, i], len(n)).astype(float)
         k = len(n)
         r, v = ratio_moments(n.sum(), c.sum(), (n * n).sum(), (c * c).sum(), (n * c).sum(), k)
         moments[a] = (float(r), float(v), k)
@@ -409,20 +437,24 @@ def _analyze(acc: Accumulator, policy: Policy, *, timed_out: bool, until_ms=None
             "ctr": _r(r) if n.sum() else None,
             "ctrInterval": [_r(x) for x in _fixed_ctr_interval(n, c, policy.alpha)] if k > 1 else None,
             "ctrSequence": [_r(max(0.0, r - hw)), _r(r + hw)] if np.isfinite(hw) else None,
-            "searchesWithClick": swc[a],
+            "searchesWithClick": int((fx.credit[sel, i] > 0).sum()),
             "searches": sides[a]["searches"], "errors": sides[a]["errors"],
             "errorRate": _r(sides[a]["errors"] / sides[a]["searches"]) if sides[a]["searches"] else None,
-            "p50Ms": _r(np.percentile(took, 50), 2) if took else None,
-            "p99Ms": _r(np.percentile(took, 99), 2) if took else None,
+            "p50Ms": _r(np.percentile(took, 50), 2) if len(took) else None,
+            "p99Ms": _r(np.percentile(took, 99), 2) if len(took) else None,
         }
 
+    kept_ts = fx.ts[keep & np.isfinite(fx.ts)]
+    nc = fx.log.not_counted
     out = {"experiment": acc.exp_id, "design": design, "arms": arms,
            "method": METHOD_AB if design == "ab" else METHOD_INTERLEAVE,
            "policy": asdict(policy),
-           "counts": {"impressions": len(log.impressions), "clicks": len(log.clicks), "errors": len(errs),
-                      "clicksNotCounted": dict(log.not_counted), "undecodable": acc.bad},
-           "firstTs": min((i["ts"] for i in imps if isinstance(i.get("ts"), (int, float))), default=None),
-           "lastTs": max((i["ts"] for i in imps if isinstance(i.get("ts"), (int, float))), default=None)}
+           "counts": {"impressions": int(keep.sum()), "clicks": int(fx.credit[keep].sum()),
+                      "errors": int(keep_err.sum()),
+                      "clicksNotCounted": {**nc, "duplicate": nc["duplicate"] + acc.duplicate_clicks},
+                      "undecodable": acc.bad},
+           "firstTs": int(kept_ts.min()) if len(kept_ts) else None,
+           "lastTs": int(kept_ts.max()) if len(kept_ts) else None}
 
     # the effect and its sequence
     if design == "ab":
