@@ -54,6 +54,8 @@ def test_train_with_an_unknown_arch_is_one_line(tmp_path):
     (["--catalog", "{tmp}/nope"], ["--catalog", "not a folder"]),
     (["--rollout", DEFAULT, "--golden", "{tmp}/nope.csv"], ["--golden", "no such file"]),
     (["--golden", "{tmp}/nope.csv"], ["--golden", "--rollout"]),
+    (["--experiment", "ab"], ["--experiment", "--rollout"]),
+    (["--rollout", DEFAULT, "--simulate-users", "50"], ["--simulate-users", "--experiment"]),
 ])
 def test_demo_checks_its_arguments_before_starting_anything(tmp_path, args, words):
     data = tmp_path / "demo-data"

@@ -67,11 +67,19 @@ def register_demo(sub) -> None:
              help="seconds to wait for the catalog to be searchable")
     p.add_argument("--check", "--smoke", dest="check", action="store_true",
                    help="run one query end to end, print the result and exit (0 = it worked); with "
-                        "--rollout: exit 0 when the new version serves, 3 when the gate refused it")
+                        "--rollout: exit 0 when the new version serves, 3 when the gate refused it, 4 when "
+                        "the online experiment (--experiment) or a guardrail decided against it")
     pf.add("--rollout", default=None,
            help="once the catalog is searchable, roll out this model directory blue-green "
                 "(the operator's rollout logic on local processes)")
     pf.add("--golden", default=None, help="judgments CSV (query,candidate,grade) for the rollout's gate")
+    pf.add("--experiment", default=None, choices=("ab", "interleave"),
+           help="after the gate, an online experiment between the serving version and --rollout's: "
+                "users' clicks decide the switch (ab: half the users get the new version; interleave: "
+                "half the users get both versions' results interleaved by team draft)")
+    pf.add("--simulate-users", default=0, type=int,
+           help="N simulated users search the catalog and click results (a position-based click model: "
+                "relevant = same label) while the experiment runs; 0: only your own clicks on the web page")
     p.set_defaults(handler=_demo)
 
 
@@ -79,7 +87,8 @@ def _demo(args) -> int:
     from .local.demo import run_demo
     return run_demo(model_dir=args.model_dir, catalog=args.catalog, data_dir=args.data_dir,
                     port=args.http_port, timeout=args.ready_timeout, check=args.check,
-                    rollout=args.rollout, golden=args.golden)
+                    rollout=args.rollout, golden=args.golden, experiment=args.experiment,
+                    simulate_users=args.simulate_users)
 
 
 def command_parser(*names: str) -> argparse.ArgumentParser:

@@ -76,12 +76,18 @@ def supported_versions() -> list[str]:
 def _strict(node):
     """The CRD schema as the API server applies it with strict field validation: unknown fields
     of an object with declared properties are errors (unless x-kubernetes-preserve-unknown-fields),
-    int-or-string accepts both."""
+    int-or-string accepts both, exclusive bounds are JSON Schema's."""
     if isinstance(node, list):
         return [_strict(n) for n in node]
     if not isinstance(node, dict):
         return node
     out = {k: _strict(v) for k, v in node.items()}
+    # OpenAPI v3.0's exclusiveMinimum/-Maximum are flags on minimum/maximum; JSON Schema's the bound
+    for flag, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(flag), bool):
+            del out[flag]
+            if node[flag] and bound in node:
+                out[flag] = out.pop(bound)
     if out.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]

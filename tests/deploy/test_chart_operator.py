@@ -156,14 +156,20 @@ def test_rollout_values_reach_the_searchindex(tools):
     objs = k8s.load_all(tools.template(profile_file("minimal"), set_values=[
         "searchIndex.rollout.requireApproval=true", "searchIndex.rollout.retentionSeconds=600",
         "searchIndex.rollout.backfill.idleSeconds=5", "searchIndex.rollout.gate.sampleSize=200",
-        "searchIndex.rollout.gate.golden.configMap=golden", "searchIndex.rollout.gate.requireOfflineVerdict=true"],
-        extra=["--set-json", "searchIndex.rollout.gate.golden.margin=0.01"]).stdout)   # --set reads 0.01 as text
+        "searchIndex.rollout.gate.golden.configMap=golden", "searchIndex.rollout.gate.requireOfflineVerdict=true",
+        "searchIndex.rollout.experiment.enabled=true", "searchIndex.rollout.experiment.design=interleave",
+        "searchIndex.rollout.experiment.minUnits=500", "searchIndex.rollout.experiment.onTimeout=promote"],
+        extra=["--set-json", "searchIndex.rollout.gate.golden.margin=0.01",     # --set reads 0.01 as text
+               "--set-json", "searchIndex.rollout.experiment.share=0.2"]).stdout)
     index = one(objs, "SearchIndex")
     policy = IndexSpec.from_dict(index["spec"]).policy
     assert policy.require_approval is True and policy.retention_s == 600 and policy.idle_s == 5
     assert policy.gate.sample_size == 200 and policy.gate.require_offline_verdict is True
     assert (policy.gate.golden.config_map, policy.gate.golden.config_map_key, policy.gate.golden.margin) == \
         ("golden", "judgments.csv", 0.01)
+    x = policy.experiment
+    assert (x.enabled, x.design, x.share, x.min_units, x.on_timeout, x.alpha, x.events_topic, x.max_p99_ratio) == \
+        (True, "interleave", 0.2, 500, "promote", 0.05, "search.events", 1.5)
     assert not k8s.validate_custom(index)
     objs = tools.render("minimal", set_values=["searchIndex.rollout.gate.golden.uri=https://eval.example/g.csv"])
     golden = one(objs, "SearchIndex")["spec"]["rollout"]["gate"]["golden"]

@@ -67,6 +67,12 @@ def test_the_documented_object_is_valid_and_printer_columns_are_declared():
     ("spec.ingest.imagePullSecrets", [{"secret": "x"}], "spec.ingest.imagePullSecrets[0].name: Required value"),
     ("spec.rollout.gate.requireOfflineVerdict", "yes",
      "spec.rollout.gate.requireOfflineVerdict: Invalid value: 'yes': must be of type boolean"),
+    ("spec.rollout.experiment.share", 0, "spec.rollout.experiment.share: Invalid value: 0: should be greater than 0"),
+    ("spec.rollout.experiment.share", 0.6,
+     "spec.rollout.experiment.share: Invalid value: 0.6: should be less than or equal to 0.5"),
+    ("spec.rollout.experiment.alpha", 0.5, "spec.rollout.experiment.alpha: Invalid value: 0.5: should be less than 0.5"),
+    ("spec.rollout.experiment.design", "bandit", "spec.rollout.experiment.design: Unsupported value: 'bandit': "
+                                                 "supported values: 'ab', 'interleave'"),
 ])
 def test_invalid_objects_are_refused_with_a_clear_message(path, value, message):
     with pytest.raises(crd.InvalidSearchIndex) as err:

@@ -94,6 +94,8 @@ class Plan:
     image_root: Path | None
     rollout: Path | None = None
     golden: Path | None = None
+    experiment: str | None = None             # ab | interleave: the rollout's online experiment
+    simulate_users: int = 0
 
 
 def model_dir_arg(flag: str, value: str) -> tuple[Path, ModelMeta]:
@@ -111,7 +113,8 @@ def model_dir_arg(flag: str, value: str) -> tuple[Path, ModelMeta]:
 
 
 def check_arguments(*, model_dir: str | None, catalog: str | None, data_dir: str, port: int,
-                    rollout: str | None, golden: str | None) -> Plan:
+                    rollout: str | None, golden: str | None, experiment: str | None = None,
+                    simulate_users: int = 0) -> Plan:
     """Every argument checked before anything starts: a wrong one is one line, not a traceback
     after the five services have started."""
     data = Path(data_dir).expanduser().resolve()
@@ -133,6 +136,17 @@ def check_arguments(*, model_dir: str | None, catalog: str | None, data_dir: str
         if not Path(golden).is_file():
             raise UsageError(f"--golden {golden}: no such file (a CSV of query,candidate,grade)")
         plan.golden = Path(golden)
+    if experiment:
+        if not rollout:
+            raise UsageError("--experiment runs between the serving version and a new one: give --rollout MODEL_DIR")
+        if experiment not in ("ab", "interleave"):
+            raise UsageError(f"--experiment {experiment}: ab or interleave")
+        plan.experiment = experiment
+    if simulate_users < 0 or simulate_users > 100_000:
+        raise UsageError(f"--simulate-users {simulate_users}: a number of users from 0 to 100000")
+    if simulate_users and not experiment:
+        raise UsageError("--simulate-users clicks for an online experiment: give --experiment ab|interleave")
+    plan.simulate_users = simulate_users
     return plan
 
 
@@ -313,6 +327,7 @@ def roll_out(p: Platform, plan: Plan, *, check: bool) -> int:
     rc = run_rollout(model_dir=str(plan.rollout), bootstrap=p.broker.bootstrap, milvus_uri=p.milvus.uri,
                      search_url=p.search.url, log_dir=plan.data / "logs", golden=plan.golden and str(plan.golden),
                      keep=p.rollouts, file_roots=str(p.image_root),
+                     experiment=plan.experiment, simulate_users=plan.simulate_users, items=p.items,
                      serving=serving_status(model=p.meta.name, version=p.meta.version, uri=str(p.model),
                                             collection=p.collection, group=p.group,
                                             embedder_url=p.embedder.url))
@@ -390,9 +405,9 @@ def _raise_interrupt(signum, frame):
 
 def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_dir: str = ".demo",
              port: int = 8000, timeout: float = 300.0, check: bool = False, rollout: str | None = None,
-             golden: str | None = None) -> int:
+             golden: str | None = None, experiment: str | None = None, simulate_users: int = 0) -> int:
     plan = check_arguments(model_dir=model_dir, catalog=catalog, data_dir=data_dir, port=port,
-                           rollout=rollout, golden=golden)
+                           rollout=rollout, golden=golden, experiment=experiment, simulate_users=simulate_users)
     data = plan.data
     (data / "logs").mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

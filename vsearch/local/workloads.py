@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..core.fetch import FetchConfig, Fetcher
 from ..core.store import MilvusStore
+from ..operators.experiments import TopicEvents
 from ..operators.kafka_groups import KafkaGroups
 from ..operators.rollout import Env, reconcile
 from ..operators.spec import IndexSpec
@@ -108,7 +109,8 @@ class LocalRollout:
                                                    file_roots=roots, allow_networks=trust.fetch_allow_networks)),
                        query_fetcher=Fetcher(FetchConfig(schemes=("http", "https"), file_roots=(),
                                                          allow_networks=trust.fetch_allow_networks)),
-                       trust=trust)
+                       trust=trust, events=TopicEvents())
+        self.events = self.env.events
 
     @property
     def status(self) -> dict:
@@ -132,8 +134,9 @@ class LocalRollout:
     _said: str | None = None          # the last message printed (a phase's event says it once)
 
     def close(self) -> None:
-        """Close the Kafka admin client: before the broker stops, or it logs the refused reconnects."""
+        """Close the Kafka clients: before the broker stops, or they log the refused reconnects."""
         self.env.groups.close()
+        self.events.close()
 
     def run_until(self, done, timeout: float, poll: float = 0.5, on_tick=None):
         """Step until ``done(status)``; returns the last outcome (TimeoutError after ``timeout``)."""
@@ -146,7 +149,7 @@ class LocalRollout:
             msg = out.status.get("message")
             if on_tick is not None:
                 on_tick(out)
-            elif msg not in (last_msg, self._said) and out.phase == "Backfilling":
+            elif msg not in (last_msg, self._said) and out.phase in ("Backfilling", "Experimenting"):
                 self.printer(f"    {msg}")
             last_msg = msg
             if time.monotonic() > deadline:

@@ -55,6 +55,12 @@ def _to_jsonschema(node):
                if not k.startswith("x-kubernetes-") and k != "nullable"}
         if node.get("nullable") and isinstance(out.get("type"), str):
             out["type"] = [out["type"], "null"]
+        # OpenAPI v3.0's exclusiveMinimum/-Maximum are flags on minimum/maximum; JSON Schema's the bound
+        for flag, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if isinstance(node.get(flag), bool):
+                del out[flag]
+                if node[flag] and bound in node:
+                    out[flag] = out.pop(bound)
         return out
     if isinstance(node, list):
         return [_to_jsonschema(v) for v in node]
@@ -157,8 +163,9 @@ def validate(obj: dict) -> None:
                           + ", ".join(repr(v) for v in err.validator_value))
         elif err.validator == "additionalProperties":
             errors.append(f"{where}: {err.message}")
-        elif err.validator in ("minimum", "maximum"):
-            rel = "greater than or equal to" if err.validator == "minimum" else "less than or equal to"
+        elif err.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            rel = {"minimum": "greater than or equal to", "maximum": "less than or equal to",
+                   "exclusiveMinimum": "greater than", "exclusiveMaximum": "less than"}[err.validator]
             errors.append(f"{where}: Invalid value: {err.instance!r}: should be {rel} {err.validator_value}")
         elif err.validator == "pattern":
             errors.append(f"{where}: Invalid value: {err.instance!r}: should match '{err.validator_value}'")

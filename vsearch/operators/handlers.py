@@ -29,6 +29,7 @@ from ..core.store import MilvusStore
 from ..predictor.client import EmbedderClient
 from . import rollout
 from .crd import GROUP, PLURAL, VERSION, prune
+from .experiments import TopicEvents
 from .kafka_groups import KafkaGroups
 from .spec import IndexSpec
 from .trust import Trust
@@ -45,6 +46,18 @@ STEP_SECONDS = Histogram("vsearch_operator_step_seconds", "Time of one reconcile
                          buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
 BACKFILL_INDEXED = Gauge("vsearch_operator_candidate_indexed_items", "Items in the candidate collection",
                          ["namespace", "name"])
+# The online experiment (phase Experimenting), as its last look counted it from the search events.
+EXP_RUNNING = Gauge("vsearch_experiment_running", "1 while a SearchIndex runs an online experiment",
+                    ["namespace", "name"])
+EXP_FIGURES = {key: Gauge(f"vsearch_experiment_{metric}", help_, ["namespace", "name", "arm"])
+               for key, metric, help_ in (
+                   ("impressions", "impressions", "Impressions (searches) counted per arm"),
+                   ("clicks", "clicks", "Clicks counted per arm (once per query and item)"),
+                   ("units", "units", "Randomisation units seen per arm"),
+                   ("ctr", "ctr", "Click-through rate per arm"),
+                   ("errors", "errors", "Failed searches per arm"))}
+EXP_LOOKS = Counter("vsearch_experiment_looks_total", "Looks at an experiment's events", ["namespace", "name"])
+EXP_DECISIONS = Counter("vsearch_experiment_decisions_total", "Experiment decisions", ["decision"])
 
 class Clients:
     """Clients kept between steps (Milvus, Kafka admin, embedders), at most ``size``, the least
@@ -105,7 +118,8 @@ def build_env(body: dict, memo: kopf.Memo) -> rollout.Env:
         log.debug("no environment for an invalid spec: %s", exc)
     return rollout.Env(workloads=workloads, store=store, groups=groups,
                        embedder=lambda url: clients.get(("embedder", url), lambda: EmbedderClient(url, timeout=60)),
-                       fetcher=memo.fetcher, query_fetcher=memo.query_fetcher, trust=memo.trust)
+                       fetcher=memo.fetcher, query_fetcher=memo.query_fetcher, trust=memo.trust,
+                       events=clients.get(("events",), TopicEvents))
 
 
 def plain(body) -> dict:
@@ -142,6 +156,7 @@ def step(name: str, namespace: str, body: dict, patch, env: rollout.Env) -> roll
         PHASE.labels(namespace, name, p).set(1 if p == outcome.phase else 0)
     cand = outcome.status.get("candidate") or {}
     BACKFILL_INDEXED.labels(namespace, name).set((cand.get("progress") or {}).get("indexed") or 0)
+    experiment_metrics(namespace, name, outcome, obj.get("status"))
     for kind, reason, message in outcome.events:
         TRANSITIONS.labels(outcome.phase).inc()
         try:
@@ -149,6 +164,24 @@ def step(name: str, namespace: str, body: dict, patch, env: rollout.Env) -> roll
         except Exception as exc:  # noqa: BLE001  (an Event is information, not state)
             log.warning("could not post event %s: %s", reason, exc)
     return outcome
+
+
+def experiment_metrics(namespace: str, name: str, outcome: rollout.Outcome, old: dict | None = None) -> None:
+    """The ``vsearch_experiment_*`` gauges from ``status.experiment`` (the last look's figures)."""
+    e = outcome.status.get("experiment") or {}
+    running = outcome.phase == rollout.EXPERIMENTING and bool(e.get("id")) and not e.get("endedAt")
+    EXP_RUNNING.labels(namespace, name).set(1 if running else 0)
+    for arm, figures in (e.get("arms") or {}).items():
+        if isinstance(figures, dict):
+            for key, gauge in EXP_FIGURES.items():
+                value = figures.get(key)
+                if isinstance(value, (int, float)):
+                    gauge.labels(namespace, name, arm).set(value)
+    for _kind, reason, _message in outcome.events:
+        if reason == "ExperimentDecided":
+            EXP_DECISIONS.labels(e.get("decision") or "unknown").inc()
+    if (e.get("looks") or 0) > (((old or {}).get("experiment") or {}).get("looks") or 0):
+        EXP_LOOKS.labels(namespace, name).inc()
 
 
 def register(interval: float = 5.0) -> None:

@@ -125,6 +125,26 @@ class GateSettings(SpecModel):
     golden: Golden | None = None
 
 
+class Guardrails(SpecModel):
+    max_error_ratio: float
+    max_p99_ratio: float
+
+
+class ExperimentSettings(SpecModel):
+    """``spec.rollout.experiment``: the online experiment of the ``Experimenting`` phase."""
+    enabled: bool
+    design: str
+    share: float
+    alpha: float
+    margin: float
+    promote_when: str
+    min_units: int
+    max_duration_seconds: int
+    on_timeout: str
+    events_topic: str
+    guardrails: Guardrails
+
+
 class Rollout(SpecModel):
     require_approval: bool
     retention_seconds: int
@@ -132,6 +152,7 @@ class Rollout(SpecModel):
     deploy_timeout_seconds: int
     backfill: Backfill
     gate: GateSettings
+    experiment: ExperimentSettings
 
 
 class Spec(SpecModel):
@@ -197,6 +218,37 @@ class HistoryEntry(StatusModel):
     at: str | None = None
 
 
+class ExperimentStatus(StatusModel):
+    """``status.experiment``: the online experiment of the candidate (:mod:`vsearch.operators.rollout`'s
+    ``Experimenting``); the analysis' figures (``arms``, ``interleave``, ``effect``, ``guardrails``)
+    as :func:`vsearch.core.experiment_stats.analyze` returns them."""
+    id: str | None = None
+    design: str | None = None
+    share: float | None = None
+    salt: str | None = None
+    candidate: str | None = None
+    serving: str | None = None
+    serving_collection: str | None = None
+    candidate_collection: str | None = None
+    started: int | None = None             # epoch ms (the property's)
+    started_at: str | None = None
+    property_written: bool | None = None
+    skipped: str | None = None
+    looks: int | None = None
+    looked_at: str | None = None
+    events: int | None = None
+    decision: str | None = None
+    reason: str | None = None
+    method: str | None = None
+    timed_out: bool | None = None
+    decided_at: str | None = None
+    ended_at: str | None = None
+    arms: dict[str, Any] | None = None
+    interleave: dict[str, Any] | None = None
+    effect: dict[str, Any] | None = None
+    guardrails: dict[str, Any] | None = None
+
+
 class Condition(StatusModel):
     type: str
     status: str
@@ -218,6 +270,7 @@ class Status(StatusModel):
     previous: VersionStatus | None = None
     retired: list[VersionStatus] | None = None
     gate: dict[str, Any] | None = None     # the quality gate's figures (vsearch.operators.gate.run_gate)
+    experiment: ExperimentStatus | None = None
     failed: TargetStatus | None = None
     rolled_back: TargetStatus | None = None
     rollback_token: str | None = None

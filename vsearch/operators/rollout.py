@@ -14,8 +14,8 @@ is half done.
 
 Phases::
 
-    Pending -> Deploying -> Backfilling -> Verifying -> [AwaitingApproval] -> Switching -> Ready
-                   \\____________\\______________\\______________/ -> Failed (serving untouched)
+    Pending -> Deploying -> Backfilling -> Verifying -> [Experimenting] -> [AwaitingApproval] -> Switching -> Ready
+                   \\____________\\______________\\_______________\\_______________/ -> Failed (serving untouched)
     Ready -> RollingBack -> Ready        (alias back to the retained previous version)
 
 - Deploying: the golden set is read and checked first (no local files); then the candidate's
@@ -28,6 +28,17 @@ Phases::
   ``countTolerance``) AND the group's committed offsets have not moved for ``idleSeconds``. No
   broker end offsets or lag are used (brokers report them differently; Tansu wrongly).
 - Verifying: the quality gate (:mod:`vsearch.operators.gate`); figures into ``status.gate``.
+- Experimenting (``rollout.experiment.enabled``, and a version serves: a first rollout skips it,
+  saying so in ``status.experiment.skipped``): an online experiment between the serving version
+  and the candidate, both live. Its id and salt are persisted in ``status.experiment`` first; the
+  next step writes them as the property ``vsearch.experiment`` of the serving collection
+  (:mod:`vsearch.core.experiment`), which the search services read with the alias (so a restarted
+  operator re-writes the same experiment). Each look re-reads the search events from the topic's
+  beginning and analyses them (:func:`vsearch.core.experiment_stats.analyze`, exactly once by
+  construction: :mod:`vsearch.operators.experiments`); the figures go into ``status.experiment``.
+  A decision (or ``maxDurationSeconds``, then ``onTimeout``) is persisted first; the next step
+  clears the property (``""``) and goes on: promote -> AwaitingApproval / Switching, abort ->
+  Failed ``ExperimentLost`` with the figures, serving untouched.
 - AwaitingApproval (``rollout.requireApproval``): until annotation ``vsearch.io/approve`` equals
   the candidate version.
 - Switching: one ``alter_alias`` call; serving -> previous (kept ``retentionSeconds``).
@@ -62,9 +73,12 @@ from typing import TYPE_CHECKING, Callable, Protocol
 from PIL import Image
 from pydantic import ValidationError
 
+from ..core.experiment import EXPERIMENT_KEY, Experiment, new_experiment
+from ..core.experiment_stats import analyze
 from ..trainer.metrics import parse_judgments
 from . import failpoints
 from .crd import InvalidSearchIndex, prune, validate
+from .experiments import OWN, stats_policy, summary
 from .gate import GoldenSetError, VersionPath, check_golden_queries, run_gate
 from .resource import Status
 from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef, owner_of
@@ -78,9 +92,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENDING, DEPLOYING, BACKFILLING, VERIFYING = "Pending", "Deploying", "Backfilling", "Verifying"
+EXPERIMENTING = "Experimenting"
 AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK = "AwaitingApproval", "Switching", "Ready", "Failed", "RollingBack"
-PHASES = (PENDING, DEPLOYING, BACKFILLING, VERIFYING, AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK)
-ROLLOUT_PHASES = (DEPLOYING, BACKFILLING, VERIFYING, AWAITING, SWITCHING)
+PHASES = (PENDING, DEPLOYING, BACKFILLING, VERIFYING, EXPERIMENTING, AWAITING, SWITCHING, READY, FAILED, ROLLING_BACK)
+ROLLOUT_PHASES = (DEPLOYING, BACKFILLING, VERIFYING, EXPERIMENTING, AWAITING, SWITCHING)
+DECISIONS = ("promote", "abort")
 HISTORY = 10
 REFUSED = ("InvalidSpec", "InvalidStatus")     # reasons an object is refused for (Degraded)
 FAST, WAIT, SLOW = 0.0, 2.0, 10.0      # seconds until the next look
@@ -90,6 +106,13 @@ class Fetches(Protocol):
     """What the gate reads images with (:class:`vsearch.core.fetch.Fetcher`)."""
 
     def fetch(self, uri: str) -> bytes: ...
+
+
+class ReadsEvents(Protocol):
+    """The search events of a topic, every one from its beginning, decoded
+    (:class:`vsearch.operators.experiments.TopicEvents`)."""
+
+    def read(self, bootstrap: str, topic: str) -> list: ...
 
 
 class Embeds(Protocol):
@@ -107,7 +130,8 @@ class Env:
     """What a reconcile step acts on: the workload layer, the spec's Milvus (``store``; None when
     the object was refused before connecting), its Kafka consumer groups, embedder clients by
     URL, the fetchers of catalog images (``fetcher``) and of golden-set URLs (``query_fetcher``,
-    ``http(s)://`` only), and what the operator's configuration grants (``trust``)."""
+    ``http(s)://`` only), what the operator's configuration grants (``trust``) and the reader of
+    the search events an experiment is analysed from (``events``)."""
     workloads: "Workloads"
     store: "MilvusStore | None"
     groups: "KafkaGroups | None"
@@ -116,6 +140,7 @@ class Env:
     query_fetcher: Fetches
     trust: Trust = dataclasses.field(default_factory=Trust)
     now: Callable[[], float] = time.time
+    events: ReadsEvents | None = None
 
 
 @dataclasses.dataclass
@@ -287,6 +312,7 @@ class Step:
     def steady(self, phase: str) -> float:
         s, spec = self.status, self.spec
         if s.get("candidate"):                       # a failed or abandoned candidate: clean it up
+            self.end_experiment()
             if self.retire(self.ref(s["candidate"])):
                 s["candidate"] = None
             return FAST
@@ -319,6 +345,7 @@ class Step:
                 return SLOW
             s["candidate"] = {**desired.to_status(), "startedAt": iso(self.now), "attempts": 0}
             s["gate"] = None
+            s["experiment"] = None
             s["failed"] = None
             s["rolledBack"] = None
             self.go(DEPLOYING, f"rolling out {spec.model.name} {spec.model.version}: deploying its embedder"
@@ -375,12 +402,13 @@ class Step:
         if phase != SWITCHING and desired.key != cand.key:
             self.event("Normal", "Superseded", f"spec.model changed to {desired.version} during the rollout "
                                                f"of {cand.version}: abandoning {cand.version}")
+            self.end_experiment()
             if self.retire(cand):
                 s["candidate"] = None
                 self.go(READY if s.get("serving") else PENDING, f"abandoned {cand.version}")
             return FAST
         return {DEPLOYING: self.deploying, BACKFILLING: self.backfilling, VERIFYING: self.verifying,
-                AWAITING: self.awaiting, SWITCHING: self.switching}[phase](cand)
+                EXPERIMENTING: self.experimenting, AWAITING: self.awaiting, SWITCHING: self.switching}[phase](cand)
 
     def deploying(self, cand: VersionRef) -> float:
         spec, c = self.spec, self.status["candidate"]
@@ -489,13 +517,105 @@ class Step:
                  result["verdict"], {k: v for k, v in result.items() if k in ("selfConsistency", "golden", "offline")})
         if result["verdict"] != "Passed":
             raise Fail("GateFailed", f"quality gate refused {cand.version}: " + "; ".join(result["reasons"]))
-        summary = _gate_summary(result)
+        passed = f"gate passed ({_gate_summary(result)})"
+        x = spec.policy.experiment
+        if x.enabled and serving:
+            s["experiment"] = None
+            self.go(EXPERIMENTING, f"{passed}; online experiment ({x.design}, {x.share:.0%} of the units) of "
+                                   f"{cand.version} against {serving['version']}")
+            return FAST
+        if x.enabled:
+            s["experiment"] = {"skipped": "no version serves yet (the first rollout): nothing to experiment against"}
+            passed += "; no online experiment: no version serves yet"
+        return self.after_checks(cand, passed)
+
+    def after_checks(self, cand: VersionRef, passed: str) -> float:
+        """The gate (and the experiment) passed: AwaitingApproval or Switching."""
+        spec = self.spec
         if spec.policy.require_approval:
-            self.go(AWAITING, f"gate passed ({summary}); approve with: kubectl annotate searchindex "
+            self.go(AWAITING, f"{passed}; approve with: kubectl annotate searchindex "
                               f"{self.name} {APPROVE_ANNOTATION}={cand.version}")
             return SLOW
-        self.go(SWITCHING, f"gate passed ({summary}); switching alias {spec.alias} to {cand.collection}")
+        self.go(SWITCHING, f"{passed}; switching alias {spec.alias} to {cand.collection}")
         return FAST
+
+    # -- the online experiment
+    def experimenting(self, cand: VersionRef) -> float:
+        s, x = self.status, self.spec.policy.experiment
+        serving, c = s.get("serving"), s["candidate"]
+        if not serving:                         # nothing to experiment against (a status written by hand)
+            s["experiment"] = {"skipped": "no version serves: nothing to experiment against"}
+            return self.after_checks(cand, "no online experiment: no version serves")
+        e = s.get("experiment") or {}
+        if not e.get("id"):
+            # persisted before any search service hears of it: a restart re-writes this one
+            exp = new_experiment(x.design, x.share, cand.collection, serving["collection"], int(self.now * 1000))
+            s["experiment"] = {"id": exp.id, "design": exp.design, "share": exp.share, "salt": exp.salt,
+                               "candidate": cand.version, "serving": serving["version"],
+                               "servingCollection": exp.serving, "candidateCollection": exp.candidate,
+                               "started": exp.started, "startedAt": iso(self.now), "propertyWritten": False,
+                               "looks": 0}
+            self.note(f"experiment {exp.id} ({exp.design}, {exp.share:.0%}) of {cand.version} against "
+                      f"{serving['version']}: starting")
+            return FAST
+        if e.get("decision") in DECISIONS and e.get("decidedAt"):
+            return self.conclude(cand, e)
+        exp = Experiment(id=e["id"], design=e["design"], share=float(e["share"]), salt=e["salt"],
+                         candidate=e["candidateCollection"], serving=e["servingCollection"], started=int(e["started"]))
+        # every look (re)writes it: one idempotent call, and a property someone cleared comes back
+        self.env.store.set_collection_property(exp.serving, EXPERIMENT_KEY, exp.to_json())
+        if not e.get("propertyWritten"):
+            e["propertyWritten"] = True
+            self.event("Normal", "ExperimentStarted",
+                       f"experiment {exp.id}: {exp.design}, {exp.share:.0%} of the units; {cand.version} "
+                       f"({exp.candidate}) against {serving['version']} ({exp.serving}); alpha {x.alpha}, "
+                       f"margin {x.margin}, promote when {x.promote_when}, at least {x.min_units} units")
+        failpoints.hit("experiment-started")
+        records = self.env.events.read(self.spec.bootstrap, x.events_topic)
+        elapsed = self.now - exp.started / 1000
+        timed_out = elapsed >= x.max_duration_s
+        result = analyze(records, exp.id, stats_policy(x), timed_out=timed_out)
+        failpoints.hit("experiment-after-look")
+        e.update({k: v for k, v in result.items() if k not in OWN})
+        e.update(looks=int(e.get("looks") or 0) + 1, lookedAt=iso(self.now), events=len(records))
+        c["attempts"] = 0                     # a look that worked: transient failures count afresh
+        decision = result.get("decision")
+        if timed_out and (decision not in DECISIONS or result.get("code") == "Timeout"):
+            e["timedOut"] = True
+            if decision not in DECISIONS:     # the analysis should have applied onTimeout itself
+                e.update(decision=x.on_timeout, reason=f"maxDurationSeconds ({x.max_duration_s}) reached without "
+                                                       f"a decision: onTimeout={x.on_timeout}")
+                decision = x.on_timeout
+        if decision in DECISIONS:
+            e["decidedAt"] = iso(self.now)       # persisted before the property is cleared
+            self.event("Normal", "ExperimentDecided",        # an abort's Warning is the Failed one
+                       f"experiment {exp.id}: {decision}: {e.get('reason')}; {summary(e)}")
+            self.note(f"experiment {exp.id} decided {decision}: {e.get('reason')}")
+            return FAST
+        self.note(f"experiment {exp.id} ({exp.design}), look {e['looks']}, {elapsed:.0f}s of "
+                  f"{x.max_duration_s}s: {summary(e)}" + (f"; {e['reason']}" if e.get("reason") else ""))
+        return WAIT
+
+    def conclude(self, cand: VersionRef, e: dict) -> float:
+        """A persisted decision: end the experiment (the search services stop it), then act on it."""
+        self.end_experiment()
+        failpoints.hit("experiment-ended")
+        what = (f"experiment {e['id']} ({e.get('design')}) {'timed out' if e.get('timedOut') else 'decided'} "
+                f"{e['decision']}: {e.get('reason')}; {summary(e)}")
+        if e["decision"] != "promote":
+            raise Fail("ExperimentLost", f"{what}; {e.get('serving')} keeps serving")
+        return self.after_checks(cand, what)
+
+    def end_experiment(self) -> None:
+        """Clear the experiment's property (``""``) on the collection that carried it, once."""
+        e = self.status.get("experiment") or {}
+        if not e.get("id") or e.get("endedAt"):
+            return
+        coll = e.get("servingCollection")
+        if coll and self.env.store.has_collection(coll):
+            self.env.store.set_collection_property(coll, EXPERIMENT_KEY, "")
+        e["endedAt"] = iso(self.now)
+        self.status["experiment"] = e
 
     def golden_judgments(self) -> dict:
         """The golden set, parsed and checked (``GoldenSetRefused`` when a query names a local

@@ -68,6 +68,23 @@ class Gate:
 
 
 @dataclasses.dataclass(frozen=True)
+class Experiment:
+    """``spec.rollout.experiment``: the ``Experimenting`` phase (off by default)."""
+    enabled: bool = False
+    design: str = "ab"                  # ab | interleave
+    share: float = 0.1
+    alpha: float = 0.05
+    margin: float = 0.0
+    promote_when: str = "notWorse"      # notWorse | better
+    min_units: int = 200
+    max_duration_s: int = 86400
+    on_timeout: str = "abort"           # abort | promote
+    events_topic: str = "search.events"
+    max_error_ratio: float = 2.0
+    max_p99_ratio: float = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
 class Policy:
     require_approval: bool = False
     retention_s: int = 86400
@@ -77,6 +94,7 @@ class Policy:
     backfill_timeout_s: int = 86400
     count_tolerance: int = 0
     gate: Gate = Gate()
+    experiment: Experiment = Experiment()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +148,16 @@ class IndexSpec:
         gate = Gate(sample_size=g.sample_size, min_self_score=float(g.min_self_score),
                     min_self_consistency=float(g.min_self_consistency), golden=golden,
                     require_offline_verdict=g.require_offline_verdict)
+        x = ro.experiment
+        experiment = Experiment(enabled=x.enabled, design=x.design, share=float(x.share), alpha=float(x.alpha),
+                                margin=float(x.margin), promote_when=x.promote_when, min_units=x.min_units,
+                                max_duration_s=x.max_duration_seconds, on_timeout=x.on_timeout,
+                                events_topic=x.events_topic, max_error_ratio=float(x.guardrails.max_error_ratio),
+                                max_p99_ratio=float(x.guardrails.max_p99_ratio))
         policy = Policy(require_approval=ro.require_approval, retention_s=ro.retention_seconds,
                         max_retries=ro.max_retries, deploy_timeout_s=ro.deploy_timeout_seconds,
                         idle_s=float(bf.idle_seconds), backfill_timeout_s=bf.timeout_seconds,
-                        count_tolerance=bf.count_tolerance, gate=gate)
+                        count_tolerance=bf.count_tolerance, gate=gate, experiment=experiment)
         return cls(bootstrap=spec.catalog.bootstrap, topic=spec.catalog.topic,
                    milvus_uri=mil.uri, token_secret=(tok.name, tok.key) if tok else None,
                    alias=mil.alias or default_alias(namespace, index), index_type=idx.type,
