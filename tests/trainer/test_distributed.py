@@ -95,3 +95,11 @@ def test_a_fresh_job_on_the_same_output_continues_and_other_settings_are_refused
     log = run_log(tmp_path / "m")
     assert [r["step"] for r in log if r["event"] == "resume"] == [2]
     assert [r["step"] for r in log if r["event"] == "step"] == [1, 2, 3] and log[-1]["event"] == "exported"
+
+
+def test_the_launcher_hands_torchrun_the_flags_as_given(tmp_path):
+    from vsearch.cli import build_parser
+    from vsearch.trainer.cli import _worker_argv
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--nproc-per-node", "2",
+                                      "--max-restarts", "1", "--batch-size", "64", "--no-eval"])
+    assert _worker_argv(args) == ["--data", "d", "--out", "o", "--batch-size", "64", "--no-eval"]

@@ -20,6 +20,9 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+_PARSERS: dict = {}         # (the train parser: its flags are handed to the workers torchrun starts)
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train an embedding model (SimCLR on a folder, InfoNCE on click pairs)",
                        description="Train an embedding model and export it as a model directory. "
@@ -84,6 +87,7 @@ def register(sub) -> None:
                 "from the last checkpoint)")
     pf.add("--no-progress", default=False, type=bool, help="no progress bar")
     p.set_defaults(handler=_train)
+    _PARSERS["train"] = p
 
     e = sub.add_parser("evaluate", help="offline retrieval metrics of models and baselines",
                        description="Compare models (and baselines) on a labelled folder or a "
@@ -109,7 +113,7 @@ def register(sub) -> None:
 def _train(args) -> int:
     from ..predictor.inference import set_torch_threads
     from .data import DataError
-    from .distributed import launch, launched
+    from .distributed import launch, launched, shutdown
     from .train import TrainConfig, data_kind, train
     if not args.data or not args.out:
         print("vsearch train: --data and --out are required", file=sys.stderr)
@@ -137,7 +141,10 @@ def _train(args) -> int:
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k, catalog=args.catalog, simclr_ratio=args.simclr_ratio,
             ips=not args.no_ips, propensity_clip=args.propensity_clip)
-        out = train(cfg)
+        try:
+            out = train(cfg)
+        finally:
+            shutdown()
         if args.stop_after and not (out / "config.json").exists():
             print(f"stopped after {args.stop_after} steps; continue with --resume")
             return 0
@@ -155,9 +162,8 @@ def _train(args) -> int:
 def _worker_argv(args) -> list[str]:
     """The flags of ``vsearch train`` as given (those not at their default), for the workers
     torchrun starts; the launcher's own flags left out."""
-    from ..cli import command_parser
     argv = []
-    for action in command_parser("train")._actions:
+    for action in _PARSERS["train"]._actions:
         if not action.option_strings or action.dest in ("help", "nproc_per_node", "max_restarts"):
             continue
         value = getattr(args, action.dest, action.default)

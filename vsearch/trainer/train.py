@@ -281,8 +281,7 @@ def start_kind(cfg: TrainConfig, out: Path) -> str:
         raise DataError(f"{out} already holds a model or a run: pick a new --out, or --resume it")
     if not logged.exists():
         return "new"
-    starts = [json.loads(line) for line in open(logged) if '"event": "start"' in line
-              or '"event":"start"' in line]
+    starts = [r for r in map(json.loads, open(logged)) if r.get("event") == "start"]
     if ckpt.exists():
         saved = load_checkpoint(ckpt).get("config") or {}
     else:
