@@ -15,7 +15,7 @@ What keeps that true:
 * batch norm takes its statistics over the global batch (:func:`sync_batchnorm`): SimCLR's
   negatives must not be told apart by per-rank statistics, and one process sees them whole.
   ``nn.SyncBatchNorm`` refuses CPU tensors, so this module carries its own (two all-reduces of
-  per-channel sums, in float64, with gradients), used on CPU and GPU alike;
+  per-channel sums accumulated in float64, with gradients), used on CPU and GPU alike;
 * rank 0 alone writes the run log, the checkpoints and the exported model; the others wait.
 """
 
@@ -162,21 +162,21 @@ class _GlobalBatchNorm:
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         shape = [1, c] + [1] * (x.dim() - 2)
-        xd = x.double()
+        xf = x.float()
         count = torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)
-        sums = dist_nn.all_reduce(torch.cat([xd.sum(dims), count]))
+        sums = dist_nn.all_reduce(torch.cat([xf.sum(dims, dtype=torch.float64), count]))
         n = sums[c]
-        mean = sums[:c] / n
-        var = dist_nn.all_reduce((xd - mean.view(shape)).pow(2).sum(dims)) / n
+        mean = (sums[:c] / n).float()
+        centred = xf - mean.view(shape)
+        var = (dist_nn.all_reduce(centred.pow(2).sum(dims, dtype=torch.float64)) / n).float()
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-                unbiased = var * n / max(float(n) - 1, 1.0)
+                unbiased = var * float(n) / max(float(n) - 1, 1.0)
                 self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
-        y = (xd - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        y = y.to(x.dtype)
+        y = (centred * torch.rsqrt(var.view(shape) + self.eps)).to(x.dtype)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y

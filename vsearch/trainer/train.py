@@ -541,6 +541,7 @@ def train_steps(cfg: TrainConfig, run: Run, data: TrainData, runlog: RunLog, sto
     run.model.train()
     bar = _progress(run.total_steps, run.step, cfg.progress and run.ranks.main)
     seen, t_rate, last_loss, loss_sum, loss_n = 0, time.perf_counter(), float("nan"), 0.0, 0
+    cpu_rate = time.process_time()
     pin = run.device.type == "cuda"
     stream = micro_batches(data.dataset, run.bs, cfg.seed, run.micro, run.ranks, cfg.workers, pin)
     vstream = (micro_batches(data.views, run.views_bs, cfg.seed + 1, run.micro, run.ranks, cfg.workers, pin)
@@ -566,11 +567,13 @@ def train_steps(cfg: TrainConfig, run: Run, data: TrainData, runlog: RunLog, sto
         if run.step % cfg.log_every == 0 or run.step == stop_at:
             dt = time.perf_counter() - t_rate
             rate = seen * run.ranks.world / dt if dt > 0 else 0.0
+            cpu = time.process_time() - cpu_rate           # this process's CPU time (all its threads)
             runlog.write("step", step=run.step, epoch=round(run.micro / run.micro_per_epoch, 3),
-                         loss=last_loss, grad_norm=grad_norm, lr=run.sched.get_last_lr()[0], images_per_s=rate)
+                         loss=last_loss, grad_norm=grad_norm, lr=run.sched.get_last_lr()[0], images_per_s=rate,
+                         images_per_cpu_s=seen / cpu if cpu > 0 else 0.0)
             if bar is not None:
                 bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
-            seen, t_rate = 0, time.perf_counter()
+            seen, t_rate, cpu_rate = 0, time.perf_counter(), time.process_time()
         if run.step % cfg.checkpoint_every == 0 or run.step == stop_at:
             run.save_checkpoint(cfg)
     if bar is not None:
