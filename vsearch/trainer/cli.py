@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from ..core.config import Flags
@@ -145,6 +146,8 @@ def _train(args) -> int:
             out = train(cfg)
         finally:
             shutdown()
+        if os.environ.get("RANK", "0") != "0":        # under torchrun rank 0 reports
+            return 0
         if args.stop_after and not (out / "config.json").exists():
             print(f"stopped after {args.stop_after} steps; continue with --resume")
             return 0
