@@ -103,3 +103,18 @@ def test_the_launcher_hands_torchrun_the_flags_as_given(tmp_path):
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--nproc-per-node", "2",
                                       "--max-restarts", "1", "--batch-size", "64", "--no-eval"])
     assert _worker_argv(args) == ["--data", "d", "--out", "o", "--batch-size", "64", "--no-eval"]
+
+
+def test_the_weighted_pair_loss_with_uneven_hard_negatives_splits_over_ranks(tmp_path):
+    from tests.trainer.ddp_losses import gradients
+    from vsearch.trainer.distributed import Ranks
+    out = tmp_path / "grads"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).with_name("ddp_losses.py")), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    for one, (a, b) in zip(gradients(Ranks()), zip(*parts)):
+        # each rank's input gradient is W x the one-process gradient of its slice: DDP's averaging
+        # of the parameter gradients then gives the one-process step
+        assert torch.allclose(torch.cat([a, b]) / 2, one, atol=1e-6)
