@@ -15,6 +15,16 @@ pipeline and the loop cost on top of the network itself. Each figure is the best
 ``--repeat`` rounds (the rounds interleave the variants, so a busy neighbour on a shared
 machine hits them alike).
 
+Scaling (``--part scaling``): the real loop (``vsearch train``, SimCLR) under torchrun with 1 and
+2 processes on the CPU, one torch thread each, the same global batch (each of 2 processes
+computes half of it: DDP over gloo, negatives gathered from both); images/s and the scaling
+efficiency, images/s of N processes / (N x images/s of 1); and images per CPU-second of one
+process (its share of the batch over its own CPU time) with its ratio to one process: the cost
+of the distribution itself (gathers, global batch norm, gradient all-reduce), which a busy
+shared machine does not distort as it does the wall-clock figures.
+
+    python -m bench.trainer --part scaling [--procs 1,2] [--arch resnet-small] [--batch 64] [--steps 6]
+
 Quality: for each collection of :mod:`bench.collections` (images unlike Caltech-101), the
 documented fine-tuning recipe ``vsearch train --init MODEL --data <collection> --holdout 0.3``
 (the code defaults, nothing else set) and, on the 30 % held out, mAP@R, recall@1 and nDCG@10
@@ -33,7 +43,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,6 +120,50 @@ def bench_loop(folder: Path, out: Path, arch: str, size: int, batch: int, steps:
     rates = [json.loads(line) for line in open(out / "train_log.jsonl")]
     rates = [r["images_per_s"] for r in rates if r["event"] == "step"][1:]
     return sum(rates) / len(rates)
+
+
+# --------------------------------------------------------------------------- scaling
+
+def bench_processes(folder: Path, out: Path, nproc: int, arch: str, size: int, batch: int,
+                    steps: int) -> tuple[float, float]:
+    """Images/s of ``vsearch train`` on ``nproc`` CPU processes (torchrun, 1 thread each), and
+    images per CPU-second of one process (rank 0's own images over its CPU time: what the
+    processes cost, whatever else the machine runs), from rank 0's run log (the first logged
+    interval left out: it includes start-up)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "--module", "vsearch", "train", "--data", str(folder), "--out", str(out), "--arch", arch,
+           "--image-size", str(size), "--batch-size", str(batch), "--max-steps", str(steps + 1),
+           "--log-every", "1", "--workers", "0", "--threads", "1", "--device", "cpu", "--no-progress",
+           "--no-eval", "--no-whiten", "--checkpoint-every", "100000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    steps_logged = [r for r in map(json.loads, open(out / "train_log.jsonl")) if r["event"] == "step"][1:]
+    return (float(np.mean([r["images_per_s"] for r in steps_logged])),
+            float(np.mean([r["images_per_cpu_s"] for r in steps_logged])))
+
+
+def scaling(args) -> None:
+    procs = [int(x) for x in args.procs.split(",")]
+    print(f"arch {args.arch}, {args.image_size} px, global batch {args.batch} photos = {2 * args.batch} views, "
+          f"{args.steps} steps, CPU, 1 torch thread per process, best of {args.repeat}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
+    best: dict[int, float] = {}
+    per_cpu: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = photo_folder(tmp, max(2 * args.batch, 128))
+        for rnd in range(args.repeat):
+            for n in procs:
+                r, c = bench_processes(folder, tmp / f"run-{n}-{rnd}", n, args.arch, args.image_size, args.batch,
+                                       args.steps)
+                best[n], per_cpu[n] = max(best.get(n, 0.0), r), max(per_cpu.get(n, 0.0), c)
+    one = procs[0]
+    print(f"{'processes':>9} {'images/s':>10} {'speed-up':>9} {'efficiency':>10} {'img/CPU-s':>10} {'CPU eff.':>9}")
+    for n in procs:
+        print(f"{n:>9} {best[n]:>10.1f} {best[n] / best[one]:>8.2f}x {best[n] / (n * best[one] / one):>10.2f} "
+              f"{per_cpu[n]:>10.1f} {per_cpu[n] / per_cpu[one]:>9.2f}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 # --------------------------------------------------------------------------- quality
@@ -200,12 +257,15 @@ def main(argv=None) -> int:
     p.add_argument("--collections", default="digits,shapes,textures,scenes")
     p.add_argument("--compare-dir", action="append", default=[], help="more models for the latency table")
     p.add_argument("--keep", default=None, help="keep collections and fine-tuned models in this folder")
+    p.add_argument("--procs", default="1,2", help="scaling: numbers of training processes")
     args = p.parse_args(argv)
     parts = {x.strip() for x in args.part.split(",")}
     if args.threads:
         torch.set_num_threads(args.threads)
     if "throughput" in parts:
         throughput(args)
+    if "scaling" in parts:
+        scaling(args)
     if "quality" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()

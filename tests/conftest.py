@@ -33,7 +33,8 @@ SLOW_FIXTURES = {"embedder_service", "search_server", "search_catalog", "milvus_
                  "cluster", "rollout_models", "hardened"}
 SLOW_FILES = {"tests/deploy", "tests/local", "tests/test_fuzz.py", "tests/trainer/test_train.py",
               "tests/trainer/test_bench_quality.py", "tests/trainer/test_default_model.py",
-              "tests/trainer/test_collections.py", "tests/predictor/search/test_web_page.py"}
+              "tests/trainer/test_collections.py", "tests/trainer/test_distributed.py",
+              "tests/predictor/search/test_web_page.py"}
 # Single tests over ~10 s (measured with --durations) in files that other tests keep fast.
 SLOW_TESTS = {
     "tests/core/test_store.py::*[standalone]",                 # the Milvus 2.3.5 standalone server
@@ -43,6 +44,7 @@ SLOW_TESTS = {
     "tests/predictor/search/test_events.py::test_vsearch_ctr_reads_the_topic",
     "tests/predictor/search/test_experiment_report.py::test_report_of_the_newest_experiment_as_table_json_and_png",
     "tests/predictor/test_standard_clients.py::test_embedder_key_body_limit_and_queue",
+    "tests/trainer/test_clicks.py::test_click_pairs_from_a_real_topic_train_with_the_catalog_mixed_in",
 }
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from ..core.config import Flags
@@ -18,6 +19,9 @@ def _ks(text: str) -> list[int]:
     if not ks or min(ks) < 1:
         raise SystemExit(f"--k must be positive integers, got {text!r}")
     return ks
+
+
+_PARSERS: dict = {}         # (the train parser: its flags are handed to the workers torchrun starts)
 
 
 def register(sub) -> None:
@@ -68,8 +72,23 @@ def register(sub) -> None:
            help="whitening shrinkage: this multiple of the mean eigenvalue is added to each")
     pf.add("--no-eval", default=False, type=bool,
              help="skip evaluating the exported model on the held-out split")
+    pf.add("--catalog", default=None,
+           help="pairs/clicks only: folder of the catalog's images whose SimCLR batches are mixed in "
+                "(a small click log cannot collapse the model)")
+    pf.add("--simclr-ratio", default=0.5, type=float,
+           help="with --catalog: the catalog's share of the loss (NT-Xent), the rest InfoNCE on the pairs")
+    pf.add("--no-ips", default=False, type=bool,
+           help="clicks: do not weight the pairs by inverse examination propensity (PBM fitted by EM)")
+    pf.add("--propensity-clip", default=10.0, type=float, help="clicks: the largest inverse-propensity weight")
+    pf.add("--nproc-per-node", default=1, type=int,
+           help="training processes on this machine: >1 launches torchrun (DDP; gloo on CPU, nccl on GPU); "
+                "--batch-size stays the global batch")
+    pf.add("--max-restarts", default=0, type=int,
+           help="with --nproc-per-node: restarts of the whole group when a process fails (each resumes "
+                "from the last checkpoint)")
     pf.add("--no-progress", default=False, type=bool, help="no progress bar")
     p.set_defaults(handler=_train)
+    _PARSERS["train"] = p
 
     e = sub.add_parser("evaluate", help="offline retrieval metrics of models and baselines",
                        description="Compare models (and baselines) on a labelled folder or a "
@@ -95,6 +114,7 @@ def register(sub) -> None:
 def _train(args) -> int:
     from ..predictor.inference import set_torch_threads
     from .data import DataError
+    from .distributed import launch, launched, shutdown
     from .train import TrainConfig, data_kind, train
     if not args.data or not args.out:
         print("vsearch train: --data and --out are required", file=sys.stderr)
@@ -102,6 +122,8 @@ def _train(args) -> int:
     if args.init and args.image_size:
         print("vsearch train: --image-size applies to a new model, not to --init", file=sys.stderr)
         return 2
+    if args.nproc_per_node > 1 and not launched():
+        return launch(args.nproc_per_node, ["train", *_worker_argv(args)], args.max_restarts)
     set_torch_threads(args.threads)
     try:
         kind = data_kind(args.data)
@@ -118,8 +140,14 @@ def _train(args) -> int:
             whiten=not args.no_whiten, whiten_shrinkage=args.whiten_shrinkage,
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
-            hard_negatives_k=args.hard_negatives_k)
-        out = train(cfg)
+            hard_negatives_k=args.hard_negatives_k, catalog=args.catalog, simclr_ratio=args.simclr_ratio,
+            ips=not args.no_ips, propensity_clip=args.propensity_clip)
+        try:
+            out = train(cfg)
+        finally:
+            shutdown()
+        if os.environ.get("RANK", "0") != "0":        # under torchrun rank 0 reports
+            return 0
         if args.stop_after and not (out / "config.json").exists():
             print(f"stopped after {args.stop_after} steps; continue with --resume")
             return 0
@@ -132,6 +160,21 @@ def _train(args) -> int:
         print(f"vsearch train: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _worker_argv(args) -> list[str]:
+    """The flags of ``vsearch train`` as given (those not at their default), for the workers
+    torchrun starts; the launcher's own flags left out."""
+    argv = []
+    for action in _PARSERS["train"]._actions:
+        if not action.option_strings or action.dest in ("help", "nproc_per_node", "max_restarts"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[0]
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
 
 
 def _evaluate(args) -> int:

@@ -184,15 +184,14 @@ def read_pairs_csv(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_s: float = 60.0,
-                           idle_s: float = 3.0) -> tuple[list[tuple[str, str]], dict]:
-    """Every click that counts (:func:`vsearch.core.search_events.count_clicks`: once per
-    (query, item), with its impression) that has a ``query_uri`` and an ``item_uri`` -> a pair.
+def read_click_log(bootstrap: str, topic: str | None = None, *, timeout_s: float = 60.0,
+                   idle_s: float = 3.0) -> tuple[search_events.ClickLog, int]:
+    """The counted click log of ``topic`` (:func:`vsearch.core.search_events.count_clicks`) and
+    the number of events read.
 
     Reads every partition from the beginning until no record has arrived for ``idle_s``
     (end offsets are not trusted: some Kafka-protocol brokers report them wrongly), within
-    ``timeout_s``. Nothing is committed. Returns the pairs and counts of what was skipped and
-    why, so nothing is dropped unseen."""
+    ``timeout_s``. Nothing is committed."""
     topic = topic or search_events.TOPIC
     records = []
     try:
@@ -205,10 +204,24 @@ def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_
         raise DataError(str(exc)) from exc
     except TimeoutError as exc:
         raise DataError(f"{exc}; raise the timeout") from exc
-    clicks = search_events.count_clicks(records)
-    stats = {"events": len(records), "clicks": clicks.raw_clicks, "counted_clicks": len(clicks.clicks),
-             "clicks_not_counted": sum(clicks.not_counted.values()), "pairs": 0, "bad_events": clicks.bad,
-             "clicks_without_uris": 0}
+    return search_events.count_clicks(records), len(records)
+
+
+def click_log_stats(clicks: search_events.ClickLog, events: int) -> dict:
+    """What the click log held and what did not count (for the run log and the metadata)."""
+    return {"events": events, "clicks": clicks.raw_clicks, "counted_clicks": len(clicks.clicks),
+            "clicks_not_counted": sum(clicks.not_counted.values()), "bad_events": clicks.bad}
+
+
+def click_pairs_from_kafka(bootstrap: str, topic: str | None = None, *, timeout_s: float = 60.0,
+                           idle_s: float = 3.0) -> tuple[list[tuple[str, str]], dict]:
+    """Every click that counts (:func:`vsearch.core.search_events.count_clicks`: once per
+    (query, item), with its impression) that has a ``query_uri`` and an ``item_uri`` -> a pair
+    (:func:`read_click_log`). Returns the pairs and counts of what was skipped and why, so
+    nothing is dropped unseen. The trainer reads the topic through
+    :func:`vsearch.trainer.clicks.click_pairs`, which adds propensity weights and negatives."""
+    clicks, events = read_click_log(bootstrap, topic, timeout_s=timeout_s, idle_s=idle_s)
+    stats = {**click_log_stats(clicks, events), "pairs": 0, "clicks_without_uris": 0}
     pairs: list[tuple[str, str]] = []
     for rec in clicks.clicks:
         if not rec.get("query_uri") or not rec.get("item_uri"):
@@ -284,13 +297,18 @@ class SimCLRDataset(torch.utils.data.Dataset):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item i -> (query view, clicked view) of pair i; with ``negatives`` ({query: [sources]})
-    also a view of one of the query's hard negatives and a flag saying whether it has one."""
+    """Item i -> {"q": query view, "c": clicked view} of pair i; with ``negatives``
+    ({query: [sources]}) also "neg", a view of one of the query's hard negatives, and "has_neg",
+    whether it has one; with ``weights`` (one per pair: the click's inverse propensity) "w"."""
 
     def __init__(self, cache: ImageCache, pairs: Sequence[tuple[str, str]], augment, seed: int = 0,
-                 negatives: dict[str, list[str]] | None = None):
+                 negatives: dict[str, list[str]] | None = None, weights: Sequence[float] | None = None):
         self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
-        self.pairs = [(q, c) for q, c in pairs if q in cache and c in cache]
+        if weights is not None and len(weights) != len(pairs):
+            raise ValueError(f"{len(weights)} weights for {len(pairs)} pairs")
+        keep = [i for i, (q, c) in enumerate(pairs) if q in cache and c in cache]
+        self.pairs = [pairs[i] for i in keep]
+        self.weights = None if weights is None else [float(weights[i]) for i in keep]
         self.negatives = None if negatives is None else {
             q: [n for n in negs if n in cache] for q, negs in negatives.items()}
 
@@ -300,15 +318,16 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rng = item_rng(self.seed, self.epoch, i)
         q, c = self.pairs[i]
-        qv = torch.from_numpy(self.augment(self.cache[q], rng))
-        cv = torch.from_numpy(self.augment(self.cache[c], rng))
-        if self.negatives is None:
-            return qv, cv
-        negs = self.negatives.get(q) or []
-        if not negs:
-            return qv, cv, torch.zeros_like(qv), torch.tensor(False)
-        nv = torch.from_numpy(self.augment(self.cache[rng.choice(negs)], rng))
-        return qv, cv, nv, torch.tensor(True)
+        item = {"q": torch.from_numpy(self.augment(self.cache[q], rng)),
+                "c": torch.from_numpy(self.augment(self.cache[c], rng))}
+        if self.weights is not None:
+            item["w"] = torch.tensor(self.weights[i], dtype=torch.float32)
+        if self.negatives is not None:
+            negs = self.negatives.get(q) or []
+            item["has_neg"] = torch.tensor(bool(negs))
+            item["neg"] = (torch.from_numpy(self.augment(self.cache[rng.choice(negs)], rng)) if negs
+                           else torch.zeros_like(item["q"]))
+        return item
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -1,15 +1,23 @@
-"""Contrastive losses with in-batch negatives.
+"""Contrastive losses with in-batch negatives, from every rank when training runs on several.
 
 * :func:`nt_xent` (SimCLR): 2N views, each view's positive is its twin, the other 2N-2 views
   are negatives.
 * :func:`info_nce` (click pairs): N queries against N keys, key i is query i's positive, the
-  other keys (and optional extra hard negatives) are negatives; symmetric by default.
+  other keys (and optional extra hard negatives) are negatives; symmetric by default; optional
+  per-pair weights (inverse propensities of the clicks).
+
+Under DDP each rank passes its own rows; the columns (the negatives) are gathered from every
+rank with gradients (:func:`vsearch.trainer.distributed.gather`), the loss is the mean over the
+rank's own rows, and DDP's averaging of the gradients makes the step that of the global batch
+(see :mod:`vsearch.trainer.distributed`). In one process the gather is the identity.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .distributed import gather, gather_varying
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -18,26 +26,42 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
         raise ValueError(f"nt_xent needs two [N, D] tensors of one shape, got {tuple(z1.shape)} "
                          f"and {tuple(z2.shape)}")
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    logits = z @ z.t() / temperature
-    logits.fill_diagonal_(float("-inf"))            # a view is not its own negative
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    a, b = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    all_a, start = gather(a)
+    all_b, _ = gather(b)
+    total = all_a.shape[0]
+    rows = torch.cat([a, b])                                   # this rank's 2n views
+    logits = rows @ torch.cat([all_a, all_b]).t() / temperature  # against all 2N
+    own = torch.arange(start, start + n, device=a.device)
+    self_col = torch.cat([own, own + total])
+    logits[torch.arange(2 * n, device=a.device), self_col] = float("-inf")   # not its own negative
+    targets = torch.cat([own + total, own])
     return F.cross_entropy(logits, targets)
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 0.07,
-             hard_negatives: torch.Tensor | None = None, symmetric: bool = True) -> torch.Tensor:
-    """InfoNCE: query i should pick key i among all keys (+ hard negatives [M, D])."""
+             hard_negatives: torch.Tensor | None = None, symmetric: bool = True,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE: query i should pick key i among all keys (+ hard negatives [M, D]); with
+    ``weights`` [N] the per-pair losses are weighted (mean of weight x loss)."""
     if queries.shape != keys.shape or queries.dim() != 2:
         raise ValueError(f"info_nce needs queries and keys of one shape [N, D], got "
                          f"{tuple(queries.shape)} and {tuple(keys.shape)}")
+    if weights is not None and weights.shape != queries.shape[:1]:
+        raise ValueError(f"info_nce weights must be [N] = [{queries.shape[0]}], got {tuple(weights.shape)}")
     q = F.normalize(queries.float(), dim=1)
     k = F.normalize(keys.float(), dim=1)
-    candidates = k
-    if hard_negatives is not None and len(hard_negatives):
-        candidates = torch.cat([k, F.normalize(hard_negatives.float(), dim=1)])
-    targets = torch.arange(q.shape[0], device=q.device)
-    loss = F.cross_entropy(q @ candidates.t() / temperature, targets)
+    all_q, start = gather(q)
+    all_k, _ = gather(k)
+    candidates = all_k
+    if hard_negatives is not None:
+        negs = gather_varying(F.normalize(hard_negatives.float(), dim=1))
+        if len(negs):
+            candidates = torch.cat([all_k, negs])
+    targets = torch.arange(start, start + q.shape[0], device=q.device)
+    loss = F.cross_entropy(q @ candidates.t() / temperature, targets, reduction="none")
     if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(k @ q.t() / temperature, targets))
-    return loss
+        loss = 0.5 * (loss + F.cross_entropy(k @ all_q.t() / temperature, targets, reduction="none"))
+    if weights is not None:
+        loss = loss * weights.to(loss.dtype)
+    return loss.mean()

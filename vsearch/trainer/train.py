@@ -5,7 +5,12 @@
     # fine-tune an existing model on click pairs (CSV or the search.events topic)
     vsearch train --data pairs.csv --init models/default --out runs/clicks --epochs 5
     vsearch train --data kafka://127.0.0.1:9092 --init models/default --out runs/clicks
-    # carry on after an interruption
+    # ... with the catalog's SimCLR batches mixed in (half the loss each, by default)
+    vsearch train --data kafka://127.0.0.1:9092 --catalog <folder> --init models/default --out runs/clicks
+    # on 2 processes (DDP: gloo on CPU, nccl on GPU); the same flags, the same result
+    torchrun --nproc-per-node 2 .venv/bin/vsearch train --data ... --out runs/ddp
+    # carry on after an interruption (a run on an --out that holds the same run's checkpoint
+    # continues from it by itself; --resume also takes changed flags)
     vsearch train ... --out runs/tiny --resume
 
 The network is the predictor's :class:`~vsearch.predictor.zoo.EmbeddingNet` (the serving network);
@@ -27,6 +32,7 @@ import os
 import pickle
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,19 +43,20 @@ from tqdm import tqdm
 
 from ..core import jsonsafe
 from ..core.naming import DEFAULT_ALIAS
-from ..core.store import MilvusStore
-from ..predictor.inference import Embedder
 from ..predictor.model_dir import ModelMeta
 from ..predictor.zoo import EmbeddingNet, build_model, fit_whitening, load_model_dir, save_model_dir
+from . import distributed
 from .augment import AugmentConfig, PairAugment, SimCLRAugment
+from .clicks import click_pairs
 from .data import (
     DataError,
     ImageCache,
     PairDataset,
     SimCLRDataset,
-    click_pairs_from_kafka,
+    click_log_stats,
     epoch_order,
     list_images,
+    read_click_log,
     read_csv_header,
     read_pairs_csv,
     split_holdout,
@@ -101,6 +108,17 @@ class TrainConfig:
     whiten_max_images: int = 20_000
     evaluate: bool = True              # with holdout > 0: held-out figures vs the baselines
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    catalog: str | None = None         # pairs only: a folder whose SimCLR batches are mixed in
+    simclr_ratio: float = 0.5          # ... the share of the loss that is theirs
+    simclr_temperature: float = 0.2    # ... their NT-Xent temperature
+    ips: bool = True                   # clicks: weight pairs by inverse examination propensity
+    propensity_clip: float = 10.0      # ... at most this weight
+
+
+# How a run is carried out, not what it computes: a run on an --out that holds a checkpoint of
+# the same run (every other field equal) continues from it.
+RUN_KNOBS = {"resume", "stop_after", "progress", "workers", "device", "log_every", "checkpoint_every",
+             "version", "name", "evaluate", "whiten", "whiten_shrinkage", "whiten_max_images", "out"}
 
 
 class ProjectionHead(nn.Module):
@@ -113,6 +131,28 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class Towers(nn.ModuleDict):
+    """The network (and SimCLR's head) as one module whose one forward call embeds everything
+    a micro-batch holds, which is what DDP needs (one forward per backward):
+    ``pairs`` = (queries, clicked, hard negatives or None) -> their features; ``views`` = (a, b)
+    -> the projections of both views. The state dict is the ModuleDict's ("net.", "head.")."""
+
+    def forward(self, pairs=None, views=None) -> dict:
+        net, out = self["net"], {}
+        if pairs is not None:
+            q, c, negs = pairs
+            n = len(q)
+            if negs is None:
+                out["pairs"] = (net(q), net(c), None)
+            else:                                  # one pass: batch norm sees them together
+                z = net(torch.cat([q, c, negs]))
+                out["pairs"] = (z[:n], z[n:2 * n], z[2 * n:])
+        if views is not None:
+            z = self["head"](net(torch.cat(views)))
+            out["views"] = z.chunk(2)
+        return out
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float = 0.0):
@@ -146,26 +186,41 @@ def data_kind(data: str) -> str:
     raise DataError(f"--data {data!r} is neither a folder of images, a pairs CSV nor kafka://HOST:PORT")
 
 
-def load_pairs(cfg: TrainConfig) -> tuple[list[tuple[str, str]], dict]:
+@dataclass
+class Pairs:
+    pairs: list[tuple[str, str]]
+    stats: dict
+    weights: list[float] | None = None           # clicks: inverse propensities
+    negatives: dict[str, list[str]] | None = None  # clicks: items skipped above the click
+
+
+def load_pairs(cfg: TrainConfig) -> Pairs:
+    """A pairs CSV, or the click log of ``search.events``: pairs weighted by inverse propensity
+    (``cfg.ips``) with the items skipped above each click as hard negatives."""
     if cfg.data.startswith("kafka://"):
         rest = cfg.data[len("kafka://"):]
         bootstrap, _, topic = rest.partition("/")
-        pairs, stats = click_pairs_from_kafka(bootstrap, topic or cfg.kafka_topic)
-        if not pairs:
+        clicks, events = read_click_log(bootstrap, topic or cfg.kafka_topic)
+        got = click_pairs(clicks, ips=cfg.ips, clip=cfg.propensity_clip)
+        stats = {**click_log_stats(clicks, events), **got.stats}
+        if not got.pairs:
             raise DataError(f"no usable click pairs on {cfg.data}: {stats}")
-        return pairs, stats
+        return Pairs(got.pairs, stats, got.weights, got.negatives)
     pairs = read_pairs_csv(cfg.data)
-    return pairs, {"pairs": len(pairs)}
+    return Pairs(pairs, {"pairs": len(pairs)})
 
 
 class RunLog:
-    """Append-only JSONL run log."""
+    """Append-only JSONL run log (written by rank 0 alone; ``path=None``: writes nothing)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, event: str, **fields) -> None:
+        if self.path is None:
+            return
         rec = {"event": event, "time": time.time(), **fields}
         with open(self.path, "a") as f:
             f.write(jsonsafe.dumps(rec) + "\n")
@@ -187,67 +242,142 @@ def _model_for(cfg: TrainConfig) -> tuple[EmbeddingNet, ModelMeta]:
     return build_model(cfg.arch, name=cfg.name or cfg.arch, image_size=cfg.image_size, seed=cfg.seed)
 
 
+def on_main(fn):
+    """``fn()`` on rank 0, its result (or its DataError/ValueError/OSError) handed to every rank:
+    what is read once and must be the same everywhere (a Kafka topic, a start-or-resume decision,
+    a checkpoint on rank 0's disk)."""
+    result, error = None, None
+    if distributed.ranks().main:
+        try:
+            result = fn()
+        except (DataError, ValueError, OSError) as exc:
+            error = exc
+    if distributed.active():
+        box = [(result, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _run_key(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUN_KNOBS}
+
+
+def start_kind(cfg: TrainConfig, out: Path) -> str:
+    """new, resume or restart (a run killed before its first checkpoint: start over).
+
+    ``--resume`` resumes; an --out with a finished model is refused; an --out that holds a run
+    of the same configuration (everything but :data:`RUN_KNOBS`) continues it, so a restarted
+    job (torchrun's ``--max-restarts``, a Kubernetes Job's retry) carries on where it stopped;
+    a different run on it is refused."""
+    ckpt, logged = out / "checkpoints" / "last.pt", out / "train_log.jsonl"
+    if cfg.resume:
+        if not ckpt.exists():
+            raise DataError(f"--resume: no checkpoint at {ckpt}")
+        return "resume"
+    if (out / "config.json").exists():
+        raise DataError(f"{out} already holds a model or a run: pick a new --out, or --resume it")
+    if not logged.exists():
+        return "new"
+    starts = [r for r in map(json.loads, open(logged)) if r.get("event") == "start"]
+    if ckpt.exists():
+        saved = load_checkpoint(ckpt).get("config") or {}
+    else:
+        saved = starts[-1].get("config", {}) if starts else {}
+    if _run_key(saved) != _run_key(_jsonable(cfg)):
+        differ = sorted(k for k in set(_run_key(saved)) | set(_run_key(_jsonable(cfg)))
+                        if _run_key(saved).get(k) != _run_key(_jsonable(cfg)).get(k))
+        raise DataError(f"{out} already holds a model or a run (of other settings: {', '.join(differ)}): "
+                        f"pick a new --out, or --resume it")
+    return "resume" if ckpt.exists() else "restart"
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train, export to ``cfg.out`` and return it (or return early after ``stop_after`` steps,
-    leaving the checkpoint for ``resume``)."""
+    leaving the checkpoint for ``resume``). Under torchrun every rank calls this; rank 0 writes."""
     t_start = time.time()
     out = Path(cfg.out)
-    if not cfg.resume and ((out / "train_log.jsonl").exists() or (out / "config.json").exists()):
-        raise DataError(f"{out} already holds a model or a run: pick a new --out, or --resume it")
-    runlog = RunLog(out / "train_log.jsonl")
+    ranks, device = distributed.init(cfg.device)
+    kind = on_main(lambda: start_kind(cfg, out))
+    runlog = RunLog(out / "train_log.jsonl" if ranks.main else None)
     seed_everything(cfg.seed)
     net, meta = _model_for(cfg)
     data = load_data(cfg, meta, runlog)
-    run = set_up(cfg, net, meta, data, out / "checkpoints" / "last.pt")
-    start_or_resume(cfg, run, runlog, data, meta)
+    run = set_up(cfg, net, meta, data, out / "checkpoints" / "last.pt", ranks, device)
+    start_or_resume(cfg, run, runlog, data, meta, kind)
 
     stop_at = min(run.total_steps, cfg.stop_after) if cfg.stop_after else run.total_steps
     last_loss = train_steps(cfg, run, data, runlog, stop_at)
+    distributed.unsync_batchnorm(run.modules)
     if run.step < run.total_steps:
         runlog.write("stopped", step=run.step, checkpoint=str(run.ckpt_path))
+        distributed.barrier()
         return out
-
-    export(cfg, run, data, meta, runlog, out, last_loss, t_start)
-    if data.kind == "simclr" and cfg.holdout > 0 and cfg.evaluate:
-        evaluate_export(cfg, out, runlog)
+    if ranks.main:
+        export(cfg, run, data, meta, runlog, out, last_loss, t_start)
+        if data.kind == "simclr" and cfg.holdout > 0 and cfg.evaluate:
+            evaluate_export(cfg, out, runlog)
+    distributed.barrier()                          # the others wait for rank 0's export
     return out
 
 
 @dataclass
 class TrainData:
-    """What the loop trains on: SimCLR views of images, or (query, clicked) pairs."""
+    """What the loop trains on: SimCLR views of images, or (query, clicked) pairs (with the
+    catalog's SimCLR views mixed in when ``views`` is set)."""
     kind: str                       # simclr | pairs
     dataset: SimCLRDataset | PairDataset
     cache: ImageCache
     info: dict                      # what goes into the run log and the metadata
+    views: SimCLRDataset | None = None
+
+
+def _simclr_data(cfg: TrainConfig, folder: str, pre) -> tuple[SimCLRDataset, ImageCache, dict]:
+    records = on_main(lambda: list_images(folder))
+    train_recs, held = split_holdout(records, cfg.holdout, cfg.split_seed)
+    cache = ImageCache([r.source for r in train_recs], pre, workers=max(2, cfg.workers))
+    dataset = SimCLRDataset(cache, [r.source for r in train_recs], SimCLRAugment(pre, cfg.augment), seed=cfg.seed)
+    return dataset, cache, dict(images=len(records), train_images=len(dataset), held_out_images=len(held),
+                                holdout=cfg.holdout, split_seed=cfg.split_seed)
 
 
 def load_data(cfg: TrainConfig, meta: ModelMeta, runlog: RunLog) -> TrainData:
     kind = data_kind(cfg.data)
     pre = meta.preprocess
     info: dict = {"kind": kind, "source": portable_path(cfg.data)}
+    views = None
     if kind == "simclr":
-        records = list_images(cfg.data)
-        train_recs, held = split_holdout(records, cfg.holdout, cfg.split_seed)
-        cache = ImageCache([r.source for r in train_recs], pre, workers=max(2, cfg.workers))
-        dataset = SimCLRDataset(cache, [r.source for r in train_recs],
-                                SimCLRAugment(pre, cfg.augment), seed=cfg.seed)
-        info.update(images=len(records), train_images=len(dataset), held_out_images=len(held),
-                    holdout=cfg.holdout, split_seed=cfg.split_seed)
+        if cfg.catalog:
+            raise DataError("--catalog mixes SimCLR batches into pair training; --data is already a folder")
+        dataset, cache, more = _simclr_data(cfg, cfg.data, pre)
+        info.update(more)
     else:
-        pairs, stats = load_pairs(cfg)
-        negatives = None
+        got = on_main(lambda: load_pairs(cfg))
+        negatives, stats = got.negatives, got.stats
         if cfg.hard_negatives_from:
-            negatives, neg_stats = _mine(cfg, pairs)
+            mined, neg_stats = on_main(lambda: _mine(cfg, got.pairs))
             stats = {**stats, "hard_negatives": neg_stats}
-        sources = [s for p in pairs for s in p] + [n for v in (negatives or {}).values() for n in v]
+            negatives = {q: list(dict.fromkeys((negatives or {}).get(q, []) + mined.get(q, [])))
+                         for q in set(negatives or {}) | set(mined)}
+        sources = [s for p in got.pairs for s in p] + [n for v in (negatives or {}).values() for n in v]
         cache = ImageCache(sources, pre, workers=max(2, cfg.workers))
-        dataset = PairDataset(cache, pairs, PairAugment(pre), seed=cfg.seed, negatives=negatives)
-        info.update({**stats, "pairs": len(pairs), "usable_pairs": len(dataset)})
+        dataset = PairDataset(cache, got.pairs, PairAugment(pre), seed=cfg.seed, negatives=negatives,
+                              weights=got.weights)
+        info.update({**stats, "pairs": len(got.pairs), "usable_pairs": len(dataset)})
+        if cfg.catalog:
+            if not 0 < cfg.simclr_ratio < 1:
+                raise DataError(f"--simclr-ratio must be in (0, 1), got {cfg.simclr_ratio}")
+            views, vcache, more = _simclr_data(cfg, cfg.catalog, pre)
+            info["catalog"] = {"source": portable_path(cfg.catalog), "simclr_ratio": cfg.simclr_ratio, **more,
+                               "unreadable": len(vcache.failed)}
+            if vcache.failed:
+                runlog.write("unreadable", items=vcache.failed)
     info["unreadable"] = len(cache.failed)
     if cache.failed:
         runlog.write("unreadable", items=cache.failed)
-    return TrainData(kind, dataset, cache, info)
+    return TrainData(kind, dataset, cache, info, views)
 
 
 @dataclass
@@ -255,139 +385,197 @@ class Run:
     """The optimisation state the loop advances (and the checkpoint saves)."""
     net: EmbeddingNet
     head: ProjectionHead | None     # SimCLR's projection head, dropped at export
-    modules: nn.ModuleDict
+    modules: Towers
+    model: nn.Module                # modules, or DDP(modules) on several processes
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     device: torch.device
     use_amp: bool
     amp_dtype: torch.dtype
-    bs: int                         # micro-batch size
+    bs: int                         # global micro-batch size (each rank takes bs / world)
     micro_per_epoch: int
     total_steps: int
     warmup: int
     ckpt_path: Path
+    ranks: distributed.Ranks = field(default_factory=distributed.Ranks)
+    views_bs: int = 0               # SimCLR batch mixed into pair training
     step: int = 0                   # optimiser steps done
     micro: int = 0                  # micro-batches done
 
     def save_checkpoint(self, cfg: TrainConfig) -> None:
+        if not self.ranks.main:
+            return
         _atomic_save({"modules": self.modules.state_dict(), "opt": self.opt.state_dict(),
                       "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                      "step": self.step, "micro": self.micro, "config": _jsonable(cfg)}, self.ckpt_path)
+                      "step": self.step, "micro": self.micro, "world": self.ranks.world,
+                      "config": _jsonable(cfg)}, self.ckpt_path)
 
 
-def set_up(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, data: TrainData, ckpt_path: Path) -> Run:
-    """Batch size and schedule from the data; AdamW (no decay on norms and biases), warm-up +
-    cosine, mixed precision on CUDA."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _global_batch(requested: int, available: int, world: int, what: str) -> int:
+    bs = min(requested, available)
+    bs -= bs % world
+    if bs < max(2, world):
+        raise DataError(f"need at least {max(2, world)} usable {what} for in-batch negatives "
+                        f"on {world} process(es), have {available}")
+    return bs
+
+
+def set_up(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, data: TrainData, ckpt_path: Path,
+           ranks: distributed.Ranks | None = None, device: torch.device | None = None) -> Run:
+    """Batch size and schedule from the data (the global batch: the same on any number of
+    processes); AdamW (no decay on norms and biases), warm-up + cosine, mixed precision on CUDA;
+    on several processes global batch norm and DDP."""
+    ranks = ranks or distributed.Ranks()
+    device = device or torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_amp = cfg.amp and device.type == "cuda"
-    bs = min(cfg.batch_size, len(data.dataset))
-    if bs < 2:
-        raise DataError(f"need at least 2 usable training items for in-batch negatives, have "
-                        f"{len(data.dataset)} (unreadable: {len(data.cache.failed)})")
+    what = "training items" + (f" (unreadable: {len(data.cache.failed)})" if data.cache.failed else "")
+    bs = _global_batch(cfg.batch_size, len(data.dataset), ranks.world, what)
+    views_bs = _global_batch(cfg.batch_size, len(data.views), ranks.world, "catalog images") if data.views else 0
     micro_per_epoch = len(data.dataset) // bs
     steps_per_epoch = max(1, micro_per_epoch // cfg.accum_steps)
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.05 * total_steps))
 
     head = (ProjectionHead(meta.embedding_dim, cfg.proj_hidden, cfg.proj_dim)
-            if data.kind == "simclr" else None)
-    modules = nn.ModuleDict({"net": net, **({"head": head} if head is not None else {})}).to(device)
-    decay = [p for n, p in modules.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in modules.named_parameters() if p.ndim <= 1]
+            if data.kind == "simclr" or data.views is not None else None)
+    modules = Towers({"net": net, **({"head": head} if head is not None else {})}).to(device)
+    for name, p in modules.named_parameters():
+        if name.endswith("mask_token"):        # DINOv2's: used only for masked-image training
+            p.requires_grad_(False)
+    model: nn.Module = modules
+    if ranks.world > 1:
+        distributed.sync_batchnorm(modules)
+        model = torch.nn.parallel.DistributedDataParallel(
+            modules, device_ids=[device.index] if device.type == "cuda" else None)
+    decay = [p for p in modules.parameters() if p.ndim > 1 and p.requires_grad]
+    no_decay = [p for p in modules.parameters() if p.ndim <= 1 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps, cfg.min_lr_ratio))
     amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    return Run(net=net, head=head, modules=modules, opt=opt, sched=sched, scaler=scaler, device=device,
-               use_amp=use_amp, amp_dtype=amp_dtype, bs=bs, micro_per_epoch=micro_per_epoch,
-               total_steps=total_steps, warmup=warmup, ckpt_path=ckpt_path)
+    return Run(net=net, head=head, modules=modules, model=model, opt=opt, sched=sched, scaler=scaler,
+               device=device, use_amp=use_amp, amp_dtype=amp_dtype, bs=bs, micro_per_epoch=micro_per_epoch,
+               total_steps=total_steps, warmup=warmup, ckpt_path=ckpt_path, ranks=ranks, views_bs=views_bs)
 
 
-def start_or_resume(cfg: TrainConfig, run: Run, runlog: RunLog, data: TrainData, meta: ModelMeta) -> None:
-    if not cfg.resume:
+def start_or_resume(cfg: TrainConfig, run: Run, runlog: RunLog, data: TrainData, meta: ModelMeta,
+                    kind: str = "new") -> None:
+    if kind in ("new", "restart"):
         runlog.write("start", config=_jsonable(cfg), data=data.info, total_steps=run.total_steps,
-                     model=meta.to_json(), device=str(run.device))
+                     model=meta.to_json(), device=str(run.device), world_size=run.ranks.world,
+                     **({"restarted": True} if kind == "restart" else {}))
         return
-    if not run.ckpt_path.exists():
-        raise DataError(f"--resume: no checkpoint at {run.ckpt_path}")
-    ck = load_checkpoint(run.ckpt_path, run.device)
+    ck = on_main(lambda: load_checkpoint(run.ckpt_path))
     run.modules.load_state_dict(ck["modules"])
     run.opt.load_state_dict(ck["opt"])
     run.sched.load_state_dict(ck["sched"])
     run.scaler.load_state_dict(ck["scaler"])
     run.step, run.micro = ck["step"], ck["micro"]
-    runlog.write("resume", step=run.step, micro=run.micro)
+    runlog.write("resume", step=run.step, micro=run.micro, world_size=run.ranks.world,
+                 restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), requested=cfg.resume)
     log.info("resumed from %s at step %d", run.ckpt_path, run.step)
 
 
-def loss_of(cfg: TrainConfig, run: Run, a, b, negs=None, has_neg=None) -> torch.Tensor:
-    """NT-Xent through the projection head (SimCLR), else InfoNCE on the pairs (+ hard negatives)."""
-    net = run.net
+def loss_of(cfg: TrainConfig, run: Run, batch, views=None) -> torch.Tensor:
+    """NT-Xent through the projection head (SimCLR), else InfoNCE on the pairs (+ hard
+    negatives, weights) plus, with the catalog mixed in, ``simclr_ratio`` x NT-Xent of its views."""
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
-        if run.head is not None:
-            z = run.head(net(torch.cat([a, b])))
-            return nt_xent(*z.chunk(2), temperature=cfg.temperature)
-        if negs is not None and bool(has_neg.any()):
-            z = net(torch.cat([a, b, negs[has_neg]]))
-            return info_nce(z[:len(a)], z[len(a):2 * len(a)], temperature=cfg.temperature,
-                            hard_negatives=z[2 * len(a):])
-        return info_nce(net(a), net(b), temperature=cfg.temperature)
+        if run.head is not None and views is None:
+            z = run.model(views=batch)["views"]
+            return nt_xent(*z, temperature=cfg.temperature)
+        negs = batch["neg"][batch["has_neg"]] if "neg" in batch else None
+        out = run.model(pairs=(batch["q"], batch["c"], negs), views=views)
+        zq, zc, zn = out["pairs"]
+        loss = info_nce(zq, zc, temperature=cfg.temperature, hard_negatives=zn, weights=batch.get("w"))
+        if views is not None:
+            loss = (1 - cfg.simclr_ratio) * loss + cfg.simclr_ratio * nt_xent(
+                *out["views"], temperature=cfg.simclr_temperature)
+        return loss
 
 
-def epoch_loader(cfg: TrainConfig, run: Run, dataset) -> torch.utils.data.DataLoader:
-    """The rest of the current epoch, in the order fixed by (seed, epoch): a resumed run sees
-    the same batches as an uninterrupted one."""
-    epoch, start = divmod(run.micro, run.micro_per_epoch)
-    dataset.epoch = epoch
-    order = epoch_order(len(dataset), cfg.seed, epoch)[start * run.bs: run.micro_per_epoch * run.bs]
-    return torch.utils.data.DataLoader(dataset, batch_size=run.bs, sampler=order.tolist(),
-                                       drop_last=True, num_workers=cfg.workers,
-                                       pin_memory=run.device.type == "cuda")
+def micro_batches(dataset, bs: int, seed: int, start: int, ranks: distributed.Ranks, workers: int = 0,
+                  pin_memory: bool = False):
+    """Micro-batches from micro-batch ``start`` on, epoch after epoch: micro-batch m is items
+    ``order[j*bs:(j+1)*bs]`` of epoch e (e, j = divmod(m, len // bs); the order a function of
+    (seed, epoch)), of which this rank takes its contiguous slice of bs / world. A resumed run
+    sees the same batches as an uninterrupted one, and W ranks together the batches of one."""
+    per_epoch = len(dataset) // bs
+    local = bs // ranks.world
+    epoch, j = divmod(start, per_epoch)
+    while True:
+        order = epoch_order(len(dataset), seed, epoch)
+        lo = ranks.rank * local
+        mine = [int(i) for m in range(j, per_epoch) for i in order[m * bs + lo: m * bs + lo + local]]
+        dataset.epoch = epoch
+        yield from torch.utils.data.DataLoader(dataset, batch_size=local, sampler=mine, drop_last=True,
+                                               num_workers=workers, pin_memory=pin_memory)
+        epoch, j = epoch + 1, 0
 
 
-def optimiser_step(run: Run) -> None:
+def optimiser_step(run: Run) -> float:
+    """One AdamW step on the accumulated (and, under DDP, averaged) gradients; returns their
+    norm (of the unscaled gradients)."""
+    run.scaler.unscale_(run.opt)
+    grads = [p.grad for p in run.modules.parameters() if p.grad is not None]
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
     run.scaler.step(run.opt)
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
     run.sched.step()
     run.step += 1
+    return norm
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def train_steps(cfg: TrainConfig, run: Run, data: TrainData, runlog: RunLog, stop_at: int) -> float:
     """The loop: micro-batches accumulated into optimiser steps until ``stop_at``; logs and
-    checkpoints on their cadence. Returns the last step's mean loss."""
-    run.modules.train()
-    bar = _progress(run.total_steps, run.step, cfg.progress)
+    checkpoints on their cadence. Returns the last step's mean loss (over the global batch)."""
+    run.model.train()
+    bar = _progress(run.total_steps, run.step, cfg.progress and run.ranks.main)
     seen, t_rate, last_loss, loss_sum, loss_n = 0, time.perf_counter(), float("nan"), 0.0, 0
-    images_per_item = 2
+    cpu_rate = time.process_time()
+    pin = run.device.type == "cuda"
+    stream = micro_batches(data.dataset, run.bs, cfg.seed, run.micro, run.ranks, cfg.workers, pin)
+    vstream = (micro_batches(data.views, run.views_bs, cfg.seed + 1, run.micro, run.ranks, cfg.workers, pin)
+               if data.views is not None else None)
     while run.step < stop_at:
-        for batch in epoch_loader(cfg, run, data.dataset):
-            a, b, *negs = [t.to(run.device, non_blocking=True) for t in batch]
-            loss = loss_of(cfg, run, a, b, *negs)
+        batch = _to(next(stream), run.device)
+        views = _to(next(vstream), run.device) if vstream is not None else None
+        accumulating = (run.micro + 1) % cfg.accum_steps != 0
+        sync = run.model.no_sync() if accumulating and run.model is not run.modules else nullcontext()
+        with sync:
+            loss = loss_of(cfg, run, batch, views)
             run.scaler.scale(loss / cfg.accum_steps).backward()
-            run.micro += 1
-            seen += len(a) * images_per_item
-            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
-            if run.micro % cfg.accum_steps:
-                continue
-            optimiser_step(run)
-            last_loss, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
+        run.micro += 1
+        first = batch["q"] if isinstance(batch, dict) else batch[0]
+        seen += 2 * len(first) + (2 * len(views[0]) if views is not None else 0)
+        loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+        if accumulating:
+            continue
+        grad_norm = optimiser_step(run)
+        last_loss, loss_sum, loss_n = distributed.mean_over_ranks(loss_sum / loss_n), 0.0, 0
+        if bar is not None:
+            bar.update(1)
+        if run.step % cfg.log_every == 0 or run.step == stop_at:
+            dt = time.perf_counter() - t_rate
+            rate = seen * run.ranks.world / dt if dt > 0 else 0.0
+            cpu = time.process_time() - cpu_rate           # this process's CPU time (all its threads)
+            runlog.write("step", step=run.step, epoch=round(run.micro / run.micro_per_epoch, 3),
+                         loss=last_loss, grad_norm=grad_norm, lr=run.sched.get_last_lr()[0], images_per_s=rate,
+                         images_per_cpu_s=seen / cpu if cpu > 0 else 0.0)
             if bar is not None:
-                bar.update(1)
-            if run.step % cfg.log_every == 0 or run.step == stop_at:
-                dt = time.perf_counter() - t_rate
-                rate = seen / dt if dt > 0 else 0.0
-                runlog.write("step", step=run.step, epoch=round(run.micro / run.micro_per_epoch, 3),
-                             loss=last_loss, lr=run.sched.get_last_lr()[0], images_per_s=rate)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
-                seen, t_rate = 0, time.perf_counter()
-            if run.step % cfg.checkpoint_every == 0 or run.step == stop_at:
-                run.save_checkpoint(cfg)
-            if run.step >= stop_at:
-                break
+                bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
+            seen, t_rate, cpu_rate = 0, time.perf_counter(), time.process_time()
+        if run.step % cfg.checkpoint_every == 0 or run.step == stop_at:
+            run.save_checkpoint(cfg)
     if bar is not None:
         bar.close()
     return last_loss
@@ -406,7 +594,8 @@ def export(cfg: TrainConfig, run: Run, data: TrainData, meta: ModelMeta, runlog:
     starts = [r["time"] for r in logged if r.get("event") == "start"]
     resumes = [r["step"] for r in logged if r.get("event") == "resume"]
     meta.training = {
-        "method": "simclr-nt-xent" if data.kind == "simclr" else "click-pairs-infonce",
+        "method": ("simclr-nt-xent" if data.kind == "simclr" else "click-pairs-infonce"
+                   + (" + catalog simclr-nt-xent" if data.views is not None else "")),
         "init": cfg.init or f"random ({cfg.arch}, seed {cfg.seed})",
         "data": data.info, "steps": run.total_steps, "batch_size": run.bs, "accum_steps": cfg.accum_steps,
         "epochs": round(run.total_steps * cfg.accum_steps / run.micro_per_epoch, 2),
@@ -414,12 +603,13 @@ def export(cfg: TrainConfig, run: Run, data: TrainData, meta: ModelMeta, runlog:
         "temperature": cfg.temperature, "seed": cfg.seed,
         "augment": cfg.augment.to_json() if data.kind == "simclr" else "pair crop (0.6-1.0) + flip",
         "final_loss": last_loss, "images_per_s": float(np.median(rates)) if rates else None,
-        "device": str(run.device), "threads": torch.get_num_threads(),
+        "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.ranks.world,
         "wall_s": round(time.time() - (starts[-1] if starts else t_start), 1),
         "resumed_at_steps": resumes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    fit_catalog_whitening(cfg, net, meta, [data.cache[s] for s in catalog_sources(cfg, data.dataset)])
+    images = data.views if data.views is not None else data.dataset
+    fit_catalog_whitening(cfg, net, meta, [images.cache[s] for s in catalog_sources(cfg, images)])
     save_model_dir(net, meta, out)
     runlog.write("exported", out=portable_path(str(out)), version=meta.version, final_loss=last_loss)
     log.info("exported %s (version %s, final loss %.4f)", out, meta.version, last_loss)
@@ -479,6 +669,8 @@ def evaluate_export(cfg: TrainConfig, out: Path, runlog: RunLog) -> dict | None:
 
 def _mine(cfg: TrainConfig, pairs):
     """Hard negatives from the current index, found with the model being fine-tuned."""
+    from ..core.store import MilvusStore  # (pymilvus: only for mining)
+    from ..predictor.inference import Embedder
     if not cfg.init:
         raise DataError("hard negatives need --init: the model that built the index")
     embedder = Embedder(cfg.init, device="cpu")
