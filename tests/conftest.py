@@ -46,6 +46,18 @@ SLOW_TESTS = {
     "tests/predictor/test_standard_clients.py::test_embedder_key_body_limit_and_queue",
     "tests/trainer/test_clicks.py::test_click_pairs_from_a_real_topic_train_with_the_catalog_mixed_in",
 }
+# The longest files first (measured with --durations, longest first): with `-n 2 --dist loadfile`
+# a worker takes whole files in collection order, so a long file collected last would run alone
+# at the end while the other worker idles.
+LONG_FILES_FIRST = [
+    "tests/operators/test_rollout.py", "tests/operators/test_gate.py", "tests/local/test_demo_rollout.py",
+    "tests/docs/test_readme.py", "tests/local/test_demo.py", "tests/predictor/search/test_model_versions.py",
+    "tests/predictor/search/test_search_ops.py", "tests/ingest/test_consumer.py",
+    "tests/operators/test_offline_verdict.py", "tests/predictor/search/test_experiments.py",
+    "tests/trainer/test_distributed.py", "tests/trainer/test_bench_quality.py",
+    "tests/deploy/test_chart_operator.py", "tests/operators/test_experiment.py",
+    "tests/predictor/test_model.py", "tests/trainer/test_train.py",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,3 +68,5 @@ def pytest_collection_modifyitems(config, items):
                 or any(rel == Path(f) or Path(f) in rel.parents for f in SLOW_FILES)
                 or any(fnmatch.fnmatchcase(f"{rel.as_posix()}::{item.name}", t) for t in SLOW_TESTS)):
             item.add_marker(pytest.mark.slow)
+    rank = {f: i for i, f in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda it: rank.get(Path(it.path).resolve().relative_to(ROOT).as_posix(), len(rank)))
