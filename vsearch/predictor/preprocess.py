@@ -247,7 +247,8 @@ def normalise(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB image of the input size -> float32 CHW, scaled to [0, 1] and normalised with the
     model's mean/std (a per-channel lookup table: 8-bit input has only 256 levels)."""
     lut = _lookup_table(tuple(cfg.mean), tuple(cfg.std))
-    chw = np.asarray(img).transpose(2, 0, 1)
+    # contiguous planes first: np.take indexed by a strided view is about 4x slower
+    chw = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
     out = np.empty(chw.shape, np.float32)
     for c in range(3):
         np.take(lut[c], chw[c], out=out[c])
