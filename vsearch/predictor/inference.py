@@ -77,9 +77,9 @@ class Embedder:
     :class:`~vsearch.predictor.embedding.ImageEmbedder`.
 
     Decoding and resizing run on a small thread pool (PIL releases the GIL), the forward pass
-    in batches of at most ``batch_size`` on ``runtime`` (:mod:`.runtimes`: ``eager``,
-    ``torchscript`` - the default, ``eager`` with ``optimize=False`` -, ``onnxruntime`` or
-    ``openvino``; the last two on the CPU with ``threads`` intra-op threads, default torch's)."""
+    in batches of at most ``batch_size`` on ``runtime`` (:mod:`.runtimes`): ``eager``,
+    ``torchscript`` (the default; ``optimize=False`` means ``eager``), ``onnxruntime`` or
+    ``openvino``, the last two on the CPU with ``threads`` intra-op threads (default: torch's)."""
 
     endpoint = None                          # the model runs in this process
 
