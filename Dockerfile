@@ -49,7 +49,8 @@ ARG TORCH_INDEX_URL=""
 # build/image/wheels-<variant>); empty: build the vsearch wheel here, the rest from the indexes.
 ARG WHEELS=""
 # The checkout (pyproject.toml, the package folders, the default model) and, for `make image`,
-# its wheels: what .containerignore / .dockerignore let through.
+# its wheels: what .containerignore / .dockerignore let through. vsearch is installed with its
+# `runtimes` extra (ONNX Runtime and OpenVINO, for `--runtime onnxruntime|openvino`).
 COPY . /src/
 RUN set -eu; \
     case "$TORCH_VARIANT" in cpu|cuda) ;; *) echo "TORCH_VARIANT must be cpu or cuda, not $TORCH_VARIANT" >&2; exit 2;; esac; \
@@ -57,14 +58,14 @@ RUN set -eu; \
     pip=/opt/vsearch/bin/pip; \
     if [ -n "$WHEELS" ]; then \
       ls "/src/$WHEELS"/vsearch-*.whl >/dev/null 2>&1 || { echo "WHEELS=$WHEELS holds no vsearch wheel" >&2; exit 1; }; \
-      "$pip" install --no-cache-dir --no-index --find-links "/src/$WHEELS" vsearch; \
+      "$pip" install --no-cache-dir --no-index --find-links "/src/$WHEELS" 'vsearch[runtimes]'; \
     else \
       index="$TORCH_INDEX_URL"; \
       if [ -z "$index" ]; then \
         if [ "$TORCH_VARIANT" = cpu ]; then index=https://download.pytorch.org/whl/cpu; else index=https://pypi.org/simple; fi; \
       fi; \
       "$pip" install --no-cache-dir --index-url "$index" "torch==$TORCH_VERSION"; \
-      "$pip" install --no-cache-dir /src; \
+      "$pip" install --no-cache-dir '/src[runtimes]'; \
     fi; \
     /opt/vsearch/bin/python -c "import sys, torch, vsearch.cli; cuda = torch.version.cuda; print('torch', torch.__version__, 'cuda', cuda); \
 sys.exit(0 if (cuda is None) == (sys.argv[1] == 'cpu') else f'TORCH_VARIANT={sys.argv[1]} but torch {torch.__version__} has cuda={cuda}: wrong torch build (see TORCH_INDEX_URL)')" "$TORCH_VARIANT"

@@ -84,12 +84,12 @@ wheels() {
   rm -f "$dir"/vsearch-*.whl
   if [ "$VARIANT" = cpu ]; then
     # torch==2.13.0+cpu lies on this machine's disk (pip's find-links).
-    "$PY" -m pip wheel -q --only-binary=torch -w "$dir" "torch==2.13.0" . >"$OUT/wheels-$VARIANT.log" 2>&1
+    "$PY" -m pip wheel -q --only-binary=torch -w "$dir" "torch==2.13.0" ".[runtimes]" >"$OUT/wheels-$VARIANT.log" 2>&1
   else
     # The registry's default torch 2.13.0 build is the CUDA one. This machine's pip settings
     # (find-links with the local +cpu wheel, a constraints file) are left out for this step.
     env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
-      "$PY" -m pip wheel -q --only-binary=torch -w "$dir" "torch==2.13.0" . >"$OUT/wheels-$VARIANT.log" 2>&1
+      "$PY" -m pip wheel -q --only-binary=torch -w "$dir" "torch==2.13.0" ".[runtimes]" >"$OUT/wheels-$VARIANT.log" 2>&1
   fi
   if [ "$VARIANT" = cuda ] && ls "$dir"/torch-*+cpu-*.whl >/dev/null 2>&1; then
     echo "the CUDA wheel set picked up a +cpu torch wheel" >&2; exit 1

@@ -1,16 +1,31 @@
 """Embedder throughput: images/s at batch sizes 1, 8 and 32 with a ResNet-18 (random init,
-224 px), for
+224 px), two tables.
+
+Runtimes (``--runtime`` of the commands that embed: eager, torchscript, onnxruntime, openvino),
+each with ``--threads`` intra-op threads (default: the CPUs):
+
+- forward:  the runtime's forward pass on pre-made tensors (``Embedder.embed_arrays``), and its
+            ratio to eager PyTorch at the same batch size,
+- pipeline: the full in-process pipeline on the same runtime, JPEG bytes -> embedding
+            (``Embedder.embed_stream``: decoding on a thread pool overlaps the forward pass),
+            and its ratio to the runtime's own forward pass.
+
+Serving, on ``--runtime`` (default onnxruntime, the chart's):
 
 - eager forward: the network as loaded, on pre-made tensors,
-- forward:  our optimised forward pass (channels-last, TorchScript-frozen for conv nets) on
-            pre-made tensors: the ceiling of the pipeline,
-- pipeline: our full in-process pipeline, JPEG bytes -> embedding (Embedder.embed_stream),
+- forward:  the runtime's forward pass on pre-made tensors: the ceiling of the pipeline,
+- pipeline: the full in-process pipeline, JPEG bytes -> embedding,
 - http:     our KServe server over HTTP (V2, base64 JPEGs, one request per batch),
-- naive:    a per-image loop: PIL open -> RGB -> resize -> tensor -> forward, one at a time.
+- naive:    a per-image loop: PIL open -> RGB -> resize -> tensor -> eager forward, one at a time.
 
     python -m bench.embedder [--images 96] [--batches 1,8,32] [--repeats 3] [--model-dir DIR]
+        [--runtimes eager,torchscript,onnxruntime,openvino] [--runtime onnxruntime] [--threads N]
+        [--part runtimes,int8,serving]
 
-Prints a table and the ratios pipeline/naive and pipeline/forward at each batch size.
+int8 (``--part int8``, measured here, not a runtime of the platform yet): the exported graph
+statically quantized by ONNX Runtime (QDQ, per-channel int8 weights, uint8 activations)
+calibrated on 256 Caltech-101 images of the trainer's training split; a row of the first table,
+and the quality it costs: mAP@R of models/default on the held-out split, float32 vs int8.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import argparse
 import base64
 import io
 import os
+import random
 import tempfile
 import time
 
@@ -27,10 +43,15 @@ import requests
 import torch
 from PIL import Image
 
+from vsearch.local.samples import CALTECH
 from vsearch.local.samples import photos as sample_photos
 from vsearch.local.services import start_embedder
-from vsearch.predictor.inference import Embedder
+from vsearch.predictor.inference import Embedder, set_torch_threads
+from vsearch.predictor.model_dir import default_model_dir, read_meta
+from vsearch.predictor.runtimes import CACHE_ENV, RUNTIMES, OnnxRuntimeForward, export_onnx, runtime
 from vsearch.predictor.zoo import init_model_dir, load_model_dir
+from vsearch.trainer.data import list_images, select_split
+from vsearch.trainer.metrics import evaluate_embeddings
 
 
 def rate(n: int, seconds: float) -> float:
@@ -104,29 +125,169 @@ def bench_naive(net, meta, photos: list[bytes]) -> float:
     return rate(len(photos), time.perf_counter() - t0)
 
 
+# --------------------------------------------------------------------------- int8 (measured here only)
+
+INT8 = "int8-ort"            # the row of ONNX Runtime on the statically quantized graph
+
+
+def int8_graph(model_dir: str, calibration: np.ndarray, out: str) -> str:
+    """The model's exported graph quantized by ONNX Runtime: static, QDQ, int8 weights per
+    channel, uint8 activations with min/max ranges calibrated on ``calibration`` (preprocessed
+    catalog images, float32 [N, 3, S, S])."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    net, meta = load_model_dir(model_dir)
+    graph = export_onnx(net.eval().requires_grad_(False), meta)
+    pre, q = os.path.join(out, f"{meta.model_id}-pre.onnx"), os.path.join(out, f"{meta.model_id}-int8.onnx")
+    quant_pre_process(str(graph), pre)
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calibration[i:i + 32] for i in range(0, len(calibration), 32))
+
+        def get_next(self):
+            batch = next(self.it, None)
+            return None if batch is None else {"pixel_values": batch}
+
+    quantize_static(pre, q, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return q
+
+
+def int8_embedder(model_dir: str, graph: str, threads: int) -> Embedder:
+    """An in-process embedder (same preprocessing and batching) whose forward pass is ONNX
+    Runtime on the int8 graph: for this benchmark only."""
+    emb = Embedder(model_dir, runtime="onnxruntime", threads=threads)
+    emb._exported, emb.runtime = OnnxRuntimeForward(graph, threads), INT8
+    return emb
+
+
+def caltech_split(split: str) -> list:
+    """The labelled Caltech-101 records of the trainer's split (held-out fraction 0.3, seed 0:
+    the split models/default was evaluated on)."""
+    return [r for r in select_split(list_images(CALTECH), split, 0.3, 0) if r.label is not None]
+
+
+def calibration_arrays(emb: Embedder, n: int = 256) -> np.ndarray:
+    """``n`` catalog images (the Caltech training split, shuffled with seed 0), preprocessed."""
+    train = caltech_split("train")
+    random.Random(0).shuffle(train)
+    return emb.preprocess_bytes([open(r.source, "rb").read() for r in train[:n]])
+
+
+def int8_quality(model_dir: str, threads: int, tmp: str) -> tuple[float, float, int]:
+    """mAP@R on the Caltech held-out split of ``model_dir`` in float32 (eager PyTorch) and on
+    the int8 graph calibrated on the training split, with the trainer's metric."""
+    emb = Embedder(model_dir, runtime="eager", threads=threads)
+    held = caltech_split("held-out")
+    x = emb.preprocess_bytes([open(r.source, "rb").read() for r in held])
+    labels = [r.label for r in held]
+    q = int8_embedder(model_dir, int8_graph(model_dir, calibration_arrays(emb), tmp), threads)
+    fp32 = evaluate_embeddings(emb.embed_arrays(x), labels)["metrics"]["map@r"]
+    int8 = evaluate_embeddings(q.embed_arrays(x), labels)["metrics"]["map@r"]
+    return fp32, int8, len(held)
+
+
+def runtime_rows(model_dir: str, runtimes: list[str], photos: list[bytes], batches: list[int],
+                 repeats: int, threads: int, int8: str | None = None) -> dict:
+    """{runtime: {batch: (forward img/s, pipeline img/s)}}, each the best of ``repeats`` rounds;
+    a round measures every runtime at every batch size in turn, so that a busy neighbour on a
+    shared machine slows them alike."""
+    embedders = {r: Embedder(model_dir, runtime=r, threads=threads) for r in runtimes}
+    if int8:
+        embedders[INT8] = int8_embedder(model_dir, int8, threads)
+    size = next(iter(embedders.values())).meta.image_size
+    best = {r: {b: (0.0, 0.0) for b in batches} for r in embedders}
+    try:
+        for _ in range(repeats):
+            for r, emb in embedders.items():
+                for b in batches:
+                    emb.batch_size = b
+                    fwd = bench_forward(emb.embed_arrays, size, len(photos), b)
+                    pipe = bench_pipeline(emb, photos, b)
+                    best[r][b] = (max(best[r][b][0], fwd), max(best[r][b][1], pipe))
+    finally:
+        for emb in embedders.values():
+            emb.close()
+    return best
+
+
+def print_runtimes(best: dict, batches: list[int]) -> None:
+    """One row per runtime and batch size: the forward pass on pre-made tensors, its ratio to
+    eager PyTorch at the same batch size, the full pipeline (JPEG bytes -> vector) and its
+    ratio to the runtime's own forward pass."""
+    print(f"\n{'runtime':<12} | {'batch':>5} | {'forward img/s':>13} | {'x eager':>7} | "
+          f"{'pipeline img/s':>14} | {'pipeline/forward':>16}")
+    print("-" * 86)
+    for r, by_batch in best.items():
+        for b in batches:
+            fwd, pipe = by_batch[b]
+            eager = best.get("eager", {}).get(b, (float("nan"),))[0]
+            print(f"{r:<12} | {b:>5} | {fwd:>13.1f} | {fwd / eager:>6.2f}x | {pipe:>14.1f} | {pipe / fwd:>15.0%}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is reported")
     ap.add_argument("--model-dir", default=None, help="default: a random-init ResNet-18 (224 px)")
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES),
+                    help="the runtimes of the first table (comma-separated; eager is the baseline)")
+    ap.add_argument("--runtime", default="onnxruntime", type=runtime,
+                    help="the runtime of the second table's pipeline and server (the chart's default)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="intra-op threads of every runtime (torch, ONNX Runtime, OpenVINO)")
+    ap.add_argument("--part", default="runtimes,int8,serving",
+                    help="runtimes, int8 (a statically quantized row, and its quality) and/or serving")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    runtimes = [runtime(r) for r in args.runtimes.split(",") if r.strip()]
+    parts = {p.strip() for p in args.part.split(",")}
+    set_torch_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
+    os.environ.setdefault(CACHE_ENV, os.path.join(tmp.name, "runtime-cache"))
     model_dir = args.model_dir or os.path.join(tmp.name, "resnet18")
     if not args.model_dir:
         init_model_dir("resnet18", model_dir, name="resnet18-bench")
     photos = sample_photos(args.images)
-    emb = Embedder(model_dir)
-    print(f"model {emb.meta.name} ({emb.meta.family}, {emb.meta.image_size}px, {emb.dim}-d); "
-          f"{len(photos)} photos; torch threads {torch.get_num_threads()}; device {emb.device}")
+    meta = read_meta(model_dir)
+    print(f"model {meta.name} ({meta.family}, {meta.image_size}px, {meta.embedding_dim}-d); "
+          f"{len(photos)} photos; {args.threads} intra-op threads (torch, ONNX Runtime, OpenVINO); "
+          f"{os.cpu_count()} CPUs")
 
+    int8 = None
+    if "int8" in parts:
+        calib = calibration_arrays(Embedder(model_dir, runtime="eager", threads=args.threads))
+        int8 = int8_graph(model_dir, calib, tmp.name)
+    if "runtimes" in parts:
+        print_runtimes(runtime_rows(model_dir, runtimes, photos, batches, args.repeats, args.threads, int8),
+                       batches)
+    if "int8" in parts:
+        fp32, q, n = int8_quality(str(default_model_dir()), args.threads, tmp.name)
+        print(f"\nint8 quality, models/default on the Caltech-101 held-out split ({n} images, mAP@R): "
+              f"float32 {fp32:.4f}, int8 {q:.4f}, relative loss {(fp32 - q) / fp32:.2%} "
+              f"(calibrated on 256 images of the training split)")
+    if "serving" not in parts:
+        tmp.cleanup()
+        return 0
+
+    emb = Embedder(model_dir, runtime=args.runtime, threads=args.threads)
     eager, meta = load_model_dir(model_dir)
     eager.eval()
     naive = best_of(args.repeats, bench_naive, eager, meta, photos)
     rows = []
     server = start_embedder(model_dir, log_path=os.path.join(tmp.name, "embedder.log"),
-                            extra=("--max-batch", str(max(batches))))
+                            extra=("--max-batch", str(max(batches)), "--runtime", args.runtime,
+                                   "--threads", str(args.threads)))
     try:
         for b in batches:
             size = emb.meta.image_size
@@ -138,7 +299,7 @@ def main(argv=None) -> int:
     finally:
         server.stop()
 
-    print()
+    print(f"\nserving on {args.runtime}:")
     print(f"{'batch':>5} | {'eager forward':>13} | {'forward img/s':>13} | {'pipeline img/s':>14} | "
           f"{'http img/s':>10} | {'naive img/s':>11} | {'pipeline/naive':>14} | {'pipeline/forward':>16}")
     print("-" * 117)

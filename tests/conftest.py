@@ -29,7 +29,7 @@ def _two_torch_threads():
     torch.set_num_threads(2)
 
 
-SLOW_FIXTURES = {"embedder_service", "search_server", "search_catalog", "milvus_standalone_uri",
+SLOW_FIXTURES = {"embedder_service", "onnx_embedder_url", "search_server", "search_catalog", "milvus_standalone_uri",
                  "cluster", "rollout_models", "hardened"}
 SLOW_FILES = {"tests/deploy", "tests/local", "tests/test_fuzz.py", "tests/trainer/test_train.py",
               "tests/trainer/test_bench_quality.py", "tests/trainer/test_default_model.py",

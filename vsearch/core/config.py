@@ -61,6 +61,8 @@ def _convert(raw: str, type):
         raise ValueError(f"is not a boolean ({'/'.join(TRUE)} or {'/'.join(FALSE)})")
     try:
         return type(raw)
+    except argparse.ArgumentTypeError as exc:            # a type that explains itself
+        raise ValueError(f"is not valid: {exc}") from None
     except (TypeError, ValueError):
         raise ValueError(f"is not a valid {getattr(type, '__name__', 'value')}") from None
 

@@ -9,6 +9,7 @@ from ..core.config import Flags, add_kafka_flag, add_milvus_flags, csv_list
 from ..core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..core.naming import DEFAULT_ALIAS, collection_name
 from ..predictor.preprocess import Limits, set_decoder_pixel_limit
+from ..predictor.runtimes import add_runtime_flag
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def register(sub) -> None:
     pf.add("--batch-ms", default=500, type=int, help="longest wait for a batch to fill, ms")
     pf.add("--embed-batch-size", default=32, type=int,
            help="images per forward pass in process, per request with --embedder-url (<= its --max-batch)")
-    pf.add("--threads", default=None, type=int, help="torch CPU threads (in process)")
+    pf.add("--threads", default=None, type=int,
+           help="CPU threads of in-process embedding (torch's, or the ONNX Runtime / OpenVINO intra-op threads)")
+    add_runtime_flag(pf)
     pf.add("--device", default=None, help="torch device (in process)")
     pf.add("--max-pixels", default=DEFAULT_MAX_PIXELS, type=int, help="largest image accepted, in pixels")
     pf.add("--max-image-bytes", default=DEFAULT_MAX_BYTES, type=int, help="largest image file, bytes")
@@ -111,7 +114,7 @@ def _ingest(args) -> int:
     else:
         from ..predictor.inference import Embedder
         set_torch_threads(args.threads)
-        embedder = Embedder(args.model_dir, device=args.device, batch_size=args.embed_batch_size,
+        embedder = Embedder(args.model_dir, device=args.device, batch_size=args.embed_batch_size, runtime=args.runtime,
                             limits=Limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels))
         collection = args.collection or collection_name(embedder.meta.name, embedder.meta.version)
     store = MilvusStore.from_args(args)

@@ -16,6 +16,7 @@ from ..core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_files
 from .limits import ServerLimits, add_server_flags, server_limits_from
 from .model_dir import ARCHS, ModelDirError, default_model_dir, read_meta
 from .preprocess import InvalidImage, Limits, set_decoder_pixel_limit, stack
+from .runtimes import add_runtime_flag
 from .search import cli as search_cli
 
 
@@ -24,7 +25,9 @@ def add_model_flags(f: Flags, *, required: bool = False) -> None:
     f.add("--model-dir", default=None if required else str(default_model_dir()),
              help="model directory (save_pretrained layout + vsearch_model.json)")
     f.add("--device", default=None, help="torch device (cuda when present, else cpu)")
-    f.add("--threads", default=None, type=int, help="torch CPU threads")
+    f.add("--threads", default=None, type=int,
+          help="CPU threads of the forward pass (torch's, or the ONNX Runtime / OpenVINO intra-op threads)")
+    add_runtime_flag(f)
     f.add("--batch-size", default=32, type=int, help="forward-pass batch size")
     f.add("--max-pixels", default=DEFAULT_MAX_PIXELS, type=int, help="largest image accepted, in pixels")
     f.add("--max-image-bytes", default=DEFAULT_MAX_BYTES, type=int,
@@ -90,7 +93,8 @@ def _serve_embedder(args) -> int:
     set_torch_threads(args.threads)
     from .embedder_server import REJECTED, EmbedderModel
     model = EmbedderModel(args.model_name, args.model_dir, max_batch=args.max_batch, device=args.device,
-                          batch_size=args.batch_size, limits=limits_from(args), max_queue=args.max_queue)
+                          batch_size=args.batch_size, limits=limits_from(args), max_queue=args.max_queue,
+                          runtime=args.runtime)
     limits = server_limits_from(args, max_body_bytes=args.max_body_bytes)
     # a full batch (an image and a crop box per row: about 6 JSON values each) always fits
     limits = dataclasses.replace(limits, max_json_values=max(limits.max_json_values, 8 * args.max_batch))
@@ -124,7 +128,8 @@ def _embed(args) -> int:
         print("no image files found", file=sys.stderr)
         return 1
     set_torch_threads(args.threads)
-    emb = Embedder(args.model_dir, device=args.device, batch_size=args.batch_size, limits=limits_from(args))
+    emb = Embedder(args.model_dir, device=args.device, batch_size=args.batch_size, limits=limits_from(args),
+                   runtime=args.runtime)
     vectors, kept, failed = [], [], []
     with tqdm(total=len(files), unit="img", desc="embed") as bar:
         for start in range(0, len(files), emb.batch_size):

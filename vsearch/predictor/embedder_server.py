@@ -57,39 +57,40 @@ class EmbedderModel(kserve.Model):
     """KServe model wrapping :class:`vsearch.predictor.inference.Embedder`."""
 
     def __init__(self, name: str, model_dir: str, *, max_batch: int = 64, device: str | None = None,
-                 batch_size: int = 32, limits: Limits = Limits(), max_queue: int = 256):
+                 batch_size: int = 32, limits: Limits = Limits(), max_queue: int = 256,
+                 runtime: str | None = None):
         super().__init__(name)
         self.model_dir = model_dir
         self.max_batch = max_batch
         self.max_queue = max(int(max_queue), max_batch)   # images being decoded or waiting for the model
         self._in_flight = 0
-        self.device, self.batch_size, self.limits = device, batch_size, limits
+        self.device, self.batch_size, self.limits, self.runtime = device, batch_size, limits, runtime
         self.embedder: Embedder | None = None
         self.batcher: MicroBatcher | None = None
 
     def load(self) -> bool:
         self.embedder = Embedder(self.model_dir, device=self.device, batch_size=self.batch_size,
-                                 limits=self.limits)
+                                 limits=self.limits, runtime=self.runtime)
         # Concurrent requests share forward passes of up to max(batch_size, max_batch) rows.
         self.batcher = MicroBatcher(self.embedder.embed_arrays,
                                     max_rows=max(self.batch_size, self.max_batch),
                                     on_pass=self._count_pass)      # predict() bounds the queue
         meta = self.embedder.meta
-        log.info("loaded %s version %s (%s, dim %d, input %d) from %s on %s", meta.name,
-                 meta.version, meta.family, meta.embedding_dim, meta.image_size, self.model_dir,
-                 self.embedder.device)
+        log.info("loaded %s version %s (%s, dim %d, input %d) from %s on %s, runtime %s (%d threads)",
+                 meta.name, meta.version, meta.family, meta.embedding_dim, meta.image_size, self.model_dir,
+                 self.embedder.device, self.embedder.runtime, self.embedder.threads)
         self.ready = True
         return self.ready
 
     def info(self) -> dict:
-        """What ``GET /vsearch/v1/model`` answers: the served model's identity and its offline
-        evaluation from ``vsearch_model.json`` (``evaluation``: figures, baselines and the
-        verdict; null when it was never evaluated). The rollout gate reads the verdict."""
+        """What ``GET /vsearch/v1/model`` answers: the served model's identity, the runtime that
+        runs it (:mod:`.runtimes`) and its offline evaluation from ``vsearch_model.json``
+        (``evaluation``: figures, baselines and the verdict; null when it was never evaluated). The rollout gate reads the verdict."""
         if self.embedder is None:
             raise ModelNotReady(self.name)
         m = self.embedder.meta
         return {"name": m.name, "version": m.version, "family": m.family, "embedding_dim": self.embedder.dim,
-                "image_size": m.image_size, "evaluation": m.evaluation}
+                "image_size": m.image_size, "runtime": self.embedder.runtime, "evaluation": m.evaluation}
 
     def add_routes(self, app) -> None:
         """The model's own route beside KServe's V1/V2 ones (behind the same API key)."""

@@ -17,21 +17,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from .embedding import embed_isolated
 from .model_dir import ModelMeta
 from .preprocess import Box, InvalidImage, Limits, bytes_to_array, stack
-from .zoo import EmbeddingNet, load_model_dir
-
-
-class _Embed(nn.Module):
-    def __init__(self, net: EmbeddingNet):
-        super().__init__()
-        self.net = net
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(pixel_values)
+from .runtimes import DEFAULT_RUNTIME, EXPORTED, exported_forward
+from .runtimes import runtime as runtime_name
+from .zoo import EmbeddingNet, EmbedModule, load_model_dir
 
 
 def optimise_for_inference(net: EmbeddingNet, meta: ModelMeta):
@@ -50,7 +42,7 @@ def optimise_for_inference(net: EmbeddingNet, meta: ModelMeta):
             warnings.simplefilter("ignore")
             example = torch.randn(4, 3, size, size, device=device).contiguous(
                 memory_format=torch.channels_last)
-            traced = torch.jit.trace(_Embed(net).eval(), example, check_trace=False)
+            traced = torch.jit.trace(EmbedModule(net).eval(), example, check_trace=False)
             fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
             for n in (1, 3):
                 x = torch.randn(n, 3, size, size, device=device)
@@ -85,18 +77,35 @@ class Embedder:
     :class:`~vsearch.predictor.embedding.ImageEmbedder`.
 
     Decoding and resizing run on a small thread pool (PIL releases the GIL), the forward pass
-    under ``torch.inference_mode`` in batches of at most ``batch_size``."""
+    in batches of at most ``batch_size`` on ``runtime`` (:mod:`.runtimes`): ``eager``,
+    ``torchscript`` (the default; ``optimize=False`` means ``eager``), ``onnxruntime`` or
+    ``openvino``, the last two on the CPU with ``threads`` intra-op threads (default: torch's)."""
 
     endpoint = None                          # the model runs in this process
 
     def __init__(self, model_dir: str | os.PathLike, *, device: str | None = None,
                  batch_size: int = 32, limits: Limits = Limits(), decode_workers: int | None = None,
-                 optimize: bool = True):
+                 optimize: bool = True, runtime: str | None = None, threads: int | None = None):
         self.model_dir = Path(model_dir)
+        self.runtime = runtime_name(runtime) if runtime else (DEFAULT_RUNTIME if optimize else "eager")
+        if self.runtime in EXPORTED:
+            if device and torch.device(device).type != "cpu":
+                raise ValueError(f"the {self.runtime} runtime runs on the CPU, not on {device}: "
+                                 f"give --device cpu, or --runtime torchscript for {device}")
+            device = "cpu"
         self.device = pick_device(device)
+        self.threads = int(threads or torch.get_num_threads())
         self.net, self.meta = load_model_dir(self.model_dir)
         self.net.eval().to(self.device)
-        self._forward = optimise_for_inference(self.net, self.meta) if optimize else self.net.embed
+        self._exported = None
+        if self.runtime in EXPORTED:
+            self.net.requires_grad_(False)
+            self._exported = exported_forward(self.net, self.meta, self.runtime, self.threads)
+            self._forward = None
+        elif self.runtime == "torchscript":
+            self._forward = optimise_for_inference(self.net, self.meta)
+        else:
+            self._forward = self.net.embed
         self.cfg = self.meta.preprocess
         self.dim = self.meta.embedding_dim
         self.batch_size = max(1, int(batch_size))
@@ -112,6 +121,12 @@ class Embedder:
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
         out = []
+        if self._exported is not None:
+            if isinstance(x, torch.Tensor):
+                x = x.detach().cpu().numpy()
+            for i in range(0, n, self.batch_size):
+                out.append(self._exported(np.ascontiguousarray(x[i:i + self.batch_size], dtype=np.float32)))
+            return np.concatenate(out).astype(np.float32, copy=False)
         with torch.inference_mode():
             for i in range(0, n, self.batch_size):
                 chunk = torch.as_tensor(x[i:i + self.batch_size]).to(self.device, non_blocking=True)

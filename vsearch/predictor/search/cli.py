@@ -13,6 +13,7 @@ from ...core.config import Flags, add_kafka_flag, add_milvus_flags, csv_list
 from ..limits import add_server_flags, server_limits_from
 from ..model_dir import default_model_dir
 from ..preprocess import Limits, set_decoder_pixel_limit
+from ..runtimes import DEFAULT_RUNTIME, add_runtime_flag
 from .settings import DEFAULT_QUERY_STORE, SearchSettings
 
 D = SearchSettings()          # every default below comes from here
@@ -75,7 +76,9 @@ def register_serve(serve_sub) -> None:
            help="embedder URLs (shell patterns, comma-separated) a collection's model record may name, "
                 "besides --embedder-url; the query image goes there (e.g. http://*-predictor.NS.svc)")
     pf.add("--device", default=None, help="torch device for in-process embedding")
-    pf.add("--threads", default=None, type=int, help="torch CPU threads")
+    pf.add("--threads", default=None, type=int,
+           help="CPU threads of in-process embedding (torch's, or the ONNX Runtime / OpenVINO intra-op threads)")
+    add_runtime_flag(pf)
     p.set_defaults(handler=_serve_search)
 
 
@@ -130,7 +133,8 @@ def _serve_search(args) -> int:
                                               embedder_url=args.embedder_url,
                                               embedder_name=args.embedder_name,
                                               embedder_api_key=args.embedder_api_key,
-                                              bootstrap=args.kafka_bootstrap, device=args.device))
+                                              bootstrap=args.kafka_bootstrap, device=args.device,
+                                              runtime=args.runtime))
     try:
         run_model_server(model, http_port=args.http_port,
                          add_routes=lambda app: add_routes(app, lambda: model.service, settings),
@@ -146,7 +150,7 @@ def _serve_search(args) -> int:
 
 def build_service(settings, store, *, model_dir=None, embedder_url: str | None = None,
                   embedder_name: str = "embedder", bootstrap: str | None = None, device: str | None = None,
-                  embedder_api_key: str | None = None):
+                  embedder_api_key: str | None = None, runtime: str = DEFAULT_RUNTIME):
     """The search service of the flags: an in-process embedder (``model_dir``) or the
     embedder's V2 endpoint (``embedder_url``), the Milvus index through ``store`` (a
     :class:`~vsearch.core.store.MilvusStore` with the token and index settings), the event log."""
@@ -159,7 +163,7 @@ def build_service(settings, store, *, model_dir=None, embedder_url: str | None =
         embedder = EmbedderClient(embedder_url, model_name=embedder_name, timeout=30.0, api_key=embedder_api_key)
     else:
         from ..inference import Embedder
-        embedder = Embedder(model_dir, device=device, batch_size=1, decode_workers=2,
+        embedder = Embedder(model_dir, device=device, batch_size=1, decode_workers=2, runtime=runtime,
                             limits=Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels))
     index = CatalogIndex(store, settings.alias)
     svc = SearchService(embedder, index, settings, EventLog(bootstrap), embedder_name=embedder_name,
