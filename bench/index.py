@@ -16,8 +16,10 @@ Rows (one per index and search setting):
 - Milvus 2.3.5 standalone (the ``milvus`` package of the test extras): one collection per index,
   the platform's schema (``vsearch.core.store``), COSINE; HNSW, IVF_FLAT, IVF_SQ8, IVF_PQ
   (a sweep of ``m``/``nbits``), SCANN, DISKANN (each tried; a refusal is printed). Bytes per
-  vector = the resident memory (VmRSS) of the server's processes after ``load`` minus before,
-  divided by the rows: measured, the whole collection (index + the scalar fields it loads);
+  vector = the resident memory (VmRSS) of the server's processes with the collection loaded
+  minus released (load, release, load again: the second load is measured, once the garbage
+  of inserting and building is gone), divided by the rows: the whole collection (index + the
+  scalar fields it loads);
   the formula value of the index alone is printed beside it. Build time: ``create_index`` to
   every row indexed. p50/p99/QPS at 1 client and at 8 concurrent clients (own connections).
 - FAISS in process, the reference: ``Flat`` (exact), ``IVF,PQ`` and ``OPQ,IVF,PQ`` with a
@@ -42,6 +44,8 @@ import concurrent.futures as futures
 import math
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -246,31 +250,22 @@ class MilvusBench:
                 raise TimeoutError(f"{kind} not built after an hour")
             time.sleep(0.5)
         build_s = time.perf_counter() - t0
-        before = steady_rss(self.pgid)
+        # Load, release, load again: the second load's RSS delta is the measurement (after the
+        # first, the garbage of inserting and building has been returned to the OS).
         t0 = time.perf_counter()
         c.load_collection(name)
         load_s = time.perf_counter() - t0
+        first = steady_rss(self.pgid)
+        c.release_collection(name)
+        released = steady_rss(self.pgid)
+        c.load_collection(name)
         after = steady_rss(self.pgid)
         return {"insert_s": insert_s, "build_s": build_s, "load_s": load_s,
-                "bytes": (after - before) / len(x), "rss_before": before, "rss_after": after}
+                "bytes": (after - released) / len(x), "freed": (first - released) / len(x),
+                "rss_before": released, "rss_after": after}
 
-    def release(self, name: str) -> float | None:
-        """Drop the collection; returns the bytes per row its release gave back (a cross-check
-        of the load delta), None when it was not loaded."""
-        c = self.store.client
-        try:
-            loaded = "Loaded" in str(c.get_load_state(name).get("state"))
-            n = c.get_collection_stats(name).get("row_count", 0) if loaded else 0
-        except Exception:  # noqa: BLE001  (a collection that failed to build)
-            loaded, n = False, 0
-        if loaded and n:
-            before = group_rss(self.pgid)
-            c.release_collection(name)
-            after = steady_rss(self.pgid)
-            c.drop_collection(name)
-            return (before - after) / n
-        c.drop_collection(name)
-        return None
+    def release(self, name: str) -> None:
+        self.store.client.drop_collection(name)
 
     def search(self, name: str, queries: np.ndarray, truth: np.ndarray, sp: dict, clients: int = 8,
                passes: int = 2) -> dict:
@@ -432,6 +427,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-faiss", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer configurations (a smoke run)")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # stop the servers on a kill too
 
     model_dir = default_model_dir()
     meta = read_meta(model_dir)
@@ -471,8 +467,9 @@ def main(argv=None) -> int:
                         pass
                     continue
                 print(f"  {label}: insert {built['insert_s']:.0f}s, build {built['build_s']:.1f}s, "
-                      f"load {built['load_s']:.1f}s, {built['bytes']:.0f} B/vector "
-                      f"(RSS {built['rss_before'] / 2**20:.0f} -> {built['rss_after'] / 2**20:.0f} MiB)", flush=True)
+                      f"load {built['load_s']:.1f}s, {built['bytes']:.0f} B/vector (RSS released "
+                      f"{built['rss_before'] / 2**20:.0f} -> loaded {built['rss_after'] / 2**20:.0f} MiB; the "
+                      f"release before it gave back {built['freed']:.0f} B/vector)", flush=True)
                 for sp in searches:
                     r = mb.search(name, queries, truth, sp)
                     rows.append({"n": n, "dim": x.shape[1], "engine": "Milvus 2.3.5 standalone", "index": label,
@@ -480,8 +477,7 @@ def main(argv=None) -> int:
                                  "formula": index_formula(kind, params, x.shape[1]), "build_s": built["build_s"], **r})
                     print(f"    {rows[-1]['search']}: recall@10 {r['recall']:.3f}, p50 {r['p50_1']:.2f} ms, "
                           f"QPS {r['qps_1']:.0f} / {r['qps_8']:.0f} @8", flush=True)
-                freed = mb.release(name)
-                print(f"    release gave back {fmt(freed)} B/vector (cross-check)", flush=True)
+                mb.release(name)
             if not args.skip_faiss:
                 for r in faiss_rows(x, queries, truth, workdir, args.rerank, args.quick):
                     rows.append({"n": n, "dim": x.shape[1], **r})

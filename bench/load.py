@@ -32,6 +32,8 @@ import concurrent.futures as futures
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="remote,inprocess", help="remote (--embedder-url), inprocess (--model-dir)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the embedder and in-process search")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # stop the servers on a kill too
     concs = [int(c) for c in args.concurrency.split(",") if c]
     variants = [v for v in args.variants.split(",") if v]
     modes = [m for m in args.modes.split(",") if m]
