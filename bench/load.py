@@ -120,6 +120,29 @@ def run_load(make_client, call, items: list, concurrency: int, total: int) -> di
     return {"p50": ms(lat, 50), "p99": ms(lat, 99), "qps": len(lat) / wall, "n": len(lat)}
 
 
+def cpu_seconds(pids: list[int], pgid: int | None = None) -> float:
+    """CPU time (user + system) of these processes, and of every process in ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = set(pids)
+    if pgid is not None:
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                try:
+                    if os.getpgid(int(p)) == pgid:
+                        found.add(int(p))
+                except OSError:
+                    pass
+    total = 0.0
+    for pid in found:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def stage_sums(url: str) -> dict[str, tuple[float, float]]:
     """``{stage: (sum seconds, count)}`` of the search service's ``vsearch_search_seconds``."""
     text = requests.get(f"{url}/metrics", timeout=10).text
@@ -166,14 +189,24 @@ def main(argv=None) -> int:
                          output_fields=("uri", "metadata", "visibility", "embedding"))
 
         alone = {}
+        mpg = os.getpgid(milvus.proc.pid)
         for conc in concs:
+            c0 = cpu_seconds([embedder.proc.pid])
             e = run_load(lambda: EmbedderClient(embedder.url), embed_call, photos, conc, args.requests)
+            e["stages"] = f"CPU ms/request: embedder {(cpu_seconds([embedder.proc.pid]) - c0) * 1000 / e['n']:.1f}"
+            c0 = cpu_seconds([], mpg)
             m = run_load(lambda: MilvusStore(milvus.uri, timeout=60, index=IndexConfig("HNSW")), milvus_call,
                          list(vectors), conc, args.requests)
+            m["stages"] = f"CPU ms/request: milvus {(cpu_seconds([], mpg) - c0) * 1000 / m['n']:.1f}"
             alone[conc] = (e, m)
             for label, r in (("embedder alone (V2, 1 photo)", e), ("Milvus alone (HNSW ef=64, limit 40)", m)):
                 rows.append({"what": label, "conc": conc, **r})
-                print(f"  {label} @{conc}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['qps']:.1f}/s", flush=True)
+                print(f"  {label} @{conc}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['qps']:.1f}/s; "
+                      f"{r['stages']}", flush=True)
+
+        def cpus(svc) -> dict[str, float]:
+            return {"search": cpu_seconds([svc.proc.pid]), "embedder": cpu_seconds([embedder.proc.pid]),
+                    "milvus": cpu_seconds([], mpg), "clients": cpu_seconds([os.getpid()])}
 
         def search_call(session_url, img):
             s, url = session_url
@@ -190,13 +223,17 @@ def main(argv=None) -> int:
                 try:
                     for conc in concs:
                         before = stage_sums(svc.url)
+                        cpu0 = cpus(svc)
                         r = run_load(lambda url=svc.url: (requests.Session(), url), search_call, photos, conc, args.requests)
+                        cpu1 = cpus(svc)
                         after = stage_sums(svc.url)
+                        cpu = {k: (cpu1[k] - cpu0[k]) * 1000 / r["n"] for k in cpu0}
                         split = {st: (after[st][0] - before.get(st, (0, 0))[0]) /
                                  max(1.0, after[st][1] - before.get(st, (0, 0))[1]) * 1000 for st in after}
                         e, m = alone[conc]
                         slower = min(e["qps"], m["qps"])
-                        stages = " ".join(f"{k} {v:.1f}" for k, v in split.items())
+                        stages = (" ".join(f"{k} {v:.1f}" for k, v in split.items()) + "; CPU ms/request: " +
+                                  " ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
                         rows.append({"what": f"search ({mode} embedder, {variant})", "conc": conc, **r,
                                      "ratio": r["qps"] / slower, "stages": stages})
                         print(f"  search {mode}/{variant} @{conc}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, "
@@ -211,7 +248,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\n| {args.size:,} vectors, Milvus 2.3.5 standalone | clients | p50 ms | p99 ms | QPS | "
-          "QPS / slower part alone | server stages, mean ms |")
+          "QPS / slower part alone | server stages, mean ms; CPU ms per request by process |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in sorted(rows, key=lambda r: (r["conc"], r["what"])):
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"

@@ -514,7 +514,7 @@ SCHEMA_REFUSALS = [
     ("above the maximum", "kafka:\n  topics:\n    catalog:\n      partitions: 5000\n",
      "at '/kafka/topics/catalog/partitions': maximum: got 5,000, want 1,000"),
     ("not in the enum", "milvus:\n  index:\n    type: ANNOY\n",
-     "at '/milvus/index/type': value must be one of 'DISKANN', 'HNSW', 'IVF_FLAT', 'FLAT'"),
+     "at '/milvus/index/type': value must be one of 'DISKANN', 'HNSW', 'IVF_SQ8', 'IVF_PQ', 'IVF_FLAT', 'FLAT'"),
     ("an unpinned image", "image:\n  tag: latest\n",
      "at '/image/tag': value must be 'a pinned tag, not latest (latest moves under a running release)'"),
     ("a secret in values", "milvus:\n  auth:\n    token: root:Milvus\n",
