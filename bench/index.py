@@ -540,7 +540,7 @@ def embedding_sizes(mb: MilvusBench, data: dict, order: np.ndarray, n: int, dims
     out = []
     for d in dims:
         m = metrics.evaluate_embeddings(cut(emb[held], order, d), labels[held])
-        row = {"dim": d, "map_r": float(m["map@r"])}
+        row = {"dim": d, "map_r": float(m["metrics"]["map@r"])}
         x = cut(catalog(emb, n), order, d)           # the same catalog as the index rows, cut
         q = cut(queries_full, order, d)
         truth = exact(x, q)
