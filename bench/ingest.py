@@ -64,6 +64,9 @@ class PrecomputedEmbedder:
     def embed_bytes(self, blobs, crops=None) -> np.ndarray:
         return np.stack([self.table[hashlib.sha1(b).hexdigest()] for b in blobs])
 
+    def embed_each(self, blobs) -> list[np.ndarray]:
+        return [self.table[hashlib.sha1(b).hexdigest()] for b in blobs]
+
 
 def produce(bootstrap: str, topic: str, events: list[dict]) -> dict:
     return send_and_confirm(bootstrap, topic, [(encode_key(e["id"]), encode(e)) for e in events],
