@@ -318,6 +318,18 @@ def main(argv=None) -> int:
         return milvus.uri if milvus else str(tmp / f"{name}.db")
 
     rows_out = []
+
+    class Rows(list):
+        def append(self, row):
+            print("  " + " | ".join(str(c) for c in row[:3]), flush=True)
+            super().append(row)
+
+        def __iadd__(self, rows):
+            for r in rows:
+                self.append(r)
+            return self
+
+    rows_out = Rows()
     try:
         # 1. pipeline overhead with precomputed embeddings
         dim = 512
