@@ -62,6 +62,8 @@ bench: $(TEST_STAMP)
 	$(PY) -m bench.rollout
 	$(PY) -m bench.experiment
 	$(PY) -m bench.search --sizes 100000
+	$(PY) -m bench.index --sizes 100000
+	$(PY) -m bench.load --size 100000 --concurrency 1,4,16
 
 # The vsearch image as an OCI archive, built without a Docker daemon (podman/buildah, runc, a
 # Debian base from mmdebstrap, wheels downloaded on the host), then smoke-run: about 7 minutes

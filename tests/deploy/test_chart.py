@@ -459,6 +459,19 @@ def test_search_params_default_per_index_type(tools):
     assert params("milvus.index.searchParams.ef=128") == {"ef": 128}
 
 
+def test_the_memory_bound_profile_indexes_with_sq8(tools):
+    """values-memory-bound.yaml over a profile: the SearchIndex and the search service both
+    build and search IVF_SQ8 with its nlist/nprobe (the bench.index choice)."""
+    objs = k8s.load_all(tools.template(CHART / "values-memory-bound.yaml", set_values=(
+        "milvus.uri=http://milvus:19530", "kafka.bootstrap=kafka:9092")).stdout)
+    (index,) = by_kind(objs, "SearchIndex")
+    assert index["spec"]["milvus"]["index"] == {"type": "IVF_SQ8", "metric": "COSINE",
+                                               "params": {"nlist": 4096}, "searchParams": {"nprobe": 64}}
+    search = next(o for o in objs if o["kind"] == "InferenceService" and o["metadata"]["name"] == "vsearch-search")
+    env = {e["name"]: e.get("value") for e in search["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["VSEARCH_INDEX_TYPE"] == "IVF_SQ8" and json.loads(env["VSEARCH_SEARCH_PARAMS"]) == {"nprobe": 64}
+
+
 def test_gpu_schedules_the_operators_embedders_on_a_gpu(rendered):
     (index,) = by_kind(rendered["gpu"], "SearchIndex")
     emb = index["spec"]["embedder"]
@@ -514,7 +527,7 @@ SCHEMA_REFUSALS = [
     ("above the maximum", "kafka:\n  topics:\n    catalog:\n      partitions: 5000\n",
      "at '/kafka/topics/catalog/partitions': maximum: got 5,000, want 1,000"),
     ("not in the enum", "milvus:\n  index:\n    type: ANNOY\n",
-     "at '/milvus/index/type': value must be one of 'DISKANN', 'HNSW', 'IVF_FLAT', 'FLAT'"),
+     "at '/milvus/index/type': value must be one of 'DISKANN', 'HNSW', 'IVF_SQ8', 'IVF_PQ', 'IVF_FLAT', 'FLAT'"),
     ("an unpinned image", "image:\n  tag: latest\n",
      "at '/image/tag': value must be 'a pinned tag, not latest (latest moves under a running release)'"),
     ("a secret in values", "milvus:\n  auth:\n    token: root:Milvus\n",

@@ -55,7 +55,7 @@ def test_the_documented_object_is_valid_and_printer_columns_are_declared():
     ("spec.model.version", KeyError, "spec.model.version: Required value"),
     ("spec.catalog", KeyError, "spec.catalog: Required value"),
     ("spec.milvus.index.type", "ANNOY", "spec.milvus.index.type: Unsupported value: 'ANNOY': supported values: "
-                                        "'HNSW', 'DISKANN', 'IVF_FLAT', 'FLAT', 'AUTOINDEX'"),
+                                        "'HNSW', 'DISKANN', 'IVF_FLAT', 'IVF_SQ8', 'IVF_PQ', 'FLAT', 'AUTOINDEX'"),
     ("spec.embedder.replicas", 101, "spec.embedder.replicas: Invalid value: 101: should be less than or equal to 100"),
     ("spec.rollout.retentionSeconds", -1, "spec.rollout.retentionSeconds: Invalid value: -1: should be greater"),
     ("spec.rollout.gate.golden.margin", 2, "spec.rollout.gate.golden.margin: Invalid value: 2"),

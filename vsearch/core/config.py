@@ -132,7 +132,7 @@ def add_milvus_flags(flags: Flags) -> None:
               help="Milvus token (user:password or an API key), if the server needs one")
     flags.add("--milvus-timeout", default=10.0, type=float, shared=True, help="seconds per Milvus call")
     flags.add("--index-type", default="HNSW", shared=True,
-              help="HNSW (Milvus Lite/standalone), DISKANN (cluster), IVF_FLAT or FLAT")
+              help="HNSW (Milvus Lite/standalone), DISKANN (cluster), IVF_SQ8 or IVF_PQ (memory-bound), IVF_FLAT or FLAT")
     flags.add("--index-params", default="", shared=True, help='index build parameters, JSON, e.g. {"M": 16}')
     flags.add("--search-params", default="", shared=True,
               help='search parameters, JSON, e.g. {"ef": 64} or {"search_list": 100}')

@@ -76,6 +76,10 @@ INDEX_DEFAULTS: dict[str, tuple[dict, dict]] = {
     "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 64}),
     "DISKANN": ({}, {"search_list": 100}),
     "IVF_FLAT": ({"nlist": 128}, {"nprobe": 16}),
+    # Quantized (bench.index measures memory and recall): SQ8 keeps a byte per dimension and
+    # returns approximate vectors; PQ keeps m codes of nbits (m must divide the dimension).
+    "IVF_SQ8": ({"nlist": 1024}, {"nprobe": 32}),
+    "IVF_PQ": ({"nlist": 1024, "m": 32, "nbits": 8}, {"nprobe": 32}),
     "FLAT": ({}, {}),
     "AUTOINDEX": ({}, {}),
 }

@@ -23,13 +23,19 @@ class EmbedderClient:
     than its ``--max-batch``, 64 by default), so callers may pass batches of any size."""
 
     def __init__(self, url: str, model_name: str = "embedder", timeout: float = 30.0,
-                 api_key: str | None = None, batch_size: int = 32):
+                 api_key: str | None = None, batch_size: int = 32, pool_size: int = 64):
         self.url = url.rstrip("/")
         self.model_name = model_name
         self.timeout = timeout
         self.batch_size = max(1, int(batch_size))
         self._session = requests.Session()
         self._session.trust_env = False           # the embedder is where it was configured, no proxy
+        # Kept-alive connections for up to ``pool_size`` concurrent callers (the search service's
+        # threads share this client): requests' default keeps 10 and opens a new connection
+        # for every call past them.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(1, int(pool_size)))
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         if api_key:
             self._session.headers["X-API-Key"] = api_key
         self._dim: int | None = None

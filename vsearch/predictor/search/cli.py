@@ -79,6 +79,11 @@ def register_serve(serve_sub) -> None:
     pf.add("--threads", default=None, type=int,
            help="CPU threads of in-process embedding (torch's, or the ONNX Runtime / OpenVINO intra-op threads)")
     add_runtime_flag(pf)
+    pf.add("--search-threads", default=D.threads, type=int,
+           help="threads running searches at once (0: asyncio's default, min(32, CPUs + 4))")
+    pf.add("--embed-batch", default=D.embed_batch, type=int,
+           help="in-process embedding: concurrent queries share a forward pass of up to this many "
+                "images (1: one pass per query)")
     p.set_defaults(handler=_serve_search)
 
 
@@ -100,6 +105,9 @@ def _serve_search(args) -> int:
     if not 1 <= args.k_default <= args.k_max:
         print("vsearch serve search: need 1 <= --k-default <= --k-max", file=sys.stderr)
         return 2
+    if args.search_threads < 0 or args.embed_batch < 1:
+        print("vsearch serve search: need --search-threads >= 0 and --embed-batch >= 1", file=sys.stderr)
+        return 2
     model_dir = args.model_dir
     if not args.embedder_url and not model_dir:
         model_dir = default_model_dir()
@@ -119,7 +127,8 @@ def _serve_search(args) -> int:
         image_roots=tuple(Path(r).resolve() for r in csv_list(args.image_roots)),
         allow_private_image_urls=args.allow_private_image_urls,
         model_version=args.model_version, weak_match_score=args.weak_match_score,
-        allowed_embedder_urls=csv_list(args.allowed_embedder_urls))
+        allowed_embedder_urls=csv_list(args.allowed_embedder_urls),
+        threads=args.search_threads, embed_batch=args.embed_batch)
 
     from ..serving import hide_argv_from_kserve, run_model_server
     hide_argv_from_kserve()
@@ -163,8 +172,12 @@ def build_service(settings, store, *, model_dir=None, embedder_url: str | None =
         embedder = EmbedderClient(embedder_url, model_name=embedder_name, timeout=30.0, api_key=embedder_api_key)
     else:
         from ..inference import Embedder
-        embedder = Embedder(model_dir, device=device, batch_size=1, decode_workers=2, runtime=runtime,
+        embedder = Embedder(model_dir, device=device, batch_size=settings.embed_batch, decode_workers=2,
+                            runtime=runtime,
                             limits=Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels))
+        if settings.embed_batch > 1:
+            from ..coalesce import CoalescingEmbedder
+            embedder = CoalescingEmbedder(embedder, max_batch=settings.embed_batch)
     index = CatalogIndex(store, settings.alias)
     svc = SearchService(embedder, index, settings, EventLog(bootstrap), embedder_name=embedder_name,
                         embedder_api_key=embedder_api_key)

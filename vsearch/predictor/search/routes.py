@@ -19,6 +19,8 @@ read. Errors are ``{"error": reason}`` with the status of their kind.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as futures
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +51,13 @@ def _service(request: Request) -> SearchService:
     if svc is None:
         raise Unavailable("the search model is still loading")
     return svc
+
+
+async def _on_threads(request: Request, fn: Callable, *args):
+    """``fn(*args)`` on the search threads (``--search-threads``; asyncio's default pool when 0):
+    the service is synchronous and waits on the embedder and on Milvus."""
+    pool = getattr(request.app.state, "search_executor", None)
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
 
 async def _search_error(_request, exc: SearchError):
@@ -106,14 +115,14 @@ async def search(request: Request, svc: SearchService = Depends(_service),
         body = await _form_fields(request, settings)
     else:
         raise BadQuery("send multipart/form-data with an 'image' file, or a JSON body with image_b64")
-    query = await asyncio.to_thread(query_from_fields, body, settings, svc.fetch_url)
+    query = await _on_threads(request, query_from_fields, body, settings, svc.fetch_url)
     query.unit = unit
-    return await asyncio.to_thread(svc.search, query)
+    return await _on_threads(request, svc.search, query)
 
 
 @router.get("/images/{item_id:path}", summary="The catalog image of a result")
-async def image(item_id: str, svc: SearchService = Depends(_service)):
-    data, media_type = await asyncio.to_thread(svc.catalog_image, item_id)
+async def image(request: Request, item_id: str, svc: SearchService = Depends(_service)):
+    data, media_type = await _on_threads(request, svc.catalog_image, item_id)
     return Response(data, media_type=media_type, headers={
         "cache-control": "max-age=300", "x-content-type-options": "nosniff",
         "content-security-policy": "default-src 'none'; sandbox"})
@@ -131,7 +140,7 @@ async def events(request: Request, svc: SearchService = Depends(_service)):
     items = body if isinstance(body, list) else [body]
     if not 1 <= len(items) <= 100:
         raise BadQuery("send 1 to 100 events")
-    return {"events": await asyncio.to_thread(svc.record_events, items)}     # reads the catalog
+    return {"events": await _on_threads(request, svc.record_events, items)}     # reads the catalog
 
 
 def add_routes(app, get_service: Callable[[], SearchService | None], settings: SearchSettings) -> None:
@@ -140,6 +149,8 @@ def add_routes(app, get_service: Callable[[], SearchService | None], settings: S
     page). The handlers find the service and the settings on ``app.state``."""
     app.state.search_service = get_service
     app.state.search_settings = settings
+    app.state.search_executor = (futures.ThreadPoolExecutor(settings.threads, thread_name_prefix="search")
+                                 if settings.threads else None)
     app.add_exception_handler(SearchError, _search_error)
     app.middleware("http")(_count_rejections)
     if settings.cors_origins:

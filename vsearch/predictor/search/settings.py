@@ -43,3 +43,9 @@ class SearchSettings:
     # Embedder URLs a collection's model record may send queries to (shell patterns), besides
     # --embedder-url: the record is written by whoever created the collection, so not trusted.
     allowed_embedder_urls: tuple[str, ...] = ()
+    # Threads that run searches (each waits on the embedder and on Milvus in turn): concurrent
+    # searches beyond it queue. 0: asyncio's default pool (min(32, CPUs + 4) threads).
+    threads: int = 32
+    # In-process embedding: concurrent queries share one forward pass of up to this many
+    # images (:class:`~vsearch.predictor.coalesce.CoalescingEmbedder`); 1: one pass per query.
+    embed_batch: int = 16
