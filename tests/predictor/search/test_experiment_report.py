@@ -30,7 +30,7 @@ def test_report_of_the_newest_experiment_as_table_json_and_png(broker, tmp_path,
     producer.flush()
     producer.close()
 
-    args = ["experiment", "report", "--bootstrap", broker, "--topic", topic, "--idle-timeout", "1"]
+    args = ["experiment", "report", "--bootstrap", broker, "--topic", topic, "--idle-timeout", "3"]
     png = tmp_path / "ctr.png"
     assert main([*args, "--json", "--plot", str(png)]) == 0           # the `vsearch` entry point's main
     r = json.loads(capsys.readouterr().out)
