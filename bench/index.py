@@ -308,7 +308,7 @@ def milvus_configs(n: int, d: int, quick: bool) -> list[tuple[str, dict, list[di
     cfgs = [("HNSW", {"M": 16, "efConstruction": 200}, [{"ef": 32}, {"ef": 64}, {"ef": 128}]),
             ("IVF_FLAT", {"nlist": nlist}, probes),
             ("IVF_SQ8", {"nlist": nlist}, probes)]
-    for m, nbits in ([(48, 8)] if quick else [(48, 8), (96, 8)]):
+    for m, nbits in ([(48, 8)] if quick else [(48, 8), (96, 8), (24, 8), (96, 4)]):
         if d % m == 0:
             cfgs.append(("IVF_PQ", {"nlist": nlist, "m": m, "nbits": nbits}, [{"nprobe": 64}]))
     cfgs += [("SCANN", {"nlist": nlist, "with_raw_data": True}, [{"nprobe": 64, "reorder_k": 100}]),
