@@ -93,6 +93,14 @@ def run_consumer(consumer: IngestConsumer) -> threading.Thread:
     return t
 
 
+def stop_process(stop, child) -> None:
+    """Ask the consumer process to stop (``stop``: its event), and kill it after 60 s."""
+    stop.set()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+
+
 def _consumer_process(kind: str, source, bootstrap: str, topic: str, group: str, coll: str,
                       milvus_uri: str, batch_size: int, stop) -> None:
     """Child process: the consumer on its own, as in production (no GIL shared with the bench)."""
@@ -130,10 +138,7 @@ def ingest_rate(bootstrap: str, milvus_uri: str, kind: str, source, events: list
         ends = produce(bootstrap, topic, events[1:])
         t1 = wait_committed(bootstrap, group, ends)
     finally:
-        stop.set()
-        child.join(60)
-        if child.is_alive():
-            child.kill()
+        stop_process(stop, child)
     with MilvusStore(milvus_uri, timeout=60) as store:
         assert store.count(coll) == len({e["id"] for e in events}), "not every event landed"
         store.drop_collection(coll)
@@ -202,10 +207,7 @@ def paced_freshness(bootstrap: str, milvus_uri: str, source, uris: list[str], ra
         done.set()
         watcher.join(120)
     finally:
-        stop.set()
-        child.join(60)
-        if child.is_alive():
-            child.kill()
+        stop_process(stop, child)
     with MilvusStore(milvus_uri, timeout=60) as store:
         store.drop_collection(coll)
     return n / (sent - t0), n / (t1 - t0), lat

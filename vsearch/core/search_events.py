@@ -78,10 +78,16 @@ def read_all(bootstrap: str, topic: str = TOPIC, *, idle_s: float = 3.0,
     callers count what they skip). Raises ``LookupError`` when the topic does not exist and
     ``TimeoutError`` when records are still arriving after ``timeout_s``."""
     for m in read_topic(bootstrap, topic, idle_s=idle_s, timeout_s=timeout_s, client_id=client_id):
-        try:
-            yield decode(m.value)
-        except BadSearchEvent as exc:
-            yield BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}")
+        yield decode_message(m)
+
+
+def decode_message(m):
+    """A consumed Kafka record's search event (:func:`decode`), or the :class:`BadSearchEvent`
+    saying why not and where the record is."""
+    try:
+        return decode(m.value)
+    except BadSearchEvent as exc:
+        return BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}")
 
 
 @dataclass

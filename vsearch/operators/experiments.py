@@ -20,7 +20,7 @@ import time
 from kafka import KafkaConsumer, TopicPartition
 
 from ..core.experiment_stats import Policy as StatsPolicy
-from ..core.search_events import BadSearchEvent, decode
+from ..core.search_events import decode_message
 from .spec import Experiment
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,7 @@ class TopicEvents:
                         done.add(tp)              # written after the look began: the next look's
                         consumer.pause(tp)
                         break
-                    try:
-                        out.append(decode(m.value))
-                    except BadSearchEvent as exc:
-                        out.append(BadSearchEvent(f"{m.topic}:{m.partition}@{m.offset}: {exc}"))
+                    out.append(decode_message(m))
         return out
 
     def close(self) -> None:
