@@ -100,7 +100,8 @@ class Embedder:
         self._exported = None
         if self.runtime in EXPORTED:
             self.net.requires_grad_(False)
-            self._exported = exported_forward(self.net, self.meta, self.runtime, self.threads)
+            self._exported = exported_forward(self.net, self.meta, self.runtime, self.threads,
+                                              model_dir=self.model_dir)
             self._forward = None
         elif self.runtime == "torchscript":
             self._forward = optimise_for_inference(self.net, self.meta)

@@ -1,4 +1,4 @@
-"""``vsearch train`` and ``vsearch evaluate``."""
+"""``vsearch train``, ``vsearch evaluate`` and ``vsearch quantize`` (:mod:`.quantize`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from ..core.config import Flags
 from ..core.naming import DEFAULT_ALIAS
 from ..predictor.model_dir import ARCHS
+from . import quantize
 
 
 def _ks(text: str) -> list[int]:
@@ -109,6 +110,7 @@ def register(sub) -> None:
     ef.add("--write-meta", default=False, type=bool,
              help="store each model's result in its vsearch_model.json")
     e.set_defaults(handler=_evaluate)
+    quantize.register(sub)
 
 
 def _train(args) -> int:
