@@ -172,14 +172,14 @@ class VersionCache:
     def _evict(self) -> None:
         """Oldest entries first, down to ``size``; a write ``seen`` does not cover stays (with
         Strong reads, ``seen`` 0, every finished write is covered)."""
-        if len(self._entries) <= self.size:
-            return
-        for i in list(self._entries):
-            if len(self._entries) <= self.size:
-                break
-            e = self._entries[i]
+        kept = 0
+        while len(self._entries) > self.size and kept < len(self._entries):
+            i, e = next(iter(self._entries.items()))
             if not e.wrote_at or not self._seen or e.wrote_at <= self._seen:
                 del self._entries[i]
+            else:                                   # a write the reads may not see yet
+                self._entries.move_to_end(i)
+                kept += 1
 
     def __len__(self) -> int:
         return len(self._entries)
