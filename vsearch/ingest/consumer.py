@@ -3,7 +3,8 @@ topic, with nothing lost and nothing duplicated.
 
 Loop: poll a batch (up to ``batch_size`` records or ``batch_ms`` after the first one) ->
 validate each event -> read the stored version (``updated_at`` or delete time) of the batch's
-ids (Strong) and drop events older than it -> fetch images (parallel, timeouts, retries) ->
+ids (Strong, or what this consumer knows since it got the partition: :mod:`.versions`) and drop
+events older than it -> fetch images (parallel, timeouts, retries) ->
 embed (in process, or the embedder's V2 endpoint) -> for each id keep the newest valid event
 (ties: the later in the log) -> upsert / delete in Milvus -> dead-letter the bad records to
 ``<topic>.dlq`` (original key, value and headers; the reason in headers) -> commit the
