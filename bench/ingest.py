@@ -4,8 +4,10 @@
 
 - precomputed: ``vsearch ingest``'s pipeline (poll, validate, version check, file fetch,
   upsert, commit) with embeddings looked up from a table computed beforehand, so the figure is
-  the pipeline's own overhead. Baselines in the same run: a bare kafka-python consume+commit
-  loop over the same records, and bare ``MilvusStore.upsert`` of the same rows.
+  the pipeline's own overhead. Baselines in the same run: the same pipeline without the
+  consumer's version cache (``version_cache=0``: a Strong read of every batch's ids), a bare
+  kafka-python consume+commit loop over the same records, and bare ``MilvusStore.upsert`` of
+  the same rows (``--batch-size`` rows per call, the consumer's batch size too).
 - in-process embedding: the same pipeline embedding every image in process with the served
   model (``models/default``; a random-init ResNet-18 at 224 px where it is absent), against
   that Embedder's own throughput on the same photos (``try_preprocess`` + ``embed_arrays``,
