@@ -104,6 +104,8 @@ def _ingest(args) -> int:
 
     if not args.model_dir and not args.embedder_url:
         raise SystemExit("give --model-dir (embed in process) or --embedder-url (embed over HTTP)")
+    if args.version_cache < 0:
+        raise SystemExit(f"--version-cache must be 0 (off) or a positive number of ids, got {args.version_cache}")
     set_decoder_pixel_limit(args.max_pixels)
     if args.embedder_url:
         from ..predictor.client import EmbedderClient
