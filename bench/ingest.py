@@ -4,8 +4,10 @@
 
 - precomputed: ``vsearch ingest``'s pipeline (poll, validate, version check, file fetch,
   upsert, commit) with embeddings looked up from a table computed beforehand, so the figure is
-  the pipeline's own overhead. Baselines in the same run: a bare kafka-python consume+commit
-  loop over the same records, and bare ``MilvusStore.upsert`` of the same rows.
+  the pipeline's own overhead. Baselines in the same run: the same pipeline without the
+  consumer's version cache (``version_cache=0``: a Strong read of every batch's ids), a bare
+  kafka-python consume+commit loop over the same records, and bare ``MilvusStore.upsert`` of
+  the same rows (``--batch-size`` rows per call, the consumer's batch size too).
 - in-process embedding: the same pipeline embedding every image in process with the served
   model (``models/default``; a random-init ResNet-18 at 224 px where it is absent), against
   that Embedder's own throughput on the same photos (``try_preprocess`` + ``embed_arrays``,
@@ -20,7 +22,7 @@ Where the precomputed rate is short of the goal, the table's baselines say which
 it: the bare consume+commit loop (Kafka) and the bare upsert (Milvus) of the same rows, each
 alone; the pipeline cannot be faster than the slower of the two.
 
-    python -m bench.ingest [--milvus standalone|lite] [--events 20000] [--embed-events 192]
+    python -m bench.ingest [--milvus standalone|lite] [--events 20000] [--embed-events 192] [--batch-size 256]
                            [--fresh 200] [--paced-rate 5000] [--paced-seconds 10] [--quick]
 
 Prints a table with the ratios. Speed is measured here, never asserted in tests.
@@ -102,7 +104,7 @@ def stop_process(stop, child) -> None:
 
 
 def _consumer_process(kind: str, source, bootstrap: str, topic: str, group: str, coll: str,
-                      milvus_uri: str, batch_size: int, stop) -> None:
+                      milvus_uri: str, batch_size: int, stop, version_cache: int = 200_000) -> None:
     """Child process: the consumer on its own, as in production (no GIL shared with the bench)."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.ERROR)
@@ -112,7 +114,8 @@ def _consumer_process(kind: str, source, bootstrap: str, topic: str, group: str,
         embedder = Embedder(source, batch_size=32)
     store = MilvusStore(milvus_uri, timeout=60)
     consumer = IngestConsumer(IngestSettings(bootstrap=bootstrap, topic=topic, group=group, collection=coll,
-                                             alias=None, batch_size=batch_size, batch_ms=200),
+                                             alias=None, batch_size=batch_size, batch_ms=200,
+                                             version_cache=version_cache),
                               embedder, store)
     threading.Thread(target=lambda: (stop.wait(), consumer.request_stop()), daemon=True).start()
     consumer.run()
@@ -120,7 +123,7 @@ def _consumer_process(kind: str, source, bootstrap: str, topic: str, group: str,
 
 
 def ingest_rate(bootstrap: str, milvus_uri: str, kind: str, source, events: list[dict], tag: str,
-                batch_size: int = 256) -> float:
+                batch_size: int = 256, version_cache: int = 200_000) -> float:
     """events/s from the first publish to the last commit, with the consumer (its own process)
     already joined and warm."""
     topic, group = f"bench-{tag}", f"bench-{tag}"
@@ -129,7 +132,7 @@ def ingest_rate(bootstrap: str, milvus_uri: str, kind: str, source, events: list
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     child = ctx.Process(target=_consumer_process, args=(kind, source, bootstrap, topic, group, coll,
-                                                        milvus_uri, batch_size, stop))
+                                                        milvus_uri, batch_size, stop, version_cache))
     child.start()
     try:
         warm = produce(bootstrap, topic, events[:1])
@@ -146,7 +149,7 @@ def ingest_rate(bootstrap: str, milvus_uri: str, kind: str, source, events: list
 
 
 def paced_freshness(bootstrap: str, milvus_uri: str, source, uris: list[str], rate: float, seconds: float,
-                    probe_every: int = 100) -> tuple[float, float, list[float]]:
+                    probe_every: int = 100, batch_size: int = 256) -> tuple[float, float, list[float]]:
     """Precomputed events published at ``rate``/s for ``seconds`` to a warm consumer (its own
     process); every ``probe_every``-th is timed from its send to a Strong read that finds it.
     Returns (publish rate reached, ingest rate to the last commit, probe latencies)."""
@@ -156,7 +159,7 @@ def paced_freshness(bootstrap: str, milvus_uri: str, source, uris: list[str], ra
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     child = ctx.Process(target=_consumer_process, args=("precomputed", source, bootstrap, topic, group, coll,
-                                                        milvus_uri, 256, stop))
+                                                        milvus_uri, batch_size, stop))
     child.start()
     pending: dict[str, float] = {}
     lat: list[float] = []
@@ -291,6 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paced-seconds", type=float, default=10.0, help="seconds of the freshness-under-load run (0: skip)")
     ap.add_argument("--milvus", choices=("standalone", "lite"), default="standalone",
                     help="the Milvus 2.3.5 standalone server, or Milvus Lite files")
+    ap.add_argument("--batch-size", type=int, default=256, help="consumer batch size of the precomputed runs")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args(argv)
     if args.quick:
@@ -342,21 +346,28 @@ def main(argv=None) -> int:
             table[hashlib.sha1(b).hexdigest()] = v / np.linalg.norm(v)
         events = [upsert_event(f"p-{i}", uri=uris[i % len(uris)], metadata={"i": i}, ts=1 + i)
                   for i in range(args.events)]
-        pre = ingest_rate(broker.bootstrap, uri("pre"), "precomputed", (table, dim), events, "pre")
+        # the same events without the version cache (a Strong read of every batch's ids, and
+        # again before its write): what the cache buys, side by side
+        strong = ingest_rate(broker.bootstrap, uri("strong"), "precomputed", (table, dim), events, "strong",
+                             batch_size=args.batch_size, version_cache=0)
+        pre = ingest_rate(broker.bootstrap, uri("pre"), "precomputed", (table, dim), events, "pre",
+                          batch_size=args.batch_size)
         raw = raw_consume_rate(broker.bootstrap, events)
         vecs = list(table.values())
         with MilvusStore(uri("raw"), timeout=60) as store:
             up = raw_upsert_rate(store, [{"id": f"r-{i}", "embedding": vecs[i % len(vecs)], "uri": uris[0],
                                           "metadata": {"i": i}, "visibility": "public", "updated_at": 1}
-                                         for i in range(args.events)])
+                                         for i in range(args.events)], batch=args.batch_size)
         bound = "Kafka consume+commit" if raw < up else "Milvus upsert"
-        rows_out += [(f"ingest, precomputed embeddings (dim {dim}, {args.events} events, {where})",
-                      f"{pre:,.0f} events/s", f"bare consume+commit {raw:,.0f} msg/s", pre / raw),
-                     ("", "", f"bare MilvusStore.upsert, batches of 256: {up:,.0f} rows/s", pre / up),
+        rows_out += [(f"ingest, precomputed embeddings (dim {dim}, {args.events} events, batches of "
+                      f"{args.batch_size}, {where})", f"{pre:,.0f} events/s",
+                      f"the same without the version cache (Strong reads): {strong:,.0f} events/s", pre / strong),
+                     ("", "", f"bare consume+commit {raw:,.0f} msg/s", pre / raw),
+                     ("", "", f"bare MilvusStore.upsert, batches of {args.batch_size}: {up:,.0f} rows/s", pre / up),
                      ("", f"goal 5,000: {pre / 5000:.2f}", f"slower stage alone: {bound}", pre / min(raw, up))]
         if args.paced_seconds > 0:
             sent, got, lat = paced_freshness(broker.bootstrap, uri("paced"), (table, dim), uris, args.paced_rate,
-                                             args.paced_seconds)
+                                             args.paced_seconds, batch_size=args.batch_size)
             p50, p95 = np.percentile(lat, 50), np.percentile(lat, 95)
             rows_out.append((f"freshness at a steady {args.paced_rate:,.0f} events/s offered ({where}, "
                              f"{len(lat)} probes)", f"p50 {p50:.3f} s, p95 {p95:.3f} s",

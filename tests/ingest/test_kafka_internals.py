@@ -73,7 +73,8 @@ def test_a_revocation_sleeps_and_commits_on_the_io_loop_of_a_real_consumer(broke
                              auto_offset_reset="earliest", **GROUP_SETTINGS, **kwargs)
 
     first = member()
-    first.subscribe([topic], listener=listener(on_revoked, lambda lost: seen.setdefault("lost", lost)))
+    first.subscribe([topic], listener=listener(on_revoked, lambda lost: seen.setdefault("lost", lost),
+                                               lambda assigned: seen.setdefault("assigned", assigned)))
     rebalancing = Rebalancing(first)
     second = member()
     stop = threading.Event()
@@ -84,6 +85,7 @@ def test_a_revocation_sleeps_and_commits_on_the_io_loop_of_a_real_consumer(broke
         while len(records) < 3 and time.monotonic() < deadline:
             records += [r for rs in first.poll(timeout_ms=500).values() for r in rs]
         assert len(records) == 3
+        assert seen.get("assigned") == {tp}          # the consumer's version cache starts a new epoch here
         second.subscribe([topic])
         joiner.start()
         while "revoked" not in seen and time.monotonic() < deadline:

@@ -54,6 +54,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
+from pymilvus.client import ts_utils
 
 from .jsonsafe import json_object
 from .naming import DEFAULT_ALIAS, TOMBSTONE_SUFFIX, model_id
@@ -535,35 +536,55 @@ class MilvusStore:
 
     def get(self, collection: str, ids: Sequence[str], output_fields: Sequence[str] = (
             "uri", "metadata", "visibility", "updated_at"), *, consistency: str = "Strong",
-            timeout: float | None = None) -> dict[str, dict]:
-        """Rows by id as ``{id: {field: value}}`` (absent ids are missing), Strong by default."""
+            seen: int = 0, timeout: float | None = None) -> dict[str, dict]:
+        """Rows by id as ``{id: {field: value}}`` (absent ids are missing), Strong by default.
+        ``seen``: a Milvus timestamp (:meth:`last_write_ts`); the read then sees every write up to
+        it (not necessarily later ones) instead of ``consistency``'s, and need not wait for the
+        newest writes to become visible as a Strong read does."""
         _check_name(collection)
         ids = list(dict.fromkeys(ids))
         for i in ids:
             check_id(i)
         fields = _check_fields(output_fields)
+        level = {"consistency_level": consistency}
+        if seen:
+            level = {"consistency_level": "Customized", "guarantee_timestamp": int(seen)}
         out: dict[str, dict] = {}
         for start in range(0, len(ids), UPSERT_CHUNK):
             chunk = ids[start:start + UPSERT_CHUNK]
             rows = self._call("query", "query", collection, ids=chunk, output_fields=["id", *fields],
-                              consistency_level=consistency, timeout=timeout)
+                              timeout=timeout, **level)
             for r in rows:
                 out[r["id"]] = _plain_row(r, fields)
         return out
 
-    def versions(self, collection: str, ids: Sequence[str], *, timeout: float | None = None) -> dict[str, int]:
+    def versions(self, collection: str, ids: Sequence[str], *, seen: int = 0,
+                 timeout: float | None = None) -> dict[str, int]:
         """``{id: updated_at}`` of the latest write known for each id: a stored row, or the
-        delete time of a tombstone, whichever is newer (Strong). Absent ids are missing."""
+        delete time of a tombstone, whichever is newer (Strong; with ``seen``, every write up to
+        that Milvus timestamp, see :meth:`get`). Absent ids are missing."""
         _check_name(collection)
         ids = list(dict.fromkeys(ids))
-        out = {i: int(r["updated_at"]) for i, r in self.get(collection, ids, ("updated_at",),
+        out = {i: int(r["updated_at"]) for i, r in self.get(collection, ids, ("updated_at",), seen=seen,
                                                              timeout=timeout).items()}
         tomb = collection + TOMBSTONE_SUFFIX
         if tomb in self._tombstones or self.has_collection(tomb, timeout=timeout):
             self._tombstones.add(tomb)
-            for i, r in self.get(tomb, ids, ("updated_at",), timeout=timeout).items():
+            for i, r in self.get(tomb, ids, ("updated_at",), seen=seen, timeout=timeout).items():
                 out[i] = max(out.get(i, r["updated_at"]), int(r["updated_at"]))
         return out
+
+    def last_write_ts(self, collection: str) -> int:
+        """The Milvus timestamp of the latest write this process saw finish on ``collection`` or
+        its tombstones (pymilvus records it for its Session reads); 0 when none is known.
+        Every write that finished before that write began has a smaller timestamp."""
+        try:
+            conn = self.client._get_connection()
+            stamps = [ts_utils.get_collection_ts(name, conn.server_address, "")
+                      for name in (collection, collection + TOMBSTONE_SUFFIX)]
+        except Exception:  # noqa: BLE001  (a pymilvus without this cache: callers fall back to Strong)
+            return 0
+        return max((int(t) for t in stamps if t), default=0)
 
     def count(self, collection: str, *, filter: str = "", timeout: float | None = None) -> int:
         """Exact number of rows (Strong), optionally matching ``filter``."""

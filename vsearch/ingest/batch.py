@@ -47,6 +47,7 @@ class PreparedBatch:
     versions: dict[str, int]              # id -> ts this batch writes (for the next batch's check)
     sources: dict[str, object]            # id -> the record whose event this batch writes
     committed_in_rebalance: dict = dataclasses.field(default_factory=dict)   # tp -> offset
+    epochs: dict = dataclasses.field(default_factory=dict)   # tp -> ownership epoch when prepared (.versions)
 
 
 def next_offsets(records: Sequence) -> dict:

@@ -41,6 +41,9 @@ def register(sub) -> None:
     add_milvus_flags(pf)
     pf.add("--batch-size", default=256, type=int, help="most records per batch")
     pf.add("--batch-ms", default=500, type=int, help="longest wait for a batch to fill, ms")
+    pf.add("--version-cache", default=200_000, type=int,
+           help="ids whose stored version the consumer keeps between batches instead of a Strong read "
+                "per batch (keyed events only; cleared for a partition at every rebalance); 0: off")
     pf.add("--embed-batch-size", default=32, type=int,
            help="images per forward pass in process, per request with --embedder-url (<= its --max-batch)")
     pf.add("--threads", default=None, type=int,
@@ -101,6 +104,8 @@ def _ingest(args) -> int:
 
     if not args.model_dir and not args.embedder_url:
         raise SystemExit("give --model-dir (embed in process) or --embedder-url (embed over HTTP)")
+    if args.version_cache < 0:
+        raise SystemExit(f"--version-cache must be 0 (off) or a positive number of ids, got {args.version_cache}")
     set_decoder_pixel_limit(args.max_pixels)
     if args.embedder_url:
         from ..predictor.client import EmbedderClient
@@ -127,6 +132,7 @@ def _ingest(args) -> int:
         bootstrap=args.kafka_bootstrap, topic=args.topic, group=args.group or f"ingest-{collection}",
         collection=collection, alias=args.alias or None, dlq=args.dlq_topic,
         batch_size=args.batch_size, batch_ms=args.batch_ms, retry_max_s=args.retry_max_s,
+        version_cache=args.version_cache,
         stop_grace_s=args.stop_grace_s, exit_when_idle_s=args.exit_when_idle, partitions=args.partitions,
         dlq_max_bytes=args.dlq_max_bytes, record=record)
     try:

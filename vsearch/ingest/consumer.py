@@ -3,7 +3,8 @@ topic, with nothing lost and nothing duplicated.
 
 Loop: poll a batch (up to ``batch_size`` records or ``batch_ms`` after the first one) ->
 validate each event -> read the stored version (``updated_at`` or delete time) of the batch's
-ids (Strong) and drop events older than it -> fetch images (parallel, timeouts, retries) ->
+ids (Strong, or what this consumer knows since it got the partition: :mod:`.versions`) and drop
+events older than it -> fetch images (parallel, timeouts, retries) ->
 embed (in process, or the embedder's V2 endpoint) -> for each id keep the newest valid event
 (ties: the later in the log) -> upsert / delete in Milvus -> dead-letter the bad records to
 ``<topic>.dlq`` (original key, value and headers; the reason in headers) -> commit the
@@ -58,8 +59,19 @@ from .batch import BatchResult, PreparedBatch
 from .deadletter import Dead, DeadLetters
 from .events import dlq_topic
 from .kafka_internals import Rebalancing, listener, names, partition_of
-from .metrics import BATCH_SECONDS, EMBED_SECONDS, EVENTS, FAILED, FETCH_SECONDS, LAST_COMMIT, WRITE_SECONDS
+from .metrics import (
+    BATCH_SECONDS,
+    EMBED_SECONDS,
+    EVENTS,
+    FAILED,
+    FETCH_SECONDS,
+    LAST_COMMIT,
+    READ_SECONDS,
+    VERSION_LOOKUPS,
+    WRITE_SECONDS,
+)
 from .retry import Retrier, ShutdownDuringOutage
+from .versions import VersionCache
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +99,9 @@ class IngestSettings:
     record: dict | None = None
     dlq_max_bytes: int = 900_000          # a dead-letter value larger than this is cut (a header says so)
     unknown_error_attempts: int = 3       # a Milvus error of no known kind: tries before it counts as a refusal
+    # ids whose stored version the consumer keeps between batches (:mod:`.versions`) instead of
+    # a Strong read of every batch's ids; 0: a Strong read per batch (and again before the write)
+    version_cache: int = 200_000
 
     @property
     def dlq_topic(self) -> str:
@@ -121,6 +136,7 @@ class IngestConsumer:
         self._rebalancing: Rebalancing | None = None
         self._pending = None                  # (future, prepared batch) being written
         self._collecting: list = []           # records polled for the next batch
+        self.versions = VersionCache(settings.version_cache) if settings.version_cache > 0 else None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -158,7 +174,8 @@ class IngestConsumer:
                     client_id=self.s.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
                     max_poll_records=self.s.batch_size, max_poll_interval_ms=self.s.max_poll_interval_ms,
                     **GROUP_SETTINGS)
-                consumer.subscribe([self.s.topic], listener=listener(self._on_revoked, self._drop_polled))
+                consumer.subscribe([self.s.topic], listener=listener(self._on_revoked, self._on_lost,
+                                                                     self._on_assigned))
                 return consumer
             self._consumer = self.retry("connect consumer", connect)
             self._rebalancing = Rebalancing(self._consumer)
@@ -281,12 +298,26 @@ class IngestConsumer:
             log.info("dropped %d polled records of partitions given up; their next owner reads them "
                      "from the committed offsets", before - len(self._collecting))
 
+    def _forget(self, partitions: set) -> None:
+        """What this consumer knows of the stored versions of ``partitions``' ids is not
+        trusted after a rebalance (another consumer may write them meanwhile)."""
+        if self.versions is not None:
+            self.versions.reset(partitions)
+
+    def _on_lost(self, lost: set) -> None:
+        self._forget(lost)
+        self._drop_polled(lost)
+
+    def _on_assigned(self, assigned: set) -> None:
+        self._forget(assigned)
+
     async def _on_revoked(self, revoked: set) -> None:
         """Before the group takes ``revoked`` away: records polled for the next batch from
         those partitions are dropped, and the batch being written is finished and committed
         while the partitions are still ours (for the revoked partitions only; the rest is
         committed as usual)."""
         log.info("partitions revoked: %s", names(revoked))
+        self._forget(revoked)
         self._drop_polled(revoked)
         if self._pending is None:
             return
@@ -317,25 +348,76 @@ class IngestConsumer:
         result = BatchResult(offsets=batch.next_offsets(records))
         events = batch.decode_records(records, dead)
         refused: dict[str, str] = {}
-        stored = self._versions(list(dict.fromkeys(ev.id for _, _, ev in events)), refused)
+        epochs = self.versions.epochs({partition_of(rec) for _, rec, _ in events}) if self.versions is not None else {}
+        stored = self._stored_versions(events, epochs, refused)
         events = batch.without_unreadable_ids(events, refused, dead)
         for i, ts in (in_flight or {}).items():
             stored[i] = max(stored.get(i, ts), ts)
         live = batch.fresh_events(events, stored, result)
         vectors = self._images_and_vectors(live, dead)
-        return batch.plan(live, vectors, result, dead, len(records), started)
+        return dataclasses.replace(batch.plan(live, vectors, result, dead, len(records), started), epochs=epochs)
+
+    def _stored_versions(self, events: list, epochs: dict, refused: dict[str, str]) -> dict[str, int]:
+        """``{id: stored version}`` of the events' ids. Without the version cache: one Strong
+        read. With it (:mod:`.versions`): the ids of keyed events known since this consumer
+        got their partition are not read; the other keyed ids are read up to this consumer's
+        own write after the last rebalance (fast), raised to what it wrote since; events
+        without a key (and everything until that first write) are read Strong."""
+        ids = list(dict.fromkeys(ev.id for _, _, ev in events))
+        if self.versions is None:
+            return self._read(ids, refused, 0)
+        keyed: dict[str, object] = {}
+        strong: set[str] = set()
+        for _, rec, ev in events:
+            tp = partition_of(rec)
+            if rec.key is None or keyed.setdefault(ev.id, tp) != tp:
+                strong.add(ev.id)            # no key, or one id in two partitions: no owner to trust
+        for i in strong:
+            keyed.pop(i, None)
+        others = [i for i in ids if i in strong]
+        stored, misses, seen, own = self.versions.lookup(keyed, others, epochs)
+        if seen:
+            read = self._read(misses, refused, seen)
+            read.update(self._read(others, refused, 0))
+        else:
+            read = self._read(misses + others, refused, 0)
+        for i in misses + others:
+            version = max(read.get(i, -1), own.get(i, -1))
+            if version >= 0:
+                stored[i] = version
+        self.versions.remember_reads({i: stored.get(i, -1) for i in misses if i not in refused}, keyed, epochs)
+        return stored
+
+    def _read(self, ids: list[str], refused: dict[str, str], seen: int) -> dict[str, int]:
+        if not ids:
+            return {}
+        kind = "seen" if seen else "strong"
+        VERSION_LOOKUPS.labels(kind).inc(len(ids))
+        started = time.monotonic()
+        try:
+            return self._versions(ids, refused, seen)
+        finally:
+            READ_SECONDS.labels(kind).observe(time.monotonic() - started)
 
     def write_batch(self, p: PreparedBatch) -> BatchResult:
         """Upsert and delete in Milvus, then dead-letter; returns the result with the offsets."""
         started = time.monotonic()
         coll = self.s.collection
-        p = batch.drop_overtaken(p, self._versions(batch.written_ids(p), {}))
+        generation = self.versions.generation() if self.versions is not None else 0
+        p = batch.drop_overtaken(p, self._versions(self._recheck(p), {}))
         refused: list[tuple[str, str]] = []                       # (id, Milvus' reason)
         written = self._write(p.rows, lambda rows: self.store.upsert(coll, rows), "upsert",
                               lambda row: row["id"], refused)
         deleted = self._write(list(p.deletes.items()), lambda items: self.store.delete(coll, dict(items)),
                               "delete", lambda item: item[0], refused)
         WRITE_SECONDS.observe(time.monotonic() - started)
+        if self.versions is not None:
+            bad = {i for i, _ in refused}
+            done = {r["id"]: r["updated_at"] for r in p.rows if r["id"] not in bad}
+            done.update({i: ts for i, ts in p.deletes.items() if i not in bad})
+            self.versions.remember_writes(
+                {i: (ts, partition_of(p.sources[i]) if p.sources[i].key is not None else None)
+                 for i, ts in done.items()}, p.epochs, self.store.last_write_ts(coll), generation)
         dead = p.dead + [(p.sources[i], "write", f"Milvus refused the write: {reason}") for i, reason in refused]
         result = p.result
         result.written, result.deleted = written, deleted
@@ -345,11 +427,26 @@ class IngestConsumer:
         result.dead = len(dead)
         return result
 
-    def _versions(self, ids: list[str], refused: dict[str, str]) -> dict[str, int]:
-        """``store.versions`` of ``ids`` (retried through outages); when Milvus refuses the
-        lookup itself, the ids it refuses are found by bisection (into ``refused``)."""
+    def _recheck(self, p: PreparedBatch) -> list[str]:
+        """The ids a batch writes whose stored version is read again (Strong) right before the
+        write, in case another owner wrote them since the batch was prepared: all of them
+        without the version cache; with it, those of events without a key or of partitions
+        that changed hands since (this consumer is the only writer of the others)."""
+        ids = batch.written_ids(p)
+        if self.versions is None:
+            return ids
+        owned = self.versions.owned_since(p.epochs)
+        return [i for i in ids if p.sources[i].key is None or partition_of(p.sources[i]) not in owned]
+
+    def _versions(self, ids: list[str], refused: dict[str, str], seen: int = 0) -> dict[str, int]:
+        """``store.versions`` of ``ids`` (retried through outages; ``seen``: see
+        :meth:`MilvusStore.get`); when Milvus refuses the lookup itself, the ids it refuses
+        are found by bisection (into ``refused``)."""
+        if not ids:
+            return {}
+
         def lookup(chunk):
-            return self.retry("read versions", lambda: self.store.versions(self.s.collection, chunk),
+            return self.retry("read versions", lambda: self.store.versions(self.s.collection, chunk, seen=seen),
                               unknown_attempts=self.s.unknown_error_attempts)
 
         stored: dict[str, int] = {}

@@ -110,11 +110,12 @@ class Rebalancing:
         await self._commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
 
 
-def listener(on_revoked: Callable[[set], Awaitable[None]],
-             on_lost: Callable[[set], None]) -> AsyncConsumerRebalanceListener:
+def listener(on_revoked: Callable[[set], Awaitable[None]], on_lost: Callable[[set], None],
+             on_assigned: Callable[[set], None] | None = None) -> AsyncConsumerRebalanceListener:
     """The group's rebalance callbacks as kafka-python runs them (coroutines on its IO loop):
     ``on_revoked(partitions)`` is awaited before the group takes them away, ``on_lost`` is
-    called when they were already taken (evicted: commit nothing for them)."""
+    called when they were already taken (evicted: commit nothing for them), ``on_assigned``
+    when partitions come (before records of them are polled)."""
 
     class Listener(AsyncConsumerRebalanceListener):
         async def on_partitions_revoked(self, revoked):
@@ -122,6 +123,8 @@ def listener(on_revoked: Callable[[set], Awaitable[None]],
 
         async def on_partitions_assigned(self, assigned):
             log.info("partitions assigned: %s", names(assigned))
+            if on_assigned is not None:
+                on_assigned(set(assigned))
 
         async def on_partitions_lost(self, lost):
             log.warning("partitions lost (evicted from the group): %s", names(lost))

@@ -18,3 +18,8 @@ FETCH_SECONDS = Histogram("vsearch_ingest_fetch_seconds", "image fetch time per 
 EMBED_SECONDS = Histogram("vsearch_ingest_embed_seconds", "embedding time per batch")
 WRITE_SECONDS = Histogram("vsearch_ingest_write_seconds", "Milvus write time per batch")
 LAST_COMMIT = Gauge("vsearch_ingest_last_commit_timestamp_seconds", "when offsets were last committed")
+VERSION_LOOKUPS = Counter("vsearch_ingest_version_lookups_total",
+                          "stored versions of event ids looked up, by source (cache: known to this consumer, "
+                          "seen: read up to a write of its own, strong: a Strong read)", ["source"])
+READ_SECONDS = Histogram("vsearch_ingest_version_read_seconds", "Milvus read of stored versions per batch, "
+                         "by consistency (seen, strong)", ["consistency"])
