@@ -6,10 +6,10 @@ that serves now, on click pairs it was never trained on?
     vsearch judge --model-dir runs/new --against models/serving \\
         --data kafka://127.0.0.1:9092/search.events --catalog <folder>
 
-Held-out pairs. A query is held out when ``sha256("<seed>:<query image>")`` falls below the
-fraction (:func:`held_out`; the query image without its crop, so every search of one image is
-on one side): stable as the click log grows, the same on every rank and in every process, with
-nothing to hand over. ``vsearch train --holdout F --split-seed S`` on click data (a pairs CSV
+Held-out pairs. A query is held out when ``sha256("<seed>:<query image's file name>")`` falls
+below the fraction (:func:`held_out`; the name without the crop, so every search of one image is
+on one side; the query store names its files by content hash): stable as the click log grows,
+the same on every rank, in every process and wherever the files lie, with nothing to hand over. ``vsearch train --holdout F --split-seed S`` on click data (a pairs CSV
 or ``kafka://``) trains on the other queries only; ``--judge-against`` without ``--holdout``
 holds out :data:`DEFAULT_HOLDOUT`. ``vsearch judge`` takes the fraction and seed from the
 model's training record (``training.data.holdout``/``split_seed``) unless given.
@@ -84,8 +84,8 @@ def held_out(query: str, fraction: float, seed: int) -> bool:
     """Whether the query (a source key, its crop ignored) is in the held-out part."""
     if fraction <= 0:
         return False
-    image = split_crop(query)[0]
-    h = hashlib.sha256(f"{seed}:{image}".encode()).digest()
+    name = split_crop(query)[0].rstrip("/").rsplit("/", 1)[-1]
+    h = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2 ** 64 < fraction
 
 
