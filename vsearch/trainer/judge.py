@@ -21,7 +21,10 @@ clicked ``file://`` URI and the catalog file with the same bytes are one candida
 own image (same bytes, uncropped) is left out of its ranking, as nobody searches for the photo
 they hold. Metrics: :data:`CLICK_METRICS` (MRR of the clicked items, recall@10; ties broken
 pessimistically). A model *beats* a reference when it is not worse on any of them and better on
-at least one. With ``--data`` a labelled folder (no clicks), the held-out split of
+at least one; the serving model is compared on MRR alone (:data:`SERVING_METRICS`: the clicks
+were made on its top 10, so its recall@10 on its own log is 1 by construction). The log still
+favours the model that made it (clicked items are ones it ranked high): a new model has to be
+clearly better to win offline; an online experiment is the fair test. With ``--data`` a labelled folder (no clicks), the held-out split of
 :mod:`vsearch.trainer.evaluate` is used instead (mAP@R, recall@1, nDCG@10, better on all).
 
 References: ``raw-pixels 32x32``, ``random-init <arch>`` (the new model's architecture, fresh
@@ -74,6 +77,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOLDOUT = 0.2
 CLICK_METRICS = ("mrr", "recall@10")
+# The serving model made the log: every click is on its top 10, so its recall@10 on its own
+# log is 1 by construction (users who look at 10 results) and says nothing; it is compared on MRR.
+SERVING_METRICS = ("mrr",)
 KS = (1, 5, 10)
 LOST = 4                          # exit code of `vsearch judge` when the model does not beat all
 
@@ -179,11 +185,14 @@ def compare(model: dict, ref: dict, names: Sequence[str], rule: str) -> tuple[bo
             and any(c["model"] > c["reference"] for c in cmp.values())), cmp
 
 
-def verdict_of(new: dict, refs: list[dict], names: Sequence[str], rule: str = "no-worse-and-better") -> dict:
-    """``new``/``refs``: ``{"name", "kind", "metrics"}``; the verdict as the gate reads it."""
+def verdict_of(new: dict, refs: list[dict], names: Sequence[str], rule: str = "no-worse-and-better",
+               serving_names: Sequence[str] | None = None) -> dict:
+    """``new``/``refs``: ``{"name", "kind", "metrics"}``; the verdict as the gate reads it.
+    ``serving_names``: the metrics the serving model is compared on (default ``names``)."""
     against, lines = {}, []
     for ref in refs:
-        beats, cmp = compare(new["metrics"], ref["metrics"], names, rule)
+        beats, cmp = compare(new["metrics"], ref["metrics"],
+                             serving_names or names if ref["kind"] == "serving" else names, rule)
         against[ref["name"]] = {"kind": ref["kind"], "beats": beats, "metrics": cmp}
         figures = ", ".join(f"{k} {c['model']:.4f} vs {c['reference']:.4f}" for k, c in cmp.items())
         lines.append(f"{new['name']} {'beats' if beats else 'DOES NOT BEAT'} {ref['name']} ({figures})")
@@ -258,7 +267,7 @@ def judge_clicks(model_dir: str, against: str | None, data: str, *, catalog: str
               "ks": list(KS), "ties": "pessimistic",
               "evaluated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "wall_s": round(time.time() - t0, 1), "results": results}
-    report["verdict"] = verdict_of(results[0], results[1:], CLICK_METRICS)
+    report["verdict"] = verdict_of(results[0], results[1:], CLICK_METRICS, serving_names=SERVING_METRICS)
     return report
 
 
