@@ -59,6 +59,9 @@ def test_a_random_model_loses_to_the_serving_default_and_the_verdict_says_why(pa
     assert lost["kind"] == "serving" and lost["beats"] is False
     assert lost["metrics"]["mrr"]["model"] < lost["metrics"]["mrr"]["reference"]
     assert "vsearch-default:random DOES NOT BEAT serving vsearch-default:2 (mrr" in v["text"]
+    ci = lost["mrr_difference"]
+    assert ci["low"] <= ci["mean"] <= ci["high"] and ci["queries"] == ev["data"]["held_out_queries"]
+    assert ci["mean"] == pytest.approx(lost["metrics"]["mrr"]["model"] - lost["metrics"]["mrr"]["reference"], abs=2e-4)
     assert {a["kind"] for a in v["against"].values()} == {"serving", "raw-pixels", "random-init"}
     # what the gate reads: the verdict's metric names are figures of evaluation.metrics
     assert set(v["metrics"]) <= set(ev["metrics"]) and ev["serving"]["metrics"]["mrr"] == lost["metrics"]["mrr"][
