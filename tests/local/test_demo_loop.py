@@ -52,3 +52,17 @@ def test_one_turn_of_the_loop_trains_on_the_clicks_and_rolls_out_only_a_winner(t
         assert f"answered by {meta.name.replace('-', '_')}__{meta.version.replace('-', '_')}" in out, out[-3000:]
         assert "rollout   done" in summary, summary
     assert not leftover_processes(str(data_dir))
+
+
+def test_the_loop_arguments_are_checked_before_anything_starts(tmp_path):
+    from vsearch.core.config import UsageError
+    from vsearch.local.demo import check_arguments
+    common = dict(model_dir=None, catalog=None, data_dir=str(tmp_path), port=0, rollout=None, golden=None)
+    with pytest.raises(UsageError, match="--loop trains from clicks: give --simulate-users N"):
+        check_arguments(**common, loop=True)
+    with pytest.raises(UsageError, match="--loop rolls out the model it trains"):
+        check_arguments(**{**common, "rollout": str(default_model_dir())}, loop=True, simulate_users=5)
+    with pytest.raises(UsageError, match="--train-steps 0"):
+        check_arguments(**common, loop=True, simulate_users=5, train_steps=0)
+    plan = check_arguments(**common, loop=True, simulate_users=5, experiment="ab", train_steps=7)
+    assert plan.loop and plan.simulate_users == 5 and plan.train_steps == 7 and plan.experiment == "ab"

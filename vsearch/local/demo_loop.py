@@ -193,7 +193,6 @@ def _turn(p, plan, rep: LoopReport, data: Path, *, check: bool, roll_out) -> int
         rep.end("evaluate", "lost", lost, judged_s)
         rep.steps["rollout"].status = "skipped"
         rep.steps["rollout"].detail = f"not rolled out: {p.meta.name}:{p.meta.version} still serves"
-        print(f"the trained model is not rolled out: {lost}; {p.meta.name}:{p.meta.version} still serves", flush=True)
         return LOST
     rep.end("evaluate", "done", f"{meta.name}:{version} beats raw pixels, random init and serving "
                                 f"{p.meta.name}:{p.meta.version} (" + ", ".join(
