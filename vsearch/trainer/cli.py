@@ -50,7 +50,9 @@ def register(sub) -> None:
     pf.add("--warmup-steps", default=None, type=int, help="linear warm-up steps (default 5% of steps)")
     pf.add("--temperature", default=None, type=float,
              help="softmax temperature (default 0.2 for SimCLR, 0.07 for pairs)")
-    pf.add("--holdout", default=0.0, type=float, help="fraction of each class held out of training")
+    pf.add("--holdout", default=0.0, type=float,
+           help="fraction of each class held out of training; on click pairs, the fraction of queries "
+                "(the offline verdict's; 0.2 with --judge-against when not given)")
     pf.add("--split-seed", default=0, type=int, help="seed of the held-out split")
     pf.add("--seed", default=0, type=int, help="seed of weights, order and augmentation")
     pf.add("--workers", default=1, type=int, help="data-loader processes (0 = in the training process)")
@@ -80,6 +82,10 @@ def register(sub) -> None:
     pf.add("--no-ips", default=False, type=bool,
            help="clicks: do not weight the pairs by inverse examination propensity (PBM fitted by EM)")
     pf.add("--propensity-clip", default=10.0, type=float, help="clicks: the largest inverse-propensity weight")
+    pf.add("--judge-against", default=None,
+           help="after export (rank 0): the offline verdict of the new model against raw pixels, random "
+                "init and this SERVING model directory on the held-out click pairs (or held-out split), "
+                "written to the new model's vsearch_model.json (evaluation.verdict; see vsearch judge)")
     pf.add("--nproc-per-node", default=1, type=int,
            help="training processes on this machine: >1 launches torchrun (DDP; gloo on CPU, nccl on GPU); "
                 "--batch-size stays the global batch")
@@ -89,6 +95,26 @@ def register(sub) -> None:
     pf.add("--no-progress", default=False, type=bool, help="no progress bar")
     p.set_defaults(handler=_train)
     _PARSERS["train"] = p
+
+    j = sub.add_parser("judge", help="offline verdict of a new model against raw pixels, random init and "
+                                     "the serving model, written into its vsearch_model.json",
+                       description="Search the catalog with the held-out queries of a click log (pairs CSV "
+                                   "or kafka://HOST:PORT/TOPIC; split by query, as training held them out) "
+                                   "and score the clicked items (MRR, recall@10) with the new model, the "
+                                   "serving one, raw pixels and random init; or a labelled folder's "
+                                   "held-out split. The verdict goes to the new model's vsearch_model.json "
+                                   "(evaluation.verdict). Exit 0: it beats all three; 4: it does not; "
+                                   "2: error.")
+    jf = Flags(j, "JUDGE")
+    jf.add("--model-dir", default=None, help="the new model directory (its metadata gets the verdict)")
+    jf.add("--against", default=None, help="the serving model directory")
+    jf.add("--data", default=None, help="pairs CSV, kafka://HOST:PORT[/TOPIC] or a labelled folder")
+    jf.add("--catalog", default=None, help="folder of the catalog's images: the pool the queries search")
+    jf.add("--holdout", default=None, type=float,
+           help="held-out fraction of queries (default: the model's training record, else 0.2)")
+    jf.add("--split-seed", default=None, type=int, help="seed of the split (default: the training record's)")
+    jf.add("--threads", default=None, type=int, help="torch CPU threads")
+    j.set_defaults(handler=_judge)
 
     e = sub.add_parser("evaluate", help="offline retrieval metrics of models and baselines",
                        description="Compare models (and baselines) on a labelled folder or a "
@@ -127,6 +153,11 @@ def _train(args) -> int:
     set_torch_threads(args.threads)
     try:
         kind = data_kind(args.data)
+        if args.judge_against:
+            from ..predictor.model_dir import read_meta
+            from .judge import DEFAULT_HOLDOUT
+            read_meta(args.judge_against)            # before training: a wrong folder fails now
+            args.holdout = args.holdout or DEFAULT_HOLDOUT
         temperature = args.temperature or (0.2 if kind == "simclr" else 0.07)
         cfg = TrainConfig(
             data=args.data, out=args.out, init=args.init, arch=args.arch, image_size=args.image_size,
@@ -136,7 +167,8 @@ def _train(args) -> int:
             holdout=args.holdout, split_seed=args.split_seed, seed=args.seed, workers=args.workers,
             device=args.device, amp=not args.no_amp,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
-            stop_after=args.stop_after, evaluate=kind == "simclr" and not args.no_eval,
+            stop_after=args.stop_after,
+            evaluate=kind == "simclr" and not args.no_eval and not args.judge_against,
             whiten=not args.no_whiten, whiten_shrinkage=args.whiten_shrinkage,
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
@@ -156,6 +188,10 @@ def _train(args) -> int:
         if cfg.evaluate and report.exists():
             from .evaluate import format_table
             print(format_table(json.loads(report.read_text())))
+        if args.judge_against:
+            from .judge import format_report, judge
+            print(format_report(judge(str(out), args.judge_against, args.data, catalog=args.catalog,
+                                      holdout=args.holdout, split_seed=args.split_seed)), flush=True)
     except (DataError, ValueError, OSError) as exc:
         print(f"vsearch train: {exc}", file=sys.stderr)
         return 2
@@ -175,6 +211,25 @@ def _worker_argv(args) -> list[str]:
         flag = action.option_strings[0]
         argv += [flag] if value is True else [flag, str(value)]
     return argv
+
+
+def _judge(args) -> int:
+    from ..predictor.inference import set_torch_threads
+    from .data import DataError
+    from .judge import LOST, format_report, judge
+    if not args.model_dir or not args.data:
+        print("vsearch judge: --model-dir and --data are required", file=sys.stderr)
+        return 2
+    set_torch_threads(args.threads)
+    try:
+        report = judge(args.model_dir, args.against, args.data, catalog=args.catalog, holdout=args.holdout,
+                       split_seed=args.split_seed)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"vsearch judge: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(f"verdict written to {args.model_dir}/vsearch_model.json (evaluation.verdict)")
+    return 0 if report["verdict"]["beats_all"] else LOST
 
 
 def _evaluate(args) -> int:

@@ -62,6 +62,7 @@ from .data import (
     split_holdout,
 )
 from .evaluate import evaluate_models, net_embedder, store_in_meta, write_outputs
+from .judge import training_pairs
 from .losses import info_nce, nt_xent
 from .negatives import mine_hard_negatives
 
@@ -205,9 +206,12 @@ def load_pairs(cfg: TrainConfig) -> Pairs:
         stats = {**click_log_stats(clicks, events), **got.stats}
         if not got.pairs:
             raise DataError(f"no usable click pairs on {cfg.data}: {stats}")
-        return Pairs(got.pairs, stats, got.weights, got.negatives)
-    pairs = read_pairs_csv(cfg.data)
-    return Pairs(pairs, {"pairs": len(pairs)})
+        pairs = Pairs(got.pairs, stats, got.weights, got.negatives)
+    else:
+        csv_pairs = read_pairs_csv(cfg.data)
+        pairs = Pairs(csv_pairs, {"pairs": len(csv_pairs)})
+    # the held-out queries are the offline verdict's (vsearch.trainer.judge), never trained on
+    return training_pairs(pairs, cfg.holdout, cfg.split_seed)
 
 
 class RunLog:
