@@ -5,9 +5,10 @@ runs. It prepares the node, then runs the command after ``--`` (torchrun) as it 
    (a path is used in place: the command already names it);
 2. the catalog: the catalog topic (``--catalog-bootstrap``/``--catalog-topic``, compacted:
    the last event per id wins, deletes remove) as of ``--catalog-until-ms`` (records written
-   later are left out, so every node of a run sees the same catalog) becomes
-   ``--catalog-dir/labels.csv`` (``path,label``: each item's URI, its ``metadata.label``), the
-   folder layout ``vsearch train --catalog`` reads; inline images are written beside it;
+   later are left out, so every node of a run sees the same catalog) is read (``file://``,
+   ``http(s)://``, ``s3://`` or inline) into ``--catalog-dir``, one sub-folder per
+   ``metadata.label``: the folder layout ``vsearch train --catalog`` and its judge read (the
+   whole catalog is copied to the pod's scratch volume: size it for the catalog);
 3. ``torchrun ...`` (``python -m torch.distributed.run``, so no ``torchrun`` on the PATH is needed);
 4. on node 0, when it succeeded: ``--out-dir`` is uploaded to ``--upload-to`` (``s3://``).
 
@@ -16,7 +17,6 @@ The exit status is torchrun's (or 2 when preparing failed)."""
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import subprocess
@@ -56,11 +56,17 @@ def node_rank() -> int:
 
 
 def snapshot_catalog(bootstrap: str, topic: str, folder: Path, until_ms: int) -> int:
-    """The catalog as of ``until_ms`` -> ``folder/labels.csv``; returns the items written."""
+    """The catalog as of ``until_ms`` -> image files in ``folder``, one sub-folder per
+    ``metadata.label`` (``_`` without one): the folder layout ``vsearch train --catalog`` and
+    the judge read. Returns the images written; items that cannot be read are logged and left out."""
+    import hashlib
+    import re
+
+    from ..core.fetch import FetchConfig, Fetcher
+    from ..core.images import IMAGE_SUFFIXES
     from ..core.kafka import read_topic
     from ..ingest.events import BadEvent, decode
-    items: dict[str, tuple[str, str]] = {}
-    folder.mkdir(parents=True, exist_ok=True)
+    items: dict[str, tuple[str | bytes, str]] = {}
     bad = 0
     for m in read_topic(bootstrap, topic, idle_s=2.0, timeout_s=600, client_id="vsearch-train-node"):
         if until_ms and m.timestamp is not None and m.timestamp > until_ms:
@@ -72,24 +78,33 @@ def snapshot_catalog(bootstrap: str, topic: str, folder: Path, until_ms: int) ->
             continue
         if ev.op == "delete":
             items.pop(ev.id, None)
-            continue
-        label = str((ev.metadata or {}).get("label") or "")
-        if ev.uri:
-            items[ev.id] = (ev.uri, label)
         else:
-            path = folder / "inline" / f"{abs(hash(ev.id)) % 10**12}-{len(items)}.img"
-            path.parent.mkdir(exist_ok=True)
-            path.write_bytes(ev.image)
-            items[ev.id] = (str(path), label)
+            items[ev.id] = (ev.uri or ev.image, str((ev.metadata or {}).get("label") or ""))
     if not items:
         raise ValueError(f"the catalog topic {topic!r} on {bootstrap} holds no items")
-    with open(folder / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        for item_id in sorted(items):
-            w.writerow(items[item_id])
-    log.info("catalog snapshot: %d items (%d bad records skipped) -> %s", len(items), bad, folder / "labels.csv")
-    return len(items)
+    ids = sorted(items)
+    uris = [items[i][0] for i in ids if isinstance(items[i][0], str)]
+    with Fetcher(FetchConfig(schemes=("file", "http", "https", "s3"), allow_private=True)) as fetcher:
+        fetched = dict(zip(uris, fetcher.fetch_many(uris)))
+    written = failed = 0
+    for item_id in ids:
+        source, label = items[item_id]
+        data = fetched[source] if isinstance(source, str) else source
+        if isinstance(data, Exception):
+            failed += 1
+            log.warning("catalog item %s: %s", item_id, data)
+            continue
+        suffix = Path(source.split("?")[0]).suffix.lower() if isinstance(source, str) else ""
+        sub = folder / (re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip(".") or "_")
+        sub.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(item_id.encode()).hexdigest()[:16]
+        (sub / f"{name}{suffix if suffix in IMAGE_SUFFIXES else '.jpg'}").write_bytes(data)
+        written += 1
+    if not written:
+        raise ValueError(f"none of the {len(items)} catalog items could be read")
+    log.info("catalog snapshot: %d images in %s (%d unreadable, %d bad records skipped)", written, folder,
+             failed, bad)
+    return written
 
 
 def download_s3(uri: str, dest: Path) -> None:

@@ -18,7 +18,7 @@ API discovery finds the Trainer's ``trainjobs`` (``backend: auto``), otherwise a
 (``completionMode: Indexed``, completions = parallelism = ``nodes``) with a headless Service for
 torchrun's static rendezvous (pods ``<job>-<index>.<service>``; rank 0 is ``<job>-0``). Each node
 runs ``vsearch train-node`` (:mod:`vsearch.operators.train_node`): it fetches the serving model
-(``s3://`` or a path), snapshots the catalog topic as ``labels.csv`` (items written before the run
+(``s3://`` or a path), copies the catalog topic's images into a folder (items written before the run
 began), then ``torchrun ... --module vsearch train --init <serving> --catalog <snapshot>
 --data kafka://<bootstrap>/<eventsTopic> --out <model dir> --judge-against <serving> <recipe>``,
 and node 0 uploads the model directory to ``s3://`` (a path is written in place). The pods have the
