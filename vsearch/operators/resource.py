@@ -191,6 +191,7 @@ class TrainingSettings(SpecModel):
     node_selector: dict[str, str] | None = None
     tolerations: list[dict[str, Any]] | None = None
     service_account_name: str | None = None
+    image_pull_secrets: list[LocalObjectRef] | None = None
     env: list[dict[str, Any]] | None = None
 
 

@@ -126,6 +126,7 @@ class Training:
     node_selector: dict = dataclasses.field(default_factory=dict)
     tolerations: list = dataclasses.field(default_factory=list)
     service_account: str | None = None
+    image_pull_secrets: list = dataclasses.field(default_factory=list)    # [{"name": ...}]
     env: list = dataclasses.field(default_factory=list)
 
     @classmethod
@@ -153,7 +154,7 @@ class Training:
                    runtime_kind=t.runtime_ref.kind, timeout_s=t.timeout_seconds, max_restarts=t.max_restarts,
                    history=t.history, resources=dict(t.resources or {}), node_selector=dict(t.node_selector or {}),
                    tolerations=list(t.tolerations or []), service_account=t.service_account_name or None,
-                   env=list(t.env or []))
+                   image_pull_secrets=[{"name": s.name} for s in t.image_pull_secrets or []], env=list(t.env or []))
 
     def uri_of(self, namespace: str, index: str, model: str, version: str) -> str:
         """``modelUri`` for one trained version."""

@@ -197,11 +197,12 @@ def job_body(spec: IndexSpec, run: Run, owner_ref: dict) -> dict:
     Service's subdomain; the pod security of every other workload, no service-account token."""
     t = spec.training
     pod = {"restartPolicy": "Never", "subdomain": run.service, "containers": [container(spec, run)],
+           "terminationGracePeriodSeconds": 30,
            "securityContext": copy.deepcopy(POD_SECURITY), "automountServiceAccountToken": False,
            "volumes": copy.deepcopy(SCRATCH_VOLUMES) + [{"name": "shm", "emptyDir": {"medium": "Memory",
                                                                                     "sizeLimit": "1Gi"}}]}
     placement = {"nodeSelector": t.node_selector, "tolerations": t.tolerations,
-                 "serviceAccountName": t.service_account}
+                 "serviceAccountName": t.service_account, "imagePullSecrets": t.image_pull_secrets}
     pod.update({k: copy.deepcopy(v) for k, v in placement.items() if v})
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": run.job, "namespace": run.namespace, "labels": labels(run),
@@ -354,8 +355,7 @@ class Loop:
                 self.retarget_to_serving()
                 return
         if serving.get("version") == target["version"] and (serving.get("modelUri") or "") == target["uri"]:
-            if self.record(target["version"], result=ROLLED_OUT, reason=f"{target['version']} serves",
-                           only_if_open=True):
+            if self.record(target["version"], result=ROLLED_OUT, rolledOutAt=step_iso(self.now), only_if_open=True):
                 self.step.event("Normal", "TrainedVersionServes", f"trained version {target['version']} serves")
             if self.tr.get("state") == ROLLING_OUT:
                 self.tr["state"] = IDLE
@@ -509,9 +509,10 @@ class Loop:
                                             f"{type(exc).__name__}: {str(exc)[:300]}")
         beats, why, figures = judge(meta)
         if not beats:
-            self.finish(run, NOT_BETTER, f"not rolled out: {why}", figures=figures)
+            self.finish(run, NOT_BETTER, f"not rolled out: {why}", figures=figures, verdict=why)
             return FAST
-        self.finish(run, "Trained", f"beats the serving version: {why}", figures=figures, keep_state=True)
+        self.finish(run, "Trained", f"beats the serving version: {why}", figures=figures, keep_state=True,
+                    verdict=why)
         self.tr["target"] = {"model": run.model, "version": run.version, "uri": run.uri,
                              "specKey": self.spec.model.key}
         self.tr.update(state=ROLLING_OUT, message=f"rolling out trained version {run.version}")
@@ -521,9 +522,9 @@ class Loop:
         return FAST
 
     def finish(self, run: Run, result: str, reason: str, *, figures: dict | None = None,
-               keep_state: bool = False) -> float:
-        self.record(run.version, result=result, reason=reason, finishedAt=step_iso(self.now),
-                    **({"figures": figures} if figures is not None else {}))
+               keep_state: bool = False, verdict: str | None = None) -> float:
+        extra = {k: v for k, v in (("figures", figures), ("verdict", verdict)) if v is not None}
+        self.record(run.version, result=result, reason=reason, finishedAt=step_iso(self.now), **extra)
         self.tr["current"] = None
         if not keep_state:
             self.tr.update(state=IDLE, message=f"{run.version}: {result}: {reason}"[:1000])
