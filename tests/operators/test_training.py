@@ -228,3 +228,55 @@ def test_clicks_train_on_the_cluster_a_winner_is_rolled_out_and_a_loser_stops_wi
     assert st["serving"]["version"] == run["version"] and st["phase"] == "Ready" and not st.get("candidate")
     assert "TrainingNotRolledOut" in [e.get("reason") for e in cluster.events(name)]
     print(f"first turn (clicks -> trained version serving): {took:.0f}s")
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("expr, after, expected", [
+    ("*/15 2 * * mon-fri", "2026-12-05T00:00", "2026-12-07T02:00"),      # a Saturday: Monday 02:00
+    ("@monthly", "2026-12-05T00:00", "2027-01-01T00:00"),
+    ("0 0 29 2 *", "2026-12-05T00:00", "2028-02-29T00:00"),
+    ("30 4 1,15 * 5", "2026-12-02T00:00", "2026-12-04T04:30"),             # day of month OR Friday
+    ("0 3 * * 7", "2026-12-02T00:00", "2026-12-06T03:00"),                # 7 is Sunday
+])
+def test_the_schedule_names_the_next_time_as_cron_does(expr, after, expected):
+    from datetime import datetime, timezone
+
+    from vsearch.operators.cron import Cron
+
+    def ts(text):
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M").replace(tzinfo=timezone.utc).timestamp()
+    assert Cron.parse(expr).next_after(ts(after)) == ts(expected)
+
+
+def test_the_training_target_leads_until_a_person_changes_spec_model():
+    from vsearch.operators.training import desired_model
+
+    spec = spec_of()
+    target = {"model": "m", "version": "t1", "uri": "s3://models/shop/t1", "specKey": spec.model.key}
+    assert desired_model(spec, {"training": {"target": target}}).version == "t1"
+    assert desired_model(spec, {}) == spec.model
+    moved = IndexSpec.from_dict({**{"catalog": {"bootstrap": "k:9092"}, "milvus": {"uri": "http://m:19530"}},
+                                 "model": {"name": "m", "version": "2", "uri": "s3://models/m/2"}})
+    assert desired_model(moved, {"training": {"target": target}}) == moved.model
+
+
+def test_only_a_verdict_that_beats_the_serving_model_too_is_rolled_out():
+    from vsearch.operators.training import judge
+
+    def meta(**beats):
+        against = {name: {"kind": kind, "beats": beats.get(kind, True),
+                          "metrics": {"mrr": {"model": 0.5, "reference": 0.4}}}
+                   for name, kind in (("serving m:1", "serving"), ("raw-pixels 32x32", "raw-pixels"))}
+        text = "\n".join(f"m:2 {'beats' if a['beats'] else 'DOES NOT BEAT'} {n} (mrr 0.5 vs 0.4)" for n, a in against.items())
+        return {"name": "m", "version": "2", "evaluation": {"metrics": {"mrr": 0.5}, "verdict": {
+            "metrics": ["mrr"], "beats_all": all(a["beats"] for a in against.values()), "against": against,
+            "text": text}}}
+    ok, why, figures = judge(meta())
+    assert ok and "beats serving m:1" in why and figures["against"]["serving m:1"]["mrr"]["reference"] == 0.4
+    ok, why, _ = judge(meta(serving=False))
+    assert not ok and why == "m:2 DOES NOT BEAT serving m:1 (mrr 0.5 vs 0.4)"
+    no_serving = meta()
+    del no_serving["evaluation"]["verdict"]["against"]["serving m:1"]
+    assert judge(no_serving)[1] == "m:2's offline verdict does not judge it against the serving model"
+    assert "carries no offline verdict" in judge({"name": "m", "version": "2"})[1]

@@ -10,7 +10,8 @@ rollout as Failed after ``spec.rollout.maxRetries`` (see :mod:`vsearch.operators
 Least-privilege RBAC (``operators/rbac.yaml``): searchindexes get/list/watch/patch,
 searchindexes/status get/patch, searchindexes/finalizers update (owner references that block
 deletion); inferenceservices and deployments get/create/delete; configmaps
-and secrets get (golden sets, the Milvus token); events create/patch."""
+and secrets get (golden sets, the Milvus token); events create/patch; jobs, services and trainjobs
+get/create/delete (the learning loop, :mod:`vsearch.operators.training`)."""
 
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ from .experiments import OWN, stats_policy, summary
 from .gate import GoldenSetError, VersionPath, check_golden_queries, run_gate
 from .resource import Status
 from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef, owner_of
-from .training import Loop, desired_model
+from .training import Loop, Run, desired_model
 from .trust import Trust
 
 if TYPE_CHECKING:
@@ -730,6 +730,10 @@ def cleanup(name: str, namespace: str, body: dict, env: Env) -> tuple[bool, list
             return False
         return ((store.model_record(collection) or {}).get("searchindex") or me) == me
 
+    training = status.training
+    for run in [training.current] + list((training.runs or [])[-1:]) if training else []:
+        if run and run.get("job") and run.get("backend"):      # owner references collect them too
+            env.workloads.delete_training(Run.from_status(name, namespace, run))
     mine = {r.collection for r in refs if owned(r.collection)}
     left = []
     if store.describe_alias(spec.alias) in mine:

@@ -502,6 +502,10 @@ class Loop:
             return WAIT
         if st.phase != "Succeeded":
             return self.finish(run, FAILED, f"{run.backend} {run.job} {st.phase.lower()}: {st.message}")
+        serving = self.status["serving"]
+        if (serving.get("modelUri") or "") != run.init_uri:
+            return self.finish(run, FAILED, f"{serving['version']} began serving during the run: {run.version} was "
+                                            f"trained from and judged against {run.init_uri}, not what serves")
         try:
             meta = self.step.env.models(run.uri)
         except Exception as exc:  # noqa: BLE001  (storage: say so, the run is over)
