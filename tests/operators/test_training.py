@@ -280,3 +280,31 @@ def test_only_a_verdict_that_beats_the_serving_model_too_is_rolled_out():
     del no_serving["evaluation"]["verdict"]["against"]["serving m:1"]
     assert judge(no_serving)[1] == "m:2's offline verdict does not judge it against the serving model"
     assert "carries no offline verdict" in judge({"name": "m", "version": "2"})[1]
+
+
+def test_a_schedule_trains_once_per_time_it_names():
+    """The loop's decision on a step's spec, status and clock (a schedule alone reads no events)."""
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    from vsearch.operators.training import Loop
+
+    def at(text):
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M").replace(tzinfo=timezone.utc).timestamp()
+    spec = spec_of(schedule="0 3 * * *", minNewClicks=None, backend="Job")
+    events = []
+    step = SimpleNamespace(spec=spec, now=at("2026-12-02T01:00"), name="shop", namespace="vs",
+                           event=lambda *e: events.append(e),
+                           status={"serving": {"model": "m", "version": "1", "modelUri": "s3://models/m/1",
+                                               "since": "2026-12-01T00:00:00Z"}})
+    Loop(step).look()
+    tr = step.status["training"]
+    assert tr["nextScheduleAt"] == "2026-12-02T03:00:00Z" and not tr.get("current") and not events
+    step.now = at("2026-12-02T03:00")
+    Loop(step).look()
+    tr = step.status["training"]
+    run = tr["current"]
+    assert run["trigger"] == "schedule '0 3 * * *'" and run["version"] == "t20261202030000"
+    assert run["modelUri"] == "s3://models/shop/t20261202030000" and run["initUri"] == "s3://models/m/1"
+    assert tr["nextScheduleAt"] == "2026-12-03T03:00:00Z" and tr["state"] == "Training"
+    assert [e[1] for e in events] == ["TrainingStarted"] and tr["runs"][-1]["servingVersion"] == "1"

@@ -397,8 +397,9 @@ class Loop:
         cur = self.tr.get("current")
         if cur:
             return self.follow(Run.from_status(self.step.name, self.step.namespace, cur))
-        if self.t.schedule and not self.tr.get("nextScheduleAt"):
-            self.tr["nextScheduleAt"] = step_iso(self.t.schedule.next_after(self.now))
+        if self.t.schedule and (not self.tr.get("nextScheduleAt") or self.tr.get("schedule") != self.t.schedule.text):
+            self.tr.update(schedule=self.t.schedule.text,        # a changed schedule: its own next time
+                           nextScheduleAt=step_iso(self.t.schedule.next_after(self.now)))
         trigger = self.due()
         self.tr.setdefault("state", IDLE)
         self.save()
