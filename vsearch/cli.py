@@ -79,7 +79,14 @@ def register_demo(sub) -> None:
                 "half the users get both versions' results interleaved by team draft)")
     pf.add("--simulate-users", default=0, type=int,
            help="N simulated users search the catalog and click results (a position-based click model: "
-                "relevant = same label) while the experiment runs; 0: only your own clicks on the web page")
+                "relevant = same label) while the experiment runs, or before training with --loop; 0: only your own clicks on the web page")
+    p.add_argument("--loop", action="store_true",
+                   help="one turn of the learning loop: simulated users (--simulate-users N) search and click, "
+                        "torchrun (2 processes) fine-tunes the serving model on the clicks, the job's offline "
+                        "verdict against raw pixels, random init and the serving model, then the rollout of "
+                        "the new version; with --check: exit 0 when it serves, 4 when it lost and the serving "
+                        "version stayed")
+    pf.add("--train-steps", default=30, type=int, help="--loop: the training job's optimiser steps")
     p.set_defaults(handler=_demo)
 
 
@@ -88,7 +95,7 @@ def _demo(args) -> int:
     return run_demo(model_dir=args.model_dir, catalog=args.catalog, data_dir=args.data_dir,
                     port=args.http_port, timeout=args.ready_timeout, check=args.check,
                     rollout=args.rollout, golden=args.golden, experiment=args.experiment,
-                    simulate_users=args.simulate_users)
+                    simulate_users=args.simulate_users, loop=args.loop, train_steps=args.train_steps)
 
 
 def command_parser(*names: str) -> argparse.ArgumentParser:

@@ -96,6 +96,9 @@ class Plan:
     golden: Path | None = None
     experiment: str | None = None             # ab | interleave: the rollout's online experiment
     simulate_users: int = 0
+    loop: bool = False                        # one turn of the learning loop (demo_loop)
+    train_steps: int = 30
+    train_timeout: float = 1800.0
 
 
 def model_dir_arg(flag: str, value: str) -> tuple[Path, ModelMeta]:
@@ -114,7 +117,7 @@ def model_dir_arg(flag: str, value: str) -> tuple[Path, ModelMeta]:
 
 def check_arguments(*, model_dir: str | None, catalog: str | None, data_dir: str, port: int,
                     rollout: str | None, golden: str | None, experiment: str | None = None,
-                    simulate_users: int = 0) -> Plan:
+                    simulate_users: int = 0, loop: bool = False, train_steps: int = 30) -> Plan:
     """Every argument checked before anything starts: a wrong one is one line, not a traceback
     after the five services have started."""
     data = Path(data_dir).expanduser().resolve()
@@ -128,24 +131,32 @@ def check_arguments(*, model_dir: str | None, catalog: str | None, data_dir: str
     items = folder_catalog(catalog) if catalog else None
     plan = Plan(data=data, port=port, model_dir=model, items=items,
                 image_root=Path(catalog).expanduser().resolve() if catalog else None)
+    if loop and rollout:
+        raise UsageError("--loop rolls out the model it trains: leave --rollout out")
+    if loop and not simulate_users:
+        raise UsageError("--loop trains from clicks: give --simulate-users N (N simulated users search and click)")
+    if loop and not 1 <= train_steps <= 100_000:
+        raise UsageError(f"--train-steps {train_steps}: a number of optimiser steps from 1 to 100000")
+    plan.loop, plan.train_steps = loop, train_steps
     if rollout:
         plan.rollout = model_dir_arg("--rollout", rollout)[0]
     if golden:
-        if not rollout:
+        if not rollout and not loop:
             raise UsageError("--golden is the rollout's gate: give --rollout MODEL_DIR with it")
         if not Path(golden).is_file():
             raise UsageError(f"--golden {golden}: no such file (a CSV of query,candidate,grade)")
         plan.golden = Path(golden)
     if experiment:
-        if not rollout:
+        if not rollout and not loop:
             raise UsageError("--experiment runs between the serving version and a new one: give --rollout MODEL_DIR")
         if experiment not in ("ab", "interleave"):
             raise UsageError(f"--experiment {experiment}: ab or interleave")
         plan.experiment = experiment
     if simulate_users < 0 or simulate_users > 100_000:
         raise UsageError(f"--simulate-users {simulate_users}: a number of users from 0 to 100000")
-    if simulate_users and not experiment:
-        raise UsageError("--simulate-users clicks for an online experiment: give --experiment ab|interleave")
+    if simulate_users and not experiment and not loop:
+        raise UsageError("--simulate-users clicks for an online experiment or the learning loop: give "
+                         "--experiment ab|interleave or --loop")
     plan.simulate_users = simulate_users
     return plan
 
@@ -405,13 +416,16 @@ def _raise_interrupt(signum, frame):
 
 def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_dir: str = ".demo",
              port: int = 8000, timeout: float = 300.0, check: bool = False, rollout: str | None = None,
-             golden: str | None = None, experiment: str | None = None, simulate_users: int = 0) -> int:
+             golden: str | None = None, experiment: str | None = None, simulate_users: int = 0,
+             loop: bool = False, train_steps: int = 30) -> int:
     plan = check_arguments(model_dir=model_dir, catalog=catalog, data_dir=data_dir, port=port,
-                           rollout=rollout, golden=golden, experiment=experiment, simulate_users=simulate_users)
+                           rollout=rollout, golden=golden, experiment=experiment, simulate_users=simulate_users,
+                           loop=loop, train_steps=train_steps)
     data = plan.data
     (data / "logs").mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     p = None
+    started = time.monotonic()
     try:
         p = prepare(plan)
         start_platform(p, data, plan.port or free_port())
@@ -420,7 +434,12 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
         t0 = time.monotonic()
         n = wait_searchable(p.search.url, p.items, timeout, services=p.started)
         print(f"{n} public images searchable after {time.monotonic() - t0:.1f}s")
-        if plan.rollout:
+        if plan.loop:
+            from .demo_loop import run_loop
+            rc = run_loop(p, plan, check=check, serve_s=time.monotonic() - started, roll_out=roll_out)
+            if check:
+                return rc
+        elif plan.rollout:
             rc = roll_out(p, plan, check=check)
             if check:
                 return rc

@@ -6,10 +6,10 @@ that serves now, on click pairs it was never trained on?
     vsearch judge --model-dir runs/new --against models/serving \\
         --data kafka://127.0.0.1:9092/search.events --catalog <folder>
 
-Held-out pairs. A query is held out when ``sha256("<seed>:<query image>")`` falls below the
-fraction (:func:`held_out`; the query image without its crop, so every search of one image is
-on one side): stable as the click log grows, the same on every rank and in every process, with
-nothing to hand over. ``vsearch train --holdout F --split-seed S`` on click data (a pairs CSV
+Held-out pairs. A query is held out when ``sha256("<seed>:<query image's file name>")`` falls
+below the fraction (:func:`held_out`; the name without the crop, so every search of one image is
+on one side; the query store names its files by content hash): stable as the click log grows,
+the same on every rank, in every process and wherever the files lie, with nothing to hand over. ``vsearch train --holdout F --split-seed S`` on click data (a pairs CSV
 or ``kafka://``) trains on the other queries only; ``--judge-against`` without ``--holdout``
 holds out :data:`DEFAULT_HOLDOUT`. ``vsearch judge`` takes the fraction and seed from the
 model's training record (``training.data.holdout``/``split_seed``) unless given.
@@ -21,7 +21,12 @@ clicked ``file://`` URI and the catalog file with the same bytes are one candida
 own image (same bytes, uncropped) is left out of its ranking, as nobody searches for the photo
 they hold. Metrics: :data:`CLICK_METRICS` (MRR of the clicked items, recall@10; ties broken
 pessimistically). A model *beats* a reference when it is not worse on any of them and better on
-at least one. With ``--data`` a labelled folder (no clicks), the held-out split of
+at least one; the serving model is compared on MRR alone (:data:`SERVING_METRICS`: the clicks
+were made on its top 10, so its recall@10 on its own log is 1 by construction). The log still
+favours the model that made it (clicked items are ones it ranked high): a new model has to be
+clearly better to win offline; an online experiment is the fair test. Each comparison also
+carries the per-query MRR difference with its 95% paired bootstrap interval
+(``mrr_difference``, :func:`paired_interval`): how much the held-out sample can tell. With ``--data`` a labelled folder (no clicks), the held-out split of
 :mod:`vsearch.trainer.evaluate` is used instead (mAP@R, recall@1, nDCG@10, better on all).
 
 References: ``raw-pixels 32x32``, ``random-init <arch>`` (the new model's architecture, fresh
@@ -43,7 +48,8 @@ of its embedder reports too)::
                             "serving": "<name>:<version>",
                             "against": {reference name: {"kind": "raw-pixels" | "random-init"
                                         | "serving", "beats": bool, "metrics": {m: {"model",
-                                        "reference"}}}},
+                                        "reference"}}, "mrr_difference": {"mean", "low",
+                                        "high", "queries"}}},
                             "text": one line per reference, "... beats ..." or "... DOES NOT BEAT ..."}
 
 The full report goes to ``<model dir>/evaluation/judge.json``. ``vsearch judge`` exits 0 when
@@ -74,6 +80,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOLDOUT = 0.2
 CLICK_METRICS = ("mrr", "recall@10")
+# The serving model made the log: every click is on its top 10, so its recall@10 on its own
+# log is 1 by construction (users who look at 10 results) and says nothing; it is compared on MRR.
+SERVING_METRICS = ("mrr",)
 KS = (1, 5, 10)
 LOST = 4                          # exit code of `vsearch judge` when the model does not beat all
 
@@ -84,8 +93,8 @@ def held_out(query: str, fraction: float, seed: int) -> bool:
     """Whether the query (a source key, its crop ignored) is in the held-out part."""
     if fraction <= 0:
         return False
-    image = split_crop(query)[0]
-    h = hashlib.sha256(f"{seed}:{image}".encode()).digest()
+    name = split_crop(query)[0].rstrip("/").rsplit("/", 1)[-1]
+    h = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2 ** 64 < fraction
 
 
@@ -179,11 +188,14 @@ def compare(model: dict, ref: dict, names: Sequence[str], rule: str) -> tuple[bo
             and any(c["model"] > c["reference"] for c in cmp.values())), cmp
 
 
-def verdict_of(new: dict, refs: list[dict], names: Sequence[str], rule: str = "no-worse-and-better") -> dict:
-    """``new``/``refs``: ``{"name", "kind", "metrics"}``; the verdict as the gate reads it."""
+def verdict_of(new: dict, refs: list[dict], names: Sequence[str], rule: str = "no-worse-and-better",
+               serving_names: Sequence[str] | None = None) -> dict:
+    """``new``/``refs``: ``{"name", "kind", "metrics"}``; the verdict as the gate reads it.
+    ``serving_names``: the metrics the serving model is compared on (default ``names``)."""
     against, lines = {}, []
     for ref in refs:
-        beats, cmp = compare(new["metrics"], ref["metrics"], names, rule)
+        beats, cmp = compare(new["metrics"], ref["metrics"],
+                             serving_names or names if ref["kind"] == "serving" else names, rule)
         against[ref["name"]] = {"kind": ref["kind"], "beats": beats, "metrics": cmp}
         figures = ", ".join(f"{k} {c['model']:.4f} vs {c['reference']:.4f}" for k, c in cmp.items())
         lines.append(f"{new['name']} {'beats' if beats else 'DOES NOT BEAT'} {ref['name']} ({figures})")
@@ -230,7 +242,7 @@ def judge_clicks(model_dir: str, against: str | None, data: str, *, catalog: str
         raise DataError("fewer than 2 candidate images to rank: give the --catalog")
     judgments = {q: {d: 1.0 for d in relevant[q]} for q in queries}
     cands = candidates_for([model_dir] + ([against] if against else []), ["raw-pixels", "random-init"])
-    results = []
+    results, per_query_rr = [], []
     for i, cand in enumerate(cands):
         t = time.time()
         q_emb = metrics._normalise_rows(cand.embed([images[q].image for q in queries]))
@@ -244,6 +256,8 @@ def judge_clicks(model_dir: str, against: str | None, data: str, *, catalog: str
             rankings[q] = [digests[j] for j in order[:100]
                            if digests[j] != own or digests[j] in judgments[q]]
         rep = metrics.evaluate_ranked_lists(rankings, judgments, KS, exclude_self=False)
+        per_query_rr.append([next((1.0 / (r + 1) for r, d in enumerate(rankings[q]) if d in judgments[q]), 0.0)
+                             for q in queries])
         kind = ("model" if i == 0 else "serving") if cand.kind == "model" else cand.kind
         name = f"serving {cand.name}" if kind == "serving" else cand.name
         results.append({"name": name, "kind": kind, "model_dir": cand.model_dir,
@@ -258,8 +272,29 @@ def judge_clicks(model_dir: str, against: str | None, data: str, *, catalog: str
               "ks": list(KS), "ties": "pessimistic",
               "evaluated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "wall_s": round(time.time() - t0, 1), "results": results}
-    report["verdict"] = verdict_of(results[0], results[1:], CLICK_METRICS)
+    verdict = verdict_of(results[0], results[1:], CLICK_METRICS, serving_names=SERVING_METRICS)
+    lines = verdict["text"].splitlines()
+    for i, r in enumerate(results[1:], start=1):
+        ci = paired_interval(per_query_rr[0], per_query_rr[i])
+        verdict["against"][r["name"]]["mrr_difference"] = ci
+        lines[i - 1] += (f"; MRR difference {ci['mean']:+.4f}, 95% interval [{ci['low']:+.4f}, {ci['high']:+.4f}] "
+                         f"over {ci['queries']} queries")
+    verdict["text"] = "\n".join(lines)
+    report["verdict"] = verdict
     return report
+
+
+def paired_interval(model: Sequence[float], reference: Sequence[float], *, resamples: int = 2000,
+                    seed: int = 0) -> dict:
+    """The mean per-query difference and its 95% paired bootstrap interval (percentile): how
+    sure the held-out sample is of a difference (informational: the verdict's rule is on the
+    means)."""
+    d = np.asarray(model, dtype=float) - np.asarray(reference, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"mean": round(float(d.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
+            "queries": len(d)}
 
 
 def judge_labelled(model_dir: str, against: str | None, data: str, *, holdout: float, split_seed: int) -> dict:
