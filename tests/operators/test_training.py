@@ -213,8 +213,9 @@ def test_clicks_train_on_the_cluster_a_winner_is_rolled_out_and_a_loser_stops_wi
     assert json.loads((models / f"{name}-{run['version']}" / "vsearch_model.json").read_text())["version"] == run["version"]
     took = time.time() - t0
 
-    # a recipe that wrecks the model (lr 0.5), as a plain indexed Job: it loses offline and is not rolled out
-    cluster.api.patch("searchindexes", name, {"spec": {"training": {"backend": "Job",
+    # a recipe that wrecks the model (lr 0.5), as a plain indexed Job of 2 pods (torchrun's static
+    # rendezvous on pod 0): it loses offline and is not rolled out
+    cluster.api.patch("searchindexes", name, {"spec": {"training": {"backend": "Job", "nodes": 2,
                                                                      "recipe": {"lr": 0.5}}}})
     publish_clicks(broker, events, items, int(time.time() * 1000))
     st = cluster.wait_for(name, lambda s: last_run(s).get("version") not in (None, run["version"])
@@ -222,7 +223,8 @@ def test_clicks_train_on_the_cluster_a_winner_is_rolled_out_and_a_loser_stops_wi
     lost = last_run(st)
     assert lost["backend"] == "Job" and cluster.api.get("services", lost["job"]) is not None
     job = cluster.api.get("jobs", lost["job"])
-    assert job["spec"]["completionMode"] == "Indexed" and job["status"]["succeeded"] == 1
+    assert job["spec"]["completionMode"] == "Indexed" and job["status"]["succeeded"] == 2 == job["spec"]["completions"]
+    assert cluster.kubelet.starts[lost["job"]] == 2
     assert lost["result"] == "NotBetter", lost
     assert lost["reason"].startswith("not rolled out: ") and "DOES NOT BEAT serving vsearch-default:" in lost["reason"]
     assert st["serving"]["version"] == run["version"] and st["phase"] == "Ready" and not st.get("candidate")
