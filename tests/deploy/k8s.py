@@ -34,6 +34,7 @@ CRD_FILES = {
     ("milvus.io", "Milvus"): "milvus.io_milvuses.yaml",
     ("kafka.strimzi.io", "KafkaTopic"): "kafka.strimzi.io_kafkatopics.yaml",
     ("monitoring.coreos.com", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("trainer.kubeflow.org", "TrainingRuntime"): "trainer.kubeflow.org_trainingruntimes.yaml",
 }
 # The project's own CRDs: the chart's copy (tests/deploy/test_chart_operator.py checks it is
 # operators/searchindex.yaml byte for byte).
@@ -146,6 +147,10 @@ def pod_specs(obj: dict) -> list[tuple[str, dict, dict]]:
     if kind == "CronJob":
         t = spec["jobTemplate"]["spec"]["template"]
         return [(name, t["spec"], t["metadata"].get("labels", {}))]
+    if kind == "TrainingRuntime":
+        return [(f"{name}.{j['name']}", j["template"]["spec"]["template"]["spec"],
+                 (j["template"]["spec"]["template"].get("metadata") or {}).get("labels", {}))
+                for j in spec["template"]["spec"]["replicatedJobs"]]
     if kind == "InferenceService":
         out = []
         for part in ("predictor", "transformer", "explainer"):

@@ -210,6 +210,12 @@ def is_test_hook(obj) -> bool:
     return (obj["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"
 
 
+def runs_to_completion(obj, labels) -> bool:
+    """A Helm hook, or the training pods of the TrainingRuntime (a training run ends: no probes,
+    no disruption budget)."""
+    return is_hook(obj) or labels.get("app.kubernetes.io/component") == "training"
+
+
 def is_hook(obj) -> bool:
     """A Helm hook (the test Pod, the pre-delete Job): it runs to completion, serves nothing."""
     return bool((obj["metadata"].get("annotations") or {}).get("helm.sh/hook"))
@@ -239,7 +245,7 @@ def test_every_pod_is_hardened(rendered, profile):
                     assert r in (res.get(part) or {}), f"{cw}: resources.{part}.{r}"
             tag = k8s.image_tag(c["image"])
             assert "@sha256:" in c["image"] or (tag and tag != "latest"), f"{cw}: image {c['image']} not pinned"
-            if not is_hook(obj):
+            if not runs_to_completion(obj, labels):
                 component = labels.get("app.kubernetes.io/component")
                 for probe, path in PROBES[component].items():
                     assert c.get(probe, {}).get("httpGet", {}).get("path") == path, \
@@ -274,7 +280,7 @@ def test_standard_labels_everywhere(rendered, profile):
 def test_every_long_running_workload_has_a_disruption_budget(rendered, profile):
     pdbs = [o for o in rendered[profile] if o["kind"] == "PodDisruptionBudget"]
     for obj, where, _spec, labels in workloads(rendered[profile]):
-        if is_hook(obj) or labels.get("app.kubernetes.io/component") == "operator":
+        if runs_to_completion(obj, labels) or labels.get("app.kubernetes.io/component") == "operator":
             continue   # the operator is one Recreate replica: a budget would block node drains
         matching = [p for p in pdbs if all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items())]
         assert len(matching) == 1, f"{where}: {len(matching)} PodDisruptionBudgets select it"

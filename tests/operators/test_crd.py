@@ -48,7 +48,7 @@ def test_the_documented_object_is_valid_and_printer_columns_are_declared():
     version = crd.crd()["spec"]["versions"][0]
     assert crd.crd()["metadata"]["name"] == "searchindexes.vsearch.io" and version["name"] == "v1alpha1"
     assert crd.crd()["spec"]["scope"] == "Namespaced" and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Serving", "Candidate", "Phase", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Serving", "Candidate", "Phase", "Training", "Age"]
 
 
 @pytest.mark.parametrize("path,value,message", [

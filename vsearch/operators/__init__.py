@@ -5,6 +5,9 @@ rollouts with a quality gate, one alias switch, rollback, retention and clean-up
 - ``spec.py``: a typed view of the spec; names of what one model version gets.
 - ``rollout.py``: the state machine (pure, idempotent steps; all state on the object's status).
 - ``gate.py``: the quality gate (self-consistency, golden set).
+- ``training.py``: the learning loop (``spec.training``): when to train, the TrainJob or indexed Job
+  (``train_node.py``: what its pods run), the trained version's verdict and rollout target;
+  ``cron.py``: its schedules; ``pods.py``: the security context every pod gets.
 - ``workloads.py``: the workload-layer interface and its Kubernetes implementation
   (``vsearch.local.workloads`` has the local-process one).
 - ``kafka_groups.py``: committed offsets and deletion of a version's consumer group.

@@ -7,6 +7,7 @@ import os
 import time
 
 from ..core.config import Flags, csv_list
+from . import train_node
 from .trust import Trust
 from .trust import add_flags as add_trust_flags
 
@@ -51,6 +52,7 @@ def register(sub) -> None:
     _add_kubeconfig(f)
     f.add("--timeout", default=600.0, type=float, help="seconds to wait for the operator's clean-up")
     d.set_defaults(handler=_delete_index)
+    train_node.register(sub)
 
 
 def _load_kube_config(kubeconfig: str | None) -> None:

@@ -10,7 +10,8 @@ rollout as Failed after ``spec.rollout.maxRetries`` (see :mod:`vsearch.operators
 Least-privilege RBAC (``operators/rbac.yaml``): searchindexes get/list/watch/patch,
 searchindexes/status get/patch, searchindexes/finalizers update (owner references that block
 deletion); inferenceservices and deployments get/create/delete; configmaps
-and secrets get (golden sets, the Milvus token); events create/patch."""
+and secrets get (golden sets, the Milvus token); events create/patch; jobs, services and trainjobs
+get/create/delete (the learning loop, :mod:`vsearch.operators.training`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .crd import GROUP, PLURAL, VERSION, prune
 from .experiments import TopicEvents
 from .kafka_groups import KafkaGroups
 from .spec import IndexSpec
+from .training import model_meta_reader
 from .trust import Trust
 from .workloads import KubernetesWorkloads
 
@@ -93,8 +95,10 @@ def operator_memo(api_client, trust: Trust) -> kopf.Memo:
                                   file_roots=roots, allow_networks=trust.fetch_allow_networks))
     queries = Fetcher(FetchConfig(schemes=("http", "https"), file_roots=(),
                                   allow_networks=trust.fetch_allow_networks))
+    models = Fetcher(FetchConfig(schemes=("file", "s3") if trust.model_file_roots else ("s3",),
+                                 file_roots=tuple(Path(r) for r in trust.model_file_roots)))
     return kopf.Memo(api_client=api_client, trust=trust, fetcher=catalog, query_fetcher=queries,
-                     clients=Clients())
+                     models=model_meta_reader(models), clients=Clients())
 
 
 def build_env(body: dict, memo: kopf.Memo) -> rollout.Env:
@@ -119,7 +123,7 @@ def build_env(body: dict, memo: kopf.Memo) -> rollout.Env:
     return rollout.Env(workloads=workloads, store=store, groups=groups,
                        embedder=lambda url: clients.get(("embedder", url), lambda: EmbedderClient(url, timeout=60)),
                        fetcher=memo.fetcher, query_fetcher=memo.query_fetcher, trust=memo.trust,
-                       events=clients.get(("events",), TopicEvents))
+                       events=clients.get(("events",), TopicEvents), models=memo.models)
 
 
 def plain(body) -> dict:

@@ -155,6 +155,46 @@ class Rollout(SpecModel):
     experiment: ExperimentSettings
 
 
+class Recipe(SpecModel):
+    """``spec.training.recipe``: the flags of ``vsearch train``."""
+    max_steps: int
+    batch_size: int
+    lr: float | None = None
+    simclr_ratio: float | None = None
+    holdout: float | None = None
+    args: list[str] | None = None
+
+
+class RuntimeRef(SpecModel):
+    name: str
+    kind: str
+
+
+class TrainingSettings(SpecModel):
+    """``spec.training``: the learning loop (:mod:`vsearch.operators.training`)."""
+    enabled: bool
+    schedule: str | None = None
+    min_new_clicks: int | None = None
+    events_topic: str
+    model_uri: str | None = None
+    model_name: str | None = None
+    recipe: Recipe
+    image: str
+    nodes: int
+    nproc_per_node: int
+    backend: str
+    runtime_ref: RuntimeRef
+    timeout_seconds: int
+    max_restarts: int
+    history: int
+    resources: dict[str, Any] | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    service_account_name: str | None = None
+    image_pull_secrets: list[LocalObjectRef] | None = None
+    env: list[dict[str, Any]] | None = None
+
+
 class Spec(SpecModel):
     """``spec`` of a SearchIndex, as the API server stores it (defaulted, pruned)."""
     catalog: Catalog
@@ -163,6 +203,7 @@ class Spec(SpecModel):
     embedder: WorkloadSettings
     ingest: IngestSettings
     search: WorkloadSettings
+    training: TrainingSettings
     rollout: Rollout
 
 
@@ -249,6 +290,19 @@ class ExperimentStatus(StatusModel):
     guardrails: dict[str, Any] | None = None
 
 
+class TrainingStatus(StatusModel):
+    """``status.training``: the learning loop's state (:mod:`vsearch.operators.training`)."""
+    state: str | None = None
+    message: str | None = None
+    checked_at: str | None = None
+    new_clicks: int | None = None
+    next_schedule_at: str | None = None
+    backend: str | None = None
+    current: dict[str, Any] | None = None
+    target: dict[str, Any] | None = None
+    runs: list[dict[str, Any]] | None = None
+
+
 class Condition(StatusModel):
     type: str
     status: str
@@ -271,6 +325,7 @@ class Status(StatusModel):
     retired: list[VersionStatus] | None = None
     gate: dict[str, Any] | None = None     # the quality gate's figures (vsearch.operators.gate.run_gate)
     experiment: ExperimentStatus | None = None
+    training: TrainingStatus | None = None
     failed: TargetStatus | None = None
     rolled_back: TargetStatus | None = None
     rollback_token: str | None = None

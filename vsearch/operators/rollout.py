@@ -82,6 +82,7 @@ from .experiments import OWN, stats_policy, summary
 from .gate import GoldenSetError, VersionPath, check_golden_queries, run_gate
 from .resource import Status
 from .spec import APPROVE_ANNOTATION, ROLLBACK_ANNOTATION, IndexSpec, VersionRef, owner_of
+from .training import Loop, Run, desired_model
 from .trust import Trust
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class Env:
     trust: Trust = dataclasses.field(default_factory=Trust)
     now: Callable[[], float] = time.time
     events: ReadsEvents | None = None
+    models: Callable[[str], dict] | None = None     # model URI -> its vsearch_model.json (the learning loop)
 
 
 @dataclasses.dataclass
@@ -318,8 +320,11 @@ class Step:
             return FAST
         if self.cleanup_retired():
             return FAST
+        loop = Loop(self)
+        loop.settle_target()
         serving, previous = s.get("serving"), s.get("previous")
-        desired = VersionRef.of(self.name, self.namespace, spec.model)
+        model = desired_model(spec, s)
+        desired = VersionRef.of(self.name, self.namespace, model)
         token = self.annotations.get(ROLLBACK_ANNOTATION)
         if token and token != s.get("rollbackToken"):
             s["rollbackToken"] = token
@@ -348,7 +353,8 @@ class Step:
             s["experiment"] = None
             s["failed"] = None
             s["rolledBack"] = None
-            self.go(DEPLOYING, f"rolling out {spec.model.name} {spec.model.version}: deploying its embedder"
+            self.go(DEPLOYING, f"rolling out {model.name} {model.version}"
+                               + (" (trained)" if model != spec.model else "") + ": deploying its embedder"
                                + (f" (serving: {serving['version']})" if serving else ""))
             return FAST
         if phase != READY:
@@ -359,10 +365,12 @@ class Step:
                                                 f"({previous['collection']}, its embedder, ingest and consumer group)")
                 s["previous"] = None
             return FAST
+        requeue = SLOW
         if previous:
             left = (parse_iso(previous.get("retainUntil")) or self.now) - self.now
-            return max(1.0, min(SLOW, left))
-        return SLOW
+            requeue = max(1.0, min(SLOW, left))
+        nxt = loop.look()                     # the learning loop: only while the desired version serves
+        return requeue if nxt is None else min(requeue, nxt)
 
     def cleanup_retired(self) -> bool:
         """Versions pushed out of ``previous`` by a newer switch: delete them. True while busy."""
@@ -398,7 +406,7 @@ class Step:
         if cand is None:
             self.go(READY if s.get("serving") else PENDING, "no candidate")
             return FAST
-        desired = VersionRef.of(self.name, self.namespace, self.spec.model)
+        desired = VersionRef.of(self.name, self.namespace, desired_model(self.spec, s))
         if phase != SWITCHING and desired.key != cand.key:
             self.event("Normal", "Superseded", f"spec.model changed to {desired.version} during the rollout "
                                                f"of {cand.version}: abandoning {cand.version}")
@@ -722,6 +730,10 @@ def cleanup(name: str, namespace: str, body: dict, env: Env) -> tuple[bool, list
             return False
         return ((store.model_record(collection) or {}).get("searchindex") or me) == me
 
+    training = status.training
+    for run in [training.current] + list((training.runs or [])[-1:]) if training else []:
+        if run and run.get("job") and run.get("backend"):      # owner references collect them too
+            env.workloads.delete_training(Run.from_status(name, namespace, run))
     mine = {r.collection for r in refs if owned(r.collection)}
     left = []
     if store.describe_alias(spec.alias) in mine:

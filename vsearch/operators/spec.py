@@ -14,7 +14,8 @@ from typing import Any
 from ..core.naming import collection_name, sanitise
 from ..core.store import IndexConfig
 from .crd import apply_defaults
-from .resource import IngestSettings, Spec, VersionStatus, WorkloadSettings
+from .cron import Cron, CronError
+from .resource import IngestSettings, Spec, TrainingSettings, VersionStatus, WorkloadSettings
 
 APPROVE_ANNOTATION = "vsearch.io/approve"        # = the candidate version: approves its switch
 ROLLBACK_ANNOTATION = "vsearch.io/rollback"      # any new value: move the alias back to the previous version
@@ -98,6 +99,70 @@ class Policy:
 
 
 @dataclasses.dataclass(frozen=True)
+class Training:
+    """``spec.training``: the learning loop (off by default; :mod:`vsearch.operators.training`)."""
+    enabled: bool = False
+    schedule: Cron | None = None
+    min_new_clicks: int | None = None
+    events_topic: str = "search.events"
+    model_uri: str = ""                  # a template: {version}, {index}, {namespace}, {model}
+    model_name: str | None = None
+    max_steps: int = 500
+    batch_size: int = 64
+    lr: float | None = None
+    simclr_ratio: float | None = None
+    holdout: float | None = None
+    args: tuple = ()
+    image: str = "vsearch:latest"
+    nodes: int = 1
+    nproc_per_node: int = 1
+    backend: str = "auto"                # auto | TrainJob | Job
+    runtime_name: str = "vsearch-torch"
+    runtime_kind: str = "TrainingRuntime"
+    timeout_s: int = 86400
+    max_restarts: int = 0
+    history: int = 10
+    resources: dict = dataclasses.field(default_factory=dict)
+    node_selector: dict = dataclasses.field(default_factory=dict)
+    tolerations: list = dataclasses.field(default_factory=list)
+    service_account: str | None = None
+    image_pull_secrets: list = dataclasses.field(default_factory=list)    # [{"name": ...}]
+    env: list = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_model(cls, t: TrainingSettings, now: float | None = None) -> "Training":
+        """From a defaulted ``spec.training``; a ``ValueError`` worded as the API server's for what
+        the schema cannot say (a schedule that is no cron expression, a trigger missing)."""
+        schedule = None
+        if t.schedule:
+            try:
+                schedule = Cron.parse(t.schedule)
+                schedule.next_after(0 if now is None else now)
+            except CronError as exc:
+                raise ValueError(f"spec.training.schedule: Invalid value: {t.schedule!r}: {exc}") from None
+        if t.enabled and not t.model_uri:
+            raise ValueError("spec.training.modelUri: Required value: enabled training needs where its models go")
+        if t.enabled and schedule is None and t.min_new_clicks is None:
+            raise ValueError("spec.training: Invalid value: enabled training needs a trigger: schedule and/or "
+                             "minNewClicks")
+        r = t.recipe
+        return cls(enabled=t.enabled, schedule=schedule, min_new_clicks=t.min_new_clicks,
+                   events_topic=t.events_topic, model_uri=t.model_uri or "", model_name=t.model_name,
+                   max_steps=r.max_steps, batch_size=r.batch_size, lr=r.lr, simclr_ratio=r.simclr_ratio,
+                   holdout=r.holdout, args=tuple(r.args or ()), image=t.image, nodes=t.nodes,
+                   nproc_per_node=t.nproc_per_node, backend=t.backend, runtime_name=t.runtime_ref.name,
+                   runtime_kind=t.runtime_ref.kind, timeout_s=t.timeout_seconds, max_restarts=t.max_restarts,
+                   history=t.history, resources=dict(t.resources or {}), node_selector=dict(t.node_selector or {}),
+                   tolerations=list(t.tolerations or []), service_account=t.service_account_name or None,
+                   image_pull_secrets=[{"name": s.name} for s in t.image_pull_secrets or []], env=list(t.env or []))
+
+    def uri_of(self, namespace: str, index: str, model: str, version: str) -> str:
+        """``modelUri`` for one trained version."""
+        return self.model_uri.format_map({"version": version, "index": index, "namespace": namespace,
+                                          "model": model})
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelRef:
     name: str
     version: str
@@ -125,6 +190,7 @@ class IndexSpec:
     ingest: Workload
     search: Workload
     policy: Policy
+    training: Training = Training()
 
     @classmethod
     def from_dict(cls, spec: dict, *, namespace: str = "", index: str = "") -> "IndexSpec":
@@ -165,7 +231,8 @@ class IndexSpec:
                    search_params=dict(idx.search_params or {}),
                    model=ModelRef(spec.model.name, spec.model.version, spec.model.uri),
                    embedder=Workload.from_model(spec.embedder), ingest=Workload.from_model(spec.ingest),
-                   search=Workload.from_model(spec.search), policy=policy)
+                   search=Workload.from_model(spec.search), policy=policy,
+                   training=Training.from_model(spec.training))
 
     def index_config(self):
         return IndexConfig(self.index_type, self.metric, self.index_params, self.search_params)

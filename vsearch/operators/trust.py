@@ -20,7 +20,10 @@ anything or creates anything.
 The operator never reads a local file named by a SearchIndex: the golden set comes from a
 ConfigMap or an ``http(s)://`` URL, its queries are ``catalog:<id>`` or ``http(s)://`` (see
 :mod:`vsearch.operators.gate`); catalog images the gate embeds are read under ``--catalog-file-roots``
-only (default: none; the tests and the demo name their photo folders)."""
+only (default: none; the tests and the demo name their photo folders). The learning loop reads a
+trained model's ``vsearch_model.json`` from ``s3://`` or, for a path ``modelUri``, under
+``--model-file-roots`` only (default: none). ``spec.training``'s image, service account and
+env Secrets are checked like the workloads' when training is enabled."""
 
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class Trust:
     service_accounts: tuple[str, ...] = ()
     catalog_file_roots: tuple[str, ...] = ()
     fetch_allow_networks: tuple[str, ...] = ()
+    model_file_roots: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args) -> "Trust":
@@ -47,7 +51,8 @@ class Trust:
                    images=tuple(csv_list(args.allowed_images)),
                    service_accounts=tuple(csv_list(args.allowed_service_accounts)),
                    catalog_file_roots=tuple(csv_list(args.catalog_file_roots)),
-                   fetch_allow_networks=tuple(csv_list(args.fetch_allow_networks)))
+                   fetch_allow_networks=tuple(csv_list(args.fetch_allow_networks)),
+                   model_file_roots=tuple(csv_list(getattr(args, "model_file_roots", "") or "")))
 
     # -- single checks
     @staticmethod
@@ -82,8 +87,10 @@ class Trust:
                        "operator's --allowed-secrets")
         if not self.milvus_allowed(spec.milvus_uri):
             out.append(f"spec.milvus.uri: {spec.milvus_uri} is not in the operator's --allowed-milvus-hosts")
-        for part in ("embedder", "ingest", "search"):
-            w = getattr(spec, part)
+        parts = [(p, getattr(spec, p)) for p in ("embedder", "ingest", "search")]
+        if spec.training.enabled:            # the training pods: an image, an account, env like the others
+            parts.append(("training", spec.training))
+        for part, w in parts:
             if not self.image_allowed(w.image):
                 out.append(f"spec.{part}.image: {w.image!r} is not under the operator's --allowed-images "
                            f"({', '.join(self.images) or 'none'})")
@@ -113,5 +120,8 @@ def add_flags(f) -> None:
     f.add("--catalog-file-roots", default="",
           help="folders under which the quality gate may read file:// catalog images (comma-separated); "
                "default: none (the operator reads no local file)")
+    f.add("--model-file-roots", default="",
+          help="folders under which the learning loop may read a trained model's vsearch_model.json when "
+               "spec.training.modelUri is a path (comma-separated); default: none (s3:// only)")
     f.add("--fetch-allow-networks", default="",
           help="CIDRs besides the public internet the gate may fetch http(s) images from")

@@ -30,32 +30,28 @@ import copy
 import dataclasses
 import json
 import logging
-import re
+import threading
+import time
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from .pods import CONTAINER_SECURITY, POD_SECURITY, SCRATCH_MOUNTS, SCRATCH_VOLUMES, label_value
 from .spec import LABEL_COMPONENT, LABEL_INDEX, LABEL_VERSION, IndexSpec, VersionRef
+from .training import job_body, job_state, service_body, trainjob_body
 
 log = logging.getLogger(__name__)
 
 KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
 DEPLOYMENTS = ("apps", "v1", "deployments")
+JOBS = ("batch", "v1", "jobs")
+TRAINJOBS = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+DISCOVERY_TTL_S = 60.0
+_discovered: dict = {}                   # (api server host, group/version) -> (when, plurals)
+_discovery_lock = threading.Lock()
 MODEL_MOUNT = "/mnt/models"
 EMBEDDER_PORT = 8080
 METRICS_PORT = 9100
-# The image's user (the Dockerfile's USER 10001). With these the pods meet the `restricted` Pod
-# Security Standard, which the namespace of manifests/ enforces; none of them calls the
-# Kubernetes API, so no service-account token is mounted.
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                "seccompProfile": {"type": "RuntimeDefault"}}
-CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "privileged": False,
-                      "readOnlyRootFilesystem": True,
-                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
-# Writable places on the read-only root filesystem (the chart's vsearch.scratchVolumes).
-SCRATCH_VOLUMES = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-                   {"name": "data", "emptyDir": {"sizeLimit": "10Gi"}}]
-SCRATCH_MOUNTS = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": "/var/lib/vsearch"}]
 
 
 @dataclasses.dataclass
@@ -84,6 +80,20 @@ class Workloads(abc.ABC):
 
     def read_config_map(self, name: str, key: str) -> str:
         raise LookupError(f"ConfigMap {name}: this workload layer has no ConfigMaps")
+
+    # -- training runs (spec.training; :mod:`vsearch.operators.training`)
+    def trainer_installed(self) -> bool:
+        """Whether the Kubeflow Trainer's ``TrainJob`` is served (API discovery)."""
+        return False
+
+    def ensure_training(self, spec: IndexSpec, run):
+        """Create a training run's objects unless they exist; its state (a
+        :class:`vsearch.operators.training.JobState`)."""
+        raise LookupError("this workload layer runs no training jobs")
+
+    def delete_training(self, run) -> bool:
+        """Remove a training run's objects; True once gone."""
+        return True
 
     def milvus_token(self, spec: IndexSpec) -> str:
         return ""
@@ -127,7 +137,7 @@ class KubernetesWorkloads(Workloads):
 
     @staticmethod
     def _labels(v: VersionRef, component: str) -> dict:
-        return {LABEL_INDEX: v.index, LABEL_VERSION: _label_value(v.version), LABEL_COMPONENT: component,
+        return {LABEL_INDEX: v.index, LABEL_VERSION: label_value(v.version), LABEL_COMPONENT: component,
                 "app.kubernetes.io/managed-by": "vsearch-operator"}
 
     def _get(self, kind, namespace, name) -> dict | None:
@@ -229,6 +239,59 @@ class KubernetesWorkloads(Workloads):
         b = self._delete(KSERVE, v.namespace, v.embedder_name)
         return a and b
 
+    # -- training runs
+    def trainer_installed(self) -> bool:
+        group, version, plural = TRAINJOBS
+        key = (self.api.api_client.configuration.host, f"{group}/{version}")
+        with _discovery_lock:
+            when, plurals = _discovered.get(key, (0.0, None))
+        if plurals is None or time.monotonic() - when > DISCOVERY_TTL_S:
+            try:
+                found = self.api.get_api_resources(group, version)
+                plurals = {r.name for r in (found.resources if found else None) or []}
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                plurals = set()
+            with _discovery_lock:
+                _discovered[key] = (time.monotonic(), plurals)
+        return plural in plurals
+
+    def ensure_training(self, spec: IndexSpec, run):
+        ns = run.namespace
+        if run.backend == "TrainJob":
+            obj = self._get(TRAINJOBS, ns, run.job)
+            if obj is None:
+                self._create(TRAINJOBS, ns, trainjob_body(spec, run, self._owner_ref()))
+                return job_state({"status": {}}, spec.training.nodes)
+            return job_state(obj, spec.training.nodes)
+        try:
+            self.core.read_namespaced_service(run.service, ns)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            try:
+                self.core.create_namespaced_service(ns, service_body(run, self._owner_ref()))
+            except ApiException as exc2:
+                if exc2.status != 409:
+                    raise
+        obj = self._get(JOBS, ns, run.job)
+        if obj is None:
+            self._create(JOBS, ns, job_body(spec, run, self._owner_ref()))
+            return job_state({"status": {}}, spec.training.nodes)
+        return job_state(obj, int((obj.get("spec") or {}).get("completions") or spec.training.nodes))
+
+    def delete_training(self, run) -> bool:
+        if run.backend == "TrainJob":
+            return self._delete(TRAINJOBS, run.namespace, run.job)
+        gone = self._delete(JOBS, run.namespace, run.job)
+        try:
+            self.core.delete_namespaced_service(run.service, run.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        return gone
+
     # -- configuration the rollout reads
     def read_config_map(self, name: str, key: str) -> str:
         cm = self.core.read_namespaced_config_map(name, self.owner["metadata"]["namespace"])
@@ -245,11 +308,6 @@ class KubernetesWorkloads(Workloads):
         if raw is None:
             raise LookupError(f"Secret {spec.token_secret[0]} has no key {spec.token_secret[1]!r}")
         return base64.b64decode(raw).decode()
-
-
-def _label_value(text: str) -> str:
-    v = re.sub(r"[^A-Za-z0-9._-]", "-", text)[:63].strip("-._")
-    return v or "x"
 
 
 def _placed(w, container: dict, pod: dict) -> dict:

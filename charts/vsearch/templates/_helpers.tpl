@@ -321,3 +321,20 @@ imagePullSecrets:
 {{- with .Values.milvus.auth.existingSecret }}{{ $names = append $names . }}{{ end -}}
 {{- join "," ($names | uniq | sortAlpha) -}}
 {{- end -}}
+
+{{/* The learning loop (searchIndex.training) ------------------------------------------------- */}}
+{{- define "vsearch.trainingRuntimeName" -}}
+{{- default (printf "%s-torch" (include "vsearch.fullname" .)) .Values.searchIndex.training.runtime.name -}}
+{{- end -}}
+
+{{/* A training pod's resources: searchIndex.training.resources with the GPUs in its limits. */}}
+{{- define "vsearch.trainingResources" -}}
+{{- $t := .Values.searchIndex.training -}}
+{{- $r := deepCopy (default dict $t.resources) -}}
+{{- if gt (int $t.gpu) 0 -}}
+{{- $limits := deepCopy (default dict (get $r "limits")) -}}
+{{- $_ := set $limits "nvidia.com/gpu" (int $t.gpu) -}}
+{{- $_ := set $r "limits" $limits -}}
+{{- end -}}
+{{- toYaml $r -}}
+{{- end -}}
