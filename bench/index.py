@@ -487,7 +487,7 @@ def faiss_rows(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, workdir: P
                 t0 = time.perf_counter()
                 res = list(pool.map(one, np.concatenate([queries] * 2)))
                 wall = time.perf_counter() - t0
-            rows.append({"engine": "FAISS in process", "index": label,
+            rows.append({"engine": "FAISS in process", "index": label, "load": load_avg(),
                          "search": ("nprobe=32" if "IVF" in spec else "efSearch=64" if "HNSW" in spec else "exact")
                          + (f", re-rank top {rr}" if rr else ""),
                          "bytes": nbytes, "rss_bytes": rss_bytes, "formula": float("nan"), "build_s": build_s,
@@ -661,7 +661,7 @@ def main(argv=None) -> int:
             if not args.skip_faiss:
                 for r in faiss_rows(x, queries, truth, workdir, args.rerank, args.quick, not args.faiss_no_pq,
                                     [s.strip() for s in args.faiss_only.split(",") if s.strip()]):
-                    rows.append({"n": n, "dim": x.shape[1], "load": load_avg(), **r})
+                    rows.append({"n": n, "dim": x.shape[1], **r})
                     save_rows(args.out, rows, dim_rows)
             del x
             if not args.skip_dims:
