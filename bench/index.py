@@ -347,11 +347,11 @@ class MilvusBench:
             x = np.random.default_rng(9).normal(size=(2000, 8)).astype(np.float32)
             self.insert(self.WARM, x / np.linalg.norm(x, axis=1, keepdims=True))
             self.build(self.WARM, 2000, "HNSW", {"M": 16, "efConstruction": 64})
-        for attempt in range(3):
-            # with several servers on one machine, a restarted server's query node can find the
-            # port it registered under taken: the load then fails; a new start picks again
-            restart_s = self.restart()
-            c = self.store.client
+        restart_s = self.restart()
+        c = self.store.client
+        for attempt in range(8):
+            # right after a restart the coordinator can still expect the previous run's query
+            # node ("node not match") until its session expires: the load fails; wait, retry
             try:
                 c.load_collection(self.WARM)
                 base = steady_rss(self.pgid)
@@ -360,9 +360,10 @@ class MilvusBench:
                 load_s = time.perf_counter() - t0
                 break
             except Exception as exc:  # noqa: BLE001
-                if attempt == 2:
+                if attempt == 7:
                     raise
-                print(f"  load failed after a restart ({str(exc)[:120]}): restarting again", flush=True)
+                print(f"  load failed after a restart ({str(exc)[:120]}): retrying in 15 s", flush=True)
+                time.sleep(15)
         first = steady_rss(self.pgid)
         c.release_collection(name)
         released = steady_rss(self.pgid)
