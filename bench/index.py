@@ -15,16 +15,21 @@ Rows (one per index and search setting):
 
 - Milvus 2.3.5 standalone (the ``milvus`` package of the test extras): one collection per index,
   the platform's schema (``vsearch.core.store``), COSINE; HNSW, IVF_FLAT, IVF_SQ8, IVF_PQ
-  (a sweep of ``m``/``nbits``), SCANN, DISKANN (each tried; a refusal is printed). Bytes per
-  vector = the resident memory (VmRSS) of the server's processes with the collection loaded
-  minus released (load, release, load again: the second load is measured, once the garbage
-  of inserting and building is gone), divided by the rows: the whole collection (index + the
-  scalar fields it loads);
-  the formula value of the index alone is printed beside it. Build time: ``create_index`` to
-  every row indexed. p50/p99/QPS at 1 client and at 8 concurrent clients (own connections).
-- FAISS in process, the reference: ``Flat`` (exact), ``IVF,PQ`` and ``OPQ,IVF,PQ`` with a
-  re-rank of the top ``--rerank`` candidates on the full vectors (read from a memory map: they
-  stay on disk); bytes per vector = the serialized index / rows (codes + ids + lists).
+  (a sweep of ``m``/``nbits``, ``--pq``), SCANN, DISKANN (each tried; a refusal is printed).
+  Bytes per vector: the server is restarted on its data directory before each measurement, loads
+  a small warm-up collection (what the first load of anything initialises once), and the
+  resident memory (VmRSS) of its processes with the collection loaded minus before, divided by
+  the rows, is the figure: the whole collection (index + the scalar fields it loads); release +
+  load again gives a second figure (printed). The formula value of the index alone is printed
+  beside it. Build time: ``create_index`` to every row indexed (``--build-cap`` gives up).
+  p50/p99/QPS at 1 client and at 8 concurrent clients (own connections).
+- FAISS in process, the reference: ``Flat`` (exact), ``HNSW32``, ``IVF,SQ8``, ``IVF,PQ`` and
+  ``OPQ,IVF,PQ`` each searched as is and with a re-rank of the top ``--rerank`` candidates on the
+  full vectors (read from a memory map: they stay on disk); bytes per vector = the serialized
+  index / rows (codes + ids + lists), and the process' RSS growth over the build (printed; glibc
+  reuses what an earlier index freed, so it can read low). One thread for OpenMP and BLAS (the
+  8 clients are threads of their own; with faiss' default two OpenMP threads its PQ training on
+  this loaded machine ran 30x slower).
 - Embedding size: the vectors cut to 256/128/64 dimensions. The whitening is a PCA (its
   columns are the eigenvectors, stored by increasing eigenvalue), so the cut keeps the
   components of largest variance: the columns of ``whitening.safetensors`` ordered by their
@@ -32,15 +37,17 @@ Rows (one per index and search setting):
   trainer's split and metric code: ``trainer.data.select_split``, ``trainer.metrics``), and
   Milvus HNSW at that size: measured bytes per vector and recall@10.
 
-    python -m bench.index [--sizes 100000] [--queries 200] [--quick] [--skip-dims]
+    python -m bench.index [--sizes 100000] [--queries 200] [--quick] [--skip-dims] [--only HNSW,IVF_SQ8]
+    python -m bench.index --plot-from .bench/a.json,.bench/b.json --plot-path docs/index-cost.png
 
-Prints one table (markdown) and writes the plot ``.bench/index-recall-vs-bytes.png``.
+Prints one table (markdown), writes the rows as JSON (``--out``) and the plot (``--plot-path``).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import itertools
 import math
 import os
 import shutil
@@ -54,7 +61,7 @@ import numpy as np
 
 from vsearch.core.store import GRPC_OPTIONS, MilvusStore
 from vsearch.local.samples import CALTECH
-from vsearch.local.services import start_milvus_standalone
+from vsearch.local.services import ProcessGroupService, free_port, milvus_ready, port_open
 from vsearch.predictor.model_dir import default_model_dir, read_meta
 
 BENCH_DIR = Path(".bench")
@@ -135,6 +142,17 @@ def recall(found: list[list[int]], truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t.tolist())) / truth.shape[1] for f, t in zip(found, truth)]))
 
 
+def load_avg() -> str:
+    """The machine's 1-minute load average (it is shared: printed beside every figure)."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def save_rows(path: str, rows: list[dict], dim_rows: list[dict]) -> None:
+    import json
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"rows": rows, "dims": dim_rows}, indent=1, default=float))
+
+
 def ms(values, p) -> float:
     return float(np.percentile(np.asarray(values) * 1000, p))
 
@@ -195,21 +213,55 @@ def index_formula(kind: str, params: dict, d: int) -> float:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "4"}
 
 
+class BuildTimeout(RuntimeError):
+    pass
+
+
 class MilvusBench:
-    def __init__(self, workdir: Path, mmap_threshold: int | None = None):
-        env = {**MALLOC_ENV, **({"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold else {})}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            self.server = start_milvus_standalone(workdir / "milvus", log_path=workdir / "milvus.log", timeout=900)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    """One Milvus standalone server on fixed ports, restartable on its data directory: each
+    index is measured on a freshly started server (``measure``), so that what earlier inserts,
+    builds and loads left in its heaps does not blur the difference a load makes."""
+
+    def __init__(self, workdir: Path, mmap_threshold: int | None = None, server_env: dict | None = None):
+        self.env = {**MALLOC_ENV, **({"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold else {}),
+                    **(server_env or {})}
+        self.data_dir = (workdir / "milvus").resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "milvus.log"
+        self.port, self.etcd_client, self.etcd_peer = free_port(), free_port(), free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        # start_milvus_standalone's server, on the same ports at every restart (the embedded
+        # etcd keeps its member's peer address in its data directory)
+        etcd_conf = self.data_dir / "embed-etcd.yaml"
+        etcd_conf.write_text(
+            f"listen-client-urls: http://127.0.0.1:{self.etcd_client}\n"
+            f"advertise-client-urls: http://127.0.0.1:{self.etcd_client}\n"
+            f"listen-peer-urls: http://127.0.0.1:{self.etcd_peer}\n"
+            f"initial-advertise-peer-urls: http://127.0.0.1:{self.etcd_peer}\n"
+            f"initial-cluster: default=http://127.0.0.1:{self.etcd_peer}\n"
+            "quota-backend-bytes: 4294967296\nauto-compaction-mode: revision\n"
+            "auto-compaction-retention: '1000'\n")
+        self.server = ProcessGroupService(
+            "milvus-standalone",
+            [sys.executable, "-c", "import sys, milvus; milvus.main()", "--data", str(self.data_dir),
+             "--proxy-port", str(self.port), "--etcd-port", str(self.etcd_client)],
+            port=self.port, ready=lambda: port_open(self.port) and milvus_ready(self.uri),
+            log_path=self.log_path, cwd=str(self.data_dir),
+            env={"ETCD_CONFIG_PATH": str(etcd_conf), "ETCD_USE_EMBED": "true", **self.env}).wait_ready(900)
         self.pgid = os.getpgid(self.server.proc.pid)
-        self.store = MilvusStore(self.server.uri, timeout=1800)
+        self.store = MilvusStore(self.uri, timeout=1800)
+
+    def restart(self) -> float:
+        t0 = time.perf_counter()
+        self.store.close()
+        self.server.stop(timeout=60)
+        self._start()
+        self.restarts += 1
+        return time.perf_counter() - t0
 
     def close(self):
         self.store.close()
@@ -217,53 +269,108 @@ class MilvusBench:
 
     def client(self):
         from pymilvus import MilvusClient
-        return MilvusClient(uri=self.server.uri, timeout=600, grpc_options=GRPC_OPTIONS, dedicated=True)
+        return MilvusClient(uri=self.uri, timeout=600, grpc_options=GRPC_OPTIONS, dedicated=True)
 
-    def load(self, name: str, x: np.ndarray, kind: str, params: dict) -> dict:
-        """A fresh collection with the platform's schema and this index: insert, flush, build,
-        load; returns build time and measured bytes per vector."""
+    def insert(self, name: str, x: np.ndarray) -> float:
+        """A fresh collection with the platform's schema holding ``x``; returns seconds."""
         from pymilvus import Collection, connections
 
         c = self.store.client
         if c.has_collection(name):
             c.drop_collection(name)
         c.create_collection(name, schema=self.store._schema(x.shape[1]), consistency_level="Bounded")
-        connections.connect(alias="bench", uri=self.server.uri)
-        coll = Collection(name, using="bench")
+        alias = f"bench{self.restarts}"
+        connections.connect(alias=alias, uri=self.uri)
+        coll = Collection(name, using=alias)
         t0 = time.perf_counter()
         for s in range(0, len(x), 10_000):
             e = min(len(x), s + 10_000)
             coll.insert([[f"v{i}" for i in range(s, e)], x[s:e], [""] * (e - s), [{}] * (e - s),
                          ["public"] * (e - s), [0] * (e - s)])
         c.flush(name)
-        insert_s = time.perf_counter() - t0
+        connections.disconnect(alias)
+        return time.perf_counter() - t0
+
+    def build(self, name: str, n: int, kind: str, params: dict, cap: float = 3600) -> float:
+        """(Re)builds the collection's vector index; returns seconds, BuildTimeout past ``cap``
+        (the index is dropped and the server restarted, which ends the build)."""
+        c = self.store.client
+        c.release_collection(name)
+        for idx in c.list_indexes(name):
+            c.drop_index(name, idx)
         ip = c.prepare_index_params()
         ip.add_index(field_name="embedding", index_type=kind, metric_type="COSINE", params=params)
         t0 = time.perf_counter()
-        c.create_index(name, ip)
-        while True:
+        seen = len(self.build_failures())
+        c.create_index(name, ip, sync=False)        # (sync: pymilvus would wait, whatever the cap)
+        for tick in itertools.count():
             info = c.describe_index(name, "embedding")
             if info.get("state") == "Failed" or info.get("index_state_fail_reason"):
                 raise RuntimeError(f"index build failed: {info.get('index_state_fail_reason') or info}")
-            if int(info.get("indexed_rows", 0)) >= len(x) and int(info.get("pending_index_rows", 0)) == 0:
+            failed = self.build_failures()[seen:] if tick % 10 == 0 else []
+            if len(failed) >= 3:        # the server retries a failing build every few seconds, forever
+                c.drop_index(name, "embedding")
+                self.restart()
+                raise RuntimeError(f"index build failed {len(failed)} times: {failed[-1]}")
+            # (2.3.5 can report pending rows left over once the state is Finished)
+            if int(info.get("indexed_rows", 0)) >= n and (int(info.get("pending_index_rows", 0)) == 0
+                                                          or info.get("state") == "Finished"):
+                return time.perf_counter() - t0
+            if time.perf_counter() - t0 > cap:
+                done = int(info.get("indexed_rows", 0))
+                c.drop_index(name, "embedding")
+                self.restart()
+                raise BuildTimeout(f"{kind} not built after {cap:.0f} s ({done:,} of {n:,} rows indexed)")
+            time.sleep(1)
+
+    WARM = "bench_index_warm"
+
+    def build_failures(self) -> list[str]:
+        """The reasons of the failed index builds in the server's log, oldest first."""
+        import re
+
+        out = []
+        for log in sorted((self.data_dir / "logs").glob("standalone-*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if "failed to build index" in line:
+                    m = re.search(r'\[error="([^"]*)', line)
+                    out.append((m.group(1) if m else line[-200:]).replace("\\n", " ").strip())
+        return out
+
+    def measure(self, name: str, n: int) -> dict:
+        """Bytes per vector of the loaded collection: a freshly started server that has loaded
+        a small collection first (2,000 rows, HNSW: what the first load of any collection
+        initialises once, ~30-40 MB here, is not counted), its RSS steady, then the collection
+        loaded (the delta is the measurement); and release + load again."""
+        c = self.store.client
+        if not c.has_collection(self.WARM):
+            x = np.random.default_rng(9).normal(size=(2000, 8)).astype(np.float32)
+            self.insert(self.WARM, x / np.linalg.norm(x, axis=1, keepdims=True))
+            self.build(self.WARM, 2000, "HNSW", {"M": 16, "efConstruction": 64})
+        restart_s = self.restart()
+        c = self.store.client
+        for attempt in range(8):
+            # right after a restart the coordinator can still expect the previous run's query
+            # node ("node not match") until its session expires: the load fails; wait, retry
+            try:
+                c.load_collection(self.WARM)
+                base = steady_rss(self.pgid)
+                t0 = time.perf_counter()
+                c.load_collection(name)
+                load_s = time.perf_counter() - t0
                 break
-            if time.perf_counter() - t0 > 3600:
-                raise TimeoutError(f"{kind} not built after an hour")
-            time.sleep(0.5)
-        build_s = time.perf_counter() - t0
-        # Load, release, load again: the second load's RSS delta is the measurement (after the
-        # first, the garbage of inserting and building has been returned to the OS).
-        t0 = time.perf_counter()
-        c.load_collection(name)
-        load_s = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001
+                if attempt == 7:
+                    raise
+                print(f"  load failed after a restart ({str(exc)[:120]}): retrying in 15 s", flush=True)
+                time.sleep(15)
         first = steady_rss(self.pgid)
         c.release_collection(name)
         released = steady_rss(self.pgid)
         c.load_collection(name)
         after = steady_rss(self.pgid)
-        return {"insert_s": insert_s, "build_s": build_s, "load_s": load_s,
-                "bytes": (after - released) / len(x), "freed": (first - released) / len(x),
-                "rss_before": released, "rss_after": after}
+        return {"restart_s": restart_s, "load_s": load_s, "bytes": (first - base) / n,
+                "reload": (after - released) / n, "rss_before": base, "rss_after": first}
 
     def release(self, name: str) -> None:
         self.store.client.drop_collection(name)
@@ -302,16 +409,21 @@ class MilvusBench:
 
 
 # Index builds: (type, build params, [search params ...]); nlist scales with the catalog.
-def milvus_configs(n: int, d: int, quick: bool) -> list[tuple[str, dict, list[dict]]]:
+def milvus_configs(n: int, d: int, quick: bool, pq: str = "") -> list[tuple[str, dict, list[dict]]]:
     nlist = int(min(4096, max(64, 2 ** round(math.log2(4 * math.sqrt(n))))))
     probes = [{"nprobe": 16}, {"nprobe": 64}]
     cfgs = [("HNSW", {"M": 16, "efConstruction": 200}, [{"ef": 32}, {"ef": 64}, {"ef": 128}]),
             ("IVF_FLAT", {"nlist": nlist}, probes),
             ("IVF_SQ8", {"nlist": nlist}, probes)]
-    for m, nbits in ([(48, 8)] if quick else [(48, 8), (96, 8), (24, 8), (96, 4)]):
+    sweep = [tuple(int(v) for v in s.split("x")) for s in pq.split(",") if s] if pq else \
+        ([(48, 8)] if quick else [(48, 8), (96, 8), (24, 8), (96, 4)])
+    for m, nbits in sweep:
         if d % m == 0:
             cfgs.append(("IVF_PQ", {"nlist": nlist, "m": m, "nbits": nbits}, [{"nprobe": 64}]))
-    cfgs += [("SCANN", {"nlist": nlist, "with_raw_data": True}, [{"nprobe": 64, "reorder_k": 100}]),
+    # with_raw_data as the string "true": pymilvus sends a Python True as "True", which this
+    # server's knowhere refuses ("type conflict in json", the build retried every 3 s)
+    cfgs += [("SCANN", {"nlist": nlist, "with_raw_data": "true"},
+              [{"nprobe": 16, "reorder_k": 100}, {"nprobe": 64, "reorder_k": 100}]),
              ("DISKANN", {}, [{"search_list": 100}])]
     return cfgs
 
@@ -319,7 +431,7 @@ def milvus_configs(n: int, d: int, quick: bool) -> list[tuple[str, dict, list[di
 # --------------------------------------------------------------------------- FAISS
 
 def faiss_rows(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, workdir: Path, rerank: int,
-               quick: bool, pq: bool = True) -> list[dict]:
+               quick: bool, pq: bool = True, only: list[str] = ()) -> list[dict]:
     import faiss
 
     n, d = x.shape
@@ -328,54 +440,78 @@ def faiss_rows(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, workdir: P
     full.flush()
     nlist = int(min(4096, max(64, 2 ** round(math.log2(4 * math.sqrt(n))))))
     rows = []
-    specs = [("Flat", "Flat", 0), (f"IVF{nlist},SQ8", f"IVF{nlist},SQ8", 0)]
+    # (label, factory string, [re-rank depths]): each index is built once, searched at each depth
+    specs = [("Flat", "Flat", [0]), ("HNSW32,Flat", "HNSW32,Flat", [0]), (f"IVF{nlist},SQ8", f"IVF{nlist},SQ8", [0])]
     if pq:
-        specs.append((f"IVF{nlist},PQ48 (no re-rank)", f"IVF{nlist},PQ48", 0))
-        for m in ([48] if quick else [24, 48, 96]):
-            specs.append((f"IVF{nlist},PQ{m}", f"IVF{nlist},PQ{m}", rerank))
-        specs.append((f"OPQ48,IVF{nlist},PQ48", f"OPQ48,IVF{nlist},PQ48", rerank))
+        for m in ([48] if quick else [48, 96, 24]):
+            specs.append((f"IVF{nlist},PQ{m}", f"IVF{nlist},PQ{m}", [0, rerank]))
+        specs.append((f"OPQ48,IVF{nlist},PQ48", f"OPQ48,IVF{nlist},PQ48", [0, rerank]))
+    if only:
+        specs = [sp for sp in specs if any(o.lower() in sp[1].lower() for o in only)]
     train = x[np.random.default_rng(3).choice(n, min(n, 20_000), replace=False)]
-    # one OpenMP thread everywhere: the queries run on their own threads (8 clients), and
-    # OpenMP teams under Python threads on a loaded 2-core machine can stall for minutes
+    # One thread for OpenMP and for faiss' own (OpenMP) OpenBLAS: the queries run on their own
+    # threads (8 clients), and with the default (2 threads) PQ training on this loaded 2-core
+    # machine took 94 s on 20k vectors (OpenMP threads spinning against each other) against
+    # 3 s with one thread.
+    from threadpoolctl import threadpool_limits
+    limits = threadpool_limits(1)
     faiss.omp_set_num_threads(1)
-    for label, spec, rr in specs:
+    for label, spec, depths in specs:
+        rss0 = self_rss()
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
         t0 = time.perf_counter()
         index.train(train)
         index.add(x)
         build_s = time.perf_counter() - t0
+        rss_bytes = (self_rss() - rss0) / n
         nbytes = faiss.serialize_index(index).nbytes / n
-        if spec != "Flat":
+        if "HNSW" in spec:
+            faiss.downcast_index(index).hnsw.efSearch = 64
+        if "IVF" in spec:
             faiss.extract_index_ivf(index).nprobe = 32
-        fetch = max(K, rr)
+        for rr in depths:
+            fetch = max(K, rr)
 
-        def one(q, index=index, fetch=fetch, rr=rr):
-            t = time.perf_counter()
-            _, ids = index.search(q[None], fetch)
-            ids = ids[0][ids[0] >= 0]
-            if rr:
-                s = full[np.sort(ids)] @ q                  # re-rank on the full vectors (memory map)
-                ids = np.sort(ids)[np.argsort(-s)[:K]]
-            return time.perf_counter() - t, ids[:K].tolist()
+            def one(q, index=index, fetch=fetch, rr=rr):
+                t = time.perf_counter()
+                _, ids = index.search(q[None], fetch)
+                ids = ids[0][ids[0] >= 0]
+                if rr:
+                    s = full[np.sort(ids)] @ q                  # re-rank on the full vectors (memory map)
+                    ids = np.sort(ids)[np.argsort(-s)[:K]]
+                return time.perf_counter() - t, ids[:K].tolist()
 
-        for q in queries[:20]:
-            one(q)
-        single = [one(q) for q in queries]
-        with futures.ThreadPoolExecutor(8, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
-            t0 = time.perf_counter()
-            res = list(pool.map(one, np.concatenate([queries] * 2)))
-            wall = time.perf_counter() - t0
-        rows.append({"engine": "FAISS in process", "index": label,
-                     "search": ("nprobe=32" if spec != "Flat" else "exact") + (f", re-rank top {rr}" if rr else ""),
-                     "bytes": nbytes, "formula": float("nan"), "build_s": build_s,
-                     "recall": recall([f for _, f in single], truth),
-                     "p50_1": ms([t for t, _ in single], 50), "p99_1": ms([t for t, _ in single], 99),
-                     "qps_1": len(single) / sum(t for t, _ in single), "p50_8": ms([t for t, _ in res], 50),
-                     "p99_8": ms([t for t, _ in res], 99), "qps_8": len(res) / wall,
-                     "note": "codes in memory, full vectors on disk (mmap) for the re-rank" if rr else ""})
-        print(f"  faiss {label}: {nbytes:.0f} B/vector, recall@10 {rows[-1]['recall']:.3f}, "
-              f"p50 {rows[-1]['p50_1']:.2f} ms", flush=True)
+            for q in queries[:20]:
+                one(q)
+            single = [one(q) for q in queries]
+            with futures.ThreadPoolExecutor(8, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
+                t0 = time.perf_counter()
+                res = list(pool.map(one, np.concatenate([queries] * 2)))
+                wall = time.perf_counter() - t0
+            rows.append({"engine": "FAISS in process", "index": label, "load": load_avg(),
+                         "search": ("nprobe=32" if "IVF" in spec else "efSearch=64" if "HNSW" in spec else "exact")
+                         + (f", re-rank top {rr}" if rr else ""),
+                         "bytes": nbytes, "rss_bytes": rss_bytes, "formula": float("nan"), "build_s": build_s,
+                         "recall": recall([f for _, f in single], truth),
+                         "p50_1": ms([t for t, _ in single], 50), "p99_1": ms([t for t, _ in single], 99),
+                         "qps_1": len(single) / sum(t for t, _ in single), "p50_8": ms([t for t, _ in res], 50),
+                         "p99_8": ms([t for t, _ in res], 99), "qps_8": len(res) / wall,
+                         "note": "codes in memory, full vectors on disk (mmap) for the re-rank" if rr else ""})
+            print(f"  faiss {label} {rows[-1]['search']}: {nbytes:.0f} B/vector serialized, {rss_bytes:.0f} RSS, "
+                  f"build {build_s:.1f}s, recall@10 {rows[-1]['recall']:.3f}, p50 {rows[-1]['p50_1']:.2f} ms, "
+                  f"p99 {rows[-1]['p99_1']:.2f} ms, QPS {rows[-1]['qps_1']:.0f} / {rows[-1]['qps_8']:.0f} @8 "
+                  f"(load {load_avg()})", flush=True)
+        del index
+    limits.restore_original_limits()
     return rows
+
+
+def self_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 # --------------------------------------------------------------------------- main
@@ -386,18 +522,18 @@ def fmt(v, spec=".0f") -> str:
 
 def print_table(rows: list[dict]) -> None:
     print("\n| n | engine | index (build) | search | bytes/vector measured | index formula | build s | "
-          "recall@10 | p50 ms | p99 ms | QPS | p50 ms @8 | p99 ms @8 | QPS @8 | vectors back |")
-    print("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "recall@10 | p50 / p99 ms, 1 client | QPS 1 client | p50 / p99 ms, 8 | QPS 8 | vectors back | load |")
+    print("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for r in rows:
         if r.get("error"):
-            print(f"| {r['n']:,} | {r['engine']} | {r['index']} | - | - | - | - | - | - | - | - | - | - | - | - |"
-                  f" <!-- {r['error']} -->")
+            print(f"| {r['n']:,} | {r['engine']} | {r['index']} | not built: {r['error'][:160]} | - | - | - | - | - "
+                  f"| - | - | - | - | {r.get('load', '-')} |")
             continue
         print(f"| {r['n']:,} | {r['engine']} | {r['index']} | {r['search']} | {fmt(r['bytes'])} | "
               f"{fmt(r['formula'])} | {fmt(r['build_s'], '.1f')} | {fmt(r['recall'], '.3f')} | "
-              f"{fmt(r['p50_1'], '.2f')} | {fmt(r['p99_1'], '.2f')} | {fmt(r['qps_1'], '.0f')} | "
-              f"{fmt(r['p50_8'], '.2f')} | {fmt(r['p99_8'], '.2f')} | {fmt(r['qps_8'], '.0f')} | "
-              f"{r.get('vectors', '-')} |")
+              f"{fmt(r['p50_1'], '.2f')} / {fmt(r['p99_1'], '.1f')} | {fmt(r['qps_1'], '.0f')} | "
+              f"{fmt(r['p50_8'], '.2f')} / {fmt(r['p99_8'], '.1f')} | {fmt(r['qps_8'], '.0f')} | "
+              f"{r.get('vectors', '-')} | {r.get('load', '-')} |")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -405,7 +541,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(8, 5))
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if not r.get("error") and r.get("bytes") and r["bytes"] > 0 and r.get("recall") is not None:
@@ -423,7 +559,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -437,8 +573,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dims-size", type=int, default=20_000, help="catalog size of the embedding-size rows")
     ap.add_argument("--skip-dims", action="store_true", help="leave out the embedding-size rows")
     ap.add_argument("--skip-faiss", action="store_true")
-    ap.add_argument("--faiss-pq", action="store_true",
-                    help="also FAISS IVF-PQ / OPQ with re-rank (PQ training did not finish here: see README)")
+    ap.add_argument("--faiss-no-pq", action="store_true", help="FAISS: leave out IVF-PQ / OPQ (with re-rank)")
+    ap.add_argument("--faiss-only", default="", help="FAISS indexes whose factory string contains one of these")
+    ap.add_argument("--skip-milvus", action="store_true", help="leave out the Milvus rows")
+    ap.add_argument("--pq", default="", help="IVF_PQ sweep as MxNBITS,... (default 48x8,96x8,24x8,96x4)")
+    ap.add_argument("--build-cap", type=float, default=3600, help="seconds before a build is given up")
+    ap.add_argument("--server-env", default="", help="extra environment of the Milvus server, K=V,...")
+    ap.add_argument("--out", default=str(BENCH_DIR / "index-rows.json"), help="rows as JSON (for --plot-from)")
+    ap.add_argument("--plot-from", default="", help="only draw the plot and table from these JSON files")
+    ap.add_argument("--plot-path", default=str(BENCH_DIR / "index-recall-vs-bytes.png"))
     ap.add_argument("--quick", action="store_true", help="fewer configurations (a smoke run)")
     ap.add_argument("--memory-only", action="store_true",
                     help="only the bytes per vector, with the server's malloc mapping every block of "
@@ -447,6 +590,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mmap-threshold", type=int, default=4096)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # stop the servers on a kill too
+    if args.plot_from:
+        return replot(args.plot_from.split(","), Path(args.plot_path))
 
     model_dir = default_model_dir()
     meta = read_meta(model_dir)
@@ -461,54 +606,69 @@ def main(argv=None) -> int:
           f"({int(held.sum())} held out); {len(queries)} queries; cpus {os.cpu_count()}; work dir {workdir}")
     rows: list[dict] = []
     dim_rows: list[dict] = []
-    only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
+    only = [s.strip().upper() for s in args.only.split(",") if s.strip()]      # in this order
+    server_env = dict(kv.split("=", 1) for kv in args.server_env.split(",") if kv)
     mb = None
     try:
-        mb = MilvusBench(workdir, args.mmap_threshold if args.memory_only else None)
+        if not (args.skip_milvus and args.skip_dims):
+            mb = MilvusBench(workdir, args.mmap_threshold if args.memory_only else None, server_env)
         for n in [int(s) for s in args.sizes.split(",") if s]:
             x = catalog(real, n)
             truth = exact(x, queries)
             print(f"\n== {n:,} vectors, {x.shape[1]}-d ==", flush=True)
-            for kind, params, searches in milvus_configs(n, x.shape[1], args.quick):
-                if only and kind not in only:
-                    continue
+            # a fresh collection per index: on this server a rebuild of an index on the same
+            # collection after a restart found the vector field's binlog gone (the first build
+            # had removed it)
+            configs = [] if args.skip_milvus else milvus_configs(n, x.shape[1], args.quick, args.pq)
+            if only:
+                configs = sorted((c for c in configs if c[0] in only), key=lambda c: only.index(c[0]))
+            for kind, params, searches in configs:
                 label = f"{kind} " + ",".join(f"{k}={v}" for k, v in params.items() if k != "with_raw_data")
+                base = {"n": n, "dim": x.shape[1], "engine": "Milvus 2.3.5 standalone", "index": label.strip()}
                 name = f"bench_index_{kind.lower()}_{n}"
                 try:
-                    built = mb.load(name, x, kind, params)
+                    insert_s = mb.insert(name, x)
+                    print(f"  inserted {n:,} rows in {insert_s:.0f}s (load {load_avg()})", flush=True)
+                    build_s = mb.build(name, n, kind, params, args.build_cap)
+                    built = mb.measure(name, n)
                 except Exception as exc:  # noqa: BLE001  (the server refuses an index it cannot build)
-                    print(f"  {label}: not built here: {str(exc)[:300]}", flush=True)
-                    rows.append({"n": n, "engine": "Milvus 2.3.5 standalone", "index": label.strip(),
-                                 "error": str(exc)[:200]})
+                    print(f"  {label}: not built here: {str(exc)[:400]} (load {load_avg()})", flush=True)
+                    rows.append({**base, "error": str(exc)[:300], "load": load_avg()})
                     try:
-                        mb.release(name)
+                        mb.store.client.drop_collection(name)
                     except Exception:  # noqa: BLE001
                         pass
                     continue
+                built["build_s"] = build_s
+                formula = index_formula(kind, params, x.shape[1])
+                print(f"  {label}: build {build_s:.1f}s, load {built['load_s']:.1f}s, {built['bytes']:.0f} "
+                      f"B/vector on a fresh server (RSS {built['rss_before'] / 2**20:.0f} -> "
+                      f"{built['rss_after'] / 2**20:.0f} MiB), released + loaded again {built['reload']:.0f} "
+                      f"B/vector (load {load_avg()})", flush=True)
                 if args.memory_only:
-                    rows.append({"n": n, "dim": x.shape[1], "engine": "Milvus 2.3.5 standalone (memory only)",
-                                 "index": label, "search": f"malloc mmap >= {args.mmap_threshold} B",
-                                 "bytes": built["bytes"], "formula": index_formula(kind, params, x.shape[1]),
-                                 "build_s": built["build_s"], "freed": built["freed"], "recall": None,
+                    rows.append({**base, "search": "-", "bytes": built["bytes"], "formula": formula,
+                                 "build_s": build_s, "recall": None, "load": load_avg(),
                                  **{k: None for k in ("p50_1", "p99_1", "qps_1", "p50_8", "p99_8", "qps_8")}})
-                print(f"  {label}: insert {built['insert_s']:.0f}s, build {built['build_s']:.1f}s, "
-                      f"load {built['load_s']:.1f}s, {built['bytes']:.0f} B/vector (RSS released "
-                      f"{built['rss_before'] / 2**20:.0f} -> loaded {built['rss_after'] / 2**20:.0f} MiB; the "
-                      f"release before it gave back {built['freed']:.0f} B/vector)", flush=True)
                 for sp in ([] if args.memory_only else searches):
                     r = mb.search(name, queries, truth, sp)
-                    rows.append({"n": n, "dim": x.shape[1], "engine": "Milvus 2.3.5 standalone", "index": label,
-                                 "search": ",".join(f"{k}={v}" for k, v in sp.items()), "bytes": built["bytes"],
-                                 "formula": index_formula(kind, params, x.shape[1]), "build_s": built["build_s"], **r})
+                    rows.append({**base, "search": ",".join(f"{k}={v}" for k, v in sp.items()),
+                                 "bytes": built["bytes"], "reload": built["reload"], "formula": formula,
+                                 "build_s": build_s, "load": load_avg(), **r})
                     print(f"    {rows[-1]['search']}: recall@10 {r['recall']:.3f}, p50 {r['p50_1']:.2f} ms, "
-                          f"QPS {r['qps_1']:.0f} / {r['qps_8']:.0f} @8, vectors back: {r['vectors']}", flush=True)
-                mb.release(name)
+                          f"p99 {r['p99_1']:.2f} ms, QPS {r['qps_1']:.0f} / {r['qps_8']:.0f} @8, vectors back: "
+                          f"{r['vectors']} (load {load_avg()})", flush=True)
+                save_rows(args.out, rows, dim_rows)
+                mb.store.client.drop_collection(name)
             if not args.skip_faiss:
-                for r in faiss_rows(x, queries, truth, workdir, args.rerank, args.quick, args.faiss_pq):
+                for r in faiss_rows(x, queries, truth, workdir, args.rerank, args.quick, not args.faiss_no_pq,
+                                    [s.strip() for s in args.faiss_only.split(",") if s.strip()]):
                     rows.append({"n": n, "dim": x.shape[1], **r})
+                    save_rows(args.out, rows, dim_rows)
+            del x
             if not args.skip_dims:
                 dim_rows += embedding_sizes(mb, data, order, min(n, args.dims_size),
                                             [int(d) for d in args.dims.split(",") if d], queries)
+                save_rows(args.out, rows, dim_rows)
     finally:
         if mb is not None:
             mb.close()
@@ -516,19 +676,42 @@ def main(argv=None) -> int:
 
     print_table(rows)
     if dim_rows:
-        print(f"\n| dims | mAP@R (Caltech held-out) | mAP@R vs 384 | Milvus HNSW bytes/vector measured "
-              f"({min(args.dims_size, int(args.sizes.split(',')[-1])):,} vectors) | "
-              "recall@10 (ef=64) | p50 ms |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-        base = dim_rows[0]["map_r"]
-        for r in dim_rows:
-            print(f"| {r['dim']} | {r['map_r']:.4f} | {r['map_r'] / base:.2f} | {fmt(r.get('bytes'))} | "
-                  f"{fmt(r.get('recall'), '.3f')} | {fmt(r.get('p50_1'), '.2f')} |")
+        print_dims(dim_rows)
     if rows:
-        path = BENCH_DIR / "index-recall-vs-bytes.png"
+        path = Path(args.plot_path)
         plot([r for r in rows if r["n"] == rows[-1]["n"]], path)
         print(f"\nplot: {path}")
+    print(f"rows: {args.out}")
     return 0
+
+
+def replot(paths: list[str], out: Path) -> int:
+    """The table and the plot from the JSON rows of earlier runs (several runs, one figure)."""
+    import json
+
+    rows, dims = [], []
+    for p in paths:
+        z = json.loads(Path(p).read_text())
+        rows += z["rows"]
+        dims += z["dims"]
+    print_table(rows)
+    for n in sorted({r["n"] for r in rows}):
+        path = out if n == min(r["n"] for r in rows) else out.with_name(f"{out.stem}-{n}{out.suffix}")
+        plot([r for r in rows if r["n"] == n], path)
+        print(f"plot: {path}")
+    if dims:
+        print_dims(dims)
+    return 0
+
+
+def print_dims(dim_rows: list[dict]) -> None:
+    print("\n| dims | mAP@R (Caltech held-out) | vs 384 | Milvus HNSW bytes/vector measured | recall@10 (ef=64) "
+          "| p50 ms | load |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = dim_rows[0]["map_r"]
+    for r in dim_rows:
+        print(f"| {r['dim']} | {r['map_r']:.4f} | {r['map_r'] / base:.3f} | {fmt(r.get('bytes'))} | "
+              f"{fmt(r.get('recall'), '.3f')} | {fmt(r.get('p50_1'), '.2f')} | {r.get('load', '-')} |")
 
 
 def embedding_sizes(mb: MilvusBench, data: dict, order: np.ndarray, n: int, dims: list[int],
@@ -545,10 +728,16 @@ def embedding_sizes(mb: MilvusBench, data: dict, order: np.ndarray, n: int, dims
         q = cut(queries_full, order, d)
         truth = exact(x, q)
         name = f"bench_dims_{d}_{n}"
-        built = mb.load(name, x, "HNSW", {"M": 16, "efConstruction": 200})
-        r = mb.search(name, q, truth, {"ef": 64}, clients=8, passes=1)
-        mb.release(name)
-        row.update(bytes=built["bytes"], recall=r["recall"], p50_1=r["p50_1"])
+        if mb is not None:
+            mb.insert(name, x)
+            build_s = mb.build(name, n, "HNSW", {"M": 16, "efConstruction": 200})
+            built = mb.measure(name, n)
+            r = mb.search(name, q, truth, {"ef": 64}, clients=8, passes=1)
+            mb.store.client.drop_collection(name)
+            row.update(bytes=built["bytes"], reload=built["reload"], build_s=build_s, recall=r["recall"],
+                       p50_1=r["p50_1"], load=load_avg())
+        else:
+            built, r = {"bytes": float("nan")}, {"recall": float("nan")}
         print(f"  {d} dims: mAP@R {row['map_r']:.4f}, HNSW {built['bytes']:.0f} B/vector, "
               f"recall@10 {r['recall']:.3f}", flush=True)
         out.append(row)
