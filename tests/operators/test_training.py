@@ -18,11 +18,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from kafka import KafkaProducer
-from safetensors.numpy import load_file, save_file
 
 from tests.fixtures.catalog import publish
 from tests.fixtures.cluster import searchindex
-from tests.fixtures.operators import catalog_files, model_copy, unique, upsert_record
+from tests.fixtures.operators import catalog_files, model_copy, unique, upsert_record, wrecked_whitening
 from tests.fixtures.waiting import wait_until
 from vsearch.core import search_events
 from vsearch.operators.crd import InvalidSearchIndex, _to_jsonschema, validate
@@ -122,14 +121,6 @@ def test_an_invalid_spec_training_is_refused_in_the_api_servers_words(training, 
 
 
 # --- end to end --------------------------------------------------------------------------------
-
-def wrecked_whitening(folder: Path) -> None:
-    """The serving model of the test: the repository's default with its whitening cut to 2 of
-    its dimensions (what a retraining re-fits: the trainer never carries an init's whitening)."""
-    w = load_file(folder / "whitening.safetensors")
-    w["proj"][:, 2:] = 0.0
-    save_file(w, folder / "whitening.safetensors")
-
 
 def publish_clicks(broker: str, topic: str, items: list, start_ms: int, rounds: int = 1) -> int:
     """Each catalog photo searched with itself; the other photos of its class clicked (users of a
