@@ -29,14 +29,18 @@ Quality: for each collection of :mod:`bench.collections` (images unlike Caltech-
 documented fine-tuning recipe ``vsearch train --init MODEL --data <collection> --holdout 0.3``
 (the code defaults, nothing else set) and, on the 30 % held out, mAP@R, recall@1 and nDCG@10
 of raw pixels, the random-init network, the untouched MODEL and the fine-tuned one, with the
-minutes the fine-tune took; plus MODEL on the Caltech-101 held-out split it was trained for.
+minutes the fine-tune took (its validation included, the labelled evaluation left out), and
+what its label-free selection exported; plus MODEL on the Caltech-101 held-out split it was
+trained for. ``--study`` keeps every validated step and prints, per collection, the Spearman
+correlation of the validation signal with the labelled mAP@R over the candidates (steps x
+whitening variants) and what the signal picks against the labelled best.
 
 Latency: one query embed (JPEG bytes -> L2-normalised vector, ``Embedder.embed_bytes`` on one
 photo, the optimised serving path) per model, median and 90th percentile over 3 x 200
 photos, the models taking turns photo by photo.
 
     python -m bench.trainer --part quality,latency [--model-dir models/default]
-        [--collections digits,shapes,textures,scenes] [--compare-dir OLD_MODEL_DIR]
+        [--collections digits,shapes,textures,scenes] [--compare-dir OLD_MODEL_DIR] [--study]
 """
 
 from __future__ import annotations

@@ -58,11 +58,14 @@ def test_agreement_metrics_on_known_embeddings():
     assert diverged["score"] < 0
 
 
-def test_select_keeps_the_reference_unless_beaten_by_the_margin():
-    ref = validation.Candidate(0, "start", 0.50)
-    close, far = validation.Candidate(9, "none", 0.505), validation.Candidate(9, "none", 0.52)
+def test_select_keeps_the_reference_unless_beaten_by_the_margin_on_both_measures():
+    def cand(step, na, vm):
+        return validation.Candidate(step, "none", {"score": na, "view_map": vm})
+    ref = cand(0, 0.50, 0.60)
+    close, far, split = cand(9, 0.505, 0.61), cand(9, 0.52, 0.62), cand(5, 0.70, 0.59)
     assert validation.select([ref, close], ref, 0.01)[0] is ref
-    chosen, why = validation.select([ref, close, far], ref, 0.01)
+    assert validation.select([ref, split], ref, 0.01)[0] is ref      # one measure says worse
+    chosen, why = validation.select([ref, close, far, split], ref, 0.01)
     assert chosen is far and "0.5200" in why
 
 

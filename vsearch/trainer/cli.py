@@ -41,7 +41,8 @@ def register(sub) -> None:
              help="input size of a new model (arch default otherwise)")
     pf.add("--name", default=None, help="model name in the metadata")
     pf.add("--version", default=None, help="model version (default: UTC time stamp)")
-    pf.add("--epochs", default=20.0, type=float, help="passes over the data")
+    pf.add("--epochs", default=None, type=float,
+           help="passes over the data (default 20 from scratch, 10 when fine-tuning with --init)")
     pf.add("--max-steps", default=None, type=int, help="optimiser steps (overrides --epochs)")
     pf.add("--batch-size", default=128, type=int, help="images (or pairs) per micro-batch")
     pf.add("--accum-steps", default=1, type=int, help="micro-batches per optimiser step")
@@ -75,6 +76,8 @@ def register(sub) -> None:
                 "the whitening on the held-out validation signal (keeping the starting model when nothing beats it)")
     pf.add("--val-fraction", default=0.1, type=float,
            help="fraction of the training images (or click pairs) held out for the label-free validation signal")
+    pf.add("--val-min-images", default=40, type=int,
+           help="no validation (the last step is exported) when fewer images (or pairs) would be held out")
     pf.add("--val-every", default=None, type=int,
            help="optimiser steps between validations (default: an eighth of the run)")
     pf.add("--min-gain", default=0.01, type=float,
@@ -153,7 +156,7 @@ def _train(args) -> int:
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k, catalog=args.catalog, simclr_ratio=args.simclr_ratio,
             ips=not args.no_ips, propensity_clip=args.propensity_clip, select=not args.no_select,
-            val_fraction=args.val_fraction, val_every=args.val_every, min_gain=args.min_gain,
+            val_fraction=args.val_fraction, val_min_images=args.val_min_images, val_every=args.val_every, min_gain=args.min_gain,
             auto_augment=not args.no_auto_augment)
         try:
             out = train(cfg)

@@ -16,9 +16,16 @@
 The network is the predictor's :class:`~vsearch.predictor.zoo.EmbeddingNet` (the serving network);
 SimCLR adds a projection head that is dropped at export. ``--out`` becomes a model directory
 that ``vsearch serve embedder --model-dir`` loads as it is, with ``train_log.jsonl`` (one JSON
-line per logged step) and ``checkpoints/last.pt`` beside the weights. At export a PCA-whitening
-of the pooled features is fitted on the training images and served as part of the model
-(``--no-whiten`` to leave it out); with ``--holdout`` the export is scored on the held-out
+line per logged step) and ``checkpoints/last.pt`` beside the weights.
+
+A seeded ``val_fraction`` of the training images (or click pairs) is held out for the label-free
+signal of :mod:`.validation` (:class:`Validator`, rank 0): the starting model and every
+``val_every`` steps are scored, and the export is the best candidate of (starting model, best
+step) x (its own whitening, none, catalog whitenings), the starting model unchanged unless
+beaten by more than ``min_gain`` (``--no-select``: the last step, with a PCA-whitening of
+shrinkage ``--whiten-shrinkage`` fitted on the training images, ``--no-whiten`` to leave it
+out). The augmentation (and, fine-tuning, the input size) fit the catalog (:func:`.augment.
+catalog_profile`). With ``--holdout`` the export is scored on the held-out
 split against raw pixels, random init and the ``--init`` model, and the verdict ("beats" /
 "DOES NOT BEAT") goes to the run log, the metadata and stdout.
 """
@@ -77,7 +84,7 @@ class TrainConfig:
     image_size: int | None = None      # input size for a new model (arch default otherwise)
     name: str | None = None
     version: str | None = None         # default: UTC time stamp
-    epochs: float = 20
+    epochs: float | None = None        # default: 20 from scratch, 10 when fine-tuning (--init)
     max_steps: int | None = None       # optimiser steps; overrides epochs
     batch_size: int = 128              # images per micro-batch (SimCLR: 2 views each)
     accum_steps: int = 1               # micro-batches per optimiser step
@@ -126,6 +133,8 @@ class TrainConfig:
     auto_size: bool = True             # ... and the input size to its detail (fine-tuning only)
     keep_validated: bool = False       # also save the weights of every validated step (for studies)
 
+
+SCRATCH_EPOCHS, FINE_TUNE_EPOCHS = 20, 10   # the default length of a run (see trainer/EXPERIMENTS.md)
 
 # How a run is carried out, not what it computes: a run on an --out that holds a checkpoint of
 # the same run (every other field equal) continues from it.
@@ -540,20 +549,22 @@ class Validator:
         t0 = time.perf_counter()
         m = self.measure(run.net, pre)
         self.history.append({"step": run.step, **m})
-        better = m["score"] > self.best_score
+        g = validation.gain(m, self.history[0])              # over step 0, on both measures
+        better = g > self.best_score
         if better:
-            self.best_step, self.best_score = run.step, m["score"]
+            self.best_step, self.best_score = run.step, g
             self.best_state = None if run.step == 0 else {
                 k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
         if self.cfg.keep_validated:
             _atomic_save({k: v.detach().cpu() for k, v in run.net.state_dict().items()},
                          self.out / "checkpoints" / f"step-{run.step}.pt")
-        self.runlog.write("validation", step=run.step, signal=self.signal_name(), best=better,
+        self.runlog.write("validation", step=run.step, signal=self.signal_name(), best=better, gain=g,
                           seconds=round(time.perf_counter() - t0, 2), **m)
 
     def signal_name(self) -> str:
         return ("held-out click recall (MRR of the clicked item)" if self.kind == "pairs"
-                else "held-out neighbour agreement (k-NN of the held-out images, shared between views)")
+                else "held-out neighbour agreement (k-NN of the held-out images, shared between views) "
+                     "and view agreement (mAP of an image's other views), both")
 
     def state(self) -> dict:
         return {"history": self.history, "best_step": self.best_step, "best_score": self.best_score,
@@ -585,13 +596,13 @@ class Validator:
                 feats = (validation.features(net, self.q), validation.features(net, self.c))
             out = []
             if own is not None:
-                out.append(validation.Candidate(step, "start", self.measure(net, pre, own, feats)["score"]))
-            out.append(validation.Candidate(step, "none", self.measure(net, pre, None, feats)["score"]))
+                out.append(validation.Candidate(step, "start", self.measure(net, pre, own, feats)))
+            out.append(validation.Candidate(step, "none", self.measure(net, pre, None, feats)))
             if shrinkages and len(train_images) >= 2:
                 tf = validation.features(net, validation.serving_batch(train_images, pre))
                 for sh in shrinkages:
                     w = fit_whitening(tf.numpy(), sh)
-                    c = validation.Candidate(step, f"shrinkage {sh:g}", self.measure(net, pre, w, feats)["score"])
+                    c = validation.Candidate(step, f"shrinkage {sh:g}", self.measure(net, pre, w, feats))
                     c.details["whitening"] = w
                     out.append(c)
             return out
@@ -641,7 +652,8 @@ def set_up(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, data: TrainData
     views_bs = _global_batch(cfg.batch_size, len(data.views), ranks.world, "catalog images") if data.views else 0
     micro_per_epoch = len(data.dataset) // bs
     steps_per_epoch = max(1, micro_per_epoch // cfg.accum_steps)
-    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    epochs = cfg.epochs if cfg.epochs is not None else (FINE_TUNE_EPOCHS if cfg.init else SCRATCH_EPOCHS)
+    total_steps = cfg.max_steps or max(1, int(round(epochs * steps_per_epoch)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.05 * total_steps))
 
     head = (ProjectionHead(meta.embedding_dim, cfg.proj_hidden, cfg.proj_dim)
@@ -816,7 +828,9 @@ def export(cfg: TrainConfig, run: Run, data: TrainData, meta: ModelMeta, runlog:
                      "whitening": chosen.whitening, "score": chosen.score, "kept_start": kept, "reason": reason,
                      "min_gain": cfg.min_gain, "validation": data.info.get("validation_images",
                                                                            data.info.get("validation_pairs")),
-                     "candidates": [{"step": c.step, "whitening": c.whitening, "score": c.score} for c in cands],
+                     "candidates": [{"step": c.step, "whitening": c.whitening, "score": c.score,
+                                     "view_map": c.measures.get("view_map"),
+                                     "gain": validation.gain(c.measures, cands[0].measures)} for c in cands],
                      "history": run.validator.history}
         runlog.write("selection", **selection)
         (log.warning if kept else log.info)("%s", reason)
