@@ -50,6 +50,7 @@ SLOW_TESTS = {
 # a worker takes whole files in collection order, so a long file collected last would run alone
 # at the end while the other worker idles.
 LONG_FILES_FIRST = [
+    "tests/trainer/test_validation.py",
     "tests/operators/test_rollout.py", "tests/operators/test_gate.py", "tests/local/test_demo_rollout.py",
     "tests/docs/test_readme.py", "tests/local/test_demo.py", "tests/predictor/search/test_model_versions.py",
     "tests/predictor/search/test_search_ops.py", "tests/ingest/test_consumer.py",
