@@ -29,14 +29,18 @@ Quality: for each collection of :mod:`bench.collections` (images unlike Caltech-
 documented fine-tuning recipe ``vsearch train --init MODEL --data <collection> --holdout 0.3``
 (the code defaults, nothing else set) and, on the 30 % held out, mAP@R, recall@1 and nDCG@10
 of raw pixels, the random-init network, the untouched MODEL and the fine-tuned one, with the
-minutes the fine-tune took; plus MODEL on the Caltech-101 held-out split it was trained for.
+minutes the fine-tune took (its validation included, the labelled evaluation left out), and
+what its label-free selection exported; plus MODEL on the Caltech-101 held-out split it was
+trained for. ``--study`` keeps every validated step and prints, per collection, the Spearman
+correlation of the validation signal with the labelled mAP@R over the candidates (steps x
+whitening variants) and what the signal picks against the labelled best.
 
 Latency: one query embed (JPEG bytes -> L2-normalised vector, ``Embedder.embed_bytes`` on one
 photo, the optimised serving path) per model, median and 90th percentile over 3 x 200
 photos, the models taking turns photo by photo.
 
     python -m bench.trainer --part quality,latency [--model-dir models/default]
-        [--collections digits,shapes,textures,scenes] [--compare-dir OLD_MODEL_DIR]
+        [--collections digits,shapes,textures,scenes] [--compare-dir OLD_MODEL_DIR] [--study]
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from bench import collections as coll
 from vsearch.local.samples import CALTECH
 from vsearch.local.samples import photos as sample_photos
 from vsearch.predictor.inference import Embedder, set_torch_threads
-from vsearch.predictor.model_dir import default_model_dir
+from vsearch.predictor.model_dir import default_model_dir, read_meta
 from vsearch.predictor.zoo import build_model
 from vsearch.trainer.augment import SimCLRAugment, training_image
 from vsearch.trainer.evaluate import evaluate_models
@@ -178,10 +182,12 @@ def _row(collection, role, result, minutes=None):
 
 
 def quality_rows(model_dir: Path, collections: list[str], root: Path,
-                 epochs: float | None = None) -> list[dict]:
+                 epochs: float | None = None, study: bool = False, **recipe_kw) -> list[dict]:
     """Caltech-101 held-out for ``model_dir``, then per collection: raw pixels, random init, the
     untouched model and the model fine-tuned with the default recipe (``epochs`` shortens it,
-    for tests)."""
+    for tests; ``recipe_kw`` are more TrainConfig fields). With ``study`` every validated step
+    is kept and :func:`signal_study` correlates the validation signal with the labelled mAP@R
+    (outside the minutes)."""
     rows = []
     if (CALTECH / "labels.csv").exists():
         rep = evaluate_models([str(model_dir)], str(CALTECH), split="held-out", holdout=0.3,
@@ -193,20 +199,94 @@ def quality_rows(model_dir: Path, collections: list[str], root: Path,
         folder = coll.write(name, root / "collections" / name)
         out = root / "finetuned" / name
         t0 = time.time()
-        recipe = {"epochs": epochs} if epochs else {}
-        train(TrainConfig(data=str(folder), out=str(out), init=str(model_dir), holdout=0.3,
-                          workers=1, progress=False, **recipe))
+        recipe = {**({"epochs": epochs} if epochs else {}), **recipe_kw}
+        cfg = TrainConfig(data=str(folder), out=str(out), init=str(model_dir), holdout=0.3,
+                          workers=1, progress=False, keep_validated=study, **recipe)
+        train(cfg)
         rep = json.loads((out / "evaluation" / "report.json").read_text())   # the trainer's own
         minutes = (time.time() - t0 - rep["wall_s"]) / 60                      # evaluation left out
         res = {r["kind"] if r["kind"] != "model" else ("fine-tuned" if r["model_dir"] == str(out)
                                                         else "default"): r for r in rep["results"]}
         v = rep["verdicts"][0]
+        sel = (read_meta(out).training or {}).get("selection")
         rows += [_row(name, "raw pixels 32x32", res["raw-pixels"]),
                  _row(name, "random init", res["random-init"]),
                  _row(name, "default model", res["default"]),
                  {**_row(name, "fine-tuned (default recipe)", res["fine-tuned"], minutes),
-                  "verdict": v["beats_all"]}]
+                  "verdict": v["beats_all"], "chosen": sel["chosen"] if sel else "last step",
+                  "kept_start": bool(sel and sel["kept_start"])}]
+        if study:
+            rows[-1]["study"] = signal_study(cfg, out)
     return rows
+
+
+def signal_study(cfg: TrainConfig, out: Path) -> dict:
+    """Does the validation signal order the candidates as the labelled held-out mAP@R does?
+    Every validated step of the run (kept by ``keep_validated``) x the whitening variants the
+    export chooses among (and the starting model's own): the signal on the run's validation
+    images (the trainer's own code) and mAP@R on the labelled 30 % held out; Spearman's rho over
+    all candidates and over the steps alone (no whitening), and the labelled mAP@R of what the
+    signal picks against the best one."""
+    from scipy.stats import spearmanr
+
+    from vsearch.predictor.zoo import fit_whitening, load_model_dir
+    from vsearch.trainer import validation
+    from vsearch.trainer.data import list_images, split_holdout
+    from vsearch.trainer.metrics import evaluate_embeddings
+    from vsearch.trainer.train import RunLog, Validator, catalog_sources, load_data
+    start, start_meta = load_model_dir(cfg.init)
+    meta = load_model_dir(cfg.init)[1]
+    data = load_data(cfg, meta, RunLog(None))             # the run's validation images, augmentation, size
+    val = Validator(cfg, data, RunLog(None), out)
+    held = [r for r in split_holdout(list_images(cfg.data), cfg.holdout, cfg.split_seed)[1] if r.label]
+    held_images = [training_image(Path(r.source).read_bytes(), start_meta.preprocess) for r in held]
+    labels = [r.label for r in held]
+    train_images = [data.dataset.cache[s] for s in catalog_sources(cfg, data.dataset)]
+    rows = []
+    steps = sorted(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt"))
+    for step in steps:
+        net, pre = (start, start_meta.preprocess) if step == 0 else (load_model_dir(cfg.init)[0], meta.preprocess)
+        own = net.whitening
+        if step:
+            net.load_state_dict(torch.load(out / "checkpoints" / f"step-{step}.pt", weights_only=True))
+        net.whitening = None
+        feats_held = validation.features(net, validation.serving_batch(held_images, pre))
+        feats_train = validation.features(net, validation.serving_batch(train_images, pre))
+        variants = {"none": None, **{f"shrinkage {s:g}": fit_whitening(feats_train.numpy(), s)
+                                     for s in sorted({*cfg.whiten_choices, cfg.whiten_shrinkage})}}
+        if step == 0 and own is not None:
+            variants["start"] = own
+        feats_val = validation.features(net, val._inputs(pre).vset.x)
+        for wname, w in variants.items():
+            sig = validation.score(feats_val, val.vset, w)
+            lab = evaluate_embeddings(validation.embed(feats_held, w).numpy(), labels)["metrics"]["map@r"]
+            rows.append({"step": step, "whitening": wname, "signal": sig["score"], "view_map": sig["view_map"],
+                         "map@r": lab})
+    plain = [r for r in rows if r["whitening"] == "none"]
+
+    def rho(rs, key="signal"):
+        return float(spearmanr([r[key] for r in rs], [r["map@r"] for r in rs])[0]) if len(rs) > 2 else float("nan")
+    picked = max(rows, key=lambda r: r["signal"])
+    best = max(rows, key=lambda r: r["map@r"])
+    return {"candidates": rows, "rho_all": rho(rows), "rho_steps": rho(plain),
+            "rho_all_view_map": rho(rows, "view_map"), "rho_steps_view_map": rho(plain, "view_map"),
+            "signal_pick": picked, "labelled_best": best}
+
+
+def print_study(rows: list[dict]) -> None:
+    for r in rows:
+        st = r.get("study")
+        if not st:
+            continue
+        print(f"\n{r['collection']}: signal vs labelled mAP@R over {len(st['candidates'])} candidates "
+              f"(steps x whitening): Spearman {st['rho_all']:.2f} (steps alone, no whitening: {st['rho_steps']:.2f}); "
+              f"the view-agreement mAP instead: {st['rho_all_view_map']:.2f} / {st['rho_steps_view_map']:.2f}")
+        p, b = st["signal_pick"], st["labelled_best"]
+        print(f"  signal picks step {p['step']} {p['whitening']} (mAP@R {p['map@r']:.4f}); labelled best: "
+              f"step {b['step']} {b['whitening']} ({b['map@r']:.4f})")
+        for c in st["candidates"]:
+            print(f"  step {c['step']:>4} {c['whitening']:<14} signal {c['signal']:.4f} view-mAP {c['view_map']:.4f} "
+                  f"mAP@R {c['map@r']:.4f}")
 
 
 def print_quality(rows: list[dict]) -> None:
@@ -214,8 +294,10 @@ def print_quality(rows: list[dict]) -> None:
     for r in rows:
         mins = "" if r["minutes"] is None else f"{r['minutes']:.1f}"
         verdict = {True: "yes", False: "NO", None: ""}[r.get("verdict")]
+        chosen = f"  (export: {r['chosen']}{', the starting model kept' if r.get('kept_start') else ''})" \
+            if r.get("chosen") else ""
         print(f"{r['collection']:<11} {r['model']:<28} {r['map@r']:>7.4f} {r['recall@1']:>7.4f} "
-              f"{r['ndcg@10']:>7.4f} {mins:>7}  {verdict}")
+              f"{r['ndcg@10']:>7.4f} {mins:>7}  {verdict}{chosen}")
 
 
 # --------------------------------------------------------------------------- latency
@@ -258,6 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--compare-dir", action="append", default=[], help="more models for the latency table")
     p.add_argument("--keep", default=None, help="keep collections and fine-tuned models in this folder")
     p.add_argument("--procs", default="1,2", help="scaling: numbers of training processes")
+    p.add_argument("--study", action="store_true",
+                   help="quality: keep every validated step and correlate the validation signal with mAP@R")
     args = p.parse_args(argv)
     parts = {x.strip() for x in args.part.split(",")}
     if args.threads:
@@ -269,9 +353,12 @@ def main(argv=None) -> int:
     if "quality" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
+            print(f"load average {os.getloadavg()[0]:.1f} at the start ({os.cpu_count()} cores)")
             rows = quality_rows(Path(args.model_dir), [c for c in args.collections.split(",") if c],
-                                Path(args.keep or tmp))
+                                Path(args.keep or tmp), study=args.study)
             print_quality(rows)
+            print_study(rows)
+            print(f"load average {os.getloadavg()[0]:.1f} at the end")
             print(f"quality: {(time.time() - t0) / 60:.1f} minutes in all")
     if "latency" in parts:
         print(f"\n{'model':<40} {'median ms':>10} {'p90 ms':>8}   (one query embed, 1 torch thread)")

@@ -51,7 +51,7 @@ SLOW_TESTS = {
 # at the end while the other worker idles.
 LONG_FILES_FIRST = [
     "tests/operators/test_rollout.py", "tests/operators/test_training.py", "tests/operators/test_gate.py",
-    "tests/local/test_demo_rollout.py", "tests/local/test_demo_loop.py",
+    "tests/local/test_demo_rollout.py", "tests/local/test_demo_loop.py", "tests/trainer/test_validation.py",
     "tests/docs/test_readme.py", "tests/local/test_demo.py", "tests/predictor/search/test_model_versions.py",
     "tests/predictor/search/test_search_ops.py", "tests/ingest/test_consumer.py",
     "tests/operators/test_offline_verdict.py", "tests/predictor/search/test_experiments.py",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -159,3 +159,60 @@ class PairAugment:
 def serving_view(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """No augmentation: exactly the serving input (resize, centre crop, normalise)."""
     return image_to_array(img, cfg)
+
+
+# --------------------------------------------------------------------------- catalog profile
+
+def catalog_profile(images, cfg: PreprocessConfig, sample: int = 200, seed: int = 0) -> dict:
+    """What the augmentation should respect, measured on (a seeded sample of) the decoded
+    training images: ``grey`` (no colour: every pixel's channels within 4 levels), ``native``
+    (median shorter side, in pixels, of the images as the cache holds them: below the model's
+    ``resize_size`` when the files are small) and ``detail`` (the smallest size in 16, 24,
+    32, 48 the images can be shrunk to and enlarged back from with a mean error under 1 % of the
+    range: upscaled low-resolution pictures like the digits; None when none is)."""
+    images = list(images)
+    if len(images) > sample:
+        images = random.Random(seed).sample(images, sample)
+    if not images:
+        return {"images": 0, "grey": False, "native": None, "detail": None}
+    grey, shorts, details = 0, [], []
+    for img in images:
+        a = np.asarray(img.convert("RGB"), np.int16)
+        grey += int(np.abs(a - a.mean(2, keepdims=True)).max() <= 4)
+        shorts.append(min(img.size))
+        g = img.convert("L")
+        ga = np.asarray(g, np.float32)
+        detail = None
+        for s in (16, 24, 32, 48):
+            if s >= min(g.size):
+                break
+            back = np.asarray(g.resize((s, s), Image.BILINEAR).resize(g.size, Image.BILINEAR), np.float32)
+            if np.abs(back - ga).mean() < 2.55:
+                detail = s
+                break
+        details.append(detail)
+    known = [d for d in details if d is not None]
+    return {"images": len(images), "grey": grey >= 0.95 * len(images), "native": int(np.median(shorts)),
+            "small": int(np.median(shorts)) < cfg.resize_size,
+            "detail": int(np.median(known)) if len(known) >= 0.9 * len(images) else None}
+
+
+def augment_for(profile: dict, base: AugmentConfig = AugmentConfig()) -> tuple[AugmentConfig, list[str]]:
+    """The augmentation that suits a catalog of this :func:`catalog_profile`, and why:
+
+    - grey catalogs: no colour jitter of saturation and hue, no greyscale (it is already);
+    - low detail (upscaled small pictures: glyphs, digits): gentle crops (50-100 % of the
+      area, a crop of 20 % of a glyph is another glyph), no flip (a mirrored glyph is another
+      one), no blur (the detail is all there is);
+    - small files (below the model's resize): crops of 35-100 % of the area."""
+    changes, a = [], base
+    if profile.get("grey"):
+        a = replace(a, saturation=0.0, hue=0.0, grey_p=0.0)
+        changes.append("grey catalog: no saturation/hue jitter, no greyscale")
+    if profile.get("detail"):
+        a = replace(a, crop_scale=(max(a.crop_scale[0], 0.5), a.crop_scale[1]), flip_p=0.0, blur_p=0.0)
+        changes.append(f"low detail (~{profile['detail']} px): crops of 50-100 %, no flip, no blur")
+    elif profile.get("small"):
+        a = replace(a, crop_scale=(max(a.crop_scale[0], 0.35), a.crop_scale[1]))
+        changes.append(f"small images ({profile['native']} px): crops of 35-100 %")
+    return a, changes

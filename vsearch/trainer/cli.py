@@ -42,7 +42,8 @@ def register(sub) -> None:
              help="input size of a new model (arch default otherwise)")
     pf.add("--name", default=None, help="model name in the metadata")
     pf.add("--version", default=None, help="model version (default: UTC time stamp)")
-    pf.add("--epochs", default=20.0, type=float, help="passes over the data")
+    pf.add("--epochs", default=None, type=float,
+           help="passes over the data (default 20 from scratch, 10 when fine-tuning with --init)")
     pf.add("--max-steps", default=None, type=int, help="optimiser steps (overrides --epochs)")
     pf.add("--batch-size", default=128, type=int, help="images (or pairs) per micro-batch")
     pf.add("--accum-steps", default=1, type=int, help="micro-batches per optimiser step")
@@ -73,6 +74,19 @@ def register(sub) -> None:
            help="export without the PCA-whitening fitted on the training images")
     pf.add("--whiten-shrinkage", default=3.0, type=float,
            help="whitening shrinkage: this multiple of the mean eigenvalue is added to each")
+    pf.add("--no-select", default=False, type=bool,
+           help="export the last step (whitening --whiten-shrinkage) instead of choosing the checkpoint and "
+                "the whitening on the held-out validation signal (keeping the starting model when nothing beats it)")
+    pf.add("--val-fraction", default=0.1, type=float,
+           help="fraction of the training images (or click pairs) held out for the label-free validation signal")
+    pf.add("--val-min-images", default=40, type=int,
+           help="no validation (the last step is exported) when fewer images (or pairs) would be held out")
+    pf.add("--val-every", default=None, type=int,
+           help="optimiser steps between validations (default: an eighth of the run)")
+    pf.add("--min-gain", default=0.01, type=float,
+           help="how much a checkpoint must beat the starting model on the validation signal to replace it")
+    pf.add("--no-auto-augment", default=False, type=bool,
+           help="SimCLR's augmentation as it is, not fitted to the catalog (grey, small, low-detail images)")
     pf.add("--no-eval", default=False, type=bool,
              help="skip evaluating the exported model on the held-out split")
     pf.add("--catalog", default=None,
@@ -175,7 +189,9 @@ def _train(args) -> int:
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k, catalog=args.catalog, simclr_ratio=args.simclr_ratio,
-            ips=not args.no_ips, propensity_clip=args.propensity_clip)
+            ips=not args.no_ips, propensity_clip=args.propensity_clip, select=not args.no_select,
+            val_fraction=args.val_fraction, val_min_images=args.val_min_images, val_every=args.val_every, min_gain=args.min_gain,
+            auto_augment=not args.no_auto_augment)
         try:
             out = train(cfg)
         finally:
@@ -186,6 +202,9 @@ def _train(args) -> int:
             print(f"stopped after {args.stop_after} steps; continue with --resume")
             return 0
         print(f"exported {out}")
+        selection = (json.loads((out / "vsearch_model.json").read_text()).get("training") or {}).get("selection")
+        if selection:
+            print(f"selection: {selection['reason']}")
         report = out / "evaluation" / "report.json"
         if cfg.evaluate and report.exists():
             from .evaluate import format_table

@@ -16,9 +16,16 @@
 The network is the predictor's :class:`~vsearch.predictor.zoo.EmbeddingNet` (the serving network);
 SimCLR adds a projection head that is dropped at export. ``--out`` becomes a model directory
 that ``vsearch serve embedder --model-dir`` loads as it is, with ``train_log.jsonl`` (one JSON
-line per logged step) and ``checkpoints/last.pt`` beside the weights. At export a PCA-whitening
-of the pooled features is fitted on the training images and served as part of the model
-(``--no-whiten`` to leave it out); with ``--holdout`` the export is scored on the held-out
+line per logged step) and ``checkpoints/last.pt`` beside the weights.
+
+A seeded ``val_fraction`` of the training images (or click pairs) is held out for the label-free
+signal of :mod:`.validation` (:class:`Validator`, rank 0): the starting model and every
+``val_every`` steps are scored, and the export is the best candidate of (starting model, best
+step) x (its own whitening, none, catalog whitenings), the starting model unchanged unless
+beaten by more than ``min_gain`` (``--no-select``: the last step, with a PCA-whitening of
+shrinkage ``--whiten-shrinkage`` fitted on the training images, ``--no-whiten`` to leave it
+out). The augmentation (and, fine-tuning, the input size) fit the catalog (:func:`.augment.
+catalog_profile`). With ``--holdout`` the export is scored on the held-out
 split against raw pixels, random init and the ``--init`` model, and the verdict ("beats" /
 "DOES NOT BEAT") goes to the run log, the metadata and stdout.
 """
@@ -33,7 +40,7 @@ import pickle
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +52,8 @@ from ..core import jsonsafe
 from ..core.naming import DEFAULT_ALIAS
 from ..predictor.model_dir import ModelMeta
 from ..predictor.zoo import EmbeddingNet, build_model, fit_whitening, load_model_dir, save_model_dir
-from . import distributed
-from .augment import AugmentConfig, PairAugment, SimCLRAugment
+from . import distributed, validation
+from .augment import AugmentConfig, PairAugment, SimCLRAugment, augment_for, catalog_profile
 from .clicks import click_pairs
 from .data import (
     DataError,
@@ -78,7 +85,7 @@ class TrainConfig:
     image_size: int | None = None      # input size for a new model (arch default otherwise)
     name: str | None = None
     version: str | None = None         # default: UTC time stamp
-    epochs: float = 20
+    epochs: float | None = None        # default: 20 from scratch, 10 when fine-tuning (--init)
     max_steps: int | None = None       # optimiser steps; overrides epochs
     batch_size: int = 128              # images per micro-batch (SimCLR: 2 views each)
     accum_steps: int = 1               # micro-batches per optimiser step
@@ -114,12 +121,27 @@ class TrainConfig:
     simclr_temperature: float = 0.2    # ... their NT-Xent temperature
     ips: bool = True                   # clicks: weight pairs by inverse examination propensity
     propensity_clip: float = 10.0      # ... at most this weight
+    # the label-free validation (vsearch/trainer/validation.py): checkpoint and whitening chosen
+    # on a held-out part of the training images, the starting model kept when nothing beats it
+    select: bool = True                # off: export the last step with whiten_shrinkage (as before)
+    val_fraction: float = 0.1          # of the training images (seeded, labels unused), or of the pairs
+    val_min_images: int = 40           # fewer held out: no validation (logged)
+    val_max_images: int = 600
+    val_every: int | None = None       # optimiser steps between validations (default: 1/8 of the run)
+    min_gain: float = 0.01             # a candidate must beat the starting model by more than this
+    whiten_choices: tuple[float, ...] = (1.0, 3.0)   # catalog shrinkages tried beside none (and whiten_shrinkage)
+    auto_augment: bool = True          # fit the augmentation to the catalog (grey, small, low-detail)
+    auto_size: bool = True             # ... and the input size to its detail (fine-tuning only)
+    keep_validated: bool = False       # also save the weights of every validated step (for studies)
 
+
+SCRATCH_EPOCHS, FINE_TUNE_EPOCHS = 20, 10   # the default length of a run (see trainer/EXPERIMENTS.md)
 
 # How a run is carried out, not what it computes: a run on an --out that holds a checkpoint of
 # the same run (every other field equal) continues from it.
 RUN_KNOBS = {"resume", "stop_after", "progress", "workers", "device", "log_every", "checkpoint_every",
-             "version", "name", "evaluate", "whiten", "whiten_shrinkage", "whiten_max_images", "out"}
+             "version", "name", "evaluate", "whiten", "whiten_shrinkage", "whiten_max_images", "out",
+             "whiten_choices", "min_gain", "keep_validated"}
 
 
 class ProjectionHead(nn.Module):
@@ -310,10 +332,12 @@ def train(cfg: TrainConfig) -> Path:
     net, meta = _model_for(cfg)
     data = load_data(cfg, meta, runlog)
     run = set_up(cfg, net, meta, data, out / "checkpoints" / "last.pt", ranks, device)
+    if data.val is not None and ranks.main:
+        run.validator = Validator(cfg, data, runlog, out)
     start_or_resume(cfg, run, runlog, data, meta, kind)
 
     stop_at = min(run.total_steps, cfg.stop_after) if cfg.stop_after else run.total_steps
-    last_loss = train_steps(cfg, run, data, runlog, stop_at)
+    last_loss = train_steps(cfg, run, data, runlog, stop_at, meta.preprocess)
     distributed.unsync_batchnorm(run.modules)
     if run.step < run.total_steps:
         runlog.write("stopped", step=run.step, checkpoint=str(run.ckpt_path))
@@ -336,26 +360,84 @@ class TrainData:
     cache: ImageCache
     info: dict                      # what goes into the run log and the metadata
     views: SimCLRDataset | None = None
+    val: dict | None = None         # the held-out validation data (rank 0 only): see Validator
+    augment: AugmentConfig | None = None   # the augmentation used (fitted to the catalog)
 
 
-def _simclr_data(cfg: TrainConfig, folder: str, pre) -> tuple[SimCLRDataset, ImageCache, dict]:
+def validation_split(items: list, cfg: TrainConfig) -> tuple[list, list]:
+    """(train, validation): a seeded draw of ``val_fraction`` of the items (labels unused: the
+    catalog is unlabelled as far as training knows), at most ``val_max_images``; no validation
+    (everything trains) when selection is off or fewer than ``val_min_images`` would be drawn."""
+    k = min(int(round(len(items) * cfg.val_fraction)), cfg.val_max_images)
+    if not cfg.select or cfg.val_fraction <= 0 or k < cfg.val_min_images:
+        return list(items), []
+    held = set(random.Random(f"val-{cfg.split_seed}").sample(range(len(items)), k))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def fitted_size(profile: dict, meta: ModelMeta) -> int | None:
+    """The input size for a catalog of low detail (upscaled small pictures): its detail size,
+    at least 32 px, when that is below the model's (fewer pixels, same information: a faster
+    fine-tune); None to keep the model's."""
+    detail = profile.get("detail")
+    if not detail or max(32, detail) >= meta.image_size:
+        return None
+    return max(32, detail)
+
+
+def _simclr_data(cfg: TrainConfig, folder: str, pre, with_val: bool = False, meta: ModelMeta | None = None
+                 ) -> tuple[SimCLRDataset, ImageCache, dict, dict | None, AugmentConfig]:
     records = on_main(lambda: list_images(folder))
     train_recs, held = split_holdout(records, cfg.holdout, cfg.split_seed)
+    train_recs, val_recs = validation_split(train_recs, cfg) if with_val else (train_recs, [])
     cache = ImageCache([r.source for r in train_recs], pre, workers=max(2, cfg.workers))
-    dataset = SimCLRDataset(cache, [r.source for r in train_recs], SimCLRAugment(pre, cfg.augment), seed=cfg.seed)
-    return dataset, cache, dict(images=len(records), train_images=len(dataset), held_out_images=len(held),
-                                holdout=cfg.holdout, split_seed=cfg.split_seed)
+    augment, why = cfg.augment, []
+    profile = None
+    if cfg.auto_augment:
+        profile = catalog_profile([cache[r.source] for r in train_recs if r.source in cache], pre, seed=cfg.seed)
+        augment, why = augment_for(profile, cfg.augment)
+        size = fitted_size(profile, meta) if (meta is not None and cfg.auto_size and cfg.init) else None
+        if size:
+            why.append(f"input size {size} px instead of {meta.image_size} (the catalog's detail)")
+            meta.resize_size = max(size, round(meta.resize_size * size / meta.image_size))
+            meta.image_size = size
+            pre = meta.preprocess
+    dataset = SimCLRDataset(cache, [r.source for r in train_recs], SimCLRAugment(pre, augment), seed=cfg.seed)
+    info = dict(images=len(records), train_images=len(dataset), held_out_images=len(held),
+                holdout=cfg.holdout, split_seed=cfg.split_seed)
+    if profile is not None:
+        info["catalog_profile"] = {**profile, "augment_changes": why}
+    val = None
+    if val_recs:
+        info["validation_images"] = len(val_recs)
+    if val_recs and distributed.ranks().main:
+        vcache = ImageCache([r.source for r in val_recs], pre, workers=max(2, cfg.workers))
+        images = [vcache[r.source] for r in val_recs if r.source in vcache]
+        val = {"kind": "views", "images": images, "augment": _val_augment(augment)}
+    elif with_val:
+        info["validation"] = (f"off: {int(round(len(train_recs) * cfg.val_fraction))} images would be held out, "
+                              f"fewer than {cfg.val_min_images}" if cfg.select and cfg.val_fraction > 0 else "off")
+    return dataset, cache, info, val, augment
+
+
+def _val_augment(train_augment: AugmentConfig) -> AugmentConfig:
+    """The validation views: :data:`validation.VALIDATION_AUGMENT`, minus what the catalog's
+    training augmentation leaves out (flips of glyphs, colour of a grey catalog)."""
+    a = validation.VALIDATION_AUGMENT
+    return replace(a, flip_p=min(a.flip_p, train_augment.flip_p),
+                   saturation=min(a.saturation, train_augment.saturation), hue=min(a.hue, train_augment.hue),
+                   crop_scale=(max(a.crop_scale[0], train_augment.crop_scale[0]), 1.0))
 
 
 def load_data(cfg: TrainConfig, meta: ModelMeta, runlog: RunLog) -> TrainData:
     kind = data_kind(cfg.data)
     pre = meta.preprocess
     info: dict = {"kind": kind, "source": portable_path(cfg.data)}
-    views = None
+    views, val, augment = None, None, None
     if kind == "simclr":
         if cfg.catalog:
             raise DataError("--catalog mixes SimCLR batches into pair training; --data is already a folder")
-        dataset, cache, more = _simclr_data(cfg, cfg.data, pre)
+        dataset, cache, more, val, augment = _simclr_data(cfg, cfg.data, pre, with_val=True, meta=meta)
         info.update(more)
     else:
         got = on_main(lambda: load_pairs(cfg))
@@ -365,15 +447,29 @@ def load_data(cfg: TrainConfig, meta: ModelMeta, runlog: RunLog) -> TrainData:
             stats = {**stats, "hard_negatives": neg_stats}
             negatives = {q: list(dict.fromkeys((negatives or {}).get(q, []) + mined.get(q, [])))
                          for q in set(negatives or {}) | set(mined)}
-        sources = [s for p in got.pairs for s in p] + [n for v in (negatives or {}).values() for n in v]
+        train_idx, val_idx = validation_split(list(range(len(got.pairs))), cfg)
+        pairs = [got.pairs[i] for i in train_idx]
+        weights = None if got.weights is None else [got.weights[i] for i in train_idx]
+        sources = [s for p in pairs for s in p] + [n for v in (negatives or {}).values() for n in v]
         cache = ImageCache(sources, pre, workers=max(2, cfg.workers))
-        dataset = PairDataset(cache, got.pairs, PairAugment(pre), seed=cfg.seed, negatives=negatives,
-                              weights=got.weights)
+        dataset = PairDataset(cache, pairs, PairAugment(pre), seed=cfg.seed, negatives=negatives,
+                              weights=weights)
         info.update({**stats, "pairs": len(got.pairs), "usable_pairs": len(dataset)})
+        if val_idx:
+            info["validation_pairs"] = len(val_idx)
+            if distributed.ranks().main:
+                held = [got.pairs[i] for i in val_idx]
+                vcache = ImageCache([x for p in held for x in p], pre, workers=max(2, cfg.workers))
+                held = [(q, c) for q, c in held if q in vcache and c in vcache]
+                if len(held) >= 2:
+                    val = {"kind": "pairs", "queries": [vcache[q] for q, _ in held],
+                           "clicked": [vcache[c] for _, c in held]}
+        elif cfg.select:
+            info["validation"] = "off: too few pairs to hold some out"
         if cfg.catalog:
             if not 0 < cfg.simclr_ratio < 1:
                 raise DataError(f"--simclr-ratio must be in (0, 1), got {cfg.simclr_ratio}")
-            views, vcache, more = _simclr_data(cfg, cfg.catalog, pre)
+            views, vcache, more, _, augment = _simclr_data(cfg, cfg.catalog, pre)
             info["catalog"] = {"source": portable_path(cfg.catalog), "simclr_ratio": cfg.simclr_ratio, **more,
                                "unreadable": len(vcache.failed)}
             if vcache.failed:
@@ -381,7 +477,7 @@ def load_data(cfg: TrainConfig, meta: ModelMeta, runlog: RunLog) -> TrainData:
     info["unreadable"] = len(cache.failed)
     if cache.failed:
         runlog.write("unreadable", items=cache.failed)
-    return TrainData(kind, dataset, cache, info, views)
+    return TrainData(kind, dataset, cache, info, views, val, augment)
 
 
 @dataclass
@@ -406,6 +502,7 @@ class Run:
     views_bs: int = 0               # SimCLR batch mixed into pair training
     step: int = 0                   # optimiser steps done
     micro: int = 0                  # micro-batches done
+    validator: Validator | None = None   # rank 0, with validation data
 
     def save_checkpoint(self, cfg: TrainConfig) -> None:
         if not self.ranks.main:
@@ -413,7 +510,128 @@ class Run:
         _atomic_save({"modules": self.modules.state_dict(), "opt": self.opt.state_dict(),
                       "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                       "step": self.step, "micro": self.micro, "world": self.ranks.world,
-                      "config": _jsonable(cfg)}, self.ckpt_path)
+                      "config": _jsonable(cfg),
+                      **({"validation": self.validator.state()} if self.validator else {})}, self.ckpt_path)
+
+
+class Validator:
+    """The label-free signal of :mod:`validation` on rank 0: the held-out views (or click pairs)
+    made once, the network scored at step 0 and every ``val_every`` steps, the best step's
+    weights kept (in memory and in the checkpoint), and at export the choice among checkpoints x
+    whitening variants (:meth:`choose`). The other ranks never wait for it but at the next
+    collective, so nothing else needs synchronising."""
+
+    def __init__(self, cfg: TrainConfig, data: TrainData, runlog: RunLog, out: Path):
+        self.cfg, self.runlog, self.out = cfg, runlog, out
+        self.kind = data.val["kind"]
+        self.pre = None
+        self.data = data.val
+        self.history: list[dict] = []
+        self.best_step, self.best_score, self.best_state = -1, -math.inf, None
+
+    def _inputs(self, pre):
+        if self.pre is not pre:
+            self.pre = pre
+            if self.kind == "views":
+                self.vset = validation.view_set(self.data["images"], pre, seed=self.cfg.split_seed,
+                                                augment=self.data["augment"])
+            else:
+                self.q = validation.serving_batch(self.data["queries"], pre)
+                self.c = validation.serving_batch(self.data["clicked"], pre)
+        return self
+
+    def measure(self, net: EmbeddingNet, pre, whitening=None, feats=None) -> dict:
+        self._inputs(pre)
+        if self.kind == "views":
+            f = feats if feats is not None else validation.features(net, self.vset.x)
+            return validation.score(f, self.vset, whitening)
+        fq, fc = feats if feats is not None else (validation.features(net, self.q), validation.features(net, self.c))
+        return validation.pair_agreement(validation.embed(fq, whitening), validation.embed(fc, whitening))
+
+    def check(self, run: Run, pre) -> None:
+        """Score the network now; keep its weights when it is the best so far."""
+        t0 = time.perf_counter()
+        m = self.measure(run.net, pre)
+        self.history.append({"step": run.step, **m})
+        g = validation.gain(m, self.history[0])              # over step 0, on both measures
+        better = g > self.best_score
+        if better:
+            self.best_step, self.best_score = run.step, g
+            self.best_state = None if run.step == 0 else {
+                k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
+        if self.cfg.keep_validated:
+            _atomic_save({k: v.detach().cpu() for k, v in run.net.state_dict().items()},
+                         self.out / "checkpoints" / f"step-{run.step}.pt")
+        self.runlog.write("validation", step=run.step, signal=self.signal_name(), best=better, gain=g,
+                          seconds=round(time.perf_counter() - t0, 2), **m)
+
+    def signal_name(self) -> str:
+        return ("held-out click recall (MRR of the clicked item)" if self.kind == "pairs"
+                else "held-out neighbour agreement (k-NN of the held-out images, shared between views) "
+                     "and view agreement (mAP of an image's other views), both")
+
+    def state(self) -> dict:
+        return {"history": self.history, "best_step": self.best_step, "best_score": self.best_score,
+                "best_state": self.best_state or {}}
+
+    def load(self, st: dict) -> None:
+        self.history = list(st.get("history") or [])
+        self.best_step, self.best_score = int(st.get("best_step", -1)), float(st.get("best_score", -math.inf))
+        self.best_state = st.get("best_state") or None
+
+    def choose(self, run: Run, data: TrainData, meta: ModelMeta):
+        """Export candidates: the starting model as it is (the reference) and with each
+        whitening variant, and the best checkpoint with each; returns (net, meta, chosen
+        candidate, reason, all candidates) with the chosen weights and whitening in place."""
+        cfg = self.cfg
+        start_net, start_meta = _model_for(cfg)
+        start_net.eval()
+        images = data.views if data.views is not None else data.dataset
+        train_images = [images.cache[s] for s in catalog_sources(cfg, images)]
+        shrinkages = sorted({*cfg.whiten_choices, cfg.whiten_shrinkage}) if cfg.whiten else []
+        cands, nets = [], {}
+
+        def variants(step, net, pre, own=None):
+            net.eval().cpu()
+            if self.kind == "views":
+                feats = validation.features(net, self._inputs(pre).vset.x)
+            else:
+                self._inputs(pre)
+                feats = (validation.features(net, self.q), validation.features(net, self.c))
+            out = []
+            if own is not None:
+                out.append(validation.Candidate(step, "start", self.measure(net, pre, own, feats)))
+            out.append(validation.Candidate(step, "none", self.measure(net, pre, None, feats)))
+            if shrinkages and len(train_images) >= 2:
+                tf = validation.features(net, validation.serving_batch(train_images, pre))
+                for sh in shrinkages:
+                    w = fit_whitening(tf.numpy(), sh)
+                    c = validation.Candidate(step, f"shrinkage {sh:g}", self.measure(net, pre, w, feats))
+                    c.details["whitening"] = w
+                    out.append(c)
+            return out
+
+        start_cands = variants(0, start_net, start_meta.preprocess, own=start_net.whitening)
+        reference = start_cands[0]
+        cands += start_cands
+        nets[0] = (start_net, start_meta)
+        best_step = self.best_step
+        if best_step > 0:
+            net = run.net
+            if best_step != run.step and self.best_state:
+                net.load_state_dict(self.best_state)
+            net.whitening = None
+            cands += variants(best_step, net, meta.preprocess)
+            nets[best_step] = (net, meta)
+        chosen, reason = validation.select(cands, reference, cfg.min_gain)
+        net, chosen_meta = nets[chosen.step]
+        if chosen.whitening == "none":
+            net.whitening, chosen_meta.whitening = None, None
+        elif chosen.whitening != "start":
+            net.whitening = chosen.details["whitening"]
+            chosen_meta.whitening = {"fitted_on": f"{len(train_images)} training images ({portable_path(cfg.data)})",
+                                     "shrinkage": float(chosen.whitening.split()[1])}
+        return net, chosen_meta, chosen, reason, cands
 
 
 def _global_batch(requested: int, available: int, world: int, what: str) -> int:
@@ -438,7 +656,8 @@ def set_up(cfg: TrainConfig, net: EmbeddingNet, meta: ModelMeta, data: TrainData
     views_bs = _global_batch(cfg.batch_size, len(data.views), ranks.world, "catalog images") if data.views else 0
     micro_per_epoch = len(data.dataset) // bs
     steps_per_epoch = max(1, micro_per_epoch // cfg.accum_steps)
-    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    epochs = cfg.epochs if cfg.epochs is not None else (FINE_TUNE_EPOCHS if cfg.init else SCRATCH_EPOCHS)
+    total_steps = cfg.max_steps or max(1, int(round(epochs * steps_per_epoch)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.05 * total_steps))
 
     head = (ProjectionHead(meta.embedding_dim, cfg.proj_hidden, cfg.proj_dim)
@@ -470,6 +689,8 @@ def start_or_resume(cfg: TrainConfig, run: Run, runlog: RunLog, data: TrainData,
         runlog.write("start", config=_jsonable(cfg), data=data.info, total_steps=run.total_steps,
                      model=meta.to_json(), device=str(run.device), world_size=run.ranks.world,
                      **({"restarted": True} if kind == "restart" else {}))
+        if run.validator is not None:
+            run.validator.check(run, meta.preprocess)        # step 0: the starting model
         return
     ck = on_main(lambda: load_checkpoint(run.ckpt_path))
     run.modules.load_state_dict(ck["modules"])
@@ -477,6 +698,11 @@ def start_or_resume(cfg: TrainConfig, run: Run, runlog: RunLog, data: TrainData,
     run.sched.load_state_dict(ck["sched"])
     run.scaler.load_state_dict(ck["scaler"])
     run.step, run.micro = ck["step"], ck["micro"]
+    if run.validator is not None:
+        if ck.get("validation"):
+            run.validator.load(ck["validation"])
+        else:                                              # a checkpoint of a run without it
+            run.validator = None
     runlog.write("resume", step=run.step, micro=run.micro, world_size=run.ranks.world,
                  restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), requested=cfg.resume)
     log.info("resumed from %s at step %d", run.ckpt_path, run.step)
@@ -539,7 +765,12 @@ def _to(batch, device):
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def train_steps(cfg: TrainConfig, run: Run, data: TrainData, runlog: RunLog, stop_at: int) -> float:
+def validate_every(cfg: TrainConfig, total_steps: int) -> int:
+    return cfg.val_every or max(1, total_steps // 8)
+
+
+def train_steps(cfg: TrainConfig, run: Run, data: TrainData, runlog: RunLog, stop_at: int,
+                pre=None) -> float:
     """The loop: micro-batches accumulated into optimiser steps until ``stop_at``; logs and
     checkpoints on their cadence. Returns the last step's mean loss (over the global batch)."""
     run.model.train()
@@ -578,6 +809,9 @@ def train_steps(cfg: TrainConfig, run: Run, data: TrainData, runlog: RunLog, sto
             if bar is not None:
                 bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
             seen, t_rate, cpu_rate = 0, time.perf_counter(), time.process_time()
+        if run.validator is not None and (run.step % validate_every(cfg, run.total_steps) == 0
+                                          or run.step == run.total_steps):
+            run.validator.check(run, pre)
         if run.step % cfg.checkpoint_every == 0 or run.step == stop_at:
             run.save_checkpoint(cfg)
     if bar is not None:
@@ -590,6 +824,21 @@ def export(cfg: TrainConfig, run: Run, data: TrainData, meta: ModelMeta, runlog:
     """The network as a model directory: version, the training record, the catalog whitening."""
     net = run.net
     net.eval().cpu()
+    selection = None
+    if run.validator is not None:
+        net, chosen_meta, chosen, reason, cands = run.validator.choose(run, data, meta)
+        kept = chosen.step == 0
+        selection = {"signal": run.validator.signal_name(), "chosen": chosen.label(), "step": chosen.step,
+                     "whitening": chosen.whitening, "score": chosen.score, "kept_start": kept, "reason": reason,
+                     "min_gain": cfg.min_gain, "validation": data.info.get("validation_images",
+                                                                           data.info.get("validation_pairs")),
+                     "candidates": [{"step": c.step, "whitening": c.whitening, "score": c.score,
+                                     "view_map": c.measures.get("view_map"),
+                                     "gain": validation.gain(c.measures, cands[0].measures)} for c in cands],
+                     "history": run.validator.history}
+        runlog.write("selection", **selection)
+        (log.warning if kept else log.info)("%s", reason)
+        meta = chosen_meta
     meta.version = cfg.version or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     meta.evaluation = None
     logged = [json.loads(line) for line in open(runlog.path)]
@@ -605,15 +854,18 @@ def export(cfg: TrainConfig, run: Run, data: TrainData, meta: ModelMeta, runlog:
         "epochs": round(run.total_steps * cfg.accum_steps / run.micro_per_epoch, 2),
         "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": run.warmup,
         "temperature": cfg.temperature, "seed": cfg.seed,
-        "augment": cfg.augment.to_json() if data.kind == "simclr" else "pair crop (0.6-1.0) + flip",
+        "augment": ((data.augment or cfg.augment).to_json() if data.kind == "simclr"
+                    else "pair crop (0.6-1.0) + flip"),
         "final_loss": last_loss, "images_per_s": float(np.median(rates)) if rates else None,
         "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.ranks.world,
         "wall_s": round(time.time() - (starts[-1] if starts else t_start), 1),
         "resumed_at_steps": resumes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"selection": selection} if selection else {}),
     }
-    images = data.views if data.views is not None else data.dataset
-    fit_catalog_whitening(cfg, net, meta, [images.cache[s] for s in catalog_sources(cfg, images)])
+    if selection is None:
+        images = data.views if data.views is not None else data.dataset
+        fit_catalog_whitening(cfg, net, meta, [images.cache[s] for s in catalog_sources(cfg, images)])
     save_model_dir(net, meta, out)
     runlog.write("exported", out=portable_path(str(out)), version=meta.version, final_loss=last_loss)
     log.info("exported %s (version %s, final loss %.4f)", out, meta.version, last_loss)
