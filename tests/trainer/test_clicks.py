@@ -83,12 +83,14 @@ def test_click_pairs_from_a_real_topic_train_with_the_catalog_mixed_in(broker, p
     data = read_meta(out).training["data"]
     expected = click_pairs(search_events.count_clicks(records))     # the same log, read in memory
     assert data["events"] == len(records) + 1 and data["bad_events"] == 1
-    assert data["pairs"] == len(expected.pairs) == data["usable_pairs"]
+    # a seeded tenth of the pairs is held out for the trainer's own validation (checkpoint choice)
+    assert data["pairs"] == len(expected.pairs) == data["usable_pairs"] + data["validation_pairs"]
+    assert 0 < data["validation_pairs"] <= 0.1 * data["pairs"] + 1
     assert data["weighted"] is True and data["negatives"] == expected.stats["negatives"] > 0
     assert [r["examination"] for r in data["propensities"]] == [r["examination"] for r in
                                                                 expected.stats["propensities"]]
     assert np.abs(np.array([r["examination"] for r in data["propensities"]]) - THETA).max() < 0.15
     assert data["catalog"]["train_images"] == 32 and data["catalog"]["simclr_ratio"] == 0.5
     assert read_meta(out).training["method"] == "click-pairs-infonce + catalog simclr-nt-xent"
-    steps = [json.loads(line) for line in open(out / "train_log.jsonl") if '"step"' in line]
+    steps = [s for s in map(json.loads, open(out / "train_log.jsonl")) if "step" in s and "loss" in s]
     assert len(steps) == 2 and all(np.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in steps)
