@@ -238,11 +238,10 @@ class OpenVinoForward:
         return req.get_output_tensor(0).data.copy()
 
 
-def check_against_eager(forward: Forward, net, size: int, name: str, tolerance: float = TOLERANCE) -> float:
-    """The largest difference between ``forward`` and the eager network on random inputs at
-    batch 1 and 3 (the graph was traced at 2); :class:`RuntimeMismatch` over ``tolerance``."""
+def _side_by_side(forward: Forward, net, size: int, name: str):
+    """(runtime's, eager network's) embeddings of the same random inputs at batch 1 and 3 (the
+    graph was traced at 2); :class:`RuntimeMismatch` when the shapes differ."""
     import torch
-    worst = 0.0
     gen = torch.Generator().manual_seed(0)
     for n in (1, 3):
         x = torch.randn(n, 3, size, size, generator=gen)
@@ -251,6 +250,14 @@ def check_against_eager(forward: Forward, net, size: int, name: str, tolerance: 
         got = forward(x.numpy())
         if got.shape != want.shape:
             raise RuntimeMismatch(f"{name} answers shape {got.shape} where the network gives {want.shape}")
+        yield got, want
+
+
+def check_against_eager(forward: Forward, net, size: int, name: str, tolerance: float = TOLERANCE) -> float:
+    """The largest difference between ``forward`` and the eager network on random inputs at
+    batch 1 and 3 (the graph was traced at 2); :class:`RuntimeMismatch` over ``tolerance``."""
+    worst = 0.0
+    for got, want in _side_by_side(forward, net, size, name):
         worst = max(worst, float(np.abs(got - want).max()))
     if not worst <= tolerance:
         raise RuntimeMismatch(f"{name} differs from the PyTorch network by {worst:.2e} "
@@ -262,16 +269,8 @@ def check_cosine(forward: Forward, net, size: int, name: str, minimum: float = I
     """The smallest cosine between ``forward``'s embeddings and the eager network's on random
     inputs at batch 1 and 3; :class:`RuntimeMismatch` under ``minimum`` (a quantized graph is
     not equal to the network, only close)."""
-    import torch
     worst = 1.0
-    gen = torch.Generator().manual_seed(0)
-    for n in (1, 3):
-        x = torch.randn(n, 3, size, size, generator=gen)
-        with torch.inference_mode():
-            want = net.embed(x.to(next(net.parameters()).device)).float().cpu().numpy()
-        got = forward(x.numpy())
-        if got.shape != want.shape:
-            raise RuntimeMismatch(f"{name} answers shape {got.shape} where the network gives {want.shape}")
+    for got, want in _side_by_side(forward, net, size, name):
         cos = (got * want).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
         worst = min(worst, float(cos.min()))
     if not worst >= minimum:
