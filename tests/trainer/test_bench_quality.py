@@ -7,6 +7,7 @@ import math
 
 from bench import posthoc
 from bench.trainer import latency_rows, print_quality, quality_rows
+from vsearch.predictor.model_dir import read_meta
 
 
 def test_quality_rows_compare_four_models_per_collection(tiny_model_dir, tmp_path, capsys):
@@ -19,7 +20,11 @@ def test_quality_rows_compare_four_models_per_collection(tiny_model_dir, tmp_pat
     assert fine["minutes"] > 0 and isinstance(fine["verdict"], bool)
     better = all(fine[k] > r[k] for r in tex[:3] for k in ("map@r", "recall@1", "ndcg@10"))
     assert fine["verdict"] == better
-    assert (tmp_path / "finetuned" / "textures" / "whitening.safetensors").exists()
+    # the export is a model directory with the selection's record; the row says what it chose
+    sel = read_meta(tmp_path / "finetuned" / "textures").training["selection"]
+    assert fine["chosen"] == sel["chosen"] and fine["kept_start"] == sel["kept_start"]
+    if sel["kept_start"]:            # the starting model unchanged: its figures exactly
+        assert all(fine[k] == tex[2][k] for k in ("map@r", "recall@1", "ndcg@10"))
     print_quality(rows)
     assert "fine-tuned (default recipe)" in capsys.readouterr().out
 

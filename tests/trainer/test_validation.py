@@ -58,15 +58,51 @@ def test_agreement_metrics_on_known_embeddings():
     assert diverged["score"] < 0
 
 
-def test_select_keeps_the_reference_unless_beaten_by_the_margin_on_both_measures():
-    def cand(step, na, vm):
-        return validation.Candidate(step, "none", {"score": na, "view_map": vm})
-    ref = cand(0, 0.50, 0.60)
-    close, far, split = cand(9, 0.505, 0.61), cand(9, 0.52, 0.62), cand(5, 0.70, 0.59)
+def test_select_keeps_the_reference_unless_surely_beaten_by_the_margin_on_both_measures():
+    """The gain is judged per held-out image (paired): a mean gain inside the noise of a small
+    validation set does not replace the starting model; a consistent one does."""
+    rng = np.random.default_rng(0)
+    base_na, base_vm = rng.uniform(0.3, 0.7, 60), rng.uniform(0.4, 0.8, 60)
+
+    def jitter(sd):                                  # zero-mean: the mean gain is exactly d
+        e = rng.normal(0, sd, 60)
+        return e - e.mean()
+
+    def cand(step, d_na, d_vm, noise=0.005):
+        na, vm = base_na + d_na + jitter(noise), base_vm + d_vm + jitter(noise)
+        return validation.Candidate(step, "none", {"score": float(na.mean()), "view_map": float(vm.mean()),
+                                                   "_per_image": {"score": na, "view_map": vm}})
+    ref = validation.Candidate(0, "start", {"score": float(base_na.mean()), "view_map": float(base_vm.mean()),
+                                            "_per_image": {"score": base_na, "view_map": base_vm}})
+    close, far, split = cand(9, 0.005, 0.01), cand(9, 0.02, 0.02), cand(5, 0.2, -0.01)
+    noisy = cand(7, 0.04, 0.04, noise=0.3)           # a larger mean gain, but within the noise
     assert validation.select([ref, close], ref, 0.01)[0] is ref
     assert validation.select([ref, split], ref, 0.01)[0] is ref      # one measure says worse
-    chosen, why = validation.select([ref, close, far, split], ref, 0.01)
-    assert chosen is far and "0.5200" in why
+    kept, why = validation.select([ref, noisy], ref, 0.01)
+    assert kept is ref and "not surely better" in why, why
+    assert noisy.details["paired_gain"]["mean"] == pytest.approx(0.04)
+    assert noisy.details["paired_gain"]["lower"] < 0
+    chosen, why = validation.select([ref, close, far, split, noisy], ref, 0.01)
+    assert chosen is far and "beats the starting model" in why and "corrected for 4 candidates" in why, why
+    assert far.details["paired_gain"]["lower"] > 0
+    # the same per-image values with a mismatched image count: refused, not silently compared
+    with pytest.raises(ValueError, match="same images"):
+        validation.paired_gain({"score": 0.5, "_per_image": {"score": np.zeros(3)}}, ref.measures)
+    # a diverged candidate never wins
+    assert validation.paired_gain({"score": -1.0, "diverged": True}, ref.measures)["lower"] == -1.0
+
+
+def test_per_image_measures_average_to_the_reported_ones(photos):
+    trained, meta = load_model_dir(DEFAULT)
+    vset = validation.view_set(photos[:12], meta.preprocess, n_views=3, seed=0)
+    m = validation.score(validation.features(trained, vset.x), vset, k=3)
+    assert len(m["_per_image"]["score"]) == 12 and len(m["_per_image"]["view_map"]) == 12
+    assert m["_per_image"]["score"].mean() == pytest.approx(m["score"])
+    assert m["_per_image"]["view_map"].mean() == pytest.approx(m["view_map"])
+    assert "_per_image" not in validation.public(m) and validation.public(m)["score"] == m["score"]
+    q = torch.eye(4)
+    pairs = validation.pair_agreement(q, q.roll(1, 0) + q)
+    assert pairs["_per_image"]["score"].mean() == pytest.approx(pairs["mrr"])
 
 
 def test_a_run_that_makes_things_worse_exports_the_starting_model_unchanged(photo_folder, tiny_model_dir, tmp_path):

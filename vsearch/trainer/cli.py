@@ -85,6 +85,11 @@ def register(sub) -> None:
            help="optimiser steps between validations (default: an eighth of the run)")
     pf.add("--min-gain", default=0.01, type=float,
            help="how much a checkpoint must beat the starting model on the validation signal to replace it")
+    pf.add("--val-views", default=3, type=int,
+           help="views of each held-out image the validation signal compares (at least 2)")
+    pf.add("--val-confidence", default=0.95, type=float,
+           help="... and how sure: the lower end of the one-sided paired interval of its gain at this level "
+                "(corrected for the number of candidates) must be above zero")
     pf.add("--no-auto-augment", default=False, type=bool,
            help="SimCLR's augmentation as it is, not fitted to the catalog (grey, small, low-detail images)")
     pf.add("--no-eval", default=False, type=bool,
@@ -191,6 +196,7 @@ def _train(args) -> int:
             hard_negatives_k=args.hard_negatives_k, catalog=args.catalog, simclr_ratio=args.simclr_ratio,
             ips=not args.no_ips, propensity_clip=args.propensity_clip, select=not args.no_select,
             val_fraction=args.val_fraction, val_min_images=args.val_min_images, val_every=args.val_every, min_gain=args.min_gain,
+            val_confidence=args.val_confidence, val_views=args.val_views,
             auto_augment=not args.no_auto_augment)
         try:
             out = train(cfg)

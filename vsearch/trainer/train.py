@@ -22,7 +22,8 @@ A seeded ``val_fraction`` of the training images (or click pairs) is held out fo
 signal of :mod:`.validation` (:class:`Validator`, rank 0): the starting model and every
 ``val_every`` steps are scored, and the export is the best candidate of (starting model, best
 step) x (its own whitening, none, catalog whitenings), the starting model unchanged unless
-beaten by more than ``min_gain`` (``--no-select``: the last step, with a PCA-whitening of
+beaten by more than ``min_gain`` with the paired interval of the gain above zero at
+``val_confidence`` (``--no-select``: the last step, with a PCA-whitening of
 shrinkage ``--whiten-shrinkage`` fitted on the training images, ``--no-whiten`` to leave it
 out). The augmentation (and, fine-tuning, the input size) fit the catalog (:func:`.augment.
 catalog_profile`). With ``--holdout`` the export is scored on the held-out
@@ -127,8 +128,10 @@ class TrainConfig:
     val_fraction: float = 0.1          # of the training images (seeded, labels unused), or of the pairs
     val_min_images: int = 40           # fewer held out: no validation (logged)
     val_max_images: int = 600
+    val_views: int = 3                 # views of each held-out image the signal compares
     val_every: int | None = None       # optimiser steps between validations (default: 1/8 of the run)
     min_gain: float = 0.01             # a candidate must beat the starting model by more than this
+    val_confidence: float = 0.95       # ... and the paired interval of its gain at this level be above zero
     whiten_choices: tuple[float, ...] = (1.0, 3.0)   # catalog shrinkages tried beside none (and whiten_shrinkage)
     auto_augment: bool = True          # fit the augmentation to the catalog (grey, small, low-detail)
     auto_size: bool = True             # ... and the input size to its detail (fine-tuning only)
@@ -141,7 +144,7 @@ SCRATCH_EPOCHS, FINE_TUNE_EPOCHS = 20, 10   # the default length of a run (see t
 # the same run (every other field equal) continues from it.
 RUN_KNOBS = {"resume", "stop_after", "progress", "workers", "device", "log_every", "checkpoint_every",
              "version", "name", "evaluate", "whiten", "whiten_shrinkage", "whiten_max_images", "out",
-             "whiten_choices", "min_gain", "keep_validated"}
+             "whiten_choices", "min_gain", "val_confidence", "keep_validated"}
 
 
 class ProjectionHead(nn.Module):
@@ -534,7 +537,7 @@ class Validator:
             self.pre = pre
             if self.kind == "views":
                 self.vset = validation.view_set(self.data["images"], pre, seed=self.cfg.split_seed,
-                                                augment=self.data["augment"])
+                                                n_views=self.cfg.val_views, augment=self.data["augment"])
             else:
                 self.q = validation.serving_batch(self.data["queries"], pre)
                 self.c = validation.serving_batch(self.data["clicked"], pre)
@@ -549,21 +552,23 @@ class Validator:
         return validation.pair_agreement(validation.embed(fq, whitening), validation.embed(fc, whitening))
 
     def check(self, run: Run, pre) -> None:
-        """Score the network now; keep its weights when it is the best so far."""
+        """Score the network now; keep its weights when its gain over step 0 is the surest so
+        far (the lower end of the paired interval, :func:`validation.paired_gain`)."""
         t0 = time.perf_counter()
         m = self.measure(run.net, pre)
-        self.history.append({"step": run.step, **m})
-        g = validation.gain(m, self.history[0])              # over step 0, on both measures
-        better = g > self.best_score
+        per = {k: [float(x) for x in v] for k, v in (m.get("_per_image") or {}).items()}
+        self.history.append({"step": run.step, **validation.public(m), "_per_image": per})
+        pg = validation.paired_gain(self.history[-1], self.history[0], 1.0 - self.cfg.val_confidence)
+        better = pg["lower"] > self.best_score
         if better:
-            self.best_step, self.best_score = run.step, g
+            self.best_step, self.best_score = run.step, pg["lower"]
             self.best_state = None if run.step == 0 else {
                 k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
         if self.cfg.keep_validated:
             _atomic_save({k: v.detach().cpu() for k, v in run.net.state_dict().items()},
                          self.out / "checkpoints" / f"step-{run.step}.pt")
-        self.runlog.write("validation", step=run.step, signal=self.signal_name(), best=better, gain=g,
-                          seconds=round(time.perf_counter() - t0, 2), **m)
+        self.runlog.write("validation", step=run.step, signal=self.signal_name(), best=better, gain=pg["mean"],
+                          gain_lower=pg["lower"], seconds=round(time.perf_counter() - t0, 2), **validation.public(m))
 
     def signal_name(self) -> str:
         return ("held-out click recall (MRR of the clicked item)" if self.kind == "pairs"
@@ -623,7 +628,7 @@ class Validator:
             net.whitening = None
             cands += variants(best_step, net, meta.preprocess)
             nets[best_step] = (net, meta)
-        chosen, reason = validation.select(cands, reference, cfg.min_gain)
+        chosen, reason = validation.select(cands, reference, cfg.min_gain, cfg.val_confidence)
         net, chosen_meta = nets[chosen.step]
         if chosen.whitening == "none":
             net.whitening, chosen_meta.whitening = None, None
@@ -830,12 +835,14 @@ def export(cfg: TrainConfig, run: Run, data: TrainData, meta: ModelMeta, runlog:
         kept = chosen.step == 0
         selection = {"signal": run.validator.signal_name(), "chosen": chosen.label(), "step": chosen.step,
                      "whitening": chosen.whitening, "score": chosen.score, "kept_start": kept, "reason": reason,
-                     "min_gain": cfg.min_gain, "validation": data.info.get("validation_images",
-                                                                           data.info.get("validation_pairs")),
+                     "min_gain": cfg.min_gain, "confidence": cfg.val_confidence,
+                     "validation": data.info.get("validation_images", data.info.get("validation_pairs")),
                      "candidates": [{"step": c.step, "whitening": c.whitening, "score": c.score,
                                      "view_map": c.measures.get("view_map"),
-                                     "gain": validation.gain(c.measures, cands[0].measures)} for c in cands],
-                     "history": run.validator.history}
+                                     "gain": validation.gain(c.measures, cands[0].measures),
+                                     "gain_lower": (c.details.get("paired_gain") or {}).get("lower")}
+                                    for c in cands],
+                     "history": [validation.public(h) for h in run.validator.history]}
         runlog.write("selection", **selection)
         (log.warning if kept else log.info)("%s", reason)
         meta = chosen_meta
