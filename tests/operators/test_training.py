@@ -217,6 +217,8 @@ def test_clicks_train_on_the_cluster_a_winner_is_rolled_out_and_a_loser_stops_wi
     assert job["spec"]["completionMode"] == "Indexed" and job["status"]["succeeded"] == 2 == job["spec"]["completions"]
     assert cluster.kubelet.starts[lost["job"]] == 2
     assert lost["result"] == "NotBetter", lost
+    # it trained on the clicks after the run that made the serving version started
+    assert lost["clicksSinceMs"] == won["startedMs"] > 0 and won["clicksSinceMs"] == 0
     assert lost["reason"].startswith("not rolled out: ") and "DOES NOT BEAT serving vsearch-default:" in lost["reason"]
     assert st["serving"]["version"] == run["version"] and st["phase"] == "Ready" and not st.get("candidate")
     assert "TrainingNotRolledOut" in [e.get("reason") for e in cluster.events(name)]
@@ -301,3 +303,33 @@ def test_a_schedule_trains_once_per_time_it_names():
     assert run["modelUri"] == "s3://models/shop/t20261202030000" and run["initUri"] == "s3://models/m/1"
     assert tr["nextScheduleAt"] == "2026-12-03T03:00:00Z" and tr["state"] == "Training"
     assert [e[1] for e in events] == ["TrainingStarted"] and tr["runs"][-1]["servingVersion"] == "1"
+    assert run["clicksSinceMs"] == 0          # the serving "1" is a person's: every click is new to it
+
+
+def test_a_run_trains_on_the_clicks_since_the_serving_version_was_trained():
+    """The serving version trained by a run of the loop: the next run's pairs are the clicks
+    after that run started (its log was read from then on); a person's model: all of them."""
+    from types import SimpleNamespace
+
+    from vsearch.operators.training import Loop, train_args
+
+    spec = spec_of()
+
+    def window(status):
+        return Loop(SimpleNamespace(spec=spec, now=1_800_000_000.0, name="shop", namespace="vs",
+                                    event=lambda *e: None, status=status)).clicks_window_ms()
+    serving = {"model": "m", "version": "t2", "modelUri": "s3://models/shop/t2", "since": "2026-12-02T05:00:00Z"}
+    runs = [{"version": "t1", "startedMs": 1_000, "result": "NotBetter"},
+            {"version": "t2", "startedMs": 2_000, "result": "RolledOut"},
+            {"version": "t3", "startedMs": 3_000, "result": "NotBetter"}]
+    assert window({"serving": serving, "training": {"runs": runs}}) == 2_000
+    # its run gone from the history: the target it was rolled out as remembers
+    target = {"model": "m", "version": "t2", "uri": "s3://models/shop/t2", "trainedFromMs": 2_000}
+    assert window({"serving": serving, "training": {"runs": runs[2:], "target": target}}) == 2_000
+    assert window({"serving": {**serving, "version": "1"}, "training": {"runs": runs}}) == 0
+    run = Run("shop", "vs", "shop-t4-train", "t4", "m", "s3://models/shop/t4", "s3://models/shop/t2", "Job",
+              "test", 4_000, clicks_since_ms=2_000)
+    args = train_args(spec, run)
+    assert args[args.index("--clicks-since-ms") + 1] == "2000"
+    assert Run.from_status("shop", "vs", run.to_status()) == run
+    assert "--clicks-since-ms" not in train_args(spec, Run(**{**run.__dict__, "clicks_since_ms": 0}))

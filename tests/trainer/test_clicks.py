@@ -50,6 +50,23 @@ def test_em_recovers_the_known_examination_and_ips_removes_the_position_bias():
     assert skipped <= negatives and not negatives & ever_clicked
 
 
+def test_only_the_clicks_since_a_time_make_pairs_while_the_propensities_see_the_whole_log():
+    """The learning loop trains on the clicks since the serving version was trained; the
+    position bias is the page's, so it is fitted on all of them."""
+    records, _ = simulate(queries=150, sessions=30, items=6, theta=THETA, seed=1)
+    log = search_events.count_clicks(records)
+    stamps = sorted(int(c["ts"]) for c in log.clicks)
+    since = stamps[len(stamps) // 2]
+    everything, recent = click_pairs(log), click_pairs(log, since_ms=since)
+    later = [c for c in log.clicks if int(c["ts"]) > since]
+    assert 0 < len(recent.pairs) == len(later) < len(everything.pairs)
+    assert recent.stats["clicks_before_since"] == len(log.clicks) - len(later)
+    assert recent.stats["clicks_since_ms"] == since
+    assert np.allclose(recent.model.examination, everything.model.examination)
+    assert np.mean(recent.weights) == pytest.approx(1.0)
+    assert click_pairs(log, since_ms=stamps[-1]).pairs == []
+
+
 def test_without_rank_variation_the_pairs_stay_unweighted_and_bad_input_is_refused():
     # one query, always the same order: position and relevance cannot be told apart
     records, _ = simulate(queries=1, sessions=20, items=4, noise=0.0, seed=2)

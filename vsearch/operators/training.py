@@ -93,17 +93,19 @@ class Run:
     backend: str                  # TrainJob | Job
     trigger: str
     started_ms: int
+    clicks_since_ms: int = 0      # the clicks that train: after this (0: all; see Loop.clicks_window_ms)
 
     @classmethod
     def from_status(cls, index: str, namespace: str, d: dict) -> "Run":
         return cls(index=index, namespace=namespace, job=d["job"], version=d["version"], model=d["model"],
                    uri=d["modelUri"], init_uri=d["initUri"], backend=d["backend"], trigger=d.get("trigger") or "",
-                   started_ms=int(d["startedMs"]))
+                   started_ms=int(d["startedMs"]), clicks_since_ms=int(d.get("clicksSinceMs") or 0))
 
     def to_status(self) -> dict:
         return {"job": self.job, "version": self.version, "model": self.model, "modelUri": self.uri,
                 "initUri": self.init_uri, "backend": self.backend, "trigger": self.trigger,
-                "startedMs": self.started_ms, "startedAt": iso_ms(self.started_ms)}
+                "startedMs": self.started_ms, "startedAt": iso_ms(self.started_ms),
+                "clicksSinceMs": self.clicks_since_ms}
 
     @property
     def service(self) -> str:
@@ -149,6 +151,8 @@ def train_args(spec: IndexSpec, run: Run) -> list[str]:
     for flag, value in (("--lr", t.lr), ("--simclr-ratio", t.simclr_ratio), ("--holdout", t.holdout)):
         if value is not None:
             args += [flag, f"{value:g}"]
+    if run.clicks_since_ms:
+        args += ["--clicks-since-ms", str(run.clicks_since_ms)]
     return args + list(t.args)
 
 
@@ -416,6 +420,20 @@ class Loop:
             since = max(since, int(runs[-1].get("startedMs") or 0))
         return int(since)
 
+    def clicks_window_ms(self) -> int:
+        """The clicks a run trains on: those after the start of the run that trained the serving
+        version (that run read the log from then on: what it trained on is in the model), or all
+        of them when the serving version was not trained by this loop (a person's model has
+        learnt from none of them) or its run is no longer known."""
+        version = (self.status.get("serving") or {}).get("version")
+        target = self.tr.get("target") or {}
+        for r in reversed(self.tr.get("runs") or []):
+            if r.get("version") == version and r.get("startedMs"):
+                return int(r["startedMs"])
+        if target.get("version") == version and target.get("trainedFromMs"):
+            return int(target["trainedFromMs"])
+        return 0
+
     def new_clicks(self) -> int | None:
         """Clicks since :meth:`since_ms` (None: not looked at this time, too soon since the last)."""
         last = parse_iso(self.tr.get("checkedAt"))
@@ -462,7 +480,8 @@ class Loop:
         run = Run(index=self.step.name, namespace=self.step.namespace, job=job_name(self.step.name, version),
                   version=version, model=model,
                   uri=self.t.uri_of(self.step.namespace, self.step.name, model, version), init_uri=init_uri,
-                  backend=self.backend(), trigger=trigger, started_ms=int(self.now * 1000))
+                  backend=self.backend(), trigger=trigger, started_ms=int(self.now * 1000),
+                  clicks_since_ms=self.clicks_window_ms())
         runs = list(self.tr.get("runs") or [])
         entry = {**run.to_status(), "servingVersion": serving["version"], "result": None}
         if not (is_s3(init_uri) or local_path(init_uri)):
@@ -519,7 +538,7 @@ class Loop:
         self.finish(run, "Trained", f"beats the serving version: {why}", figures=figures, keep_state=True,
                     verdict=why)
         self.tr["target"] = {"model": run.model, "version": run.version, "uri": run.uri,
-                             "specKey": self.spec.model.key}
+                             "specKey": self.spec.model.key, "trainedFromMs": run.started_ms}
         self.tr.update(state=ROLLING_OUT, message=f"rolling out trained version {run.version}")
         self.save()
         self.step.event("Normal", "TrainedVersionWins", f"{run.version} beats {self.status['serving']['version']} "

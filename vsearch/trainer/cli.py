@@ -102,6 +102,9 @@ def register(sub) -> None:
     pf.add("--no-ips", default=False, type=bool,
            help="clicks: do not weight the pairs by inverse examination propensity (PBM fitted by EM)")
     pf.add("--propensity-clip", default=10.0, type=float, help="clicks: the largest inverse-propensity weight")
+    pf.add("--clicks-since-ms", default=None, type=int,
+           help="clicks: only those logged after this time (ms since the epoch) make pairs; the propensities "
+                "are fitted on the whole log (the learning loop passes the serving version's training time)")
     pf.add("--judge-against", default=None,
            help="after export (rank 0): the offline verdict of the new model against raw pixels, random "
                 "init and this SERVING model directory on the held-out click pairs (or held-out split), "
@@ -194,7 +197,8 @@ def _train(args) -> int:
             progress=not args.no_progress, hard_negatives_from=args.hard_negatives_from,
             hard_negatives_collection=args.hard_negatives_collection,
             hard_negatives_k=args.hard_negatives_k, catalog=args.catalog, simclr_ratio=args.simclr_ratio,
-            ips=not args.no_ips, propensity_clip=args.propensity_clip, select=not args.no_select,
+            ips=not args.no_ips, propensity_clip=args.propensity_clip,
+            clicks_since_ms=args.clicks_since_ms, select=not args.no_select,
             val_fraction=args.val_fraction, val_min_images=args.val_min_images, val_every=args.val_every, min_gain=args.min_gain,
             val_confidence=args.val_confidence, val_views=args.val_views,
             auto_augment=not args.no_auto_augment)

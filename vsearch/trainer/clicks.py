@@ -138,11 +138,18 @@ class ClickPairs:
 
 
 def click_pairs(click_log: ClickLog, *, ips: bool = True, clip: float = 10.0,
-                max_rank: int | None = None) -> ClickPairs:
-    """Pairs, inverse-propensity weights and skip-above negatives from a counted click log."""
+                max_rank: int | None = None, since_ms: int | None = None) -> ClickPairs:
+    """Pairs, inverse-propensity weights and skip-above negatives from a counted click log.
+
+    With ``since_ms`` only the clicks logged after it (``ts``, ms) make pairs (the clicks since
+    the serving version was trained); the examination propensities are still fitted on the whole
+    log: the position bias is the result page's, not a version's, and more of the log fits it
+    better."""
     if clip < 1:
         raise ValueError(f"the propensity clip must be at least 1, got {clip}")
     stats = {"clicks_without_uris": 0, "bad_crops": 0, "negatives": 0, "negatives_without_uri": 0}
+    if since_ms:
+        stats.update(clicks_since_ms=int(since_ms), clicks_before_since=0)
     qs, items, ranks, cs = observations(click_log)
     model = fit_pbm(qs, items, ranks, cs, max_rank=max_rank) if qs and any(cs) else None
     weighted = ips and model is not None and model.identifying_pairs > 0
@@ -154,6 +161,9 @@ def click_pairs(click_log: ClickLog, *, ips: bool = True, clip: float = 10.0,
         clicked_by_query.setdefault(c["query_id"], set()).add(str(c.get("item_id")))
     pairs, weights, negatives = [], [], {}
     for c in click_log.clicks:
+        if since_ms and int(c.get("ts") or 0) <= since_ms:
+            stats["clicks_before_since"] += 1
+            continue
         imp = click_log.impressions[c["query_id"]]
         results = [r for r in imp.get("results") or () if isinstance(r, dict)]
         rank = next((r.get("rank") for r in results if str(r.get("id")) == str(c.get("item_id"))), None)

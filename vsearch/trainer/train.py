@@ -121,6 +121,7 @@ class TrainConfig:
     simclr_ratio: float = 0.5          # ... the share of the loss that is theirs
     simclr_temperature: float = 0.2    # ... their NT-Xent temperature
     ips: bool = True                   # clicks: weight pairs by inverse examination propensity
+    clicks_since_ms: int | None = None  # clicks: only those logged after this (ms) make pairs
     propensity_clip: float = 10.0      # ... at most this weight
     # the label-free validation (vsearch/trainer/validation.py): checkpoint and whitening chosen
     # on a held-out part of the training images, the starting model kept when nothing beats it
@@ -227,10 +228,12 @@ def load_pairs(cfg: TrainConfig) -> Pairs:
         rest = cfg.data[len("kafka://"):]
         bootstrap, _, topic = rest.partition("/")
         clicks, events = read_click_log(bootstrap, topic or cfg.kafka_topic)
-        got = click_pairs(clicks, ips=cfg.ips, clip=cfg.propensity_clip)
+        got = click_pairs(clicks, ips=cfg.ips, clip=cfg.propensity_clip, since_ms=cfg.clicks_since_ms)
         stats = {**click_log_stats(clicks, events), **got.stats}
         if not got.pairs:
-            raise DataError(f"no usable click pairs on {cfg.data}: {stats}")
+            since = (f" after {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(cfg.clicks_since_ms / 1000))}"
+                     if cfg.clicks_since_ms else "")
+            raise DataError(f"no usable click pairs{since} on {cfg.data}: {stats}")
         pairs = Pairs(got.pairs, stats, got.weights, got.negatives)
     else:
         csv_pairs = read_pairs_csv(cfg.data)
