@@ -256,9 +256,9 @@ def signal_study(cfg: TrainConfig, out: Path) -> dict:
                                      for s in sorted({*cfg.whiten_choices, cfg.whiten_shrinkage})}}
         if step == 0 and own is not None:
             variants["start"] = own
-        feats_val = validation.features(net, val._inputs(pre).vset.x)
+        feats_val = val.features(net, pre)                  # the trainer's own measure (gallery too)
         for wname, w in variants.items():
-            sig = validation.score(feats_val, val.vset, w)
+            sig = val.measure(net, pre, w, feats_val)
             lab = evaluate_embeddings(validation.embed(feats_held, w).numpy(), labels)["metrics"]["map@r"]
             rows.append({"step": step, "whitening": wname, "signal": sig["score"], "view_map": sig["view_map"],
                          "map@r": lab})

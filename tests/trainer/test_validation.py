@@ -54,6 +54,15 @@ def test_agreement_metrics_on_known_embeddings():
     q = torch.eye(4)
     assert validation.pair_agreement(q, q)["recall@1"] == 1.0
     assert validation.pair_agreement(q, q.roll(1, 0))["recall@1"] == 0.0
+    # among a gallery: two views agree on their gallery neighbours when they land near the same
+    # gallery items, and the gallery's size bounds k
+    gallery = torch.eye(4)
+    twins = torch.eye(4)[[0, 0, 1, 1, 2, 2]] + 0.01 * torch.randn(6, 4)
+    got = validation.neighbour_agreement(twins, 3, 2, k=1, gallery=gallery)
+    assert got["score"] == 1.0 and got["k"] == 1 and len(got["_values"]) == 3
+    swapped = torch.eye(4)[[0, 3, 1, 2, 2, 1]]
+    assert validation.neighbour_agreement(swapped, 3, 2, k=1, gallery=gallery)["score"] == 0.0
+    assert validation.neighbour_agreement(twins, 3, 2, k=50, gallery=gallery)["k"] == 4
     diverged = validation.score(torch.full((12, 4), float("nan")), validation.ViewSet(torch.zeros(12), 6, 2))
     assert diverged["score"] < 0
 
@@ -123,6 +132,16 @@ def test_a_run_that_makes_things_worse_exports_the_starting_model_unchanged(phot
     logged = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [r["step"] for r in logged if r["event"] == "validation"] == [0, 1, 2]
     assert [r["kept_start"] for r in logged if r["event"] == "selection"] == [True]
+
+
+def test_the_gallery_signal_scores_the_held_out_views_among_training_images(photo_folder, tiny_model_dir, tmp_path):
+    out = train(TrainConfig(data=str(photo_folder), out=str(tmp_path / "g"), init=str(tiny_model_dir),
+                            batch_size=8, max_steps=2, val_every=1, workers=0, progress=False, version="g",
+                            val_fraction=0.5, val_min_images=8, val_gallery=10, evaluate=False))
+    sel = read_meta(out).training["selection"]
+    assert [h["gallery"] for h in sel["history"]] == [10, 10, 10]
+    assert all(0 <= h["score"] <= 1 for h in sel["history"]) and "_per_image" not in sel["history"][0]
+    assert all(c["gain_lower"] is not None for c in sel["candidates"][1:])
 
 
 def test_the_augmentation_and_size_fit_a_grey_low_detail_catalog(photos):

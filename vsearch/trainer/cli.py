@@ -87,6 +87,9 @@ def register(sub) -> None:
            help="how much a checkpoint must beat the starting model on the validation signal to replace it")
     pf.add("--val-views", default=3, type=int,
            help="views of each held-out image the validation signal compares (at least 2)")
+    pf.add("--val-gallery", default=0, type=int,
+           help="the neighbours of the held-out views among this many training images instead of among the "
+                "held-out ones (0: off; see trainer/EXPERIMENTS.md)")
     pf.add("--val-confidence", default=0.95, type=float,
            help="... and how sure: the lower end of the one-sided paired interval of its gain at this level "
                 "(corrected for the number of candidates) must be above zero")
@@ -201,6 +204,7 @@ def _train(args) -> int:
             clicks_since_ms=args.clicks_since_ms, select=not args.no_select,
             val_fraction=args.val_fraction, val_min_images=args.val_min_images, val_every=args.val_every, min_gain=args.min_gain,
             val_confidence=args.val_confidence, val_views=args.val_views,
+            val_gallery=args.val_gallery,
             auto_augment=not args.no_auto_augment)
         try:
             out = train(cfg)

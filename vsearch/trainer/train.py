@@ -130,6 +130,7 @@ class TrainConfig:
     val_min_images: int = 40           # fewer held out: no validation (logged)
     val_max_images: int = 600
     val_views: int = 3                 # views of each held-out image the signal compares
+    val_gallery: int = 0               # > 0: neighbours among this many training images (serving views)
     val_every: int | None = None       # optimiser steps between validations (default: 1/8 of the run)
     min_gain: float = 0.01             # a candidate must beat the starting model by more than this
     val_confidence: float = 0.95       # ... and the paired interval of its gain at this level be above zero
@@ -420,6 +421,11 @@ def _simclr_data(cfg: TrainConfig, folder: str, pre, with_val: bool = False, met
         vcache = ImageCache([r.source for r in val_recs], pre, workers=max(2, cfg.workers))
         images = [vcache[r.source] for r in val_recs if r.source in vcache]
         val = {"kind": "views", "images": images, "augment": _val_augment(augment)}
+        if cfg.val_gallery > 0:
+            held_in = [r.source for r in train_recs if r.source in cache]
+            pick = sorted(random.Random(f"gallery-{cfg.split_seed}").sample(range(len(held_in)),
+                                                                             min(cfg.val_gallery, len(held_in))))
+            val["gallery"] = [cache[held_in[i]] for i in pick]
     elif with_val:
         info["validation"] = (f"off: {int(round(len(train_recs) * cfg.val_fraction))} images would be held out, "
                               f"fewer than {cfg.val_min_images}" if cfg.select and cfg.val_fraction > 0 else "off")
@@ -541,18 +547,26 @@ class Validator:
             if self.kind == "views":
                 self.vset = validation.view_set(self.data["images"], pre, seed=self.cfg.split_seed,
                                                 n_views=self.cfg.val_views, augment=self.data["augment"])
+                self.gx = validation.serving_batch(self.data["gallery"], pre) if self.data.get("gallery") else None
             else:
                 self.q = validation.serving_batch(self.data["queries"], pre)
                 self.c = validation.serving_batch(self.data["clicked"], pre)
         return self
 
-    def measure(self, net: EmbeddingNet, pre, whitening=None, feats=None) -> dict:
+    def features(self, net: EmbeddingNet, pre) -> tuple:
+        """The network's features of what it is measured on: (views, gallery or None) or
+        (queries, clicked items); computed once per network, shared by its whitening variants."""
         self._inputs(pre)
         if self.kind == "views":
-            f = feats if feats is not None else validation.features(net, self.vset.x)
-            return validation.score(f, self.vset, whitening)
-        fq, fc = feats if feats is not None else (validation.features(net, self.q), validation.features(net, self.c))
-        return validation.pair_agreement(validation.embed(fq, whitening), validation.embed(fc, whitening))
+            return (validation.features(net, self.vset.x),
+                    None if self.gx is None else validation.features(net, self.gx))
+        return validation.features(net, self.q), validation.features(net, self.c)
+
+    def measure(self, net: EmbeddingNet, pre, whitening=None, feats=None) -> dict:
+        f = feats if feats is not None else self.features(net, pre)
+        if self.kind == "views":
+            return validation.score(f[0], self.vset, whitening, gallery=f[1])
+        return validation.pair_agreement(validation.embed(f[0], whitening), validation.embed(f[1], whitening))
 
     def check(self, run: Run, pre) -> None:
         """Score the network now; keep its weights when its gain over step 0 is the surest so
@@ -601,11 +615,7 @@ class Validator:
 
         def variants(step, net, pre, own=None):
             net.eval().cpu()
-            if self.kind == "views":
-                feats = validation.features(net, self._inputs(pre).vset.x)
-            else:
-                self._inputs(pre)
-                feats = (validation.features(net, self.q), validation.features(net, self.c))
+            feats = self.features(net, pre)
             out = []
             if own is not None:
                 out.append(validation.Candidate(step, "start", self.measure(net, pre, own, feats)))

@@ -153,23 +153,33 @@ def pair_agreement(zq: torch.Tensor, zc: torch.Tensor) -> dict:
             "items": len(zq), "_per_image": {"score": rr}}
 
 
-def neighbour_agreement(z: torch.Tensor, n: int, n_views: int, k: int = 10) -> dict:
+def neighbour_agreement(z: torch.Tensor, n: int, n_views: int, k: int = 10,
+                        gallery: torch.Tensor | None = None) -> dict:
     """``z`` [n * n_views, D], image i's views at rows i * n_views ...: for each view v, the k
     nearest other images of every image by its view v (cosine); ``score`` = the mean fraction
-    of those k shared between two views of the same image, over all pairs of views. Ties are
-    broken at random (seeded), independently per view: a collapsed network, whose images all
-    tie, scores chance (about k / n), not a perfect agreement of identical orderings."""
+    of those k shared between two views of the same image, over all pairs of views. With a
+    ``gallery`` [G, D] (embeddings of other catalog images, e.g. training images' serving
+    views) the neighbours are taken among the gallery instead: what a held-out query would get
+    back from the catalog. Ties are broken at random (seeded), independently per view: a
+    collapsed network, whose images all tie, scores chance (about k / n), not a perfect
+    agreement of identical orderings."""
     if n < 2 or n_views < 2:
         raise ValueError(f"neighbour agreement needs 2 images and 2 views, got {n} x {n_views}")
-    k = max(1, min(k, n - 1))
+    pool = n if gallery is None else len(gallery)
+    k = max(1, min(k, pool - 1 if gallery is None else pool))
     zz = F.normalize(z.float(), dim=-1).view(n, n_views, -1)
+    other = None if gallery is None else F.normalize(gallery.float(), dim=-1).double()
     eye = torch.eye(n, dtype=torch.bool)
     gen = torch.Generator().manual_seed(0)
     graphs = []
     for v in range(n_views):
-        jitter = torch.rand(n, n, generator=gen, dtype=torch.float64) * 1e-6
-        sim = (zz[:, v].double() @ zz[:, v].double().t() + jitter).masked_fill(eye, -float("inf"))
-        member = torch.zeros(n, n, dtype=torch.bool)
+        q = zz[:, v].double()
+        jitter = torch.rand(n, pool, generator=gen, dtype=torch.float64) * 1e-6
+        if other is None:
+            sim = (q @ q.t() + jitter).masked_fill(eye, -float("inf"))
+        else:
+            sim = q @ other.t() + jitter
+        member = torch.zeros(n, pool, dtype=torch.bool)
         member.scatter_(1, sim.topk(k, dim=1).indices, True)
         graphs.append(member)
     shared = np.mean([(graphs[a] & graphs[b]).sum(1).double().numpy() / k
@@ -178,15 +188,21 @@ def neighbour_agreement(z: torch.Tensor, n: int, n_views: int, k: int = 10) -> d
             "_values": shared}
 
 
-def score(feats: torch.Tensor, vset: ViewSet, whitening: Whitening | None = None, k: int = 10) -> dict:
+def score(feats: torch.Tensor, vset: ViewSet, whitening: Whitening | None = None, k: int = 10,
+          gallery: torch.Tensor | None = None) -> dict:
     """The signal of a network's features of ``vset.x`` (with a whitening): the neighbour
-    agreement (``score``), with the view agreement's mAP and recall@1 beside it."""
+    agreement (``score``; among the ``gallery`` features' images when given), with the view
+    agreement's mAP and recall@1 beside it."""
     z = embed(feats, whitening)
     if not torch.isfinite(z).all():                # a diverged network: worse than anything
         return {"score": -1.0, "neighbour_agreement": None, "diverged": True, "images": vset.n}
+    g = None if gallery is None else embed(gallery, whitening)
+    if g is not None and not torch.isfinite(g).all():
+        return {"score": -1.0, "neighbour_agreement": None, "diverged": True, "images": vset.n}
     views = agreement(z, vset.ids)
-    na = neighbour_agreement(z, vset.n, vset.n_views, k)
+    na = neighbour_agreement(z, vset.n, vset.n_views, k, gallery=g)
     return {**na, "view_map": views["map"], "view_recall@1": views["recall@1"], "images": vset.n,
+            **({"gallery": len(g)} if g is not None else {}),
             "_per_image": {"score": na["_values"], "view_map": views["_values"]}}
 
 
