@@ -19,7 +19,8 @@ connection, real Caltech photos):
 
 ``--variants`` runs the search service once per variant in the same run (the settings the
 fixes can be switched off with, for before/after):  ``default`` and ``before``
-(``--search-threads 0 --embed-batch 1``: KServe's default thread pool and one forward per query).
+(``--search-threads 0 --embed-batch 1``: KServe's default thread pool and one forward per query),
+and ``nodedup`` (``--dedup-distance 0``: no near-duplicate re-rank, so no stored vectors fetched).
 
     python -m bench.load [--size 100000] [--concurrency 1,4,16] [--requests 200]
                          [--variants before,default] [--modes remote,inprocess]
@@ -49,7 +50,8 @@ from vsearch.predictor.model_dir import default_model_dir, read_meta
 
 ALIAS = "bench_load"
 K = 10
-VARIANTS = {"default": (), "before": ("--search-threads", "0", "--embed-batch", "1")}
+VARIANTS = {"default": (), "before": ("--search-threads", "0", "--embed-batch", "1"),
+            "nodedup": ("--dedup-distance", "0")}     # no stored vectors asked of Milvus
 
 
 def load_catalog(uri: str, model_dir: Path, n: int) -> str:

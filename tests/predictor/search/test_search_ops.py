@@ -145,3 +145,25 @@ def test_a_click_is_accepted_by_any_replica_that_shares_the_secret(search_catalo
     finally:
         for svc in (a, b, other):
             svc.stop()
+
+
+def test_without_the_near_duplicate_rerank_no_stored_vectors_are_asked_of_milvus(search_catalog, tiny_model_dir,
+                                                                                milvus_server_uri):
+    """``--dedup-distance 0``: the search asks Milvus for no vectors (a second query by primary
+    key on Milvus 2.3); the same hits, in the same order, just without them."""
+    from vsearch.predictor.search.index import CatalogIndex
+
+    emb = Embedder(tiny_model_dir)
+    [query] = emb.embed_bytes([search_catalog.photos["photo-03"]])
+    store = MilvusStore(milvus_server_uri, timeout=30)
+    try:
+        full = CatalogIndex(store, search_catalog.alias).search(query, 8)
+        lean_index = CatalogIndex(store, search_catalog.alias, vectors=False)
+        assert "embedding" not in lean_index.output_fields
+        lean = lean_index.search(query, 8)
+    finally:
+        store.close()
+        emb.close()
+    assert [c.id for c in lean] == [c.id for c in full] and full[0].id == "photo-03"
+    assert all(c.vector is not None for c in full) and all(c.vector is None for c in lean)
+    assert [c.uri for c in lean] == [c.uri for c in full]

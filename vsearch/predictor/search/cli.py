@@ -44,7 +44,8 @@ def register_serve(serve_sub) -> None:
     pf.add("--k-default", default=D.k_default, type=int, help="results when the query gives no k")
     pf.add("--k-max", default=D.k_max, type=int, help="largest k accepted")
     pf.add("--dedup-distance", default=D.dedup_distance, type=float,
-             help="cosine distance under which two results count as near-duplicates (0: off)")
+             help="cosine distance under which two results count as near-duplicates (0: off, and the "
+                  "search asks Milvus for no stored vectors: faster)")
     pf.add("--overfetch", default=D.overfetch, type=float, help="candidates fetched per wanted result")
     pf.add("--filter-fields", default=",".join(D.filter_fields),
              help="metadata fields a query may filter on (comma-separated)")
@@ -178,7 +179,8 @@ def build_service(settings, store, *, model_dir=None, embedder_url: str | None =
         if settings.embed_batch > 1:
             from ..coalesce import CoalescingEmbedder
             embedder = CoalescingEmbedder(embedder, max_batch=settings.embed_batch)
-    index = CatalogIndex(store, settings.alias)
+    # the stored vectors only when the near-duplicate re-rank compares them (a cheaper search otherwise)
+    index = CatalogIndex(store, settings.alias, vectors=settings.dedup_distance > 0)
     svc = SearchService(embedder, index, settings, EventLog(bootstrap), embedder_name=embedder_name,
                         embedder_api_key=embedder_api_key)
     if not svc.tokens.shared:
