@@ -146,7 +146,7 @@ SCRATCH_EPOCHS, FINE_TUNE_EPOCHS = 20, 10   # the default length of a run (see t
 # the same run (every other field equal) continues from it.
 RUN_KNOBS = {"resume", "stop_after", "progress", "workers", "device", "log_every", "checkpoint_every",
              "version", "name", "evaluate", "whiten", "whiten_shrinkage", "whiten_max_images", "out",
-             "whiten_choices", "min_gain", "val_confidence", "keep_validated"}
+             "whiten_choices", "min_gain", "keep_validated"}
 
 
 class ProjectionHead(nn.Module):
