@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         time.sleep(2)
         loop.stop()
         with MilvusStore(milvus.uri) as store:
-            n2 = store.count("images__bench__2")
+            n2 = store.count(store.describe_alias("images"))      # the served collection (its name has a suffix)
         reindex = n2 / (marks["caught_up"] - marks["backfill"])
         steady = (n2 - marks["first_n"]) / max(1e-6, marks["caught_up"] - marks["first"])
         print()
