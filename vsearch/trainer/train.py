@@ -852,7 +852,7 @@ def export(cfg: TrainConfig, run: Run, data: TrainData, meta: ModelMeta, runlog:
                      "validation": data.info.get("validation_images", data.info.get("validation_pairs")),
                      "candidates": [{"step": c.step, "whitening": c.whitening, "score": c.score,
                                      "view_map": c.measures.get("view_map"),
-                                     "gain": validation.gain(c.measures, cands[0].measures),
+                                     "gain": (c.details.get("paired_gain") or {}).get("mean", 0.0),
                                      "gain_lower": (c.details.get("paired_gain") or {}).get("lower")}
                                     for c in cands],
                      "history": [validation.public(h) for h in run.validator.history]}

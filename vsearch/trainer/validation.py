@@ -214,24 +214,14 @@ def public(m: dict) -> dict:
 MEASURES = ("score", "view_map")     # both must agree (click pairs: one, the MRR, used for both)
 
 
-def gain(m: dict, ref: dict) -> float:
-    """How much the measures ``m`` beat ``ref`` on average: the *smaller* of the gains in
-    neighbour agreement and in view agreement (``view_map``), so that both must agree (click
-    pairs have one measure, the MRR, used for both). Measured on the bench collections, each of
-    the two alone ordered some catalog's candidates the wrong way (see trainer/EXPERIMENTS.md);
-    requiring both is the conservative choice."""
-    if m.get("diverged"):
-        return -1.0
-    a = m["score"] - ref["score"]
-    b = m.get("view_map", m["score"]) - ref.get("view_map", ref["score"])
-    return float(min(a, b))
-
-
 def paired_gain(m: dict, ref: dict, alpha: float = 0.05) -> dict:
-    """The gain of ``m`` over ``ref`` with its noise: for each measure, the per-image paired
-    difference (the same held-out images, views and pairs under both) and the lower end of its
-    one-sided ``1 - alpha`` t-interval (statsmodels); ``lower`` and ``mean`` are the smaller of
-    the measures' (both must agree). A held-out set of 56 images moves the neighbour agreement
+    """The gain of ``m`` over ``ref`` with its noise: the *smaller* of the gains in neighbour
+    agreement and in view agreement (``view_map``), so that both must agree (click pairs have
+    one measure, the MRR, used for both; measured on the bench collections, each of the two alone
+    ordered some catalog's candidates the wrong way, see trainer/EXPERIMENTS.md). For each
+    measure, the per-image paired difference (the same held-out images, views and pairs under
+    both) and the lower end of its one-sided ``1 - alpha`` t-interval (statsmodels); ``lower``
+    and ``mean`` are the smaller of the measures'. A held-out set of 56 images moves the neighbour agreement
     by +-0.03 between checkpoints of one run (textures, trainer/EXPERIMENTS.md): a mean gain
     alone mistakes that for progress."""
     from statsmodels.stats.weightstats import DescrStatsW
