@@ -174,13 +174,21 @@ def main(argv=None) -> int:
         # the candidate embedder's own throughput, same machine, same run
         emb = services.start_embedder(v2, log_path=work / "embedder-alone.log", extra=("--threads", "1"))
         # (the rollout's embedder runs with --threads 1 too: LocalWorkloads' default)
-        client = EmbedderClient(emb.url, timeout=120)
+        # measured one request at a time and with two in flight (as the consumer sends them);
+        # the faster of the two is the baseline
         sample = [p.read_bytes() for p in paths[:min(2048, args.items)]]
-        client.embed_bytes(sample[:64])
-        t = time.perf_counter()
-        for s in range(0, len(sample), 64):
-            client.embed_bytes(sample[s:s + 64])
-        alone = len(sample) / (time.perf_counter() - t)
+        alone_by = {}
+        for in_flight in (1, 2):
+            client = EmbedderClient(emb.url, timeout=120, in_flight=in_flight)
+            client.embed_bytes(sample[:64])
+            t = time.perf_counter()
+            for s in range(0, len(sample), 64):
+                client.embed_bytes(sample[s:s + 64])
+            alone_by[in_flight] = len(sample) / (time.perf_counter() - t)
+            client.close()
+        alone = max(alone_by.values())
+        print(f"candidate embedder alone: {alone_by[1]:.1f} img/s one request at a time, "
+              f"{alone_by[2]:.1f} with two in flight", flush=True)
         emb.stop()
 
         loop = Loop(search.url, probe, threads=args.search_threads).start()

@@ -42,3 +42,25 @@ def test_embed_each_answers_every_image_and_isolates_the_bad_ones_in_process_and
         np.testing.assert_allclose(np.stack([out[0], out[2], out[4]]), expected, atol=1e-5)
     assert remote.model_id == f"embedder__{local.version}"   # the version the endpoint served
     assert local.embed_each([]) == [] and remote.embed_each([]) == []
+
+
+def test_requests_in_flight_answer_in_order_like_one_at_a_time(embedder_url, photo_bytes):
+    """A call of several requests keeps two open at once (the embedder decodes one while its
+    model runs the other): the vectors come back in the callers' order, equal to the
+    one-request-at-a-time answers, and a refused image is still isolated to itself."""
+    blobs = [photo_bytes[i % len(photo_bytes)] for i in range(11)]
+    blobs[5] = b"not an image"
+    serial = EmbedderClient(embedder_url, batch_size=2, in_flight=1)
+    overlapped = EmbedderClient(embedder_url, batch_size=2, in_flight=2)
+    try:
+        good = [b for i, b in enumerate(blobs) if i != 5]
+        np.testing.assert_allclose(overlapped.embed_bytes(good), serial.embed_bytes(good), atol=1e-5)
+        with pytest.raises(InvalidImage):
+            overlapped.embed_bytes(blobs)
+        out = overlapped.embed_each(blobs)
+        assert isinstance(out[5], InvalidImage)
+        np.testing.assert_allclose(np.stack([v for i, v in enumerate(out) if i != 5]), serial.embed_bytes(good),
+                                   atol=1e-5)
+    finally:
+        serial.close()
+        overlapped.close()

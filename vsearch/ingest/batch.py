@@ -50,6 +50,19 @@ class PreparedBatch:
     epochs: dict = dataclasses.field(default_factory=dict)   # tp -> ownership epoch when prepared (.versions)
 
 
+@dataclasses.dataclass
+class FetchedBatch:
+    """A batch between its fetch and its embedding: the events still live after the version
+    check, the bytes of their images (or why a fetch failed), and what is already known."""
+    result: BatchResult
+    live: list[Event]
+    blobs: dict                           # position -> image bytes, or the FetchError saying why not
+    dead: list[Dead]
+    size: int
+    started: float
+    epochs: dict                          # tp -> ownership epoch when read (.versions)
+
+
 def next_offsets(records: Sequence) -> dict:
     """``{partition: offset after the last record of the batch}``: what a commit stores."""
     offsets: dict = {}
@@ -127,6 +140,25 @@ def plan(live: list[Event], vectors: dict[int, np.ndarray], result: BatchResult,
     return PreparedBatch(result=result, rows=rows, deletes=deletes, dead=dead, size=size,
                          started=started, versions={i: k[0] for i, (k, _) in winners.items()},
                          sources={i: record_at[k[1]] for i, (k, _) in winners.items()})
+
+
+def without_partitions(p: PreparedBatch, partitions: set) -> PreparedBatch:
+    """The batch less everything from ``partitions`` (given to another consumer while the
+    batch was being embedded): their records are neither written, dead-lettered nor committed
+    here; their new owner reads them again from the committed offsets."""
+    if not partitions:
+        return p
+    keep = {i for i, rec in p.sources.items() if partition_of(rec) not in partitions}
+    log.info("%d id(s) of this batch belong to partitions given to another consumer while it was "
+             "embedded: left to their new owner", len(p.sources) - len(keep))
+    result = dataclasses.replace(p.result, offsets={tp: off for tp, off in p.result.offsets.items()
+                                                     if tp not in partitions})
+    return dataclasses.replace(
+        p, result=result, rows=[r for r in p.rows if r["id"] in keep],
+        deletes={i: ts for i, ts in p.deletes.items() if i in keep},
+        dead=[d for d in p.dead if partition_of(d[0]) not in partitions],
+        versions={i: ts for i, ts in p.versions.items() if i in keep},
+        sources={i: rec for i, rec in p.sources.items() if i in keep})
 
 
 def written_ids(p: PreparedBatch) -> list[str]:

@@ -8,9 +8,10 @@ events older than it -> fetch images (parallel, timeouts, retries) ->
 embed (in process, or the embedder's V2 endpoint) -> for each id keep the newest valid event
 (ties: the later in the log) -> upsert / delete in Milvus -> dead-letter the bad records to
 ``<topic>.dlq`` (original key, value and headers; the reason in headers) -> commit the
-batch's offsets. Two stages overlap: the writes of batch N (a writer thread) run while batch
-N+1 is polled, validated, fetched and embedded; N is committed when its writes are done, and
-N+1's version check counts N's writes as stored.
+batch's offsets. Three stages overlap: while batch N is written (a writer thread), batch N+1
+is embedded (an embedding thread) and batch N+2 is polled, validated, version-checked and its
+images fetched; N is committed when its writes are done. A batch's version check counts the
+writes still in flight (N's, and N+1's once it is planned) as stored.
 
 Where the parts live: this module is the loop (poll, hand the batch to the writer, commit,
 rebalances); :mod:`.batch` plans what a batch writes; :mod:`.deadletter` writes the dead-letter
@@ -44,7 +45,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from kafka import KafkaConsumer
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from ..core.bisection import bisect
@@ -135,6 +136,7 @@ class IngestConsumer:
         self._consumer: KafkaConsumer | None = None
         self._rebalancing: Rebalancing | None = None
         self._pending = None                  # (future, prepared batch) being written
+        self._embedding = None                # (future, fetched batch) being embedded
         self._collecting: list = []           # records polled for the next batch
         self.versions = VersionCache(settings.version_cache) if settings.version_cache > 0 else None
 
@@ -192,18 +194,21 @@ class IngestConsumer:
             log.error("cannot start: %s", exc)
             self.close()
             return 2
-        # Two stages: while the writer thread upserts batch N and dead-letters its bad records,
-        # this thread polls, validates, fetches and embeds batch N+1. Batch N's offsets are
-        # committed only once its writes are done; N+1's version check also counts N's
-        # in-flight writes, so an event older than one of them is still ignored.
+        # Three stages (see the module's docstring): this thread polls, validates, reads the
+        # stored versions and fetches the images of one batch while the embedding thread embeds
+        # the previous one and the writer thread writes the one before that. A batch's offsets
+        # are committed only once its writes are done.
         writer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
-        self._pending = None                              # (future, prepared batch)
+        embedding = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._pending = None                              # (future, prepared batch) being written
+        self._embedding = None                            # (future, fetched batch) being embedded
         idle_since = time.monotonic()
         try:
             while not self.retry.stopped.is_set():
                 records = self._poll_batch()
                 if not records:
-                    self._finish_pending()
+                    self._advance(writer)                  # nothing new: write what is in hand ...
+                    self._finish_pending()                 # ... and commit it
                     if not self._consumer.assignment():
                         idle_since = time.monotonic()      # not idle: still joining the group
                     elif (self.s.exit_when_idle_s is not None
@@ -211,18 +216,37 @@ class IngestConsumer:
                         log.info("no records for %.1fs: exiting", self.s.exit_when_idle_s)
                         break
                     continue
-                prepared = self.prepare_batch(records, self._pending[1].versions if self._pending else None)
-                self._finish_pending()
-                self._pending = (writer.submit(self.write_batch, prepared), prepared)
+                fetched = self.fetch_batch(records, self._pending[1].versions if self._pending else None)
+                in_flight = self._advance(writer)
+                self._embedding = (embedding.submit(self.embed_batch, fetched, in_flight), fetched)
                 idle_since = time.monotonic()
+            self._advance(writer)
             self._finish_pending()
         except ShutdownDuringOutage as exc:
             log.error("%s", exc)
             return 75
         finally:
+            embedding.shutdown(wait=True)
             writer.shutdown(wait=True)
             self.close()
         return 0
+
+    def _advance(self, writer: futures.ThreadPoolExecutor) -> dict[str, int] | None:
+        """The batch being embedded goes to the writer, once the batch written before it is
+        done and committed. Returns its ``{id: ts}`` (in flight for the next batch's check)."""
+        if self._embedding is None:
+            return None
+        future, _fetched = self._embedding
+        embedded = future.result()
+        self._finish_pending()
+        # A rebalance while it was embedded (inside a poll on this thread) may have given some of
+        # its partitions to another consumer: those records are theirs now. Partitions that came
+        # back here keep their positions (kafka-python keeps the state of a partition assigned
+        # before and after), so their records are written and committed here as usual.
+        prepared = batch.without_partitions(embedded, set(embedded.result.offsets) - self._consumer.assignment())
+        self._pending = (writer.submit(self.write_batch, prepared), prepared)
+        self._embedding = None
+        return prepared.versions
 
     def _finish_pending(self) -> None:
         """Wait for the writes of the batch in hand, then commit its offsets (those of
@@ -252,7 +276,7 @@ class IngestConsumer:
 
     def _poll_batch(self) -> list:
         """Up to ``batch_size`` records, waiting at most ``batch_ms`` after the first one. A
-        rebalance during the poll may drop records of revoked partitions (:meth:`_on_revoked`).
+        rebalance during a poll drops the records polled before it of partitions it gave away.
         Errors of the broker (or of a record batch the client cannot read) are retried."""
         self._collecting = []
         first = None
@@ -263,8 +287,8 @@ class IngestConsumer:
             want = self.s.batch_size - len(self._collecting)
             polled = self.retry("poll", lambda w=int(wait), n=want: self._consumer.poll(timeout_ms=w, max_records=n))
             got = [r for recs in polled.values() for r in recs]
+            self._collecting = self._assigned_only(self._collecting + got)   # a rebalance in that poll
             if got:
-                self._collecting += got
                 first = first or time.monotonic()
             elif first is None:
                 break                      # nothing within batch_ms: let the caller check stop/idle
@@ -280,8 +304,19 @@ class IngestConsumer:
         if not offsets:
             return
         commit = {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+
+        def attempt():
+            try:
+                self._consumer.commit(commit)
+            except RebalanceInProgressError as exc:
+                # Only a poll completes the rebalance, so waiting here cannot help. Not
+                # committing loses nothing: a later commit of these partitions (the revoke
+                # callback's, or the next batch's) covers these offsets, or their new owner
+                # replays the batch (the writes are idempotent).
+                raise CommitFailedError(f"a rebalance is in progress: {exc}") from exc
+
         try:
-            self.retry("commit", lambda: self._consumer.commit(commit))
+            self.retry("commit", attempt)
         except CommitFailedError as exc:
             # The group rebalanced while this batch was in hand: the new owner replays it (the
             # writes are idempotent), so nothing is lost.
@@ -291,12 +326,18 @@ class IngestConsumer:
 
     # --- rebalances (run on kafka-python's IO loop) --------------------------------------
 
-    def _drop_polled(self, partitions: set) -> None:
-        before = len(self._collecting)
-        self._collecting = [r for r in self._collecting if partition_of(r) not in partitions]
-        if before != len(self._collecting):
-            log.info("dropped %d polled records of partitions given up; their next owner reads them "
-                     "from the committed offsets", before - len(self._collecting))
+    def _assigned_only(self, records: list) -> list:
+        """``records`` less those of partitions no longer assigned here (a rebalance inside the
+        last poll gave them to another consumer, which reads them from the committed offsets).
+        Records of partitions revoked and assigned here again are kept: kafka-python keeps the
+        position of a partition assigned before and after a rebalance, so nobody would read
+        them again."""
+        owned = self._consumer.assignment()
+        kept = [r for r in records if partition_of(r) in owned]
+        if len(kept) != len(records):
+            log.info("dropped %d polled records of partitions given to another consumer; it reads them "
+                     "from the committed offsets", len(records) - len(kept))
+        return kept
 
     def _forget(self, partitions: set) -> None:
         """What this consumer knows of the stored versions of ``partitions``' ids is not
@@ -306,19 +347,18 @@ class IngestConsumer:
 
     def _on_lost(self, lost: set) -> None:
         self._forget(lost)
-        self._drop_polled(lost)
 
     def _on_assigned(self, assigned: set) -> None:
         self._forget(assigned)
 
     async def _on_revoked(self, revoked: set) -> None:
-        """Before the group takes ``revoked`` away: records polled for the next batch from
-        those partitions are dropped, and the batch being written is finished and committed
-        while the partitions are still ours (for the revoked partitions only; the rest is
-        committed as usual)."""
+        """Before the group takes ``revoked`` away: the batch being written is finished and
+        committed while the partitions are still ours (for the revoked partitions only; the
+        rest is committed as usual). Records polled or embedded of partitions that end up with
+        another consumer are dropped after the rebalance (:meth:`_assigned_only`,
+        :meth:`_advance`)."""
         log.info("partitions revoked: %s", names(revoked))
         self._forget(revoked)
-        self._drop_polled(revoked)
         if self._pending is None:
             return
         future, prepared = self._pending
@@ -343,6 +383,11 @@ class IngestConsumer:
         """Everything before the writes (:mod:`.batch`): validate, version check, fetch, embed,
         newest per id. ``in_flight``: ``{id: ts}`` of writes not yet finished (they count as
         stored)."""
+        return self.embed_batch(self.fetch_batch(records, in_flight))
+
+    def fetch_batch(self, records: Sequence, in_flight: dict[str, int] | None = None) -> batch.FetchedBatch:
+        """The first stage: validate, read the stored versions, drop what is older than them
+        (or than ``in_flight``, ``{id: ts}`` of writes not finished yet), fetch the images."""
         started = time.monotonic()
         dead: list[Dead] = []
         result = BatchResult(offsets=batch.next_offsets(records))
@@ -354,8 +399,15 @@ class IngestConsumer:
         for i, ts in (in_flight or {}).items():
             stored[i] = max(stored.get(i, ts), ts)
         live = batch.fresh_events(events, stored, result)
-        vectors = self._images_and_vectors(live, dead)
-        return dataclasses.replace(batch.plan(live, vectors, result, dead, len(records), started), epochs=epochs)
+        return batch.FetchedBatch(result=result, live=live, blobs=self._fetch(live), dead=dead,
+                                  size=len(records), started=started, epochs=epochs)
+
+    def embed_batch(self, f: batch.FetchedBatch, in_flight: dict[str, int] | None = None) -> PreparedBatch:
+        """The second stage: drop what the writes planned since the fetch (``in_flight``)
+        made stale, embed, keep the newest event per id."""
+        live = batch.fresh_events(f.live, in_flight, f.result) if in_flight else f.live
+        vectors = self._embed(live, f.blobs, f.dead)
+        return dataclasses.replace(batch.plan(live, vectors, f.result, f.dead, f.size, f.started), epochs=f.epochs)
 
     def _stored_versions(self, events: list, epochs: dict, refused: dict[str, str]) -> dict[str, int]:
         """``{id: stored version}`` of the events' ids. Without the version cache: one Strong
@@ -474,34 +526,42 @@ class IngestConsumer:
             log.warning("Milvus refused to %s %r: %s", stage, key(part.items[0]), str(part.error)[:300])
         return written
 
-    def _images_and_vectors(self, live, dead) -> dict[int, np.ndarray]:
-        """Fetch and embed the upserts in ``live``: ``{position: vector}``; failures go to ``dead``."""
-        ups = [(pos, rec, ev) for pos, rec, ev in live if ev.op == "upsert"]
+    def _fetch(self, live) -> dict:
+        """The images of the upserts in ``live``: ``{position: bytes or FetchError}`` (inline
+        images as they are; one URI is fetched once)."""
+        ups = [(pos, ev) for pos, _rec, ev in live if ev.op == "upsert"]
         if not ups:
             return {}
         started = time.monotonic()
-        to_fetch = [item for item in ups if item[2].image is None]
-        distinct = list(dict.fromkeys(ev.uri for _, _, ev in to_fetch))   # same URI: fetched once
+        distinct = list(dict.fromkeys(ev.uri for _, ev in ups if ev.image is None))
         by_uri = dict(zip(distinct, self.fetcher.fetch_many(distinct)))
-        fetched = [by_uri[ev.uri] for _, _, ev in to_fetch]
-        blobs: dict[int, bytes] = {pos: ev.image for pos, _, ev in ups if ev.image is not None}
-        for (pos, rec, _ev), got in zip(to_fetch, fetched):
+        FETCH_SECONDS.observe(time.monotonic() - started)
+        return {pos: ev.image if ev.image is not None else by_uri[ev.uri] for pos, ev in ups}
+
+    def _embed(self, live, blobs: dict, dead) -> dict[int, np.ndarray]:
+        """Embed the fetched images of the upserts in ``live``: ``{position: vector}``;
+        failures (fetch, decode, a non-finite vector) go to ``dead``."""
+        ups = [(pos, rec) for pos, rec, ev in live if ev.op == "upsert"]
+        if not ups:
+            return {}
+        images: dict[int, bytes] = {}
+        for pos, rec in ups:
+            got = blobs[pos]
             if isinstance(got, FetchError):
                 dead.append((rec, "fetch", f"image fetch failed: {got}"))
                 FAILED.labels("fetch").inc()
             else:
-                blobs[pos] = got
-        FETCH_SECONDS.observe(time.monotonic() - started)
+                images[pos] = got
 
         # identical bytes (re-uploads) are embedded once
         by_hash: dict[str, list[int]] = {}
-        for pos, blob in blobs.items():
+        for pos, blob in images.items():
             by_hash.setdefault(hashlib.sha1(blob).hexdigest(), []).append(pos)
-        unique = [(h, blobs[p[0]]) for h, p in by_hash.items()]
+        unique = [(h, images[p[0]]) for h, p in by_hash.items()]
         started = time.monotonic()
         outcome = self.retry("embed", lambda: self.embedder.embed_each([b for _, b in unique]))
         EMBED_SECONDS.observe(time.monotonic() - started)
-        record_of = {pos: rec for pos, rec, _ in ups}
+        record_of = dict(ups)
         vectors: dict[int, np.ndarray] = {}
         for (h, _), got in zip(unique, outcome):
             for pos in by_hash[h]:

@@ -5,6 +5,8 @@ embed in process or over HTTP with the same code."""
 from __future__ import annotations
 
 import base64
+import threading
+from concurrent import futures
 from typing import Sequence
 
 import numpy as np
@@ -20,14 +22,22 @@ class EmbedderUnavailable(ConnectionError):
 
 class EmbedderClient:
     """``embed_bytes`` sends at most ``batch_size`` images per request (the embedder refuses more
-    than its ``--max-batch``, 64 by default), so callers may pass batches of any size."""
+    than its ``--max-batch``, 64 by default), so callers may pass batches of any size. A call
+    of several requests keeps up to ``in_flight`` of them open at once: the embedder decodes
+    one request's images while its model runs on the previous one's (its micro-batcher
+    serialises the forward passes), so it does not sit idle while this side encodes the next
+    request or reads an answer. ``in_flight=1`` sends them one after the other."""
 
     def __init__(self, url: str, model_name: str = "embedder", timeout: float = 30.0,
-                 api_key: str | None = None, batch_size: int = 32, pool_size: int = 64):
+                 api_key: str | None = None, batch_size: int = 32, pool_size: int = 64,
+                 in_flight: int = 2):
         self.url = url.rstrip("/")
         self.model_name = model_name
         self.timeout = timeout
         self.batch_size = max(1, int(batch_size))
+        self.in_flight = max(1, int(in_flight))
+        self._senders: futures.ThreadPoolExecutor | None = None
+        self._senders_lock = threading.Lock()
         self._session = requests.Session()
         self._session.trust_env = False           # the embedder is where it was configured, no proxy
         # Kept-alive connections for up to ``pool_size`` concurrent callers (the search service's
@@ -106,7 +116,28 @@ class EmbedderClient:
             return np.zeros((0, self.dim), np.float32)
         crops = list(crops) if crops is not None else [None] * len(blobs)
         n = self.batch_size
-        return np.concatenate([self._request(blobs[i:i + n], crops[i:i + n]) for i in range(0, len(blobs), n)])
+        starts = range(0, len(blobs), n)
+        if len(starts) == 1 or self.in_flight == 1:
+            return np.concatenate([self._request(blobs[i:i + n], crops[i:i + n]) for i in starts])
+        # Results in request order; the first failure is raised once every request sent is
+        # answered (none is left running behind the caller's back).
+        sent = [self._sender().submit(self._request, blobs[i:i + n], crops[i:i + n]) for i in starts]
+        futures.wait(sent)
+        return np.concatenate([f.result() for f in sent])
+
+    def _sender(self) -> futures.ThreadPoolExecutor:
+        with self._senders_lock:
+            if self._senders is None:
+                self._senders = futures.ThreadPoolExecutor(self.in_flight, thread_name_prefix="embed-request")
+            return self._senders
+
+    def close(self) -> None:
+        """Stops the request threads and closes the kept-alive connections."""
+        with self._senders_lock:
+            if self._senders is not None:
+                self._senders.shutdown(wait=True)
+                self._senders = None
+        self._session.close()
 
     def _request(self, blobs: Sequence[bytes], crops: Sequence[Box | None]) -> np.ndarray:
         inputs = [{"name": "image", "datatype": "BYTES", "shape": [len(blobs)],
