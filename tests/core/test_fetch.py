@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vsearch.core.fetch import FetchConfig, Fetcher, FetchError
+from vsearch.core.fetch import FetchConfig, Fetcher, FetchError, Refused
 from vsearch.local.services import free_port
 
 
@@ -94,8 +94,19 @@ def test_http_success_permanent_and_transient_errors(http_url, fetcher):
 
 def test_fetch_many_keeps_order_and_reports_each_failure(http_url, fetcher, tmp_path):
     (tmp_path / "f.jpg").write_bytes(b"F")
+    (tmp_path / "g.jpg").write_bytes(b"G")
     got = fetcher.fetch_many([f"{http_url}/ok.jpg", f"{http_url}/missing.jpg", (tmp_path / "f.jpg").as_uri()])
     assert got[0] == b"JPEGBYTES" and isinstance(got[1], FetchError) and got[2] == b"F"
+    # local files are read on the calling thread, the rest on the pool: the answers still come
+    # back in the order asked, each failure in its place
+    mixed = [(tmp_path / "g.jpg").as_uri(), f"{http_url}/ok.jpg", (tmp_path / "gone.jpg").as_uri(),
+             "FILE://" + str(tmp_path / "f.jpg"), f"{http_url}/missing.jpg", "gopher://x/y.jpg",
+             (tmp_path / "g.jpg").as_uri()]
+    got = fetcher.fetch_many(mixed)
+    assert [g if isinstance(g, bytes) else type(g) for g in got] == [
+        b"G", b"JPEGBYTES", FetchError, b"F", FetchError, Refused, b"G"]
+    assert isinstance(got[5], FetchError) and "unsupported URI scheme" in str(got[5])
+    assert "no such file" in str(got[2])
 
 
 def test_unreachable_host_is_transient(fetcher):

@@ -739,7 +739,9 @@ def _check_row(row: dict, i: int) -> dict:
     ts = row["updated_at"]
     if isinstance(ts, bool) or not isinstance(ts, (int, np.integer)) or not 0 <= int(ts) < 2**63:
         raise ValueError(f"row {row['id']!r}: updated_at must be a non-negative integer (epoch-ms)")
-    return {"id": row["id"], "embedding": emb.tolist(), "uri": uri, "metadata": meta,
+    # a float32 array, not a list: pymilvus packs an array's bytes in one go (a list float by
+    # float: 2.3x fewer rows/s on the 2.3.5 server, bench/ingest.py's bare upsert)
+    return {"id": row["id"], "embedding": emb, "uri": uri, "metadata": meta,
             "visibility": row["visibility"], "updated_at": int(ts)}
 
 

@@ -76,6 +76,8 @@ from .versions import VersionCache
 
 log = logging.getLogger(__name__)
 
+HANDOFF_MS = 20          # while a batch is being embedded, polls last at most this long (see _poll_batch)
+
 
 @dataclasses.dataclass
 class IngestSettings:
@@ -205,7 +207,7 @@ class IngestConsumer:
         idle_since = time.monotonic()
         try:
             while not self.retry.stopped.is_set():
-                records = self._poll_batch()
+                records = self._poll_batch(writer)
                 if not records:
                     self._advance(writer)                  # nothing new: write what is in hand ...
                     self._finish_pending()                 # ... and commit it
@@ -274,24 +276,31 @@ class IngestConsumer:
 
     # --- Kafka ---------------------------------------------------------------------------
 
-    def _poll_batch(self) -> list:
-        """Up to ``batch_size`` records, waiting at most ``batch_ms`` after the first one. A
-        rebalance during a poll drops the records polled before it of partitions it gave away.
-        Errors of the broker (or of a record batch the client cannot read) are retried."""
+    def _poll_batch(self, writer: futures.ThreadPoolExecutor | None = None) -> list:
+        """Up to ``batch_size`` records, waiting at most ``batch_ms`` for the first one and
+        ``batch_ms`` after it. Meanwhile a batch whose embedding finishes goes to ``writer`` at
+        once (polls are cut into slices of ``HANDOFF_MS`` while one is being embedded), so a
+        quiet topic does not hold a finished batch back for a whole ``batch_ms``. A rebalance
+        during a poll drops the records polled before it of partitions it gave away. Errors of
+        the broker (or of a record batch the client cannot read) are retried."""
         self._collecting = []
-        first = None
+        begin, first = time.monotonic(), None
         while len(self._collecting) < self.s.batch_size and not self.retry.stopped.is_set():
-            wait = self.s.batch_ms if first is None else self.s.batch_ms - (time.monotonic() - first) * 1000
+            wait = self.s.batch_ms - (time.monotonic() - (first or begin)) * 1000
             if wait <= 0:
-                break
+                break                      # full time after the first record, or none came
+            if writer is not None and self._embedding is not None:
+                if self._embedding[0].done():
+                    self._advance(writer)
+                else:
+                    wait = min(wait, HANDOFF_MS)
             want = self.s.batch_size - len(self._collecting)
-            polled = self.retry("poll", lambda w=int(wait), n=want: self._consumer.poll(timeout_ms=w, max_records=n))
+            polled = self.retry("poll", lambda w=max(1, int(wait)), n=want: self._consumer.poll(timeout_ms=w,
+                                                                                             max_records=n))
             got = [r for recs in polled.values() for r in recs]
             self._collecting = self._assigned_only(self._collecting + got)   # a rebalance in that poll
             if got:
                 first = first or time.monotonic()
-            elif first is None:
-                break                      # nothing within batch_ms: let the caller check stop/idle
         records, self._collecting = self._collecting, []
         return records
 
