@@ -49,15 +49,18 @@ SLOW_TESTS = {
 # The longest files first (measured with --durations, longest first): with `-n 2 --dist loadfile`
 # a worker takes whole files in collection order, so a long file collected last would run alone
 # at the end while the other worker idles.
-LONG_FILES_FIRST = [
-    "tests/operators/test_rollout.py", "tests/operators/test_training.py", "tests/operators/test_gate.py",
-    "tests/local/test_demo_rollout.py", "tests/local/test_demo_loop.py", "tests/trainer/test_validation.py",
-    "tests/docs/test_readme.py", "tests/local/test_demo.py", "tests/predictor/search/test_model_versions.py",
-    "tests/predictor/search/test_search_ops.py", "tests/ingest/test_consumer.py",
-    "tests/operators/test_offline_verdict.py", "tests/predictor/search/test_experiments.py",
-    "tests/trainer/test_distributed.py", "tests/trainer/test_bench_quality.py",
-    "tests/deploy/test_chart_operator.py", "tests/operators/test_experiment.py",
-    "tests/predictor/test_model.py", "tests/trainer/test_train.py",
+LONG_FILES_FIRST = [       # by their measured time, longest first (pytest --junitxml, 2026-12-03)
+    "tests/operators/test_training.py", "tests/local/test_demo_rollout.py", "tests/operators/test_gate.py",
+    "tests/operators/test_rollout.py", "tests/ingest/test_consumer.py", "tests/local/test_demo_loop.py",
+    "tests/core/test_store.py", "tests/deploy/test_chart_operator.py", "tests/trainer/test_train.py",
+    "tests/local/test_demo.py", "tests/predictor/search/test_search_ops.py", "tests/ingest/test_poison.py",
+    "tests/predictor/search/test_model_versions.py", "tests/deploy/test_chart_helm_test.py",
+    "tests/predictor/search/test_web_page.py", "tests/docs/test_readme.py",
+    "tests/operators/test_offline_verdict.py", "tests/predictor/test_model.py", "tests/test_cli.py",
+    "tests/trainer/test_distributed.py", "tests/operators/test_experiment.py",
+    "tests/predictor/search/test_search_e2e.py", "tests/trainer/test_bench_quality.py",
+    "tests/predictor/search/test_events.py", "tests/trainer/test_validation.py",
+    "tests/predictor/search/test_experiments.py",
 ]
 ROOT = Path(__file__).resolve().parent.parent
 
