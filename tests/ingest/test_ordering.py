@@ -105,3 +105,42 @@ def test_writes_of_a_batch_still_in_flight_count_as_stored(consumer, photo_bytes
     consumer.write_batch(first)
     consumer.write_batch(second)
     assert stored(consumer) == {"a": (50, '{"v": "in flight"}')}
+
+
+def test_a_batch_fetched_before_the_one_ahead_of_it_was_planned_is_checked_again_before_embedding(
+        consumer, photo_bytes):
+    """Three stages: batch N+1 is read and fetched while N is still being embedded (its
+    winners unknown); N's planned writes then count as stored when N+1 is embedded."""
+    log = Log()
+    fetched_n = consumer.fetch_batch([log.record(upsert("a", 50, photo_bytes[0], v="newer"), "a")])
+    fetched_next = consumer.fetch_batch([log.record(upsert("a", 40, photo_bytes[1], v="older"), "a"),
+                                         log.record(upsert("b", 10, photo_bytes[2], v="b"), "b")])
+    planned_n = consumer.embed_batch(fetched_n)
+    planned_next = consumer.embed_batch(fetched_next, planned_n.versions)
+    assert planned_next.result.stale == 1 and [r["id"] for r in planned_next.rows] == ["b"]
+    consumer.write_batch(planned_n)
+    consumer.write_batch(planned_next)
+    assert stored(consumer) == {"a": (50, '{"v": "newer"}'), "b": (10, '{"v": "b"}')}
+
+
+def test_partitions_given_away_while_a_batch_was_embedded_leave_it(consumer, photo_bytes):
+    """What another consumer owns after a rebalance is neither written, dead-lettered nor
+    committed by this one: rows, deletes, dead letters and offsets of those partitions go."""
+    from kafka.structs import TopicPartition
+
+    from vsearch.ingest.batch import without_partitions
+
+    def rec(partition, offset, event, key):
+        value = encode(event) if isinstance(event, dict) else event
+        return ConsumerRecord(TOPIC, partition, None, offset, 0, 0, key.encode(), value, [], None,
+                              len(key), len(value), 0)
+    records = [rec(0, 7, upsert("a", 5, photo_bytes[0]), "a"), rec(1, 3, upsert("b", 5, photo_bytes[1]), "b"),
+               rec(1, 4, delete_event("c", ts=6), "c"), rec(1, 5, b"{not json", "d"),
+               rec(0, 8, b"{not json either", "e")]
+    planned = consumer.prepare_batch(records)
+    assert {r["id"] for r in planned.rows} == {"a", "b"} and set(planned.deletes) == {"c"} and len(planned.dead) == 2
+    kept = without_partitions(planned, {TopicPartition(TOPIC, 1)})
+    assert [r["id"] for r in kept.rows] == ["a"] and kept.deletes == {} and set(kept.versions) == {"a"}
+    assert [d[0].offset for d in kept.dead] == [8] and set(kept.sources) == {"a"}
+    assert kept.result.offsets == {TopicPartition(TOPIC, 0): 9}
+    assert without_partitions(planned, set()) is planned
