@@ -44,13 +44,15 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
 # Everything: lint, then every test against real local services, in two processes (a test
-# file stays in one, with its servers).
+# file stays in one, with its servers). --no-loadscope-reorder: the files go out in collection
+# order (tests/conftest.py puts the longest first); xdist would otherwise sort them by their
+# number of tests, and a long file of one test could start last and run alone.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The quick loop while working: lint and the tests not marked slow.
 test-fast: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # Every benchmark prints a table with a baseline measured in the same run. bench.search at
 # 1M vectors takes about 50 minutes here: `$(PY) -m bench.search` runs 100k and 1M. The benchmarks

@@ -46,9 +46,10 @@ SLOW_TESTS = {
     "tests/predictor/test_standard_clients.py::test_embedder_key_body_limit_and_queue",
     "tests/trainer/test_clicks.py::test_click_pairs_from_a_real_topic_train_with_the_catalog_mixed_in",
 }
-# The longest files first (measured with --durations, longest first): with `-n 2 --dist loadfile`
-# a worker takes whole files in collection order, so a long file collected last would run alone
-# at the end while the other worker idles.
+# The longest files first (measured, longest first): with `-n 2 --dist loadfile
+# --no-loadscope-reorder` (the Makefile) a worker takes whole files in collection order, so a
+# long file collected last would run alone at the end while the other worker idles. (Without
+# --no-loadscope-reorder xdist sorts the files by their number of tests and this order is lost.)
 LONG_FILES_FIRST = [       # by their measured time, longest first (pytest --junitxml, 2026-12-03)
     "tests/operators/test_training.py", "tests/local/test_demo_rollout.py", "tests/operators/test_gate.py",
     "tests/operators/test_rollout.py", "tests/ingest/test_consumer.py", "tests/local/test_demo_loop.py",
