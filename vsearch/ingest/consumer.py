@@ -138,8 +138,7 @@ class IngestConsumer:
         self._consumer: KafkaConsumer | None = None
         self._rebalancing: Rebalancing | None = None
         self._pending = None                  # (future, prepared batch) being written
-        self._embedding = None                # (future, fetched batch) being embedded
-        self._collecting: list = []           # records polled for the next batch
+        self._embedding: futures.Future | None = None   # the batch being embedded (-> PreparedBatch)
         self.versions = VersionCache(settings.version_cache) if settings.version_cache > 0 else None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -203,7 +202,7 @@ class IngestConsumer:
         writer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         embedding = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._pending = None                              # (future, prepared batch) being written
-        self._embedding = None                            # (future, fetched batch) being embedded
+        self._embedding = None                            # future of the batch being embedded
         idle_since = time.monotonic()
         try:
             while not self.retry.stopped.is_set():
@@ -220,7 +219,7 @@ class IngestConsumer:
                     continue
                 fetched = self.fetch_batch(records, self._pending[1].versions if self._pending else None)
                 in_flight = self._advance(writer)
-                self._embedding = (embedding.submit(self.embed_batch, fetched, in_flight), fetched)
+                self._embedding = embedding.submit(self.embed_batch, fetched, in_flight)
                 idle_since = time.monotonic()
             self._advance(writer)
             self._finish_pending()
@@ -238,8 +237,7 @@ class IngestConsumer:
         done and committed. Returns its ``{id: ts}`` (in flight for the next batch's check)."""
         if self._embedding is None:
             return None
-        future, _fetched = self._embedding
-        embedded = future.result()
+        embedded = self._embedding.result()
         self._finish_pending()
         # A rebalance while it was embedded (inside a poll on this thread) may have given some of
         # its partitions to another consumer: those records are theirs now. Partitions that came
@@ -276,32 +274,31 @@ class IngestConsumer:
 
     # --- Kafka ---------------------------------------------------------------------------
 
-    def _poll_batch(self, writer: futures.ThreadPoolExecutor | None = None) -> list:
+    def _poll_batch(self, writer: futures.ThreadPoolExecutor) -> list:
         """Up to ``batch_size`` records, waiting at most ``batch_ms`` for the first one and
         ``batch_ms`` after it. Meanwhile a batch whose embedding finishes goes to ``writer`` at
         once (polls are cut into slices of ``HANDOFF_MS`` while one is being embedded), so a
         quiet topic does not hold a finished batch back for a whole ``batch_ms``. A rebalance
         during a poll drops the records polled before it of partitions it gave away. Errors of
         the broker (or of a record batch the client cannot read) are retried."""
-        self._collecting = []
+        records: list = []
         begin, first = time.monotonic(), None
-        while len(self._collecting) < self.s.batch_size and not self.retry.stopped.is_set():
+        while len(records) < self.s.batch_size and not self.retry.stopped.is_set():
             wait = self.s.batch_ms - (time.monotonic() - (first or begin)) * 1000
             if wait <= 0:
                 break                      # full time after the first record, or none came
-            if writer is not None and self._embedding is not None:
-                if self._embedding[0].done():
+            if self._embedding is not None:
+                if self._embedding.done():
                     self._advance(writer)
                 else:
                     wait = min(wait, HANDOFF_MS)
-            want = self.s.batch_size - len(self._collecting)
+            want = self.s.batch_size - len(records)
             polled = self.retry("poll", lambda w=max(1, int(wait)), n=want: self._consumer.poll(timeout_ms=w,
                                                                                              max_records=n))
             got = [r for recs in polled.values() for r in recs]
-            self._collecting = self._assigned_only(self._collecting + got)   # a rebalance in that poll
+            records = self._assigned_only(records + got)   # a rebalance in that poll
             if got:
                 first = first or time.monotonic()
-        records, self._collecting = self._collecting, []
         return records
 
     def _commit(self, offsets: dict) -> None:
