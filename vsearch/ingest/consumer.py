@@ -139,6 +139,7 @@ class IngestConsumer:
         self._rebalancing: Rebalancing | None = None
         self._pending = None                  # (future, prepared batch) being written
         self._embedding: futures.Future | None = None   # the batch being embedded (-> PreparedBatch)
+        self._deferred: dict = {}             # tp -> offset written but not committed (a rebalance was on)
         self.versions = VersionCache(settings.version_cache) if settings.version_cache > 0 else None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -223,6 +224,7 @@ class IngestConsumer:
                 idle_since = time.monotonic()
             self._advance(writer)
             self._finish_pending()
+            self._commit_deferred()
         except ShutdownDuringOutage as exc:
             log.error("%s", exc)
             return 75
@@ -297,9 +299,19 @@ class IngestConsumer:
                                                                                              max_records=n))
             got = [r for recs in polled.values() for r in recs]
             records = self._assigned_only(records + got)   # a rebalance in that poll
+            self._commit_deferred()
             if got:
                 first = first or time.monotonic()
         return records
+
+    def _commit_deferred(self) -> None:
+        """Commit what a rebalance in progress kept :meth:`_commit` from committing, for the
+        partitions still here (the revoke callback committed the others, or their new owner
+        replays them)."""
+        if not self._deferred:
+            return
+        deferred, self._deferred = self._deferred, {}
+        self._commit({tp: off for tp, off in deferred.items() if tp in self._consumer.assignment()})
 
     def _commit(self, offsets: dict) -> None:
         owned = self._consumer.assignment()
@@ -314,15 +326,19 @@ class IngestConsumer:
         def attempt():
             try:
                 self._consumer.commit(commit)
-            except RebalanceInProgressError as exc:
-                # Only a poll completes the rebalance, so waiting here cannot help. Not
-                # committing loses nothing: a later commit of these partitions (the revoke
-                # callback's, or the next batch's) covers these offsets, or their new owner
-                # replays the batch (the writes are idempotent).
-                raise CommitFailedError(f"a rebalance is in progress: {exc}") from exc
+                return True
+            except RebalanceInProgressError:
+                return False
 
         try:
-            self.retry("commit", attempt)
+            if not self.retry("commit", attempt):
+                # Only a poll completes the rebalance, so waiting here cannot help: these
+                # offsets are committed after the next poll (partitions still here) or by the
+                # revoke callback (partitions leaving), see _commit_deferred / _on_revoked.
+                for tp, off in offsets.items():
+                    self._deferred[tp] = max(off, self._deferred.get(tp, 0))
+                log.info("a rebalance is in progress: committing %d partition(s) after it", len(offsets))
+                return
         except CommitFailedError as exc:
             # The group rebalanced while this batch was in hand: the new owner replays it (the
             # writes are idempotent), so nothing is lost.
@@ -365,18 +381,21 @@ class IngestConsumer:
         :meth:`_advance`)."""
         log.info("partitions revoked: %s", names(revoked))
         self._forget(revoked)
-        if self._pending is None:
-            return
-        future, prepared = self._pending
-        while not future.done():
+        future, prepared = self._pending if self._pending is not None else (None, None)
+        while future is not None and not future.done():
             await self._rebalancing.sleep(0.05)
-        if future.exception() is not None:
+        if future is not None and future.exception() is not None:
             return                                 # raised again where the batch is finished
-        offsets = {tp: off for tp, off in future.result().offsets.items() if tp in revoked}
+        written = future.result().offsets if future is not None else {}
+        offsets = {tp: max(off, self._deferred.get(tp, 0)) for tp, off in written.items() if tp in revoked}
+        offsets.update({tp: off for tp, off in self._deferred.items() if tp in revoked and tp not in offsets})
+        for tp in revoked:
+            self._deferred.pop(tp, None)
         if offsets:
             try:
                 await self._rebalancing.commit(offsets)
-                prepared.committed_in_rebalance.update(offsets)
+                if prepared is not None:
+                    prepared.committed_in_rebalance.update(offsets)
                 LAST_COMMIT.set_to_current_time()
                 log.info("committed the batch in hand for %d revoked partition(s) before giving them up",
                          len(offsets))
