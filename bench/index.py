@@ -222,7 +222,9 @@ class MilvusBench:
     index is measured on a freshly started server (``measure``), so that what earlier inserts,
     builds and loads left in its heaps does not blur the difference a load makes."""
 
-    def __init__(self, workdir: Path, mmap_threshold: int | None = None, server_env: dict | None = None):
+    def __init__(self, workdir: Path, mmap_threshold: int | None = None, server_env: dict | None = None,
+                 server_config: dict | None = None):
+        self.config = server_config or {}
         self.env = {**MALLOC_ENV, **({"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold else {}),
                     **(server_env or {})}
         self.data_dir = (workdir / "milvus").resolve()
@@ -248,7 +250,8 @@ class MilvusBench:
         self.server = ProcessGroupService(
             "milvus-standalone",
             [sys.executable, "-c", "import sys, milvus; milvus.main()", "--data", str(self.data_dir),
-             "--proxy-port", str(self.port), "--etcd-port", str(self.etcd_client)],
+             "--proxy-port", str(self.port), "--etcd-port", str(self.etcd_client),
+             *[a for k, v in self.config.items() for a in ("--extra-config", f"{k}={v}")]],
             port=self.port, ready=lambda: port_open(self.port) and milvus_ready(self.uri),
             log_path=self.log_path, cwd=str(self.data_dir),
             env={"ETCD_CONFIG_PATH": str(etcd_conf), "ETCD_USE_EMBED": "true", **self.env}).wait_ready(900)
@@ -579,6 +582,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pq", default="", help="IVF_PQ sweep as MxNBITS,... (default 48x8,96x8,24x8,96x4)")
     ap.add_argument("--build-cap", type=float, default=3600, help="seconds before a build is given up")
     ap.add_argument("--server-env", default="", help="extra environment of the Milvus server, K=V,...")
+    ap.add_argument("--server-config", default="",
+                    help="Milvus settings, KEY=V,... (milvus.yaml's dotted keys, e.g. "
+                         "dataCoord.enableCompaction=false)")
     ap.add_argument("--out", default=str(BENCH_DIR / "index-rows.json"), help="rows as JSON (for --plot-from)")
     ap.add_argument("--plot-from", default="", help="only draw the plot and table from these JSON files")
     ap.add_argument("--plot-path", default=str(BENCH_DIR / "index-recall-vs-bytes.png"))
@@ -603,15 +609,18 @@ def main(argv=None) -> int:
     queries = real[qidx]
     workdir = Path(tempfile.mkdtemp(prefix="bench-index-"))
     print(f"model {meta.model_id} ({meta.embedding_dim}-d); {len(real)} Caltech embeddings "
-          f"({int(held.sum())} held out); {len(queries)} queries; cpus {os.cpu_count()}; work dir {workdir}")
+          f"({int(held.sum())} held out); {len(queries)} queries; cpus {os.cpu_count()}; work dir {workdir}"
+          + (f"; server settings {args.server_config}" if args.server_config else ""))
     rows: list[dict] = []
     dim_rows: list[dict] = []
     only = [s.strip().upper() for s in args.only.split(",") if s.strip()]      # in this order
     server_env = dict(kv.split("=", 1) for kv in args.server_env.split(",") if kv)
+    server_config = dict(kv.split("=", 1) for kv in args.server_config.split(",") if kv)
     mb = None
     try:
         if not (args.skip_milvus and args.skip_dims):
-            mb = MilvusBench(workdir, args.mmap_threshold if args.memory_only else None, server_env)
+            mb = MilvusBench(workdir, args.mmap_threshold if args.memory_only else None, server_env,
+                            server_config)
         for n in [int(s) for s in args.sizes.split(",") if s]:
             x = catalog(real, n)
             truth = exact(x, queries)
