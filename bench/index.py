@@ -633,7 +633,8 @@ def main(argv=None) -> int:
                 configs = sorted((c for c in configs if c[0] in only), key=lambda c: only.index(c[0]))
             for kind, params, searches in configs:
                 label = f"{kind} " + ",".join(f"{k}={v}" for k, v in params.items() if k != "with_raw_data")
-                base = {"n": n, "dim": x.shape[1], "engine": "Milvus 2.3.5 standalone", "index": label.strip()}
+                base = {"n": n, "dim": x.shape[1], "engine": "Milvus 2.3.5 standalone", "index": label.strip(),
+                        **({"server_config": server_config} if server_config else {})}
                 name = f"bench_index_{kind.lower()}_{n}"
                 try:
                     insert_s = mb.insert(name, x)
