@@ -64,7 +64,9 @@ def test_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, tiny_model_dir
         assert resp.status_code == 200 and resp.json()["results"][0]["score"] > 0.999
         assert requests.get(f"{url}/", timeout=10).status_code == 200
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
+        # the demo stops its five services one by one, each SIGTERM then SIGKILL after 15 s
+        # (+5 s): up to ~100 s on a loaded machine before it may be called stuck
+        rest, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -252,8 +252,14 @@ class Platform:
     def stop(self) -> None:
         for w in self.rollouts:
             w.close()
+        slow = []
         for svc in reversed(self.started):
-            svc.stop()
+            t0 = time.monotonic()
+            rc = svc.stop()
+            if time.monotonic() - t0 > 5:       # SIGTERM ignored for long: say which, for the logs
+                slow.append(f"{svc.name} {time.monotonic() - t0:.1f}s (exit {rc})")
+        if slow:
+            print("slow to stop: " + ", ".join(slow), flush=True)
         if self.started:
             print("stopped: " + ", ".join(s.name for s in reversed(self.started)), flush=True)
 
