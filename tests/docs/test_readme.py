@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.demo import stop_demo
 from vsearch.local.samples import generated_photos
 from vsearch.predictor.model_dir import default_model_dir
 
@@ -110,7 +110,8 @@ def test_the_quick_start_works_as_written_against_a_real_demo(tmp_path, tiny_mod
     proc = subprocess.Popen([sys.executable, "-m", "vsearch", "demo", "--http-port", "0",
                              "--model-dir", str(tiny_model_dir), "--catalog", str(catalog),
                              "--ready-timeout", "180"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=(tmp_path / "demo.err").open("w"),
+                            text=True)
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 300
@@ -128,10 +129,7 @@ def test_the_quick_start_works_as_written_against_a_real_demo(tmp_path, tiny_mod
         assert out.stdout.count('"results": [{') + out.stdout.count('"results":[{') == 2, out.stdout[:3000]
         assert '"outputs":[{"name":"embedding"' in out.stdout.replace(" ", ""), out.stdout[:3000]
         assert "impressions" in out.stdout and '"name": "vsearch-default"' in out.stdout, out.stdout[-3000:]
-        proc.send_signal(signal.SIGINT)
-        # the demo stops its five services one by one, each SIGTERM then SIGKILL after 15 s
-        # (+5 s): up to ~100 s on a loaded machine before it may be called stuck
-        rest, _ = proc.communicate(timeout=240)
+        rest = stop_demo(proc, tmp_path / "demo.err", str(tmp_path))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -4,14 +4,13 @@ stop of everything."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 
 import pytest
 import requests
 
-from tests.fixtures.demo import leftover_processes, small_catalog
+from tests.fixtures.demo import leftover_processes, small_catalog, stop_demo
 from tests.fixtures.waiting import wait_until
 
 
@@ -43,7 +42,7 @@ def test_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, tiny_model_dir
     proc = subprocess.Popen([sys.executable, "-m", "vsearch", "demo", "--http-port", "0",
                              "--model-dir", str(tiny_model_dir), "--catalog", str(catalog),
                              "--data-dir", str(data_dir), "--ready-timeout", "180"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=(tmp_path / "demo.err").open("w"), text=True)
     lines = []
     try:
         url = None
@@ -63,10 +62,7 @@ def test_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, tiny_model_dir
                              data={"k": "3"}, timeout=60)
         assert resp.status_code == 200 and resp.json()["results"][0]["score"] > 0.999
         assert requests.get(f"{url}/", timeout=10).status_code == 200
-        proc.send_signal(signal.SIGINT)
-        # the demo stops its five services one by one, each SIGTERM then SIGKILL after 15 s
-        # (+5 s): up to ~100 s on a loaded machine before it may be called stuck
-        rest, _ = proc.communicate(timeout=240)
+        rest = stop_demo(proc, tmp_path / "demo.err", str(data_dir))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -19,6 +19,7 @@ rollout (``--rollout``), the check (``--check``) or :func:`report` and :func:`wa
 from __future__ import annotations
 
 import csv
+import faulthandler
 import hashlib
 import json
 import logging
@@ -430,6 +431,10 @@ def run_demo(*, model_dir: str | None = None, catalog: str | None = None, data_d
     data = plan.data
     (data / "logs").mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr (where a demo that does not stop
+    # is stuck); Ctrl-C must work even if whatever started the demo ignored SIGINT
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     p = None
     started = time.monotonic()
     try:
