@@ -381,14 +381,18 @@ class IngestConsumer:
         :meth:`_advance`)."""
         log.info("partitions revoked: %s", names(revoked))
         self._forget(revoked)
-        future, prepared = self._pending if self._pending is not None else (None, None)
-        while future is not None and not future.done():
-            await self._rebalancing.sleep(0.05)
-        if future is not None and future.exception() is not None:
-            return                                 # raised again where the batch is finished
-        written = future.result().offsets if future is not None else {}
-        offsets = {tp: max(off, self._deferred.get(tp, 0)) for tp, off in written.items() if tp in revoked}
-        offsets.update({tp: off for tp, off in self._deferred.items() if tp in revoked and tp not in offsets})
+        prepared, written = None, {}
+        if self._pending is not None:
+            future, prepared = self._pending
+            while not future.done():
+                await self._rebalancing.sleep(0.05)
+            if future.exception() is not None:
+                return                             # raised again where the batch is finished
+            written = future.result().offsets
+        # what is written of the revoked partitions: the batch in hand and what a rebalance in
+        # progress kept from being committed earlier (_deferred), the later offset of the two
+        offsets = {tp: max(written.get(tp, 0), self._deferred.get(tp, 0))
+                   for tp in revoked if tp in written or tp in self._deferred}
         for tp in revoked:
             self._deferred.pop(tp, None)
         if offsets:

@@ -257,8 +257,9 @@ class Platform:
         for svc in reversed(self.started):
             t0 = time.monotonic()
             rc = svc.stop()
-            if time.monotonic() - t0 > 5:       # SIGTERM ignored for long: say which, for the logs
-                slow.append(f"{svc.name} {time.monotonic() - t0:.1f}s (exit {rc})")
+            took = time.monotonic() - t0
+            if took > 5:                        # SIGTERM ignored for long: say which, for the logs
+                slow.append(f"{svc.name} {took:.1f}s (exit {rc})")
         if slow:
             print("slow to stop: " + ", ".join(slow), flush=True)
         if self.started:
